@@ -1,0 +1,466 @@
+//! Readings to FHIR R4 Observations (fhirbolt's typed model), serialized once here.
+
+use fhirbolt::model::r4::resources::{Observation, ObservationEffective, ObservationValue};
+use fhirbolt::model::r4::types::{CodeableConcept, Coding, Identifier, Meta, Quantity, Reference};
+
+use crate::datetime::DeviceTime;
+use crate::identity::{logical_id, observation_identifier};
+use crate::reading::{DeviceContext, Reading, ReadingError, ReadingFlags, ReadingValue};
+use crate::table::{Mappings, Parameter, ParameterKind};
+use crate::{ECMO_CODE_SYSTEM, MappedResource, OBSERVATION_IDENTIFIER_SYSTEM, UCUM};
+
+const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+const SNOMED: &str = "http://snomed.info/sct";
+const DATA_ABSENT_REASON: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
+const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+
+/// What the Observation's value turns out to be once the table has been applied.
+enum MappedValue<'a> {
+    /// FHIR decimal text in the UCUM unit.
+    Quantity {
+        decimal: String,
+        ucum: &'a str,
+        display: &'a str,
+    },
+    Boolean(bool),
+    /// The device said the value is invalid (a flag, or the family's invalid marker).
+    Absent,
+}
+
+impl Mappings {
+    /// Checks one reading against its device family's table and builds its Observation.
+    pub fn map_reading(
+        &self,
+        device: &DeviceContext<'_>,
+        reading: &Reading<'_>,
+    ) -> Result<MappedResource, ReadingError> {
+        let family = device.family;
+        let parameter =
+            family
+                .parameter(reading.parameter)
+                .ok_or_else(|| ReadingError::UnknownParameter {
+                    parameter: reading.parameter.to_owned(),
+                    family: family.display.clone(),
+                    known: family.parameter_names().join(", "),
+                })?;
+        let time = DeviceTime::parse(reading.time)?;
+        let ahead = time.instant - device.received_at;
+        if ahead > device.max_future_skew {
+            return Err(ReadingError::InFuture {
+                ahead_seconds: ahead.whole_seconds(),
+                limit_seconds: device.max_future_skew.whole_seconds(),
+            });
+        }
+        let value = map_value(parameter, reading, &family.invalid_markers)?;
+
+        let identifier_value = observation_identifier(
+            &family.id,
+            device.serial,
+            &parameter.code,
+            &time.compact_utc(),
+        );
+        let observation = self.observation(
+            device,
+            parameter,
+            reading.flags,
+            &time,
+            value,
+            &identifier_value,
+        );
+        let json = fhirbolt::json::to_vec(&observation, None)
+            .map_err(|e| ReadingError::Build(e.to_string()))?;
+        Ok(MappedResource {
+            resource_type: "Observation",
+            id: logical_id(OBSERVATION_IDENTIFIER_SYSTEM, &identifier_value),
+            identifier_system: OBSERVATION_IDENTIFIER_SYSTEM,
+            identifier_value,
+            json,
+        })
+    }
+
+    fn observation(
+        &self,
+        device: &DeviceContext<'_>,
+        parameter: &Parameter,
+        flags: ReadingFlags,
+        time: &DeviceTime<'_>,
+        value: MappedValue<'_>,
+        identifier_value: &str,
+    ) -> Observation {
+        let family = device.family;
+        let mut coding = Vec::with_capacity(1 + parameter.codings.len());
+        coding.push(coding_of(
+            ECMO_CODE_SYSTEM,
+            &parameter.code,
+            &parameter.display,
+        ));
+        for (system, code, display) in &parameter.codings {
+            coding.push(coding_of(system, code, display));
+        }
+
+        let mut interpretation = Vec::new();
+        for (flag, code) in [
+            (ReadingFlags::QUESTIONABLE, "questionable"),
+            (ReadingFlags::CALIBRATING, "calibrating"),
+            (ReadingFlags::IN_ALARM, "in-alarm"),
+            (ReadingFlags::ALARMS_INHIBITED, "alarms-inhibited"),
+        ] {
+            if flags.contains(flag) {
+                let display = self.codes().display(code).unwrap_or(code);
+                interpretation.push(CodeableConcept {
+                    coding: vec![coding_of(ECMO_CODE_SYSTEM, code, display)],
+                    ..Default::default()
+                });
+            }
+        }
+
+        let meta = flags.contains(ReadingFlags::TEST_DATA).then(|| {
+            Box::new(Meta {
+                security: vec![coding_of(ACT_REASON, "HTEST", "test health data")],
+                ..Default::default()
+            })
+        });
+
+        let (value, data_absent_reason) = match value {
+            MappedValue::Quantity {
+                decimal,
+                ucum,
+                display,
+            } => (
+                Some(ObservationValue::Quantity(Box::new(Quantity {
+                    value: Some(decimal.into()),
+                    unit: Some(display.into()),
+                    system: Some(UCUM.into()),
+                    code: Some(ucum.into()),
+                    ..Default::default()
+                }))),
+                None,
+            ),
+            MappedValue::Boolean(b) => (Some(ObservationValue::Boolean(b.into())), None),
+            MappedValue::Absent => (
+                None,
+                Some(Box::new(CodeableConcept {
+                    coding: vec![coding_of(DATA_ABSENT_REASON, "error", "Error")],
+                    text: Some("The device reported the value as invalid".into()),
+                    ..Default::default()
+                })),
+            ),
+        };
+
+        Observation {
+            meta,
+            identifier: vec![Identifier {
+                system: Some(OBSERVATION_IDENTIFIER_SYSTEM.into()),
+                value: Some(identifier_value.into()),
+                ..Default::default()
+            }],
+            status: "final".into(),
+            category: vec![
+                CodeableConcept {
+                    coding: vec![coding_of(OBSERVATION_CATEGORY, "procedure", "Procedure")],
+                    ..Default::default()
+                },
+                CodeableConcept {
+                    coding: vec![coding_of(
+                        SNOMED,
+                        "182744004",
+                        "Extracorporeal circulation procedure (procedure)",
+                    )],
+                    ..Default::default()
+                },
+            ],
+            code: Box::new(CodeableConcept {
+                coding,
+                text: Some(parameter.display.as_str().into()),
+                ..Default::default()
+            }),
+            subject: device.patient.map(|p| {
+                Box::new(Reference {
+                    r#type: Some("Patient".into()),
+                    identifier: Some(Box::new(Identifier {
+                        system: Some(p.system.into()),
+                        value: Some(p.value.into()),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+            }),
+            effective: Some(ObservationEffective::DateTime(time.text.into())),
+            value,
+            data_absent_reason,
+            interpretation,
+            device: Some(Box::new(Reference {
+                r#type: Some("Device".into()),
+                identifier: Some(Box::new(Identifier {
+                    system: Some(family.serial_system.as_str().into()),
+                    value: Some(device.serial.into()),
+                    ..Default::default()
+                })),
+                display: Some(format!("{} {}", family.manufacturer, device.model).into()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+}
+
+fn coding_of(system: &str, code: &str, display: &str) -> Coding {
+    Coding {
+        system: Some(system.into()),
+        code: Some(code.into()),
+        display: Some(display.into()),
+        ..Default::default()
+    }
+}
+
+fn map_value<'p>(
+    parameter: &'p Parameter,
+    reading: &Reading<'_>,
+    invalid_markers: &[f64],
+) -> Result<MappedValue<'p>, ReadingError> {
+    let is_marker = |text: &str| {
+        text.parse::<f64>()
+            .is_ok_and(|v| invalid_markers.contains(&v))
+    };
+    match &parameter.kind {
+        ParameterKind::Boolean => match reading.value {
+            _ if reading.flags.contains(ReadingFlags::INVALID) => Ok(MappedValue::Absent),
+            ReadingValue::Boolean(b) => Ok(MappedValue::Boolean(b)),
+            ReadingValue::Number(text) if is_marker(text) => Ok(MappedValue::Absent),
+            ReadingValue::Number(text) => match text.parse::<f64>() {
+                Ok(v) if v == 0.0 => Ok(MappedValue::Boolean(false)),
+                Ok(v) if v == 1.0 => Ok(MappedValue::Boolean(true)),
+                _ => Err(ReadingError::NotABoolean {
+                    parameter: parameter.vendor.clone(),
+                    value: text.to_owned(),
+                }),
+            },
+        },
+        ParameterKind::Quantity {
+            ucum,
+            display,
+            decimals,
+            low,
+            high,
+            accepts,
+        } => {
+            let accepted = || {
+                let mut units: Vec<&str> = accepts.keys().map(String::as_str).collect();
+                units.sort_unstable();
+                units.join(", ")
+            };
+            let unit = reading.unit.ok_or_else(|| ReadingError::MissingUnit {
+                parameter: parameter.vendor.clone(),
+                accepted: accepted(),
+            })?;
+            let rule = accepts
+                .get(unit)
+                .ok_or_else(|| ReadingError::UnitNotAccepted {
+                    unit: unit.to_owned(),
+                    parameter: parameter.vendor.clone(),
+                    accepted: accepted(),
+                })?;
+            let text = match reading.value {
+                ReadingValue::Number(text) => text,
+                ReadingValue::Boolean(_) => {
+                    return Err(ReadingError::NotANumber {
+                        parameter: parameter.vendor.clone(),
+                    });
+                }
+            };
+            if reading.flags.contains(ReadingFlags::INVALID) || is_marker(text) {
+                return Ok(MappedValue::Absent);
+            }
+            let raw: f64 = text.parse().map_err(|_| ReadingError::NotANumber {
+                parameter: parameter.vendor.clone(),
+            })?;
+            let converted = raw * rule.factor + rule.offset;
+            if !(converted >= *low && converted <= *high) {
+                return Err(ReadingError::OutOfRange {
+                    parameter: parameter.vendor.clone(),
+                    value: text.to_owned(),
+                    unit: unit.to_owned(),
+                    low: *low,
+                    high: *high,
+                    ucum: ucum.clone(),
+                });
+            }
+            // Unconverted values keep the device's own digits (FHIR decimals carry precision);
+            // converted ones are rounded to the precision the table gives for the parameter.
+            let decimal = if rule.is_identity() {
+                text.to_owned()
+            } else {
+                let mut s = format!("{:.*}", usize::from(*decimals), converted);
+                if s.starts_with('-') && s[1..].bytes().all(|b| b == b'0' || b == b'.') {
+                    s.remove(0);
+                }
+                s
+            };
+            Ok(MappedValue::Quantity {
+                decimal,
+                ucum,
+                display,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::PatientRef;
+    use time::macros::datetime;
+
+    fn context<'a>(m: &'a Mappings, model: &'a str) -> DeviceContext<'a> {
+        DeviceContext {
+            family: m.family_for_model(model).unwrap(),
+            serial: "CH-0042",
+            model,
+            patient: Some(PatientRef {
+                system: "urn:oid:1.2.3",
+                value: "MRN-1",
+            }),
+            received_at: datetime!(2026-11-21 10:20 UTC),
+            max_future_skew: time::Duration::minutes(5),
+        }
+    }
+
+    fn reading<'a>(parameter: &'a str, value: &'a str, unit: &'a str) -> Reading<'a> {
+        Reading {
+            parameter,
+            value: ReadingValue::Number(value),
+            unit: Some(unit),
+            time: "2026-11-21T10:15:00Z",
+            flags: ReadingFlags::default(),
+        }
+    }
+
+    fn json(r: &MappedResource) -> serde_json::Value {
+        serde_json::from_slice(&r.json).unwrap()
+    }
+
+    #[test]
+    fn flow_becomes_a_coded_ucum_observation() {
+        let m = Mappings::embedded().unwrap();
+        let r = m
+            .map_reading(
+                &context(&m, "CARDIOHELP-i"),
+                &reading("Flow", "4.20", "L/min"),
+            )
+            .unwrap();
+        let o = json(&r);
+        assert_eq!(o["resourceType"], "Observation");
+        assert_eq!(o["status"], "final");
+        assert_eq!(o["code"]["coding"][0]["system"], ECMO_CODE_SYSTEM);
+        assert_eq!(o["code"]["coding"][0]["code"], "pump-blood-flow");
+        assert_eq!(o["code"]["coding"][1]["code"], "251288004");
+        assert_eq!(o["valueQuantity"]["value"].to_string(), "4.20");
+        assert_eq!(o["valueQuantity"]["code"], "L/min");
+        assert_eq!(o["valueQuantity"]["system"], UCUM);
+        assert_eq!(o["effectiveDateTime"], "2026-11-21T10:15:00Z");
+        assert_eq!(o["subject"]["identifier"]["value"], "MRN-1");
+        assert_eq!(o["device"]["identifier"]["value"], "CH-0042");
+        assert_eq!(
+            r.identifier_value,
+            "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T101500.000Z"
+        );
+        assert_eq!(o["identifier"][0]["value"], r.identifier_value.as_str());
+    }
+
+    #[test]
+    fn converts_units_and_rounds_to_table_precision() {
+        let m = Mappings::embedded().unwrap();
+        let ctx = context(&m, "CARDIOHELP");
+        let flow = json(
+            &m.map_reading(&ctx, &reading("Flow", "4250", "mL/min"))
+                .unwrap(),
+        );
+        assert_eq!(flow["valueQuantity"]["value"].to_string(), "4.25");
+        let p = json(&m.map_reading(&ctx, &reading("PArt", "30", "kPa")).unwrap());
+        assert_eq!(p["valueQuantity"]["value"].to_string(), "225");
+        assert_eq!(p["valueQuantity"]["code"], "mm[Hg]");
+        let t = json(
+            &m.map_reading(&ctx, &reading("TVen", "98.6", "degF"))
+                .unwrap(),
+        );
+        assert_eq!(t["valueQuantity"]["value"].to_string(), "37.0");
+    }
+
+    #[test]
+    fn invalid_marker_becomes_data_absent_reason() {
+        let m = Mappings::embedded().unwrap();
+        let o = json(
+            &m.map_reading(&context(&m, "CARDIOHELP"), &reading("SvO2", "-32000", "%"))
+                .unwrap(),
+        );
+        assert!(o.get("valueQuantity").is_none());
+        assert_eq!(o["dataAbsentReason"]["coding"][0]["code"], "error");
+    }
+
+    #[test]
+    fn flags_become_interpretation_and_security() {
+        let m = Mappings::embedded().unwrap();
+        let mut r = reading("PVen", "-80", "mmHg");
+        r.flags.insert(ReadingFlags::IN_ALARM);
+        r.flags.insert(ReadingFlags::TEST_DATA);
+        let o = json(&m.map_reading(&context(&m, "CARDIOHELP"), &r).unwrap());
+        assert_eq!(o["interpretation"][0]["coding"][0]["code"], "in-alarm");
+        assert_eq!(o["meta"]["security"][0]["code"], "HTEST");
+        assert_eq!(o["valueQuantity"]["value"].to_string(), "-80");
+    }
+
+    #[test]
+    fn booleans_take_0_and_1() {
+        let m = Mappings::embedded().unwrap();
+        let mut r = reading("Bubble", "1", "");
+        r.unit = None;
+        let o = json(&m.map_reading(&context(&m, "CARDIOHELP"), &r).unwrap());
+        assert_eq!(o["valueBoolean"], true);
+        r.value = ReadingValue::Number("2");
+        assert!(matches!(
+            m.map_reading(&context(&m, "CARDIOHELP"), &r),
+            Err(ReadingError::NotABoolean { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_what_the_table_refuses() {
+        let m = Mappings::embedded().unwrap();
+        let ctx = context(&m, "CARDIOHELP");
+        let err = |r: Reading<'_>| m.map_reading(&ctx, &r).unwrap_err();
+        assert!(matches!(
+            err(reading("Flw", "4", "L/min")),
+            ReadingError::UnknownParameter { .. }
+        ));
+        assert!(matches!(
+            err(reading("Flow", "4", "gal/h")),
+            ReadingError::UnitNotAccepted { .. }
+        ));
+        assert!(matches!(
+            err(reading("Flow", "12", "L/min")),
+            ReadingError::OutOfRange { .. }
+        ));
+        assert!(matches!(
+            err(reading("Flow", "12000", "mL/min")),
+            ReadingError::OutOfRange { .. }
+        ));
+        let mut late = reading("Flow", "4", "L/min");
+        late.time = "2026-11-21T12:00:00Z";
+        assert!(matches!(err(late), ReadingError::InFuture { .. }));
+        let mut bad_time = reading("Flow", "4", "L/min");
+        bad_time.time = "yesterday";
+        assert_eq!(err(bad_time).field(), crate::ReadingField::Time);
+    }
+
+    #[test]
+    fn same_instant_in_another_offset_is_the_same_reading() {
+        let m = Mappings::embedded().unwrap();
+        let ctx = context(&m, "CARDIOHELP");
+        let a = m.map_reading(&ctx, &reading("Flow", "4", "L/min")).unwrap();
+        let mut r = reading("Flow", "4", "L/min");
+        r.time = "2026-11-21T11:15:00+01:00";
+        let b = m.map_reading(&ctx, &r).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.identifier_value, b.identifier_value);
+    }
+}
