@@ -1,0 +1,364 @@
+//! The gateway's configuration file (TOML), checked completely before anything starts.
+//!
+//! Relative paths are resolved against the directory of the configuration file, so a config
+//! and its certificates can move together. `gateway.example.toml` documents every key.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {0}", path = .1.display())]
+    Invalid(String, PathBuf),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub mappings: MappingSettings,
+    #[serde(default)]
+    pub readings: ReadingSettings,
+    #[serde(rename = "vendor", default)]
+    pub vendors: Vec<VendorSettings>,
+    #[serde(rename = "destination", default)]
+    pub destinations: Vec<DestinationSettings>,
+}
+
+/// The vendor-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key the gateway presents to vendors.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM CA certificates; a vendor's client certificate must chain to one of them.
+    pub vendor_ca: Vec<PathBuf>,
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "defaults::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
+    /// A directory of mapping tables; the tables built into the binary when absent.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadingSettings {
+    /// How far ahead of the gateway's clock a device timestamp may be before the reading is
+    /// refused (a console with a wrong clock would otherwise chart data in the future).
+    #[serde(default = "defaults::max_future_skew", with = "humantime_serde")]
+    pub max_future_skew: Duration,
+}
+
+impl Default for ReadingSettings {
+    fn default() -> Self {
+        Self {
+            max_future_skew: defaults::max_future_skew(),
+        }
+    }
+}
+
+/// A device vendor: who its certificate says it is, and which devices it may post for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VendorSettings {
+    pub name: String,
+    /// Matched against the client certificate's subject CN and its DNS, URI and e-mail SANs.
+    pub identity: String,
+    /// Device serial numbers this vendor may post for.
+    #[serde(default)]
+    pub serials: Vec<String>,
+    /// Device models this vendor may post for, whatever the serial.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// An EHR FHIR endpoint the gateway writes to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSettings {
+    pub name: String,
+    /// FHIR base URL, `https://`.
+    pub base_url: String,
+    /// PEM CA certificates the EHR's server certificate must chain to.
+    pub ca: Vec<PathBuf>,
+    /// The gateway's client certificate chain and key for this EHR.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    #[serde(default)]
+    pub write: WriteMode,
+    #[serde(default)]
+    pub bundle: BundleMode,
+    /// Largest transaction Bundle sent; bigger batches are split.
+    #[serde(default = "defaults::max_bundle_entries")]
+    pub max_bundle_entries: usize,
+    /// Time allowed for one HTTP attempt.
+    #[serde(default = "defaults::destination_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per request, the first included, on 408, 429, 5xx and connection failures.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Requests in flight to this destination at once.
+    #[serde(default = "defaults::destination_concurrency")]
+    pub concurrency: usize,
+}
+
+/// How a resource is written so that sending it twice is harmless.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteMode {
+    /// `POST` with `If-None-Exist: identifier=...`: works on every FHIR server.
+    #[default]
+    ConditionalCreate,
+    /// `PUT [type]/[id]` with an id derived from the identifier: for servers that allow
+    /// client-assigned ids; no search needed, so no conditional-create race.
+    Put,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BundleMode {
+    /// One transaction Bundle per batch: all or nothing at the EHR.
+    #[default]
+    Transaction,
+    /// One request per resource.
+    Single,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_body_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn max_concurrent_requests() -> usize {
+        256
+    }
+    pub fn max_connections() -> usize {
+        1024
+    }
+    pub fn max_future_skew() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_bundle_entries() -> usize {
+        500
+    }
+    pub fn destination_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_attempts() -> u32 {
+        3
+    }
+    pub fn destination_concurrency() -> usize {
+        8
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .check()
+            .map_err(|reason| ConfigError::Invalid(reason, path.to_owned()))?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.server.cert);
+        fix(&mut self.server.key);
+        self.server.vendor_ca.iter_mut().for_each(fix);
+        if let Some(dir) = &mut self.mappings.dir {
+            fix(dir);
+        }
+        for d in &mut self.destinations {
+            d.ca.iter_mut().for_each(fix);
+            fix(&mut d.client_cert);
+            fix(&mut d.client_key);
+        }
+    }
+
+    /// Everything a typo could break, found before the gateway listens.
+    fn check(&self) -> Result<(), String> {
+        if self.server.vendor_ca.is_empty() {
+            return Err("server.vendor_ca must name at least one CA file".into());
+        }
+        if self.server.max_body_bytes == 0 || self.server.max_concurrent_requests == 0 {
+            return Err(
+                "server.max_body_bytes and server.max_concurrent_requests must be > 0".into(),
+            );
+        }
+        if self.vendors.is_empty() {
+            return Err("no [[vendor]]: nobody could post".into());
+        }
+        let mut names = HashSet::new();
+        let mut identities = HashMap::new();
+        for v in &self.vendors {
+            if !names.insert(v.name.as_str()) {
+                return Err(format!("vendor '{}' is defined twice", v.name));
+            }
+            if let Some(other) = identities.insert(v.identity.as_str(), v.name.as_str()) {
+                return Err(format!(
+                    "vendors '{other}' and '{}' share the certificate identity '{}'",
+                    v.name, v.identity
+                ));
+            }
+            if v.serials.is_empty() && v.models.is_empty() {
+                return Err(format!(
+                    "vendor '{}' lists no serials and no models: it could post for no device",
+                    v.name
+                ));
+            }
+        }
+        if self.destinations.is_empty() {
+            return Err("no [[destination]]: readings would have nowhere to go".into());
+        }
+        let mut names = HashSet::new();
+        for d in &self.destinations {
+            if !names.insert(d.name.as_str()) {
+                return Err(format!("destination '{}' is defined twice", d.name));
+            }
+            let uri: http::Uri = d
+                .base_url
+                .parse()
+                .map_err(|e| format!("destination '{}': base_url: {e}", d.name))?;
+            if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                return Err(format!(
+                    "destination '{}': base_url must be an https:// URL (mutual TLS is required)",
+                    d.name
+                ));
+            }
+            if d.ca.is_empty() {
+                return Err(format!(
+                    "destination '{}': ca must name at least one CA file",
+                    d.name
+                ));
+            }
+            if d.max_attempts == 0 || d.concurrency == 0 || d.max_bundle_entries == 0 {
+                return Err(format!(
+                    "destination '{}': max_attempts, concurrency and max_bundle_entries must be > 0",
+                    d.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+cert = "server.pem"
+key = "server.key"
+vendor_ca = ["ca.pem"]
+
+[[vendor]]
+name = "getinge"
+identity = "getinge"
+models = ["CARDIOHELP-i"]
+
+[[destination]]
+name = "ehr"
+base_url = "https://127.0.0.1:9443/fhir"
+ca = ["ca.pem"]
+client_cert = "client.pem"
+client_key = "client.key"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = load(MINIMAL).unwrap();
+        assert!(c.server.cert.is_absolute());
+        assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.destinations[0].write, WriteMode::ConditionalCreate);
+        assert_eq!(c.destinations[0].bundle, BundleMode::Transaction);
+        assert_eq!(c.readings.max_future_skew, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn refuses_what_would_break_at_run_time() {
+        let cases = [
+            (MINIMAL.replace("https://127", "http://127"), "https://"),
+            (
+                MINIMAL.replace("models = [\"CARDIOHELP-i\"]", ""),
+                "could post for no device",
+            ),
+            (
+                MINIMAL.replace("write", "x") + "colour = 1\n",
+                "unknown field",
+            ),
+            (
+                MINIMAL
+                    .replace("request_timeout", "x")
+                    .replace("[server]", "[server]\nrequest_timeout = \"soon\""),
+                "request_timeout",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected '{expected}' in: {e}");
+        }
+    }
+}

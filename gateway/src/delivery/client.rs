@@ -1,0 +1,82 @@
+//! The tower client stack towards one EHR, outermost first: concurrency limit, retry (each
+//! attempt under its own timeout), then hyper over mutual TLS.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::BoxError;
+use crate::config::DestinationSettings;
+use crate::delivery::retry::EhrRetryPolicy;
+
+/// EHR answers larger than this are cut off (a transaction-response of 500 entries is ~100 kB).
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("destination '{0}': {1}")]
+    Tls(String, crate::tls::TlsError),
+    #[error("destination '{0}': retry backoff: {1}")]
+    Backoff(String, String),
+}
+
+/// A request to an EHR and its answer, body read in full.
+pub type EhrRequest = Request<Full<Bytes>>;
+pub type EhrResponse = Response<Bytes>;
+
+/// A cloneable handle on one destination's client stack; clones share the connection pool
+/// and the concurrency limit.
+#[derive(Clone)]
+pub struct EhrClient {
+    service: BoxCloneSyncService<EhrRequest, EhrResponse, BoxError>,
+}
+
+impl EhrClient {
+    pub fn new(settings: &DestinationSettings) -> Result<Self, ClientError> {
+        let tls =
+            crate::tls::client_config(&settings.ca, &settings.client_cert, &settings.client_key)
+                .map_err(|e| ClientError::Tls(settings.name.clone(), e))?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let hyper_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(settings.concurrency)
+            .build::<_, Full<Bytes>>(https);
+        let send = tower::service_fn(move |request: EhrRequest| {
+            let hyper_client = hyper_client.clone();
+            async move {
+                let response = hyper_client.request(request).await?;
+                let (parts, body) = response.into_parts();
+                let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                    .collect()
+                    .await?
+                    .to_bytes();
+                Ok::<_, BoxError>(Response::from_parts(parts, body))
+            }
+        });
+        let retry = EhrRetryPolicy::new(settings.max_attempts)
+            .map_err(|e| ClientError::Backoff(settings.name.clone(), e.to_string()))?;
+        let stack = ServiceBuilder::new()
+            .concurrency_limit(settings.concurrency)
+            .retry(retry)
+            .timeout(settings.timeout)
+            .service(send);
+        Ok(Self {
+            service: BoxCloneSyncService::new(stack),
+        })
+    }
+
+    pub async fn send(&self, request: EhrRequest) -> Result<EhrResponse, BoxError> {
+        self.service.clone().oneshot(request).await
+    }
+}

@@ -1,0 +1,202 @@
+//! Delivery to EHR FHIR servers, modelled on Vector's sinks: [`request_builder`] turns mapped
+//! resources into FHIR HTTP requests, [`client`] is the tower client stack (concurrency limit,
+//! retry, timeout, mutual-TLS hyper client), [`response`] decides what each answer means.
+//!
+//! Ingress hands batches over through the [`Handoff`] trait. [`DirectDelivery`] delivers while
+//! the vendor waits and answers 200 only once every destination holds the data; a durable outbox
+//! implements the same trait to answer 202 as soon as the batch is safely on disk.
+
+pub mod client;
+pub mod request_builder;
+pub mod response;
+pub mod retry;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::StatusCode;
+use mappings::MappedResource;
+use serde_json::Value;
+
+use crate::config::{BundleMode, DestinationSettings, WriteMode};
+use crate::delivery::client::EhrClient;
+use crate::delivery::request_builder::RequestBuilder;
+use crate::delivery::response::{EntryOutcome, classify};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Resources mapped from one accepted request, on their way out.
+#[derive(Debug, Clone)]
+pub struct OutboundBatch {
+    /// The ingress request id, to follow a batch through the logs.
+    pub request_id: String,
+    pub resources: Arc<[MappedResource]>,
+}
+
+/// What each destination did with a batch, entry by entry, in the order sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub destinations: Vec<DestinationReceipt>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationReceipt {
+    pub destination: String,
+    pub entries: Vec<EntryOutcome>,
+}
+
+/// Why a destination does not hold a batch.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// The EHR refused the content (a 4xx other than 408/429); resending will not help.
+    #[error("destination '{destination}' refused the resources with HTTP {status}")]
+    Rejected {
+        destination: String,
+        status: StatusCode,
+        /// The EHR's OperationOutcome, kept as it sent it.
+        outcome: Option<Value>,
+    },
+    /// Down, overloaded or too slow after every attempt; the same batch may be sent again.
+    #[error("destination '{destination}' is unavailable: {reason}")]
+    Unavailable {
+        destination: String,
+        reason: String,
+        retry_after: Option<u32>,
+    },
+    /// The connection itself is refused (TLS alert, certificate not trusted): an operator must
+    /// fix the configuration; retrying would hammer the EHR for nothing.
+    #[error("destination '{destination}' cannot be reached as configured: {reason}")]
+    Misconfigured { destination: String, reason: String },
+}
+
+/// Where ingress leaves an accepted batch.
+pub trait Handoff: Send + Sync + 'static {
+    fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>>;
+}
+
+/// One configured EHR: how to write to it and the client stack that talks to it.
+#[derive(Clone)]
+pub struct Destination {
+    pub name: Arc<str>,
+    builder: RequestBuilder,
+    bundle: BundleMode,
+    max_bundle_entries: usize,
+    client: EhrClient,
+}
+
+impl Destination {
+    pub fn from_settings(settings: &DestinationSettings) -> Result<Self, client::ClientError> {
+        Ok(Self {
+            name: settings.name.as_str().into(),
+            builder: RequestBuilder::new(&settings.base_url, settings.write),
+            bundle: settings.bundle,
+            max_bundle_entries: settings.max_bundle_entries,
+            client: EhrClient::new(settings)?,
+        })
+    }
+
+    pub fn write_mode(&self) -> WriteMode {
+        self.builder.write_mode()
+    }
+
+    /// Sends every resource of the batch; Ok only when the EHR holds all of them.
+    pub async fn deliver(
+        &self,
+        resources: &[MappedResource],
+    ) -> Result<DestinationReceipt, DeliveryError> {
+        let mut entries = Vec::with_capacity(resources.len());
+        match self.bundle {
+            BundleMode::Transaction => {
+                for chunk in resources.chunks(self.max_bundle_entries) {
+                    let request = self.builder.transaction(chunk);
+                    let answer = self.client.send(request).await;
+                    entries.extend(classify::transaction(&self.name, answer, chunk.len())?);
+                }
+            }
+            BundleMode::Single => {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (index, resource) in resources.iter().enumerate() {
+                    let request = self.builder.single(resource);
+                    let client = self.client.clone();
+                    let name = self.name.clone();
+                    tasks.spawn(async move {
+                        (index, classify::single(&name, client.send(request).await))
+                    });
+                }
+                let mut ordered = vec![None; resources.len()];
+                while let Some(joined) = tasks.join_next().await {
+                    let (index, outcome) = joined.map_err(|e| DeliveryError::Unavailable {
+                        destination: self.name.to_string(),
+                        reason: format!("delivery task failed: {e}"),
+                        retry_after: None,
+                    })?;
+                    ordered[index] = Some(outcome?);
+                }
+                entries.extend(ordered.into_iter().flatten());
+            }
+        }
+        Ok(DestinationReceipt {
+            destination: self.name.to_string(),
+            entries,
+        })
+    }
+}
+
+/// Delivers while the vendor waits: the answer is 200 only when every destination has
+/// confirmed, so a 2xx never stands for data that could still be lost.
+pub struct DirectDelivery {
+    destinations: Arc<[Destination]>,
+}
+
+impl DirectDelivery {
+    pub fn new(destinations: Vec<Destination>) -> Self {
+        Self {
+            destinations: destinations.into(),
+        }
+    }
+}
+
+impl Handoff for DirectDelivery {
+    fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
+        let destinations = self.destinations.clone();
+        Box::pin(async move {
+            // Destinations are independent: all are tried, each in its own task.
+            let mut tasks = tokio::task::JoinSet::new();
+            for (index, destination) in destinations.iter().cloned().enumerate() {
+                let resources = batch.resources.clone();
+                tasks.spawn(async move { (index, destination.deliver(&resources).await) });
+            }
+            let mut results = vec![None; destinations.len()];
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok((index, result)) => results[index] = Some(result),
+                    Err(e) => {
+                        return Err(DeliveryError::Unavailable {
+                            destination: "?".into(),
+                            reason: format!("delivery task failed: {e}"),
+                            retry_after: None,
+                        });
+                    }
+                }
+            }
+            let mut receipts = Vec::with_capacity(results.len());
+            let mut first_error = None;
+            for result in results.into_iter().flatten() {
+                match result {
+                    Ok(receipt) => receipts.push(receipt),
+                    Err(error) => {
+                        tracing::warn!(request_id = %batch.request_id, %error, "delivery failed");
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            match first_error {
+                Some(error) => Err(error),
+                None => Ok(Receipt {
+                    destinations: receipts,
+                }),
+            }
+        })
+    }
+}

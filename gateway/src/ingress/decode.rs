@@ -1,0 +1,159 @@
+//! Decoding: the body is read (within the size limit) and parsed as JSON. Unparseable bodies
+//! get 400 with the line and column; other media types get 415.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::filter::{AsyncFilterLayer, AsyncPredicate};
+
+use crate::BoxError;
+use crate::outcome::{ApiError, Issue};
+
+#[derive(Clone, Copy, Default)]
+pub struct DecodeJson;
+
+pub fn layer() -> AsyncFilterLayer<DecodeJson> {
+    AsyncFilterLayer::new(DecodeJson)
+}
+
+impl<B> AsyncPredicate<Request<B>> for DecodeJson
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Future = Pin<Box<dyn Future<Output = Result<Request<Value>, BoxError>> + Send>>;
+    type Request = Request<Value>;
+
+    fn check(&mut self, request: Request<B>) -> Self::Future {
+        Box::pin(async move {
+            if let Some(content_type) = request.headers().get(header::CONTENT_TYPE)
+                && !is_json(content_type.as_bytes())
+            {
+                return Err(ApiError::one(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    Issue::error(
+                        "not-supported",
+                        "the body must be JSON: send Content-Type: application/json",
+                    ),
+                )
+                .into());
+            }
+            let (parts, body) = request.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| -> BoxError {
+                    let e: BoxError = e.into();
+                    if super::rescue::is_body_too_large(e.as_ref()) {
+                        super::rescue::too_large().into()
+                    } else {
+                        e
+                    }
+                })?
+                .to_bytes();
+            let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::one(
+                    StatusCode::BAD_REQUEST,
+                    Issue::error(
+                        "structure",
+                        format!(
+                            "the body is not valid JSON: {} (line {}, column {})",
+                            describe(&e),
+                            e.line(),
+                            e.column()
+                        ),
+                    )
+                    .at("/"),
+                )
+            })?;
+            Ok(Request::from_parts(parts, value))
+        })
+    }
+}
+
+/// `application/json`, `application/fhir+json` or any `+json` type, parameters ignored.
+fn is_json(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+        .to_ascii_lowercase();
+    essence == b"application/json"
+        || (essence.starts_with(b"application/") && essence.ends_with(b"+json"))
+}
+
+/// serde_json's message without its own " at line L column C" suffix.
+fn describe(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    async fn decode(
+        content_type: Option<&str>,
+        body: &'static str,
+    ) -> Result<Request<Value>, BoxError> {
+        let mut request = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
+        if let Some(ct) = content_type {
+            request
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, ct.parse().unwrap());
+        }
+        DecodeJson.check(request).await
+    }
+
+    fn status(error: BoxError) -> StatusCode {
+        error.downcast_ref::<ApiError>().unwrap().status
+    }
+
+    #[tokio::test]
+    async fn parses_json_bodies() {
+        let request = decode(Some("application/json; charset=utf-8"), r#"{"a": 1.50}"#)
+            .await
+            .unwrap();
+        assert_eq!(request.body()["a"].to_string(), "1.50");
+        assert!(decode(None, "{}").await.is_ok());
+        assert!(decode(Some("application/fhir+json"), "{}").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_400_with_position() {
+        let error = decode(Some("application/json"), "{\n \"a\": }")
+            .await
+            .unwrap_err();
+        let api = error.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(api.status, StatusCode::BAD_REQUEST);
+        assert!(
+            api.issues[0].details.contains("line 2"),
+            "{}",
+            api.issues[0].details
+        );
+    }
+
+    #[tokio::test]
+    async fn other_media_types_are_415() {
+        let error = decode(Some("application/xml"), "<a/>").await.unwrap_err();
+        assert_eq!(status(error), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_413() {
+        let body =
+            http_body_util::Limited::new(Full::new(Bytes::from_static(b"{\"a\": 12345}")), 4);
+        let error = DecodeJson.check(Request::new(body)).await.unwrap_err();
+        assert_eq!(status(error), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}

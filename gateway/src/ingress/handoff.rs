@@ -1,0 +1,157 @@
+//! Hand-off: the mapped batch goes to delivery through the [`Handoff`] trait; the answer says
+//! what happened, per resource and destination.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tower::Service;
+
+use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt};
+use crate::ingress::client_identity::VendorPolicy;
+use crate::outcome::{ApiError, Issue, Severity, fhir_json_response};
+use crate::{BoxBody, BoxError};
+
+/// Seconds a vendor is told to wait when a destination is down and said nothing better.
+const RETRY_AFTER_UNAVAILABLE: u32 = 30;
+
+#[derive(Clone)]
+pub struct HandoffService {
+    handoff: Arc<dyn Handoff>,
+}
+
+impl HandoffService {
+    pub fn new(handoff: Arc<dyn Handoff>) -> Self {
+        Self { handoff }
+    }
+}
+
+impl Service<Request<OutboundBatch>> for HandoffService {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<OutboundBatch>) -> Self::Future {
+        let handoff = self.handoff.clone();
+        let vendor = request
+            .extensions()
+            .get::<Arc<VendorPolicy>>()
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        let batch = request.into_body();
+        Box::pin(async move {
+            let count = batch.resources.len();
+            let request_id = batch.request_id.clone();
+            let resources = batch.resources.clone();
+            match handoff.submit(batch).await {
+                Ok(receipt) => {
+                    tracing::info!(%request_id, %vendor, resources = count, "batch delivered");
+                    Ok(fhir_json_response(
+                        StatusCode::OK,
+                        &receipt_json(&request_id, &resources, &receipt),
+                    ))
+                }
+                Err(error) => {
+                    tracing::warn!(%request_id, %vendor, resources = count, %error, "batch not delivered");
+                    Err(refusal(error).into())
+                }
+            }
+        })
+    }
+}
+
+fn receipt_json(
+    request_id: &str,
+    resources: &[mappings::MappedResource],
+    receipt: &Receipt,
+) -> Value {
+    let entries: Vec<Value> = resources
+        .iter()
+        .enumerate()
+        .map(|(index, resource)| {
+            let mut outcomes = serde_json::Map::new();
+            for destination in &receipt.destinations {
+                if let Some(entry) = destination.entries.get(index) {
+                    outcomes.insert(destination.destination.clone(), json!(entry.status));
+                }
+            }
+            json!({
+                "resourceType": resource.resource_type,
+                "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
+                "destinations": outcomes,
+            })
+        })
+        .collect();
+    json!({
+        "status": "delivered",
+        "requestId": request_id,
+        "resources": entries,
+    })
+}
+
+/// A delivery failure as the vendor sees it: whether to resend, and what the EHR said.
+pub fn refusal(error: DeliveryError) -> ApiError {
+    match error {
+        DeliveryError::Rejected {
+            destination,
+            status,
+            outcome,
+        } => {
+            let mut issues = vec![Issue::error(
+                "processing",
+                format!(
+                    "destination '{destination}' refused the resources (HTTP {}); its findings follow. Resending after the cause is fixed is harmless",
+                    status.as_u16()
+                ),
+            )];
+            // The EHR's own issues, kept as it worded them.
+            for issue in outcome
+                .as_ref()
+                .and_then(|o| o["issue"].as_array())
+                .into_iter()
+                .flatten()
+            {
+                let text = issue["details"]["text"]
+                    .as_str()
+                    .or_else(|| issue["diagnostics"].as_str())
+                    .unwrap_or("(no details)");
+                let mut ours = Issue::error("processing", format!("{destination}: {text}"));
+                if issue["severity"] == "warning" {
+                    ours.severity = Severity::Warning;
+                }
+                if let Some(expression) = issue["expression"][0].as_str() {
+                    ours = ours.at(expression.to_owned());
+                }
+                issues.push(ours);
+            }
+            ApiError::new(StatusCode::BAD_GATEWAY, issues)
+        }
+        DeliveryError::Unavailable {
+            destination,
+            retry_after,
+            ..
+        } => ApiError::one(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "transient",
+                format!("destination '{destination}' is unavailable; nothing was accepted, resend the batch later"),
+            ),
+        )
+        .retry_after(retry_after.unwrap_or(RETRY_AFTER_UNAVAILABLE)),
+        DeliveryError::Misconfigured { destination, reason } => {
+            tracing::error!(%destination, %reason, "destination refuses the gateway's connection; fix the configuration");
+            ApiError::one(
+                StatusCode::BAD_GATEWAY,
+                Issue::error(
+                    "exception",
+                    format!("the gateway cannot connect to destination '{destination}' as configured; the hospital's integration team has to fix it"),
+                ),
+            )
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Mapping: each reading of a validated batch becomes an Observation through the device
+//! family's table (mappings crate). Every refused reading is reported, together with the schema
+//! issues of other readings; one bad reading refuses the whole batch, so that a batch is
+//! either charted entirely or not at all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use mappings::{DeviceContext, Mappings, PatientRef, Reading, ReadingFlags, ReadingValue};
+use serde_json::Value;
+use time::OffsetDateTime;
+use tower::filter::{FilterLayer, Predicate};
+
+use crate::BoxError;
+use crate::delivery::OutboundBatch;
+use crate::ingress::validate::ReadingIssues;
+use crate::outcome::{ApiError, Issue};
+
+#[derive(Clone)]
+pub struct MapObservations {
+    mappings: Arc<Mappings>,
+    max_future_skew: time::Duration,
+}
+
+pub fn layer(mappings: Arc<Mappings>, max_future_skew: Duration) -> FilterLayer<MapObservations> {
+    FilterLayer::new(MapObservations {
+        mappings,
+        max_future_skew: time::Duration::try_from(max_future_skew).unwrap_or(time::Duration::MAX),
+    })
+}
+
+fn unprocessable(issues: Vec<Issue>) -> BoxError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, issues).into()
+}
+
+impl Predicate<Request<Value>> for MapObservations {
+    type Request = Request<OutboundBatch>;
+
+    fn check(&mut self, request: Request<Value>) -> Result<Request<OutboundBatch>, BoxError> {
+        let (mut parts, body) = request.into_parts();
+        let schema_issues = parts
+            .extensions
+            .remove::<ReadingIssues>()
+            .unwrap_or_default();
+        // The schema guarantees these shapes; a missing piece here is still answered, not panicked.
+        let device = &body["device"];
+        let (Some(serial), Some(model)) = (device["serial"].as_str(), device["model"].as_str())
+        else {
+            return Err(unprocessable(vec![
+                Issue::error("required", "device serial and model are required").at("/device"),
+            ]));
+        };
+        let Some(family) = self.mappings.family_for_model(model) else {
+            return Err(unprocessable(vec![
+                Issue::error(
+                    "code-invalid",
+                    format!(
+                        "device model '{model}' has no mapping table; supported models: {}",
+                        self.mappings.models().join(", ")
+                    ),
+                )
+                .at("/device/model"),
+            ]));
+        };
+        let patient = body["patient"]["system"]
+            .as_str()
+            .zip(body["patient"]["value"].as_str())
+            .map(|(system, value)| PatientRef { system, value });
+        let context = DeviceContext {
+            family,
+            serial,
+            model,
+            patient,
+            received_at: OffsetDateTime::now_utc(),
+            max_future_skew: self.max_future_skew,
+        };
+
+        let readings = body["readings"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut resources = Vec::with_capacity(readings.len());
+        let mut issues = Vec::new();
+        for (index, reading) in readings.iter().enumerate() {
+            if let Some(found) = schema_issues.0.get(&index) {
+                issues.extend(found.iter().cloned());
+                continue;
+            }
+            let Some(reading) = reading_of(reading) else {
+                issues.push(
+                    Issue::error("structure", "reading does not have the documented shape")
+                        .at(format!("/readings/{index}")),
+                );
+                continue;
+            };
+            match self.mappings.map_reading(&context, &reading) {
+                Ok(resource) if issues.is_empty() => resources.push(resource),
+                Ok(_) => {}
+                Err(error) => issues.push(
+                    Issue::error(error.issue_code(), error.to_string())
+                        .at(format!("/readings/{index}/{}", error.field().name())),
+                ),
+            }
+        }
+        if !issues.is_empty() {
+            return Err(unprocessable(issues));
+        }
+        let request_id = crate::ingress::request_id(&Request::from_parts(parts.clone(), ()));
+        let batch = OutboundBatch {
+            request_id,
+            resources: resources.into(),
+        };
+        Ok(Request::from_parts(parts, batch))
+    }
+}
+
+/// A reading borrowed from the JSON: no copies of its strings.
+fn reading_of(value: &Value) -> Option<Reading<'_>> {
+    let reading_value = match &value["value"] {
+        Value::Number(number) => ReadingValue::Number(number.as_str()),
+        Value::Bool(b) => ReadingValue::Boolean(*b),
+        _ => return None,
+    };
+    let mut flags = ReadingFlags::default();
+    for flag in value["flags"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        flags.insert(flag.as_str().and_then(ReadingFlags::from_name)?);
+    }
+    Some(Reading {
+        parameter: value["parameter"].as_str()?,
+        value: reading_value,
+        unit: value["unit"].as_str(),
+        time: value["time"].as_str()?,
+        flags,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(body: Value) -> Result<Request<OutboundBatch>, BoxError> {
+        let mut layer = MapObservations {
+            mappings: Arc::new(Mappings::embedded().unwrap()),
+            max_future_skew: time::Duration::minutes(5),
+        };
+        layer.check(Request::new(body))
+    }
+
+    fn now() -> String {
+        OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    }
+
+    #[test]
+    fn maps_every_reading() {
+        let request = map(json!({
+            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "readings": [
+                {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now()},
+                {"parameter": "Bubble", "value": false, "time": now()}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(request.body().resources.len(), 2);
+    }
+
+    #[test]
+    fn reports_all_refused_readings_with_pointers() {
+        let error = map(json!({
+            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "readings": [
+                {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now()},
+                {"parameter": "Flw", "value": 4.2, "unit": "L/min", "time": now()},
+                {"parameter": "Flow", "value": 40, "unit": "L/min", "time": now()},
+                {"parameter": "Flow", "value": 4, "unit": "gal", "time": now()}
+            ]
+        }))
+        .unwrap_err();
+        let api = error.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(api.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let pointers: Vec<_> = api
+            .issues
+            .iter()
+            .map(|i| i.expression.clone().unwrap())
+            .collect();
+        assert_eq!(
+            pointers,
+            [
+                "/readings/1/parameter",
+                "/readings/2/value",
+                "/readings/3/unit"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_model_is_named() {
+        let error = map(json!({
+            "device": {"serial": "X-1", "model": "Rotaflow"},
+            "readings": [{"parameter": "Flow", "value": 1, "unit": "L/min", "time": now()}]
+        }))
+        .unwrap_err();
+        let api = error.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(api.issues[0].expression.as_deref(), Some("/device/model"));
+        assert!(api.issues[0].details.contains("CARDIOHELP"));
+    }
+}

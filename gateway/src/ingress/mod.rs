@@ -1,0 +1,33 @@
+//! The vendor-facing request path: a tower stack assembled in [`stack`], one module per
+//! concern, in the order a request meets them:
+//!
+//! 1. [`rescue`]: every error becomes an OperationOutcome with the right status
+//! 2. request id and tracing (tower-http), body size limit, timeout, load shedding and a
+//!    global concurrency limit (tower)
+//! 3. [`client_identity`]: the certificate's names -> the configured vendor
+//! 4. [`router`]: `POST /v1/observations`, `GET /v1/schemas/<name>`
+//! 5. [`decode`] -> [`authorize`] -> [`validate`] -> [`map`] -> [`handoff`]
+
+pub mod authorize;
+pub mod client_identity;
+pub mod decode;
+pub mod handoff;
+pub mod map;
+pub mod rescue;
+pub mod router;
+pub mod schemas;
+pub mod stack;
+pub mod validate;
+
+pub use client_identity::{VendorPolicy, Vendors};
+pub use stack::{IngressSettings, build_stack};
+
+/// The `x-request-id` of a request, for logs and receipts.
+pub fn request_id<B>(request: &http::Request<B>) -> String {
+    request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}

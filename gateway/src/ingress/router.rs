@@ -1,0 +1,89 @@
+//! Routing by method and path; unknown paths get 404 and known paths with the wrong method 405,
+//! both as OperationOutcomes.
+
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response, StatusCode};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use crate::delivery::BoxFuture;
+use crate::ingress::schemas;
+use crate::outcome::{ApiError, Issue};
+use crate::validation::Schemas;
+use crate::{BoxBody, BoxError};
+
+pub type Route<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, BoxError>;
+
+pub struct Router<B> {
+    observations: Route<B>,
+    schemas: Schemas,
+}
+
+// Not derived: a derive would require the body type to be Clone.
+impl<B> Clone for Router<B> {
+    fn clone(&self) -> Self {
+        Self {
+            observations: self.observations.clone(),
+            schemas: self.schemas.clone(),
+        }
+    }
+}
+
+impl<B> Router<B> {
+    pub fn new(observations: Route<B>, schemas: Schemas) -> Self {
+        Self {
+            observations,
+            schemas,
+        }
+    }
+}
+
+fn method_not_allowed(allowed: &str) -> BoxError {
+    ApiError::one(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Issue::error("not-supported", format!("use {allowed} on this path")),
+    )
+    .into()
+}
+
+impl<B: Send + 'static> Service<Request<B>> for Router<B> {
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Response<BoxBody>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        match (path, request.method()) {
+            ("/v1/observations", &Method::POST) => {
+                Box::pin(self.observations.clone().oneshot(request))
+            }
+            ("/v1/observations", _) => Box::pin(async { Err(method_not_allowed("POST")) }),
+            (p, &Method::GET) if p.starts_with("/v1/schemas/") => {
+                let name = p.trim_start_matches("/v1/schemas/").to_owned();
+                let result = schemas::serve(&self.schemas, &name).map_err(Into::into);
+                Box::pin(async move { result })
+            }
+            (p, _) if p.starts_with("/v1/schemas/") => {
+                Box::pin(async { Err(method_not_allowed("GET")) })
+            }
+            _ => {
+                let path = path.to_owned();
+                Box::pin(async move {
+                    Err(ApiError::one(
+                        StatusCode::NOT_FOUND,
+                        Issue::error(
+                            "not-found",
+                            format!("no endpoint at {path}; see the README's ingest API"),
+                        ),
+                    )
+                    .into())
+                })
+            }
+        }
+    }
+}

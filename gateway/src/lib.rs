@@ -1,0 +1,36 @@
+//! The ECMO FHIR gateway: device readings in over mutual TLS, FHIR R4 out to hospital EHRs.
+//!
+//! The modules follow the data flow: [`ingress`] (the tower stack in front of vendors) checks,
+//! maps and hands each batch to [`delivery`] (the tower client stack towards the EHRs).
+
+pub mod app;
+pub mod certs;
+pub mod config;
+pub mod delivery;
+pub mod ingress;
+pub mod outcome;
+pub mod peer;
+pub mod server;
+pub mod tls;
+pub mod validation;
+
+/// The error type that travels through tower stacks; typed errors are recovered by downcasting
+/// at the edge (see [`ingress::rescue`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every response body the gateway produces.
+pub type BoxBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
+/// A response body from bytes already in memory.
+pub fn full_body(bytes: impl Into<bytes::Bytes>) -> BoxBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Installs the process-wide rustls crypto provider (aws-lc-rs). Call once at start; later
+/// calls are harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
