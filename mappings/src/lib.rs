@@ -10,6 +10,7 @@
 
 mod codesystem;
 mod datetime;
+mod fhir_check;
 mod identity;
 mod observation;
 mod reading;
@@ -17,6 +18,7 @@ mod table;
 
 pub use codesystem::CodeSystemCodes;
 pub use datetime::{DeviceTime, TimeError};
+pub use fhir_check::{CHECKED_TYPES, check_resource_json};
 pub use identity::{logical_id, observation_identifier};
 pub use reading::{
     DeviceContext, PatientRef, Reading, ReadingError, ReadingField, ReadingFlags, ReadingValue,

@@ -1,0 +1,101 @@
+//! An HTTPS client with a client certificate, as a vendor, the gateway or an operator holds.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use gateway::BoxError;
+use http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+#[derive(Clone)]
+pub struct MtlsClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// An answer, body read in full.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The `expression` pointers of an OperationOutcome's issues.
+    pub fn issue_pointers(&self) -> Vec<String> {
+        self.json()["issue"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["expression"][0].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl MtlsClient {
+    /// Trusts `ca` for the server and presents `cert`/`key`; `None` presents no certificate.
+    pub fn new(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, BoxError> {
+        gateway::install_crypto_provider();
+        let roots = gateway::tls::load_roots(&[ca.to_owned()])?;
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let tls = match identity {
+            Some((cert, key)) => builder.with_client_auth_cert(
+                gateway::tls::load_certs(cert)?,
+                gateway::tls::load_key(key)?,
+            )?,
+            None => builder.with_no_client_auth(),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(https),
+        })
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        content_type: Option<&str>,
+        body: Bytes,
+    ) -> Result<Answer, BoxError> {
+        let mut request = Request::builder().method(method).uri(url);
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let response = self.client.request(request.body(Full::new(body))?).await?;
+        let (parts, body) = response.into_parts();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await?.to_bytes(),
+        })
+    }
+
+    pub async fn post_json(&self, url: &str, body: &Value) -> Result<Answer, BoxError> {
+        self.send(
+            Method::POST,
+            url,
+            Some("application/json"),
+            Bytes::from(serde_json::to_vec(body)?),
+        )
+        .await
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Answer, BoxError> {
+        self.send(Method::GET, url, None, Bytes::new()).await
+    }
+}

@@ -1,0 +1,471 @@
+//! A reference EHR FHIR R4 server: mutual TLS, an in-memory store, create, conditional create
+//! (`If-None-Exist`), update by id, read, search by identifier, and transaction Bundles (all or
+//! nothing). Incoming Observations, Procedures and Devices are checked against the typed R4
+//! model and refused with 422 when they do not conform, as a real server would.
+//!
+//! A small fault plan lets tests make it refuse or fail the next writes.
+
+pub mod store;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use gateway::outcome::{Issue, fhir_json_response, operation_outcome};
+use gateway::server::{ServeOptions, serve_mtls};
+use gateway::{BoxBody, BoxError};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use store::{Store, WriteOutcome};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// What the next writes should get instead of being processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub status: u16,
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Clone, Default)]
+pub struct ReferenceEhr {
+    store: Arc<Mutex<Store>>,
+    faults: Arc<Mutex<VecDeque<Fault>>>,
+}
+
+/// A reference EHR listening on a socket; stops when dropped.
+pub struct RunningEhr {
+    pub ehr: ReferenceEhr,
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:<port>/fhir`
+    pub base_url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for RunningEhr {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ReferenceEhr {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next `count` writes get `fault` instead of being stored.
+    pub fn fail_next(&self, fault: Fault, count: usize) {
+        let mut faults = lock(&self.faults);
+        faults.extend(std::iter::repeat_n(fault, count));
+    }
+
+    pub fn count(&self, resource_type: &str) -> usize {
+        lock(&self.store).count(resource_type)
+    }
+
+    /// Serves on `addr` (port 0 for any) until the returned handle is dropped.
+    pub async fn start(
+        self,
+        tls: Arc<rustls::ServerConfig>,
+        addr: SocketAddr,
+    ) -> std::io::Result<RunningEhr> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let ehr = self.clone();
+        let service = tower::service_fn(move |request: Request<Incoming>| {
+            let ehr = ehr.clone();
+            async move { Ok::<_, BoxError>(ehr.handle(request).await) }
+        });
+        tokio::spawn(serve_mtls(
+            listener,
+            tls,
+            service,
+            ServeOptions::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(RunningEhr {
+            ehr: self,
+            addr,
+            base_url: format!("https://{addr}/fhir"),
+            stop: Some(stop),
+        })
+    }
+
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<BoxBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path().trim_end_matches('/').to_owned();
+        let Some(rest) = path.strip_prefix("/fhir") else {
+            return outcome(StatusCode::NOT_FOUND, "not-found", "the FHIR base is /fhir");
+        };
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let is_write = matches!(parts.method, Method::POST | Method::PUT);
+        if is_write && let Some(fault) = lock(&self.faults).pop_front() {
+            return fault_response(fault);
+        }
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return outcome(StatusCode::BAD_REQUEST, "structure", &format!("body: {e}")),
+        };
+        let query = parts.uri.query().unwrap_or("");
+        match (&parts.method, segments.as_slice()) {
+            (&Method::GET, ["metadata"]) => {
+                fhir_json_response(StatusCode::OK, &capability_statement())
+            }
+            (&Method::POST, []) => self.transaction(&body),
+            (&Method::POST, [resource_type]) => {
+                let if_none_exist = parts
+                    .headers
+                    .get("if-none-exist")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                self.create(resource_type, &body, if_none_exist.as_deref())
+            }
+            (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, &body),
+            (&Method::GET, [resource_type, id]) => self.read(resource_type, id),
+            (&Method::GET, [resource_type]) => self.search(resource_type, query),
+            _ => outcome(
+                StatusCode::NOT_FOUND,
+                "not-supported",
+                "no such interaction",
+            ),
+        }
+    }
+
+    fn create(
+        &self,
+        resource_type: &str,
+        body: &[u8],
+        if_none_exist: Option<&str>,
+    ) -> Response<BoxBody> {
+        let resource = match parse_resource(resource_type, body) {
+            Ok(resource) => resource,
+            Err(refusal) => return refusal.response(),
+        };
+        let token = match if_none_exist.map(identifier_condition).transpose() {
+            Ok(token) => token,
+            Err(refusal) => return refusal.response(),
+        };
+        let written = lock(&self.store).create(resource_type, resource, token.as_deref());
+        write_response(resource_type, &written)
+    }
+
+    fn update(&self, resource_type: &str, id: &str, body: &[u8]) -> Response<BoxBody> {
+        let resource = match parse_resource(resource_type, body) {
+            Ok(resource) => resource,
+            Err(refusal) => return refusal.response(),
+        };
+        if resource["id"].as_str() != Some(id) {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "the resource id must match the URL",
+            );
+        }
+        let written = lock(&self.store).update(resource_type, id, resource);
+        write_response(resource_type, &written)
+    }
+
+    fn read(&self, resource_type: &str, id: &str) -> Response<BoxBody> {
+        match lock(&self.store).read(resource_type, id) {
+            Some(stored) => fhir_json_response(StatusCode::OK, &stored.resource),
+            None => outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("{resource_type}/{id} is unknown"),
+            ),
+        }
+    }
+
+    /// `identifier=system|value` and `_count`; no parameters lists everything of the type.
+    fn search(&self, resource_type: &str, query: &str) -> Response<BoxBody> {
+        let mut identifier = None;
+        let mut count = usize::MAX;
+        for (key, value) in form_pairs(query) {
+            match key.as_str() {
+                "identifier" => identifier = Some(value),
+                "_count" => count = value.parse().unwrap_or(usize::MAX),
+                _ => {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        "not-supported",
+                        &format!("search parameter '{key}' is not supported"),
+                    );
+                }
+            }
+        }
+        let store = lock(&self.store);
+        let matches: Vec<&Value> = match &identifier {
+            Some(token) => store
+                .find_by_identifier(resource_type, token)
+                .and_then(|id| store.read(resource_type, id))
+                .map(|s| &s.resource)
+                .into_iter()
+                .collect(),
+            None => store
+                .all(resource_type)
+                .into_iter()
+                .map(|s| &s.resource)
+                .collect(),
+        };
+        let total = matches.len();
+        let entries: Vec<Value> = matches
+            .into_iter()
+            .take(count)
+            .map(|r| json!({"fullUrl": format!("{resource_type}/{}", r["id"].as_str().unwrap_or("")), "resource": r, "search": {"mode": "match"}}))
+            .collect();
+        fhir_json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
+        )
+    }
+
+    /// A transaction is all or nothing: every entry is checked first, then all are applied
+    /// under one lock.
+    fn transaction(&self, body: &[u8]) -> Response<BoxBody> {
+        let bundle: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "structure",
+                    &format!("not JSON: {e}"),
+                );
+            }
+        };
+        if bundle["resourceType"] != "Bundle" || bundle["type"] != "transaction" {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "POST to the base takes a transaction Bundle",
+            );
+        }
+        enum Op {
+            Create(String, Value, Option<String>),
+            Update(String, String, Value),
+        }
+        let mut ops = Vec::new();
+        for (index, entry) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
+            let method = entry["request"]["method"].as_str().unwrap_or("");
+            let url = entry["request"]["url"].as_str().unwrap_or("");
+            let resource_type = entry["resource"]["resourceType"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let raw = serde_json::to_vec(&entry["resource"]).unwrap_or_default();
+            let resource = match parse_resource(&resource_type, &raw) {
+                Ok(r) => r,
+                Err(mut refusal) => {
+                    refusal.details = format!("entry {index}: {}", refusal.details);
+                    return refusal.response();
+                }
+            };
+            match (method, url.split('/').collect::<Vec<_>>().as_slice()) {
+                ("POST", [t]) if *t == resource_type => {
+                    let token = match entry["request"]["ifNoneExist"]
+                        .as_str()
+                        .map(identifier_condition)
+                        .transpose()
+                    {
+                        Ok(token) => token,
+                        Err(refusal) => return refusal.response(),
+                    };
+                    ops.push(Op::Create(resource_type, resource, token));
+                }
+                ("PUT", [t, id]) if *t == resource_type && resource["id"].as_str() == Some(id) => {
+                    ops.push(Op::Update(resource_type, (*id).to_owned(), resource));
+                }
+                _ => {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        "not-supported",
+                        &format!("entry {index}: request {method} {url} is not supported here"),
+                    );
+                }
+            }
+        }
+        let mut store = lock(&self.store);
+        let responses: Vec<Value> = ops
+            .into_iter()
+            .map(|op| {
+                let (resource_type, written) = match op {
+                    Op::Create(t, r, token) => {
+                        let w = store.create(&t, r, token.as_deref());
+                        (t, w)
+                    }
+                    Op::Update(t, id, r) => {
+                        let w = store.update(&t, &id, r);
+                        (t, w)
+                    }
+                };
+                json!({"response": {"status": written.status().1, "location": written.location(&resource_type)}})
+            })
+            .collect();
+        fhir_json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": responses}),
+        )
+    }
+}
+
+/// Why a write is refused, before it becomes a response.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    details: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, details: String) -> Self {
+        Self {
+            status,
+            code,
+            details,
+        }
+    }
+
+    fn response(self) -> Response<BoxBody> {
+        outcome(self.status, self.code, &self.details)
+    }
+}
+
+fn parse_resource(resource_type: &str, body: &[u8]) -> Result<Value, Refusal> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            format!("not JSON: {e}"),
+        )
+    })?;
+    if value["resourceType"] != resource_type || resource_type.is_empty() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("resourceType must be '{resource_type}'"),
+        ));
+    }
+    mappings::check_resource_json(resource_type, body).map_err(|reason| {
+        Refusal::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "structure",
+            format!("not a valid R4 {resource_type}: {reason}"),
+        )
+    })?;
+    Ok(value)
+}
+
+/// `identifier=system|value` (percent-encoded) -> `system|value`.
+fn identifier_condition(condition: &str) -> Result<String, Refusal> {
+    form_pairs(condition)
+        .into_iter()
+        .find(|(k, _)| k == "identifier")
+        .map(|(_, v)| v)
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                "only identifier= conditions are supported".into(),
+            )
+        })
+}
+
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn write_response(resource_type: &str, written: &WriteOutcome) -> Response<BoxBody> {
+    let (status, _) = written.status();
+    let mut response = fhir_json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+        &operation_outcome(&[Issue {
+            severity: gateway::outcome::Severity::Information,
+            code: "informational",
+            details: format!("{:?}", written),
+            expression: None,
+        }]),
+    );
+    if let Ok(location) = written.location(resource_type).parse() {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn fault_response(fault: Fault) -> Response<BoxBody> {
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let code = if status.is_server_error() {
+        "transient"
+    } else {
+        "invalid"
+    };
+    let mut response = outcome(
+        status,
+        code,
+        "fault injected by the reference EHR's fault plan",
+    );
+    if let Some(seconds) = fault.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, seconds.into());
+    }
+    response
+}
+
+fn outcome(status: StatusCode, code: &'static str, details: &str) -> Response<BoxBody> {
+    fhir_json_response(status, &operation_outcome(&[Issue::error(code, details)]))
+}
+
+fn capability_statement() -> Value {
+    let resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient"]
+        .iter()
+        .map(|t| {
+            json!({
+                "type": t,
+                "interaction": [{"code": "create"}, {"code": "update"}, {"code": "read"}, {"code": "search-type"}],
+                "conditionalCreate": true,
+                "updateCreate": true,
+                "searchParam": [{"name": "identifier", "type": "token"}]
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-21",
+        "kind": "instance",
+        "software": {"name": "ECMO gateway reference EHR"},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "interaction": [{"code": "transaction"}],
+            "resource": resources
+        }]
+    })
+}

@@ -1,0 +1,403 @@
+//! What the end-to-end suite needs around the systems under test: a test PKI with good and bad
+//! certificates, the gateway binary started as its own process on 127.0.0.1, and queries of
+//! what the EHR stored.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway::BoxError;
+use gateway::certs::{LeafSpec, TestCa, Usage, write_private};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::client::MtlsClient;
+
+/// Certificates for every role and every way a certificate can be wrong.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+}
+
+/// Client certificates of [`TestPki`], by what they should make the gateway do.
+pub const GETINGE: &str = "vendor-getinge";
+pub const SPECTRUM: &str = "vendor-spectrum";
+/// Chained to the trusted CA, but no vendor in the config has its identity.
+pub const UNCONFIGURED: &str = "vendor-unconfigured";
+/// Chained to the trusted CA, expired yesterday.
+pub const EXPIRED: &str = "vendor-expired";
+/// Issued by a CA the gateway does not trust, with a configured vendor's name.
+pub const FOREIGN: &str = "vendor-foreign";
+/// A gateway client certificate from the foreign CA (an EHR will refuse it).
+pub const FOREIGN_GATEWAY: &str = "gateway-foreign";
+
+impl TestPki {
+    pub fn generate() -> Result<Self, BoxError> {
+        gateway::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let ca = TestCa::new("ECMO conformance CA")?;
+        let foreign = TestCa::new("Somebody else's CA")?;
+        let write = |stem: &str, cert: &str, key: &str| -> Result<(), BoxError> {
+            std::fs::write(dir.path().join(format!("{stem}.pem")), cert)?;
+            write_private(&dir.path().join(format!("{stem}.key")), key)?;
+            Ok(())
+        };
+        write("ca", &ca.cert_pem, &ca.key_pem)?;
+        write("foreign-ca", &foreign.cert_pem, &foreign.key_pem)?;
+        let server = ca.issue(&LeafSpec::localhost_server())?;
+        write("server", &server.cert_pem, &server.key_pem)?;
+        for (stem, cn, issuer) in [
+            ("gateway-client", "ecmo-gateway", &ca),
+            (GETINGE, "getinge", &ca),
+            (SPECTRUM, "spectrum-medical", &ca),
+            (UNCONFIGURED, "nobody-we-know", &ca),
+            (FOREIGN, "getinge", &foreign),
+            (FOREIGN_GATEWAY, "ecmo-gateway", &foreign),
+        ] {
+            let cert = issuer.issue(&LeafSpec::new(cn, Usage::Client))?;
+            write(stem, &cert.cert_pem, &cert.key_pem)?;
+        }
+        let mut expired = LeafSpec::new("getinge", Usage::Client);
+        expired.not_before = OffsetDateTime::now_utc() - time::Duration::days(30);
+        expired.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let expired = ca.issue(&expired)?;
+        write(EXPIRED, &expired.cert_pem, &expired.key_pem)?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// A client presenting `stem`.pem/.key and trusting the test CA.
+    pub fn client(&self, stem: &str) -> MtlsClient {
+        MtlsClient::new(
+            &self.path("ca.pem"),
+            Some((
+                &self.path(&format!("{stem}.pem")),
+                &self.path(&format!("{stem}.key")),
+            )),
+        )
+        .expect("test certificates load")
+    }
+
+    /// The reference EHR's server TLS: it trusts `client_ca` for client certificates.
+    pub fn ehr_tls(&self, client_ca: &str) -> Arc<rustls::ServerConfig> {
+        gateway::tls::server_config(
+            &self.path("server.pem"),
+            &self.path("server.key"),
+            &[self.path(client_ca)],
+        )
+        .expect("test certificates load")
+    }
+}
+
+/// How the gateway under test writes to its destination.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteStyle {
+    pub write: &'static str,
+    pub bundle: &'static str,
+}
+
+impl WriteStyle {
+    pub const TRANSACTION_CONDITIONAL: Self = Self {
+        write: "conditional-create",
+        bundle: "transaction",
+    };
+    pub const SINGLE_PUT: Self = Self {
+        write: "put",
+        bundle: "single",
+    };
+    pub const SINGLE_CONDITIONAL: Self = Self {
+        write: "conditional-create",
+        bundle: "single",
+    };
+    pub const TRANSACTION_PUT: Self = Self {
+        write: "put",
+        bundle: "transaction",
+    };
+}
+
+/// A gateway configuration for the test PKI, one destination at `ehr_url`.
+pub fn gateway_config(
+    pki: &TestPki,
+    ehr_url: &str,
+    style: WriteStyle,
+    client_stem: &str,
+) -> String {
+    let p = |f: &str| pki.path(f).display().to_string();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "{server}"
+key = "{server_key}"
+vendor_ca = ["{ca}"]
+request_timeout = "20s"
+max_body_bytes = 262144
+
+[[vendor]]
+name = "getinge"
+identity = "getinge"
+models = ["CARDIOHELP", "CARDIOHELP-i"]
+
+[[vendor]]
+name = "spectrum"
+identity = "spectrum-medical"
+serials = ["M4-7001"]
+
+[[destination]]
+name = "ehr"
+base_url = "{ehr_url}"
+ca = ["{ca}"]
+client_cert = "{client}"
+client_key = "{client_key}"
+write = "{write}"
+bundle = "{bundle}"
+timeout = "3s"
+max_attempts = 3
+"#,
+        server = p("server.pem"),
+        server_key = p("server.key"),
+        ca = p("ca.pem"),
+        client = p(&format!("{client_stem}.pem")),
+        client_key = p(&format!("{client_stem}.key")),
+        write = style.write,
+        bundle = style.bundle,
+    )
+}
+
+/// The `gateway` binary: `GATEWAY_BIN` if set, else next to this test executable in the
+/// target directory, built with cargo if it is not there yet.
+pub fn gateway_binary() -> Result<PathBuf, BoxError> {
+    if let Some(bin) = std::env::var_os("GATEWAY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().ok_or("no parent")?.to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
+            .status()?;
+        if !status.success() || !bin.exists() {
+            return Err(format!("could not build the gateway binary at {}", bin.display()).into());
+        }
+    }
+    Ok(bin)
+}
+
+/// The gateway running as its own process; killed when dropped.
+pub struct GatewayProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base_url: String,
+    /// Everything the gateway logged, for assertions and for debugging a failed test.
+    pub log: Arc<Mutex<Vec<String>>>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl GatewayProcess {
+    pub fn start(config: &str) -> Result<Self, BoxError> {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile()?;
+        std::io::Write::write_all(&mut file, config.as_bytes())?;
+        let mut child = Command::new(gateway_binary()?)
+            .args(["serve", "--config"])
+            .arg(file.path())
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = listen_address(&line) {
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
+                return Ok(Self {
+                    child,
+                    addr,
+                    base_url: format!("https://{addr}"),
+                    log,
+                    _config: file,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = log.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
+                return Err(
+                    format!("gateway exited with {status} before listening:\n{log}").into(),
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("gateway did not start listening within 30 s".into());
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `... listen=127.0.0.1:41234 ...` in the start-up log line.
+fn listen_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("gateway listening") {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))
+        .and_then(|addr| addr.parse().ok())
+}
+
+/// Reads what an EHR holds, over its FHIR API (works against any FHIR server).
+pub struct EhrReader {
+    pub client: MtlsClient,
+    pub base_url: String,
+}
+
+impl EhrReader {
+    /// Every resource of a type.
+    pub async fn all(&self, resource_type: &str) -> Result<Vec<Value>, BoxError> {
+        let answer = self
+            .client
+            .get(&format!("{}/{resource_type}?_count=100000", self.base_url))
+            .await?;
+        if !answer.status.is_success() {
+            return Err(format!("search {resource_type}: HTTP {}", answer.status).into());
+        }
+        Ok(entries(&answer.json()))
+    }
+
+    /// Resources of a type with a business identifier `system|value`.
+    pub async fn by_identifier(
+        &self,
+        resource_type: &str,
+        system: &str,
+        value: &str,
+    ) -> Result<Vec<Value>, BoxError> {
+        let token = format!("{system}|{value}");
+        let encoded =
+            percent_encoding::utf8_percent_encode(&token, percent_encoding::NON_ALPHANUMERIC);
+        let answer = self
+            .client
+            .get(&format!(
+                "{}/{resource_type}?identifier={encoded}",
+                self.base_url
+            ))
+            .await?;
+        Ok(entries(&answer.json()))
+    }
+}
+
+fn entries(bundle: &Value) -> Vec<Value> {
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["resource"].clone())
+        .collect()
+}
+
+/// Where the PKI keeps a file, for configs written by hand in tests.
+pub fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A whole set-up: test PKI, a reference EHR on 127.0.0.1 and the gateway binary pointed at it.
+pub struct Scenario {
+    pub pki: TestPki,
+    pub ehr: crate::ehr::RunningEhr,
+    pub gateway: GatewayProcess,
+    pub reader: EhrReader,
+}
+
+impl Scenario {
+    pub async fn start(style: WriteStyle) -> Result<Self, BoxError> {
+        let pki = TestPki::generate()?;
+        let ehr = crate::ehr::ReferenceEhr::new()
+            .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse()?)
+            .await?;
+        let gateway = GatewayProcess::start(&gateway_config(
+            &pki,
+            &ehr.base_url,
+            style,
+            "gateway-client",
+        ))?;
+        let reader = EhrReader {
+            client: pki.client("gateway-client"),
+            base_url: ehr.base_url.clone(),
+        };
+        Ok(Self {
+            pki,
+            ehr,
+            gateway,
+            reader,
+        })
+    }
+
+    pub fn observations_url(&self) -> String {
+        self.gateway.url("/v1/observations")
+    }
+
+    /// What the EHR holds, as `(identifier value, Observation)`.
+    pub async fn stored_observations(&self) -> Result<Vec<(String, Value)>, BoxError> {
+        Ok(self
+            .reader
+            .all("Observation")
+            .await?
+            .into_iter()
+            .map(|o| {
+                (
+                    o["identifier"][0]["value"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    o,
+                )
+            })
+            .collect())
+    }
+}
+
+/// Now, in RFC 3339 with milliseconds, as a console would stamp it.
+pub fn now_rfc3339() -> String {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
