@@ -169,28 +169,44 @@ max_attempts = 3
     )
 }
 
-/// The `gateway` binary: `GATEWAY_BIN` if set, else next to this test executable in the
-/// target directory, built with cargo if it is not there yet.
+/// The `gateway` binary: `GATEWAY_BIN` if set, else the workspace's own, built (or found up to
+/// date) by cargo once per test process, so a stale binary in a reused target directory is
+/// never what gets tested.
 pub fn gateway_binary() -> Result<PathBuf, BoxError> {
     if let Some(bin) = std::env::var_os("GATEWAY_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().ok_or("no parent")?.to_owned();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
-            .status()?;
-        if !status.success() || !bin.exists() {
-            return Err(format!("could not build the gateway binary at {}", bin.display()).into());
-        }
-    }
-    Ok(bin)
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut dir = exe.parent().ok_or("no parent")?.to_owned();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            let bin = dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            if let Some(target) = dir.parent() {
+                build.env("CARGO_TARGET_DIR", target);
+            }
+            let status = build
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !status.success() || !bin.exists() {
+                return Err(format!(
+                    "could not build the gateway binary at {}",
+                    bin.display()
+                ));
+            }
+            Ok(bin)
+        })
+        .clone()
+        .map_err(Into::into)
 }
 
 /// The gateway running as its own process; killed when dropped.

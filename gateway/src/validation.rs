@@ -28,9 +28,11 @@ pub struct Schema {
 }
 
 impl Schema {
-    /// Every violation at once, each with the JSON pointer of the offending value.
+    /// Every violation at once, each with the JSON pointer of the offending value, in
+    /// document order.
     pub fn check(&self, instance: &Value) -> Vec<Issue> {
-        self.validator
+        let mut issues: Vec<Issue> = self
+            .validator
             .iter_errors(instance)
             .map(|error| {
                 let pointer = error.instance_path().to_string();
@@ -44,8 +46,22 @@ impl Schema {
                     pointer
                 })
             })
-            .collect()
+            .collect();
+        issues
+            .sort_by_cached_key(|issue| document_order(issue.expression.as_deref().unwrap_or("")));
+        issues
     }
+}
+
+/// A sort key that puts `/readings/2` before `/readings/10`.
+fn document_order(pointer: &str) -> Vec<(u64, String)> {
+    pointer
+        .split('/')
+        .map(|segment| match segment.parse::<u64>() {
+            Ok(index) => (index, String::new()),
+            Err(_) => (0, segment.to_owned()),
+        })
+        .collect()
 }
 
 /// All ingest schemas by name; cheap to clone.

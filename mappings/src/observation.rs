@@ -228,8 +228,8 @@ fn map_value<'p>(
             ReadingValue::Boolean(b) => Ok(MappedValue::Boolean(b)),
             ReadingValue::Number(text) if is_marker(text) => Ok(MappedValue::Absent),
             ReadingValue::Number(text) => match text.parse::<f64>() {
-                Ok(v) if v == 0.0 => Ok(MappedValue::Boolean(false)),
-                Ok(v) if v == 1.0 => Ok(MappedValue::Boolean(true)),
+                Ok(0.0) => Ok(MappedValue::Boolean(false)),
+                Ok(1.0) => Ok(MappedValue::Boolean(true)),
                 _ => Err(ReadingError::NotABoolean {
                     parameter: parameter.vendor.clone(),
                     value: text.to_owned(),

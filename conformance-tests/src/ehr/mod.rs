@@ -23,11 +23,35 @@ use store::{Store, WriteOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-/// What the next writes should get instead of being processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens to one of the next writes instead of plain processing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fault {
-    pub status: u16,
+    /// Wait this long first (the write is still processed afterwards unless `status` is set).
+    pub delay: Option<std::time::Duration>,
+    /// Answer with this status and store nothing.
+    pub status: Option<u16>,
     pub retry_after: Option<u32>,
+}
+
+impl Fault {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status: Some(status),
+            ..Self::default()
+        }
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn delay(delay: std::time::Duration) -> Self {
+        Self {
+            delay: Some(delay),
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -115,8 +139,18 @@ impl ReferenceEhr {
         };
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let is_write = matches!(parts.method, Method::POST | Method::PUT);
-        if is_write && let Some(fault) = lock(&self.faults).pop_front() {
-            return fault_response(fault);
+        let fault = if is_write {
+            lock(&self.faults).pop_front()
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
+            if let Some(delay) = fault.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = fault.status {
+                return fault_response(status, fault.retry_after);
+            }
         }
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -417,8 +451,8 @@ fn write_response(resource_type: &str, written: &WriteOutcome) -> Response<BoxBo
     response
 }
 
-fn fault_response(fault: Fault) -> Response<BoxBody> {
-    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+fn fault_response(status: u16, retry_after: Option<u32>) -> Response<BoxBody> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let code = if status.is_server_error() {
         "transient"
     } else {
@@ -429,7 +463,7 @@ fn fault_response(fault: Fault) -> Response<BoxBody> {
         code,
         "fault injected by the reference EHR's fault plan",
     );
-    if let Some(seconds) = fault.retry_after {
+    if let Some(seconds) = retry_after {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, seconds.into());

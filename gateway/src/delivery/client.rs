@@ -45,8 +45,11 @@ impl EhrClient {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
+            // HTTP/1.1 only: under TLS 1.3 an EHR refuses our client certificate after the
+            // handshake, and over HTTP/2 that alert is swallowed by the connection task (the
+            // request sees a broken pipe, which looks transient and would be retried). Over
+            // HTTP/1.1 the request itself reads the alert and is classified as configuration.
             .enable_http1()
-            .enable_http2()
             .build();
         let hyper_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
