@@ -280,6 +280,21 @@ impl GatewayProcess {
             .unwrap_or_else(|p| p.into_inner())
             .join("\n")
     }
+
+    /// Waits up to 5 s for a log line containing `needle`: the log is read by another thread,
+    /// so a line written just before an answer may not have been read yet.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for GatewayProcess {

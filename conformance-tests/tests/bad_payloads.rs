@@ -169,7 +169,13 @@ async fn each_bad_payload_gets_its_status_and_nothing_is_stored() {
         0,
         "a refused batch leaves no trace at the EHR"
     );
-    // Refusals are logged without the values or identifiers that were sent.
+    // Refusals are logged without the values or identifiers that were sent. The 403 above is
+    // logged; once that line is in, every earlier refusal's lines are too.
+    assert!(
+        s.gateway.wait_for_log("device not owned"),
+        "{}",
+        s.gateway.log_text()
+    );
     let log = s.gateway.log_text();
     assert!(!log.contains("CH-0042") && !log.contains("42.0"), "{log}");
 }

@@ -36,8 +36,11 @@ async fn handshake_refuses_missing_expired_and_foreign_certificates() {
         );
     }
     // The gateway says why, without naming any patient.
-    let log = s.gateway.log_text();
-    assert!(log.contains("TLS handshake refused"), "{log}");
+    assert!(
+        s.gateway.wait_for_log("TLS handshake refused"),
+        "{}",
+        s.gateway.log_text()
+    );
     assert_eq!(s.ehr.ehr.count("Observation"), 0);
 
     // The same request with a good certificate goes through, so the refusals above were the

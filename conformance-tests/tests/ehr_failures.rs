@@ -188,8 +188,12 @@ async fn ehr_distrusting_the_gateway_certificate_is_a_configuration_error_not_re
             .unwrap()
             .contains("as configured")
     );
+    assert!(
+        gateway.wait_for_log("fix the configuration"),
+        "{}",
+        gateway.log_text()
+    );
     let log = gateway.log_text();
-    assert!(log.contains("fix the configuration"), "{log}");
     assert_eq!(
         log.matches("TLS handshake refused").count(),
         0,

@@ -1,1 +1,214 @@
-fn main() {}
+//! The whole flow on one machine, no outside server: a test PKI, the reference EHR, the real
+//! gateway binary, and a simulated CARDIOHELP-i posting readings over mutual TLS.
+//!
+//! `cargo run -p conformance-tests --bin ecmo-demo` (add `-- --help` for options).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use conformance_tests::client::MtlsClient;
+use conformance_tests::console::SimulatedCardiohelp;
+use conformance_tests::ehr::ReferenceEhr;
+use conformance_tests::harness::{EhrReader, GatewayProcess};
+use serde_json::json;
+use time::OffsetDateTime;
+
+#[derive(Parser)]
+#[command(about = "Runs test PKI + reference EHR + gateway + a simulated ECMO console, end to end")]
+struct Args {
+    /// Console cycles to send (one batch of 12 readings each).
+    #[arg(long, default_value_t = 10)]
+    cycles: u32,
+    /// Time between cycles, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Keep the EHR and the gateway running after the console stops, until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// Where the test PKI and the gateway configuration are written.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../certs/dev"))]
+    dir: PathBuf,
+}
+
+const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
+
+#[tokio::main]
+async fn main() -> Result<(), gateway::BoxError> {
+    let args = Args::parse();
+    gateway::install_crypto_provider();
+    let dir = std::fs::canonicalize(std::fs::create_dir_all(&args.dir).map(|_| &args.dir)?)?;
+    let p = |f: &str| dir.join(f);
+
+    println!("== 1. Test PKI");
+    if !p("ca.pem").exists() {
+        gateway::certs::init_dir(&dir)?;
+        println!("   made a test CA and certificates in {}", dir.display());
+    } else {
+        println!("   using the test PKI in {}", dir.display());
+    }
+
+    println!("== 2. Reference EHR (FHIR R4, mutual TLS, in-memory)");
+    let tls = gateway::tls::server_config(&p("server.pem"), &p("server.key"), &[p("ca.pem")])?;
+    let ehr = ReferenceEhr::new();
+    let running_ehr = match ehr
+        .clone()
+        .start(tls.clone(), "127.0.0.1:9443".parse()?)
+        .await
+    {
+        Ok(running) => running,
+        Err(_) => ehr.clone().start(tls, "127.0.0.1:0".parse()?).await?,
+    };
+    println!("   listening at {}", running_ehr.base_url);
+
+    println!("== 3. Gateway (the real binary, its own process)");
+    let config = format!(
+        r#"# Written by ecmo-demo. Documented key by key in gateway/gateway.example.toml.
+[server]
+listen = "127.0.0.1:0"
+cert = "{server}"
+key = "{server_key}"
+vendor_ca = ["{ca}"]
+
+[[vendor]]
+name = "getinge"
+identity = "getinge"
+models = ["CARDIOHELP", "CARDIOHELP-i"]
+
+[[destination]]
+name = "ehr"
+base_url = "{ehr}"
+ca = ["{ca}"]
+client_cert = "{client}"
+client_key = "{client_key}"
+write = "conditional-create"
+bundle = "transaction"
+"#,
+        server = p("server.pem").display(),
+        server_key = p("server.key").display(),
+        ca = p("ca.pem").display(),
+        client = p("gateway-client.pem").display(),
+        client_key = p("gateway-client.key").display(),
+        ehr = running_ehr.base_url,
+    );
+    std::fs::write(p("gateway.toml"), &config)?;
+    let gateway = GatewayProcess::start(&config)?;
+    let url = gateway.url("/v1/observations");
+    println!(
+        "   listening at {} (config: {})",
+        gateway.base_url,
+        p("gateway.toml").display()
+    );
+
+    println!(
+        "== 4. Simulated CARDIOHELP-i CH-0042 on patient MRN-DEMO-1, {} cycles",
+        args.cycles
+    );
+    let vendor = MtlsClient::new(
+        &p("ca.pem"),
+        Some((&p("vendor-getinge.pem"), &p("vendor-getinge.key"))),
+    )?;
+    let mut console = SimulatedCardiohelp::new("CH-0042", 42).with_patient(MRN, "MRN-DEMO-1");
+    let mut first_batch = None;
+    for cycle in 1..=args.cycles {
+        let batch = console.next_batch(OffsetDateTime::now_utc());
+        let answer = vendor.post_json(&url, &batch).await?;
+        let receipt = answer.json();
+        let created = receipt["resources"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter(|e| e["destinations"]["ehr"] == "201 Created")
+                    .count()
+            })
+            .unwrap_or(0);
+        println!(
+            "   cycle {cycle:>2}: 12 readings -> HTTP {} ({created} created at the EHR)",
+            answer.status.as_u16()
+        );
+        first_batch.get_or_insert(batch);
+        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+
+    let reader = EhrReader {
+        client: MtlsClient::new(
+            &p("ca.pem"),
+            Some((&p("gateway-client.pem"), &p("gateway-client.key"))),
+        )?,
+        base_url: running_ehr.base_url.clone(),
+    };
+    let held = reader.all("Observation").await?.len();
+    println!("== 5. Resending cycle 1 (a retry after a lost answer)");
+    if let Some(batch) = &first_batch {
+        let answer = vendor.post_json(&url, batch).await?;
+        let after = reader.all("Observation").await?.len();
+        println!(
+            "   HTTP {}; the EHR holds {after} Observations before and after ({held}): no duplicates",
+            answer.status.as_u16()
+        );
+    }
+
+    println!("== 6. What a vendor sees when a payload is wrong");
+    let bad = json!({
+        "device": {"serial": "CH-0042", "model": "CARDIOHELP-i"},
+        "readings": [
+            {"parameter": "PVen", "value": -60, "unit": "bar", "time": OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?},
+            {"parameter": "Flow", "value": 42.0, "unit": "L/min", "time": "yesterday"}
+        ]
+    });
+    let answer = vendor.post_json(&url, &bad).await?;
+    println!(
+        "   HTTP {}:\n{}",
+        answer.status.as_u16(),
+        indent(&serde_json::to_string_pretty(&answer.json())?)
+    );
+
+    println!("== 7. One Observation as the EHR stored it");
+    if let Some(observation) = reader.all("Observation").await?.into_iter().next() {
+        println!("{}", indent(&serde_json::to_string_pretty(&observation)?));
+    }
+
+    println!("== Where to look");
+    let curl = format!(
+        "curl --cacert {ca} --cert {cert} --key {key}",
+        ca = p("ca.pem").display(),
+        cert = p("gateway-client.pem").display(),
+        key = p("gateway-client.key").display()
+    );
+    println!(
+        "   EHR Observations:   {curl} '{}/Observation'",
+        running_ehr.base_url
+    );
+    println!(
+        "   Ingest schema:      curl --cacert {} --cert {} --key {} {}",
+        p("ca.pem").display(),
+        p("vendor-getinge.pem").display(),
+        p("vendor-getinge.key").display(),
+        gateway.url("/v1/schemas/observation-batch")
+    );
+    println!("   Gateway config:     {}", p("gateway.toml").display());
+    println!("   Gateway log (last lines):");
+    for line in gateway
+        .log_text()
+        .lines()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!("     {line}");
+    }
+    if args.keep_running {
+        println!("== Running until Ctrl-C");
+        gateway::app::shutdown_signal().await;
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("     {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -58,11 +58,13 @@ where
         .service(HandoffService::new(handoff));
 
     ServiceBuilder::new()
-        .map_result(rescue::rescue)
-        .map_response(|response: Response<_>| rescue::outcome_for_bare_413(box_body(response)))
+        .map_response(box_body)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Inside tracing, so that a refusal is traced as the 4xx it is, not as a failure.
+        .map_result(rescue::rescue)
+        .map_response(|response: Response<_>| rescue::outcome_for_bare_413(box_body(response)))
         .layer(RequestBodyLimitLayer::new(settings.max_body_bytes))
         .timeout(settings.request_timeout)
         .load_shed()
