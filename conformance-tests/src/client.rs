@@ -59,7 +59,7 @@ impl MtlsClient {
             .https_only()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(gateway::delivery::client::tcp_connector());
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
         })

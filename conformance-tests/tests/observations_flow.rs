@@ -205,3 +205,76 @@ async fn second_vendor_and_second_family_map_through_their_own_table() {
     assert!(sweep.0.starts_with("spectrum-m4:M4-7001:"));
     assert!(sweep.1.get("subject").is_none(), "no patient was named");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_destination_receives_the_batch() {
+    use conformance_tests::ehr::ReferenceEhr;
+    use conformance_tests::harness::{EhrReader, GatewayProcess, TestPki, gateway_config};
+
+    let pki = TestPki::generate().unwrap();
+    let ehr = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let registry = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // A second destination, a research registry written with PUT, one request per resource.
+    let config = gateway_config(
+        &pki,
+        &ehr.base_url,
+        WriteStyle::TRANSACTION_CONDITIONAL,
+        "gateway-client",
+    ) + &format!(
+        "\n[[destination]]\nname = \"registry\"\nbase_url = \"{}\"\nca = [\"{}\"]\nclient_cert = \"{}\"\nclient_key = \"{}\"\nwrite = \"put\"\nbundle = \"single\"\n",
+        registry.base_url,
+        pki.path("ca.pem").display(),
+        pki.path("gateway-client.pem").display(),
+        pki.path("gateway-client.key").display(),
+    );
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let batch = SimulatedCardiohelp::new("CH-0042", 11).next_batch(time::OffsetDateTime::now_utc());
+    let answer = pki
+        .client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let receipt = answer.json();
+    assert_eq!(
+        receipt["resources"][0]["destinations"]["ehr"],
+        "201 Created"
+    );
+    assert_eq!(
+        receipt["resources"][0]["destinations"]["registry"],
+        "201 Created"
+    );
+    for base_url in [&ehr.base_url, &registry.base_url] {
+        let reader = EhrReader {
+            client: pki.client("gateway-client"),
+            base_url: base_url.clone(),
+        };
+        let stored = reader.all("Observation").await.unwrap();
+        assert_eq!(stored.len(), 12, "{base_url}");
+        let first = &stored[0];
+        let found = reader
+            .by_identifier(
+                "Observation",
+                first["identifier"][0]["system"].as_str().unwrap(),
+                first["identifier"][0]["value"].as_str().unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            found.len(),
+            1,
+            "search by identifier finds exactly the one Observation"
+        );
+    }
+}

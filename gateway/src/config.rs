@@ -338,6 +338,14 @@ client_key = "client.key"
     }
 
     #[test]
+    fn the_documented_example_is_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.vendors.len(), 2);
+        assert!(c.server.cert.ends_with("certs/dev/server.pem"));
+    }
+
+    #[test]
     fn refuses_what_would_break_at_run_time() {
         let cases = [
             (MINIMAL.replace("https://127", "http://127"), "https://"),

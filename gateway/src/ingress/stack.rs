@@ -82,3 +82,179 @@ where
 {
     response.map(|body| body.map_err(Into::into).boxed())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::Full;
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::VendorSettings;
+    use crate::delivery::{BoxFuture, DeliveryError, OutboundBatch, Receipt};
+    use crate::peer::PeerIdentity;
+
+    /// Records what it is handed, after an optional delay.
+    #[derive(Default)]
+    struct Recorder {
+        delay: Duration,
+        received: Mutex<Vec<usize>>,
+    }
+
+    impl Handoff for Arc<Recorder> {
+        fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
+            let recorder = self.clone();
+            Box::pin(async move {
+                tokio::time::sleep(recorder.delay).await;
+                recorder
+                    .received
+                    .lock()
+                    .unwrap()
+                    .push(batch.resources.len());
+                Ok(Receipt {
+                    destinations: vec![],
+                })
+            })
+        }
+    }
+
+    fn stack(
+        recorder: Arc<Recorder>,
+        max_concurrent_requests: usize,
+        request_timeout: Duration,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<BoxBody>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone {
+        let settings = IngressSettings {
+            request_timeout,
+            max_body_bytes: 4096,
+            max_concurrent_requests,
+            max_future_skew: Duration::from_secs(300),
+        };
+        let vendors = Vendors::new(&[VendorSettings {
+            name: "getinge".into(),
+            identity: "getinge".into(),
+            serials: vec![],
+            models: vec!["CARDIOHELP-i".into()],
+        }]);
+        build_stack(
+            settings,
+            vendors,
+            Arc::new(Mappings::embedded().unwrap()),
+            Schemas::embedded().unwrap(),
+            Arc::new(recorder),
+        )
+    }
+
+    fn post(body: Vec<u8>, peer: Option<&str>) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/v1/observations")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        if let Some(name) = peer {
+            request.extensions_mut().insert(PeerIdentity {
+                names: vec![name.to_owned()].into(),
+            });
+        }
+        request
+    }
+
+    fn batch() -> Vec<u8> {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        serde_json::to_vec(&json!({
+            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "readings": [{"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now}]
+        }))
+        .unwrap()
+    }
+
+    async fn outcome(response: Response<BoxBody>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn delivers_and_tags_the_request_id() {
+        let recorder = Arc::new(Recorder::default());
+        let response = stack(recorder.clone(), 8, Duration::from_secs(5))
+            .oneshot(post(batch(), Some("getinge")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().contains_key("x-request-id"));
+        assert_eq!(*recorder.received.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_vendor_is_refused_before_decoding() {
+        let recorder = Arc::new(Recorder::default());
+        let response = stack(recorder.clone(), 8, Duration::from_secs(5))
+            .oneshot(post(b"not even json".to_vec(), None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+        assert!(
+            response.headers().contains_key("x-request-id"),
+            "refusals carry the id too"
+        );
+        assert!(recorder.received.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sheds_load_beyond_the_concurrency_limit() {
+        let recorder = Arc::new(Recorder {
+            delay: Duration::from_secs(1),
+            ..Recorder::default()
+        });
+        let svc = stack(recorder.clone(), 1, Duration::from_secs(5));
+        let first = tokio::spawn(svc.clone().oneshot(post(batch(), Some("getinge"))));
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let shed = svc
+            .clone()
+            .oneshot(post(batch(), Some("getinge")))
+            .await
+            .unwrap();
+        assert_eq!(shed.status(), 503);
+        assert_eq!(shed.headers()["retry-after"], "1");
+        assert_eq!(outcome(shed).await["issue"][0]["code"], "throttled");
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_requests_time_out_with_an_outcome() {
+        let recorder = Arc::new(Recorder {
+            delay: Duration::from_secs(60),
+            ..Recorder::default()
+        });
+        let response = stack(recorder.clone(), 8, Duration::from_secs(1))
+            .oneshot(post(batch(), Some("getinge")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(outcome(response).await["issue"][0]["code"], "timeout");
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_get_413_as_an_outcome() {
+        let recorder = Arc::new(Recorder::default());
+        let response = stack(recorder.clone(), 8, Duration::from_secs(5))
+            .oneshot(post(vec![b' '; 5000], Some("getinge")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413);
+        assert_eq!(
+            response.headers()["content-type"],
+            crate::outcome::FHIR_JSON
+        );
+        assert_eq!(outcome(response).await["issue"][0]["code"], "too-long");
+    }
+}
