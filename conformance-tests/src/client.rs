@@ -26,6 +26,18 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// This answer, if its status is `status`; otherwise panics showing the body (for tests).
+    #[track_caller]
+    pub fn expect_status(self, status: u16) -> Self {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }

@@ -120,14 +120,22 @@ impl WriteStyle {
     };
 }
 
-/// A gateway configuration for the test PKI, one destination at `ehr_url`.
+impl AsRef<Path> for TestPki {
+    fn as_ref(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A gateway configuration for the PKI in `certs` (as `TestPki` or `gateway certs init`
+/// write it): vendors `getinge` (CARDIOHELP models) and `spectrum` (serial M4-7001), one
+/// destination at `ehr_url`.
 pub fn gateway_config(
-    pki: &TestPki,
+    certs: impl AsRef<Path>,
     ehr_url: &str,
     style: WriteStyle,
     client_stem: &str,
 ) -> String {
-    let p = |f: &str| pki.path(f).display().to_string();
+    let p = |f: &str| certs.as_ref().join(f).display().to_string();
     format!(
         r#"
 [server]

@@ -67,16 +67,11 @@ async fn transient_failures_are_retried_and_exhaustion_says_retry_later() {
     // Two 503s (one with Retry-After) then success: delivered within the one request.
     s.ehr.ehr.fail_next(Fault::status(503).retry_after(1), 1);
     s.ehr.ehr.fail_next(Fault::status(500), 1);
-    let answer = vendor
+    vendor
         .post_json(&s.observations_url(), &console.next_batch(now))
         .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+        .unwrap()
+        .expect_status(200);
     assert_eq!(s.ehr.ehr.count("Observation"), 12);
 
     // Three 503s use up the attempts: 503 to the vendor with Retry-After, nothing stored.
@@ -104,18 +99,12 @@ async fn a_timed_out_write_that_lands_late_is_not_duplicated_by_the_retry() {
         .ehr
         .fail_next(Fault::delay(Duration::from_millis(3500)), 1);
     let batch = SimulatedCardiohelp::new("CH-0042", 3).next_batch(OffsetDateTime::now_utc());
-    let answer = s
-        .pki
+    s.pki
         .client(GETINGE)
         .post_json(&s.observations_url(), &batch)
         .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+        .unwrap()
+        .expect_status(200);
     // Let the held write finish, then count by identifier.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let stored = s.stored_observations().await.unwrap();

@@ -37,13 +37,8 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
         .client(GETINGE)
         .post_json(&s.observations_url(), &batch)
         .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+        .unwrap()
+        .expect_status(200);
     let receipt = answer.json();
     assert_eq!(receipt["status"], "delivered");
     assert_eq!(receipt["resources"].as_array().unwrap().len(), 6);
@@ -183,18 +178,12 @@ async fn second_vendor_and_second_family_map_through_their_own_table() {
             {"parameter": "ArterialSO2", "value": 99.1, "unit": "%", "time": time}
         ]
     });
-    let answer = s
-        .pki
+    s.pki
         .client(SPECTRUM)
         .post_json(&s.observations_url(), &batch)
         .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+        .unwrap()
+        .expect_status(200);
     let stored = s.stored_observations().await.unwrap();
     let sweep = stored
         .iter()
@@ -239,13 +228,8 @@ async fn every_destination_receives_the_batch() {
         .client(GETINGE)
         .post_json(&gateway.url("/v1/observations"), &batch)
         .await
-        .unwrap();
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+        .unwrap()
+        .expect_status(200);
     let receipt = answer.json();
     assert_eq!(
         receipt["resources"][0]["destinations"]["ehr"],

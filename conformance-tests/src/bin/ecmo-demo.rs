@@ -10,7 +10,7 @@ use clap::Parser;
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::ReferenceEhr;
-use conformance_tests::harness::{EhrReader, GatewayProcess};
+use conformance_tests::harness::{EhrReader, GatewayProcess, WriteStyle, gateway_config};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -63,33 +63,13 @@ async fn main() -> Result<(), gateway::BoxError> {
 
     println!("== 3. Gateway (the real binary, its own process)");
     let config = format!(
-        r#"# Written by ecmo-demo. Documented key by key in gateway/gateway.example.toml.
-[server]
-listen = "127.0.0.1:0"
-cert = "{server}"
-key = "{server_key}"
-vendor_ca = ["{ca}"]
-
-[[vendor]]
-name = "getinge"
-identity = "getinge"
-models = ["CARDIOHELP", "CARDIOHELP-i"]
-
-[[destination]]
-name = "ehr"
-base_url = "{ehr}"
-ca = ["{ca}"]
-client_cert = "{client}"
-client_key = "{client_key}"
-write = "conditional-create"
-bundle = "transaction"
-"#,
-        server = p("server.pem").display(),
-        server_key = p("server.key").display(),
-        ca = p("ca.pem").display(),
-        client = p("gateway-client.pem").display(),
-        client_key = p("gateway-client.key").display(),
-        ehr = running_ehr.base_url,
+        "# Written by ecmo-demo; every key is explained in gateway/gateway.example.toml.\n{}",
+        gateway_config(
+            &dir,
+            &running_ehr.base_url,
+            WriteStyle::TRANSACTION_CONDITIONAL,
+            "gateway-client"
+        )
     );
     std::fs::write(p("gateway.toml"), &config)?;
     let gateway = GatewayProcess::start(&config)?;
