@@ -106,9 +106,8 @@ impl Predicate<Request<Value>> for MapObservations {
         if !issues.is_empty() {
             return Err(unprocessable(issues));
         }
-        let request_id = crate::ingress::request_id(&Request::from_parts(parts.clone(), ()));
         let batch = OutboundBatch {
-            request_id,
+            request_id: crate::ingress::request_id(&parts.headers),
             resources: resources.into(),
         };
         Ok(Request::from_parts(parts, batch))

@@ -22,10 +22,9 @@ pub mod validate;
 pub use client_identity::{VendorPolicy, Vendors};
 pub use stack::{IngressSettings, build_stack};
 
-/// The `x-request-id` of a request, for logs and receipts.
-pub fn request_id<B>(request: &http::Request<B>) -> String {
-    request
-        .headers()
+/// The `x-request-id` of a request (set by the stack), for logs and receipts.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
