@@ -30,6 +30,8 @@ pub const UNCONFIGURED: &str = "vendor-unconfigured";
 pub const EXPIRED: &str = "vendor-expired";
 /// Issued by a CA the gateway does not trust, with a configured vendor's name.
 pub const FOREIGN: &str = "vendor-foreign";
+/// The operators' admin certificate.
+pub const ADMIN: &str = "admin";
 /// A gateway client certificate from the foreign CA (an EHR will refuse it).
 pub const FOREIGN_GATEWAY: &str = "gateway-foreign";
 
@@ -50,6 +52,7 @@ impl TestPki {
         write("server", &server.cert_pem, &server.key_pem)?;
         for (stem, cn, issuer) in [
             ("gateway-client", "ecmo-gateway", &ca),
+            (ADMIN, gateway::certs::ADMIN_IDENTITY, &ca),
             (GETINGE, "getinge", &ca),
             (SPECTRUM, "spectrum-medical", &ca),
             (UNCONFIGURED, "nobody-we-know", &ca),
@@ -146,6 +149,16 @@ vendor_ca = ["{ca}"]
 request_timeout = "20s"
 max_body_bytes = 262144
 
+[delivery]
+mode = "direct"
+
+[admin]
+listen = "127.0.0.1:0"
+cert = "{server}"
+key = "{server_key}"
+client_ca = ["{ca}"]
+identities = ["ops-admin"]
+
 [[vendor]]
 name = "getinge"
 identity = "getinge"
@@ -175,6 +188,14 @@ max_attempts = 3
         write = style.write,
         bundle = style.bundle,
     )
+}
+
+/// `config` switched to the durable outbox in `outbox` (a file path), with fast retries so
+/// that tests do not wait long.
+pub fn with_outbox(config: &str, outbox: &Path) -> String {
+    config
+        .replace("mode = \"direct\"", &format!("mode = \"outbox\"\noutbox = \"{}\"", outbox.display()))
+        .replace("max_attempts = 3\n", "max_attempts = 1\nlinger = \"5ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nretry_backoff_max = \"2s\"\n")
 }
 
 /// The `gateway` binary: `GATEWAY_BIN` if set, else the workspace's own, built (or found up to
@@ -221,6 +242,8 @@ pub fn gateway_binary() -> Result<PathBuf, BoxError> {
 pub struct GatewayProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener, when the config has one.
+    pub admin: Option<SocketAddr>,
     pub base_url: String,
     /// Everything the gateway logged, for assertions and for debugging a failed test.
     pub log: Arc<Mutex<Vec<String>>>,
@@ -245,11 +268,15 @@ impl GatewayProcess {
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let (admin_tx, admin_rx) = std::sync::mpsc::channel();
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = listen_address(&line) {
                     let _ = tx.send(addr);
+                }
+                if let Some(addr) = admin_address(&line) {
+                    let _ = admin_tx.send(addr);
                 }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
@@ -257,9 +284,12 @@ impl GatewayProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
+                // The admin listener logs before the main one.
+                let admin = admin_rx.try_recv().ok();
                 return Ok(Self {
                     child,
                     addr,
+                    admin,
                     base_url: format!("https://{addr}"),
                     log,
                     _config: file,
@@ -276,6 +306,20 @@ impl GatewayProcess {
                 return Err("gateway did not start listening within 30 s".into());
             }
         }
+    }
+
+    /// SIGKILL: no drain, no goodbye, as in a power cut.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `https://127.0.0.1:<admin port>` + `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "https://{}{path}",
+            self.admin.expect("the config has an [admin] section")
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -323,6 +367,16 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `... admin=127.0.0.1:41235 ...` in the admin start-up log line.
+fn admin_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("admin API listening") {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("admin="))
+        .and_then(|addr| addr.parse().ok())
 }
 
 /// `... listen=127.0.0.1:41234 ...` in the start-up log line.

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use mappings::Mappings;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError};
-use crate::delivery::{Destination, DirectDelivery};
+use crate::config::{Config, ConfigError, DeliveryMode};
+use crate::delivery::worker::{DeliveryWorker, WorkerSettings};
+use crate::delivery::{Destination, DirectDelivery, Handoff};
 use crate::ingress::{IngressSettings, Vendors, build_stack};
+use crate::outbox::Outbox;
+use crate::outbox::handoff::OutboxHandoff;
+use crate::outbox::sqlite::SqliteOutbox;
 use crate::server::{ServeOptions, serve_mtls};
 use crate::validation::Schemas;
 
@@ -25,6 +29,10 @@ pub enum StartError {
     Destination(#[from] crate::delivery::client::ClientError),
     #[error(transparent)]
     Schema(#[from] crate::validation::SchemaError),
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error("admin TLS: {0}")]
+    AdminTls(crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -39,6 +47,7 @@ pub struct Gateway {
     mappings: Arc<Mappings>,
     schemas: Schemas,
     destinations: Vec<Destination>,
+    admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Gateway {
@@ -61,7 +70,15 @@ impl Gateway {
             .iter()
             .map(Destination::from_settings)
             .collect::<Result<Vec<_>, _>>()?;
+        let admin_tls = match &config.admin {
+            Some(admin) => Some(
+                crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca)
+                    .map_err(StartError::AdminTls)?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            admin_tls,
             schemas: Schemas::embedded()?,
             mappings: Arc::new(mappings),
             tls,
@@ -70,7 +87,8 @@ impl Gateway {
         })
     }
 
-    /// Listens and serves until `shutdown` completes, then drains open requests.
+    /// Listens and serves until `shutdown` completes, then drains open requests and stops the
+    /// delivery workers (what they had in flight stays pending in the outbox).
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -80,6 +98,65 @@ impl Gateway {
             .await
             .map_err(|source| StartError::Listen { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+
+        let mut workers = tokio::task::JoinSet::new();
+        let (handoff, outbox): (Arc<dyn Handoff>, Option<Arc<dyn Outbox>>) =
+            match self.config.delivery.mode {
+                DeliveryMode::Direct => (Arc::new(DirectDelivery::new(self.destinations)), None),
+                DeliveryMode::Outbox => {
+                    let outbox: Arc<dyn Outbox> = SqliteOutbox::open(&self.config.delivery.outbox)?;
+                    let mut routes = Vec::new();
+                    for (destination, settings) in
+                        self.destinations.into_iter().zip(&self.config.destinations)
+                    {
+                        routes.push((settings.name.clone(), settings.only.clone()));
+                        let worker = DeliveryWorker::new(
+                            destination,
+                            outbox.clone(),
+                            WorkerSettings {
+                                max_batch: settings.max_bundle_entries,
+                                linger: settings.linger,
+                                message_attempts: settings.message_attempts,
+                                backoff_base: std::time::Duration::from_millis(500),
+                                backoff_max: settings.retry_backoff_max,
+                                breaker_failures: settings.breaker_failures,
+                                breaker_cooldown: settings.breaker_cooldown,
+                                breaker_max_cooldown: settings.retry_backoff_max,
+                            },
+                        );
+                        workers.spawn(worker.run(stopped.clone()));
+                    }
+                    (
+                        Arc::new(OutboxHandoff::new(outbox.clone(), routes)),
+                        Some(outbox),
+                    )
+                }
+            };
+
+        if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
+            let admin_listener =
+                TcpListener::bind(admin.listen)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: admin.listen,
+                        source,
+                    })?;
+            let admin_addr = admin_listener.local_addr().unwrap_or(admin.listen);
+            let stack = crate::admin::build_admin_stack(admin.identities.clone(), outbox.clone());
+            tokio::spawn(serve_mtls(
+                admin_listener,
+                tls,
+                stack,
+                ServeOptions::default(),
+                wait_stop(stopped.clone()),
+            ));
+            tracing::info!(admin = %admin_addr, "admin API listening (mutual TLS, admin role)");
+        }
+
         let server = &self.config.server;
         let settings = IngressSettings {
             request_timeout: server.request_timeout,
@@ -92,7 +169,7 @@ impl Gateway {
             Vendors::new(&self.config.vendors),
             self.mappings.clone(),
             self.schemas.clone(),
-            Arc::new(DirectDelivery::new(self.destinations)),
+            handoff,
         );
         let options = ServeOptions {
             handshake_timeout: server.handshake_timeout,
@@ -105,9 +182,15 @@ impl Gateway {
             vendors = self.config.vendors.len(),
             destinations = self.config.destinations.len(),
             families = self.mappings.families().len(),
+            delivery = ?self.config.delivery.mode,
             "gateway listening (mutual TLS)"
         );
         serve_mtls(listener, self.tls, stack, options, shutdown).await;
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
         tracing::info!("gateway stopped");
         Ok(())
     }

@@ -133,6 +133,9 @@ fn name(common_name: &str) -> DistinguishedName {
     dn
 }
 
+/// The identity (CN) of the test admin certificate, `admin.pem`.
+pub const ADMIN_IDENTITY: &str = "ops-admin";
+
 /// The certificates `gateway certs init` writes, by role.
 pub const VENDORS: &[(&str, &str)] = &[
     ("getinge", "vendor-getinge"),
@@ -141,7 +144,8 @@ pub const VENDORS: &[(&str, &str)] = &[
 
 /// Writes a complete test PKI into `dir`: `ca.pem` (+ `ca.key`), `server.pem` for localhost
 /// (used by the gateway and by the reference EHR), `gateway-client.pem` (the gateway towards
-/// EHRs, CN `ecmo-gateway`) and one client certificate per vendor in [`VENDORS`].
+/// EHRs, CN `ecmo-gateway`), `admin.pem` (CN [`ADMIN_IDENTITY`]) and one client certificate
+/// per vendor in [`VENDORS`].
 /// Returns the files written.
 pub fn init_dir(dir: &Path) -> Result<Vec<PathBuf>, CertsError> {
     let io = |path: &Path| {
@@ -164,6 +168,8 @@ pub fn init_dir(dir: &Path) -> Result<Vec<PathBuf>, CertsError> {
     write("server", &server.cert_pem, &server.key_pem)?;
     let client = ca.issue(&LeafSpec::new("ecmo-gateway", Usage::Client))?;
     write("gateway-client", &client.cert_pem, &client.key_pem)?;
+    let admin = ca.issue(&LeafSpec::new(ADMIN_IDENTITY, Usage::Client))?;
+    write("admin", &admin.cert_pem, &admin.key_pem)?;
     for (identity, stem) in VENDORS {
         let vendor = ca.issue(&LeafSpec::new(identity, Usage::Client))?;
         write(stem, &vendor.cert_pem, &vendor.key_pem)?;
@@ -193,7 +199,7 @@ mod tests {
         crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let files = init_dir(dir.path()).unwrap();
-        assert_eq!(files.len(), 2 * (3 + VENDORS.len()));
+        assert_eq!(files.len(), 2 * (4 + VENDORS.len()));
         let d = dir.path();
         crate::tls::server_config(
             &d.join("server.pem"),

@@ -34,6 +34,9 @@ pub struct Config {
     pub mappings: MappingSettings,
     #[serde(default)]
     pub readings: ReadingSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+    pub admin: Option<AdminSettings>,
     #[serde(rename = "vendor", default)]
     pub vendors: Vec<VendorSettings>,
     #[serde(rename = "destination", default)]
@@ -88,6 +91,50 @@ impl Default for ReadingSettings {
     }
 }
 
+/// How accepted batches reach the destinations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// The outbox file (SQLite); relative to the config file.
+    #[serde(default = "defaults::outbox")]
+    pub outbox: PathBuf,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            mode: DeliveryMode::default(),
+            outbox: defaults::outbox(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryMode {
+    /// Answer 202 once the batch is durably in the outbox; workers deliver in the background.
+    #[default]
+    Outbox,
+    /// Deliver while the vendor waits; answer 200 once every destination holds the batch.
+    Direct,
+}
+
+/// The operators' listener (admin API), mutual TLS with admin certificates only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA certificates admin client certificates must chain to.
+    pub client_ca: Vec<PathBuf>,
+    /// Certificate names (CN or SAN) that hold the admin role; any other certificate, a
+    /// vendor's included, gets 403.
+    pub identities: Vec<String>,
+}
+
 /// A device vendor: who its certificate says it is, and which devices it may post for.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +178,24 @@ pub struct DestinationSettings {
     /// Requests in flight to this destination at once.
     #[serde(default = "defaults::destination_concurrency")]
     pub concurrency: usize,
+    /// Outbox mode: how long a partial batch waits for more before it is sent.
+    #[serde(default = "defaults::linger", with = "humantime_serde")]
+    pub linger: Duration,
+    /// Outbox mode: attempts per message before it is dead-lettered.
+    #[serde(default = "defaults::message_attempts")]
+    pub message_attempts: u32,
+    /// Outbox mode: longest wait between two attempts of a message.
+    #[serde(default = "defaults::retry_backoff_max", with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Failed sends in a row that open the circuit breaker.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// First pause of an open breaker; doubles per failed probe up to `retry_backoff_max`.
+    #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Which resources this destination takes; everything when absent.
+    #[serde(default)]
+    pub only: crate::delivery::routing::RouteFilter,
 }
 
 /// How a resource is written so that sending it twice is harmless.
@@ -190,6 +255,24 @@ mod defaults {
     pub fn destination_concurrency() -> usize {
         8
     }
+    pub fn outbox() -> std::path::PathBuf {
+        "outbox.sqlite".into()
+    }
+    pub fn linger() -> Duration {
+        Duration::from_millis(20)
+    }
+    pub fn message_attempts() -> u32 {
+        20
+    }
+    pub fn retry_backoff_max() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn breaker_failures() -> u32 {
+        5
+    }
+    pub fn breaker_cooldown() -> Duration {
+        Duration::from_secs(2)
+    }
 }
 
 impl Config {
@@ -221,6 +304,12 @@ impl Config {
         self.server.vendor_ca.iter_mut().for_each(fix);
         if let Some(dir) = &mut self.mappings.dir {
             fix(dir);
+        }
+        fix(&mut self.delivery.outbox);
+        if let Some(admin) = &mut self.admin {
+            fix(&mut admin.cert);
+            fix(&mut admin.key);
+            admin.client_ca.iter_mut().for_each(fix);
         }
         for d in &mut self.destinations {
             d.ca.iter_mut().for_each(fix);
@@ -261,6 +350,21 @@ impl Config {
                 ));
             }
         }
+        if let Some(admin) = &self.admin {
+            if admin.identities.is_empty() || admin.client_ca.is_empty() {
+                return Err("admin: identities and client_ca must not be empty".into());
+            }
+            if let Some(v) = self
+                .vendors
+                .iter()
+                .find(|v| admin.identities.contains(&v.identity))
+            {
+                return Err(format!(
+                    "admin: identity '{}' is also vendor '{}'; roles must not share a certificate",
+                    v.identity, v.name
+                ));
+            }
+        }
         if self.destinations.is_empty() {
             return Err("no [[destination]]: readings would have nowhere to go".into());
         }
@@ -285,9 +389,13 @@ impl Config {
                     d.name
                 ));
             }
-            if d.max_attempts == 0 || d.concurrency == 0 || d.max_bundle_entries == 0 {
+            if d.max_attempts == 0
+                || d.concurrency == 0
+                || d.max_bundle_entries == 0
+                || d.message_attempts == 0
+            {
                 return Err(format!(
-                    "destination '{}': max_attempts, concurrency and max_bundle_entries must be > 0",
+                    "destination '{}': max_attempts, concurrency, max_bundle_entries and message_attempts must be > 0",
                     d.name
                 ));
             }

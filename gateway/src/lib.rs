@@ -3,11 +3,13 @@
 //! The modules follow the data flow: [`ingress`] (the tower stack in front of vendors) checks,
 //! maps and hands each batch to [`delivery`] (the tower client stack towards the EHRs).
 
+pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod config;
 pub mod delivery;
 pub mod ingress;
+pub mod outbox;
 pub mod outcome;
 pub mod peer;
 pub mod server;

@@ -26,6 +26,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Deliveries and dead letters, through the admin API (mutual TLS, admin certificate).
+    Deliveries {
+        /// The admin listener, e.g. https://127.0.0.1:9444
+        #[arg(long)]
+        admin_url: String,
+        /// CA of the admin listener's certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Admin client certificate and key.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[command(subcommand)]
+        command: DeliveriesCommand,
+    },
     /// Test certificates (never for production: use the hospital's PKI).
     Certs {
         #[command(subcommand)]
@@ -38,6 +54,28 @@ enum CertsCommand {
     /// Write a test CA, a localhost server certificate, the gateway's client certificate and
     /// vendor client certificates into DIR.
     Init { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum DeliveriesCommand {
+    /// Where every message of an accepted batch stands.
+    Status { tracking_id: String },
+    /// Queue depth and age, delivered and dead counts, per destination.
+    Queues,
+    /// Dead letters with the EHR's OperationOutcome.
+    DeadLetters {
+        #[arg(long)]
+        destination: Option<String>,
+    },
+    /// One dead letter.
+    Show { message_id: i64 },
+    /// Send one dead letter again, with a fresh retry budget.
+    Replay { message_id: i64 },
+    /// Send all dead letters (of a destination) again.
+    ReplayAll {
+        #[arg(long)]
+        destination: Option<String>,
+    },
 }
 
 /// sysexits' EX_CONFIG: the configuration is wrong, restarting will not help.
@@ -68,6 +106,69 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Deliveries {
+            admin_url,
+            ca,
+            cert,
+            key,
+            command,
+        } => {
+            use http::Method;
+            let (method, path) = match command {
+                DeliveriesCommand::Status { tracking_id } => {
+                    (Method::GET, format!("/admin/v1/deliveries/{tracking_id}"))
+                }
+                DeliveriesCommand::Queues => (Method::GET, "/admin/v1/queues".to_owned()),
+                DeliveriesCommand::DeadLetters { destination } => (
+                    Method::GET,
+                    format!(
+                        "/admin/v1/dead-letters{}",
+                        destination
+                            .map(|d| format!("?destination={d}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                DeliveriesCommand::Show { message_id } => {
+                    (Method::GET, format!("/admin/v1/dead-letters/{message_id}"))
+                }
+                DeliveriesCommand::Replay { message_id } => (
+                    Method::POST,
+                    format!("/admin/v1/dead-letters/{message_id}/replay"),
+                ),
+                DeliveriesCommand::ReplayAll { destination } => (
+                    Method::POST,
+                    format!(
+                        "/admin/v1/dead-letters/replay{}",
+                        destination
+                            .map(|d| format!("?destination={d}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(gateway::admin::client::call(
+                &admin_url, method, &path, &ca, &cert, &key,
+            )) {
+                Ok((status, body)) => {
+                    println!("{body}");
+                    if (200..300).contains(&status) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match gateway::app::Gateway::from_config_file(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

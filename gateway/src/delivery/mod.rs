@@ -6,10 +6,13 @@
 //! the vendor waits and answers 200 only once every destination holds the data; a durable outbox
 //! implements the same trait to answer 202 as soon as the batch is safely on disk.
 
+pub mod breaker;
 pub mod client;
 pub mod request_builder;
 pub mod response;
 pub mod retry;
+pub mod routing;
+pub mod worker;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,13 +34,25 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub struct OutboundBatch {
     /// The ingress request id, to follow a batch through the logs.
     pub request_id: String,
+    /// Who sent it and from which device model, for routing.
+    pub vendor: String,
+    pub model: String,
     pub resources: Arc<[MappedResource]>,
 }
 
-/// What each destination did with a batch, entry by entry, in the order sent.
+/// What the hand-off did with a batch.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Receipt {
-    pub destinations: Vec<DestinationReceipt>,
+pub enum Receipt {
+    /// Every destination holds every resource (direct delivery), entry by entry in order.
+    Delivered {
+        destinations: Vec<DestinationReceipt>,
+    },
+    /// Durably queued (outbox): `tracking_id` follows the batch; `messages[i]` lists, for
+    /// resource `i`, its message id at each destination it is routed to.
+    Accepted {
+        tracking_id: String,
+        messages: Vec<Vec<(String, i64)>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +83,9 @@ pub enum DeliveryError {
     /// fix the configuration; retrying would hammer the EHR for nothing.
     #[error("destination '{destination}' cannot be reached as configured: {reason}")]
     Misconfigured { destination: String, reason: String },
+    /// The routing rules send this resource to no destination: a configuration gap.
+    #[error("no destination takes {resource_type} resources from this device")]
+    Unroutable { resource_type: String },
 }
 
 /// Where ingress leaves an accepted batch.
@@ -98,6 +116,18 @@ impl Destination {
 
     pub fn write_mode(&self) -> WriteMode {
         self.builder.write_mode()
+    }
+
+    pub fn bundle_mode(&self) -> BundleMode {
+        self.bundle
+    }
+
+    pub fn request_builder(&self) -> &RequestBuilder {
+        &self.builder
+    }
+
+    pub fn client(&self) -> &EhrClient {
+        &self.client
     }
 
     /// Sends every resource of the batch; Ok only when the EHR holds all of them.
@@ -193,7 +223,7 @@ impl Handoff for DirectDelivery {
             }
             match first_error {
                 Some(error) => Err(error),
-                None => Ok(Receipt {
+                None => Ok(Receipt::Delivered {
                     destinations: receipts,
                 }),
             }

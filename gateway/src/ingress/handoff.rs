@@ -74,24 +74,43 @@ fn receipt_json(
         .iter()
         .enumerate()
         .map(|(index, resource)| {
-            let mut outcomes = serde_json::Map::new();
-            for destination in &receipt.destinations {
-                if let Some(entry) = destination.entries.get(index) {
-                    outcomes.insert(destination.destination.clone(), json!(entry.status));
+            let mut per_destination = serde_json::Map::new();
+            match receipt {
+                Receipt::Delivered { destinations } => {
+                    for destination in destinations {
+                        if let Some(entry) = destination.entries.get(index) {
+                            per_destination.insert(destination.destination.clone(), json!(entry.status));
+                        }
+                    }
+                }
+                Receipt::Accepted { messages, .. } => {
+                    for (destination, id) in messages.get(index).into_iter().flatten() {
+                        per_destination.insert(destination.clone(), json!(id));
+                    }
                 }
             }
+            let key = match receipt {
+                Receipt::Delivered { .. } => "destinations",
+                Receipt::Accepted { .. } => "messages",
+            };
             json!({
                 "resourceType": resource.resource_type,
                 "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
-                "destinations": outcomes,
+                key: per_destination,
             })
         })
         .collect();
-    json!({
-        "status": "delivered",
-        "requestId": request_id,
-        "resources": entries,
-    })
+    match receipt {
+        Receipt::Delivered { .. } => {
+            json!({"status": "delivered", "requestId": request_id, "resources": entries})
+        }
+        Receipt::Accepted { tracking_id, .. } => json!({
+            "status": "accepted",
+            "requestId": request_id,
+            "trackingId": tracking_id,
+            "resources": entries,
+        }),
+    }
 }
 
 /// A delivery failure as the vendor sees it: whether to resend, and what the EHR said.
@@ -143,6 +162,16 @@ pub fn refusal(error: DeliveryError) -> ApiError {
             ),
         )
         .retry_after(retry_after.unwrap_or(RETRY_AFTER_UNAVAILABLE)),
+        DeliveryError::Unroutable { resource_type } => {
+            tracing::error!(%resource_type, "routing sends a resource nowhere; fix [destination.only]");
+            ApiError::one(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Issue::error(
+                    "exception",
+                    format!("the gateway's routing sends {resource_type} resources from this device nowhere; nothing was accepted"),
+                ),
+            )
+        }
         DeliveryError::Misconfigured { destination, reason } => {
             tracing::error!(%destination, %reason, "destination refuses the gateway's connection; fix the configuration");
             ApiError::one(

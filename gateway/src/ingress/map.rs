@@ -106,8 +106,15 @@ impl Predicate<Request<Value>> for MapObservations {
         if !issues.is_empty() {
             return Err(unprocessable(issues));
         }
+        let vendor = parts
+            .extensions
+            .get::<Arc<crate::ingress::VendorPolicy>>()
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
         let batch = OutboundBatch {
             request_id: crate::ingress::request_id(&parts.headers),
+            vendor,
+            model: model.to_owned(),
             resources: resources.into(),
         };
         Ok(Request::from_parts(parts, batch))

@@ -113,7 +113,7 @@ mod tests {
                     .lock()
                     .unwrap()
                     .push(batch.resources.len());
-                Ok(Receipt {
+                Ok(Receipt::Delivered {
                     destinations: vec![],
                 })
             })

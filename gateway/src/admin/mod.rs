@@ -1,0 +1,206 @@
+//! The operators' API, on its own mutual-TLS listener: only certificates named in
+//! `[admin] identities` get in (a vendor's certificate gets 403, even from a trusted CA).
+//!
+//! | | |
+//! |---|---|
+//! | `GET /healthz` | the process answers |
+//! | `GET /readyz` | the outbox can be read (503 otherwise) |
+//! | `GET /admin/v1/deliveries/{tracking-id}` | every message of an accepted batch, per destination |
+//! | `GET /admin/v1/queues` | per destination: accepted, delivered, dead, pending, oldest pending age |
+//! | `GET /admin/v1/dead-letters[?destination=&limit=]` | dead letters with their OperationOutcome |
+//! | `GET /admin/v1/dead-letters/{message-id}` | one dead letter |
+//! | `POST /admin/v1/dead-letters/{message-id}/replay` | make it pending again, fresh budget |
+//! | `POST /admin/v1/dead-letters/replay[?destination=]` | replay all (of a destination) |
+
+pub mod client;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tower::filter::{FilterLayer, Predicate};
+use tower::{Service, ServiceBuilder};
+
+use crate::outbox::Outbox;
+use crate::outcome::{ApiError, Issue, fhir_json_response};
+use crate::peer::PeerIdentity;
+use crate::{BoxBody, BoxError, full_body};
+
+/// Lets only admin certificates through.
+#[derive(Clone)]
+pub struct AdminOnly {
+    identities: Arc<HashSet<String>>,
+}
+
+impl<B> Predicate<Request<B>> for AdminOnly {
+    type Request = Request<B>;
+
+    fn check(&mut self, request: Request<B>) -> Result<Request<B>, BoxError> {
+        let peer = request.extensions().get::<PeerIdentity>();
+        if peer.is_some_and(|p| p.names.iter().any(|n| self.identities.contains(n))) {
+            return Ok(request);
+        }
+        let label = peer.map(PeerIdentity::label).unwrap_or("(none)");
+        tracing::warn!(certificate = %label, "non-admin certificate refused on the admin listener");
+        Err(ApiError::one(
+            StatusCode::FORBIDDEN,
+            Issue::error(
+                "security",
+                format!("certificate '{label}' does not hold the admin role"),
+            ),
+        )
+        .into())
+    }
+}
+
+/// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
+pub fn build_admin_stack<B: Send + 'static>(
+    identities: Vec<String>,
+    outbox: Option<Arc<dyn Outbox>>,
+) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .map_result(crate::ingress::rescue::rescue)
+        .layer(FilterLayer::new(AdminOnly {
+            identities: Arc::new(identities.into_iter().collect()),
+        }))
+        .service(tower::service_fn(move |request: Request<B>| {
+            let outbox = outbox.clone();
+            async move { route(outbox, request.method().clone(), request.uri().clone()).await }
+        }))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<BoxBody> {
+    let mut response = Response::new(full_body(serde_json::to_vec(body).unwrap_or_default()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+fn not_found(what: String) -> BoxError {
+    ApiError::one(StatusCode::NOT_FOUND, Issue::error("not-found", what)).into()
+}
+
+fn storage(error: crate::outbox::OutboxError) -> BoxError {
+    ApiError::one(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Issue::error("exception", error.to_string()),
+    )
+    .into()
+}
+
+async fn route(
+    outbox: Option<Arc<dyn Outbox>>,
+    method: Method,
+    uri: http::Uri,
+) -> Result<Response<BoxBody>, BoxError> {
+    let path = uri.path().trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if segments == ["healthz"] && method == Method::GET {
+        return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+    }
+    let Some(outbox) = outbox else {
+        if segments == ["readyz"] {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"status": "ready", "delivery": "direct"}),
+            ));
+        }
+        return Err(not_found(
+            "delivery is direct: there is no outbox to inspect".into(),
+        ));
+    };
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["readyz"]) => Ok(match outbox.stats().await {
+            Ok(_) => json_response(StatusCode::OK, &json!({"status": "ready"})),
+            Err(e) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not ready", "reason": e.to_string()}),
+            ),
+        }),
+        (&Method::GET, ["admin", "v1", "deliveries", tracking_id]) => {
+            let messages = outbox.batch_status(tracking_id).await.map_err(storage)?;
+            if messages.is_empty() {
+                return Err(not_found(format!(
+                    "no accepted batch with tracking id '{tracking_id}'"
+                )));
+            }
+            let done = messages.iter().all(|m| m.state != "pending");
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"trackingId": tracking_id, "complete": done, "messages": messages}),
+            ))
+        }
+        (&Method::GET, ["admin", "v1", "queues"]) => {
+            let stats = outbox.stats().await.map_err(storage)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"destinations": stats}),
+            ))
+        }
+        (&Method::GET, ["admin", "v1", "dead-letters"]) => {
+            let destination = query_param(&uri, "destination");
+            let limit = query_param(&uri, "limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(100);
+            let dead = outbox
+                .dead_letters(destination.as_deref(), limit)
+                .await
+                .map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &json!({"deadLetters": dead})))
+        }
+        (&Method::GET, ["admin", "v1", "dead-letters", id]) => {
+            let id: i64 = id
+                .parse()
+                .map_err(|_| not_found(format!("'{id}' is not a message id")))?;
+            match outbox.dead_letter(id).await.map_err(storage)? {
+                Some(dead) => Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(dead).unwrap_or_default(),
+                )),
+                None => Err(not_found(format!("message {id} is not a dead letter"))),
+            }
+        }
+        (&Method::POST, ["admin", "v1", "dead-letters", "replay"]) => {
+            let destination = query_param(&uri, "destination");
+            let count = outbox
+                .replay(None, destination.as_deref())
+                .await
+                .map_err(storage)?;
+            Ok(json_response(StatusCode::OK, &json!({"replayed": count})))
+        }
+        (&Method::POST, ["admin", "v1", "dead-letters", id, "replay"]) => {
+            let id: i64 = id
+                .parse()
+                .map_err(|_| not_found(format!("'{id}' is not a message id")))?;
+            match outbox.replay(Some(id), None).await.map_err(storage)? {
+                0 => Err(not_found(format!("message {id} is not a dead letter"))),
+                count => Ok(json_response(StatusCode::OK, &json!({"replayed": count}))),
+            }
+        }
+        _ => Ok(fhir_json_response(
+            StatusCode::NOT_FOUND,
+            &crate::outcome::operation_outcome(&[Issue::error(
+                "not-found",
+                format!("no admin endpoint {method} {path}"),
+            )]),
+        )),
+    }
+}

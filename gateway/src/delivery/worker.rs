@@ -1,0 +1,313 @@
+//! One `DeliveryWorker` per destination: takes due messages from the outbox in order, sends
+//! them as one transaction (or one by one), and settles every message. A refused transaction
+//! is retried entry by entry, so one poisoned message is dead-lettered while the others are
+//! delivered; transient failures reschedule each message on its own budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mappings::MappedResource;
+use tokio::sync::watch;
+
+use crate::config::BundleMode;
+use crate::delivery::breaker::CircuitBreaker;
+use crate::delivery::response::classify;
+use crate::delivery::{DeliveryError, Destination};
+use crate::outbox::{Outbox, Pending, Settle, now_ms};
+
+/// How a worker batches and retries (from the destination's settings).
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub max_batch: usize,
+    /// How long a partial batch waits for more messages before it is sent.
+    pub linger: Duration,
+    /// Attempts per message before it is dead-lettered.
+    pub message_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub breaker_max_cooldown: Duration,
+}
+
+/// How long a configuration error (the EHR refusing our certificate) pauses a destination.
+const MISCONFIGURED_PAUSE: Duration = Duration::from_secs(300);
+
+pub struct DeliveryWorker {
+    destination: Destination,
+    outbox: Arc<dyn Outbox>,
+    settings: WorkerSettings,
+    breaker: CircuitBreaker,
+}
+
+/// What a send says about the destination itself.
+enum Health {
+    Up,
+    Down { retry_after: Option<Duration> },
+    Misconfigured,
+}
+
+impl DeliveryWorker {
+    pub fn new(
+        destination: Destination,
+        outbox: Arc<dyn Outbox>,
+        settings: WorkerSettings,
+    ) -> Self {
+        let breaker = CircuitBreaker::new(
+            settings.breaker_failures,
+            settings.breaker_cooldown,
+            settings.breaker_max_cooldown,
+        );
+        Self {
+            destination,
+            outbox,
+            settings,
+            breaker,
+        }
+    }
+
+    /// Runs until `shutdown` turns true. Messages in flight then stay pending and are sent
+    /// again after a restart (writes are idempotent).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.destination.name.clone();
+        let notify = self.outbox.notifier(&name);
+        let mut lingered = false;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Some(wait) = self.breaker.blocked_for() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let now = now_ms();
+            let due = match self.outbox.due(&name, now, self.settings.max_batch).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::error!(destination = %name, %error, "cannot read the outbox");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if due.is_empty() {
+                let wait = match self.outbox.next_due(&name).await {
+                    Ok(Some(at)) => Duration::from_millis((at - now).clamp(5, 1000) as u64),
+                    _ => Duration::from_secs(1),
+                };
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if due.len() < self.settings.max_batch && !self.settings.linger.is_zero() && !lingered {
+                lingered = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.settings.linger) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            lingered = false;
+            let count = due.len();
+            let (outcomes, health) = self.deliver(due).await;
+            match health {
+                Health::Up => self.breaker.record_success(),
+                Health::Down { retry_after } => {
+                    self.breaker.record_failure();
+                    if let Some(after) = retry_after {
+                        self.breaker.open_for(after);
+                    }
+                }
+                Health::Misconfigured => self.breaker.open_for(MISCONFIGURED_PAUSE),
+            }
+            if let Err(error) = self.outbox.settle(outcomes).await {
+                // The messages stay pending and are sent again: harmless, writes are idempotent.
+                tracing::error!(destination = %name, %error, messages = count, "cannot record delivery outcomes");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn deliver(&self, due: Vec<Pending>) -> (Vec<(i64, Settle)>, Health) {
+        let name = self.destination.name.to_string();
+        // (message id, attempts so far, resource); unknown types are dead-lettered at once.
+        let mut resources: Vec<(i64, u32, MappedResource)> = Vec::with_capacity(due.len());
+        let mut outcomes: Vec<(i64, Settle)> = Vec::new();
+        for p in due {
+            match resource_of(&p) {
+                Some(resource) => resources.push((p.id, p.attempts, resource)),
+                None => outcomes.push((
+                    p.id,
+                    Settle::Dead {
+                        error: format!("unknown resource type '{}'", p.resource_type),
+                        outcome: None,
+                    },
+                )),
+            }
+        }
+        if resources.is_empty() {
+            return (outcomes, Health::Up);
+        }
+        let builder = self.destination.request_builder();
+        let client = self.destination.client();
+        if self.destination.bundle_mode() == BundleMode::Transaction && resources.len() > 1 {
+            let batch: Vec<MappedResource> = resources.iter().map(|(_, _, r)| r.clone()).collect();
+            let answer = client.send(builder.transaction(&batch)).await;
+            match classify::transaction(&name, answer, batch.len()) {
+                Ok(entries) => {
+                    outcomes.extend(resources.iter().zip(entries).map(|((id, _, _), e)| {
+                        (
+                            *id,
+                            Settle::Delivered {
+                                status: e.status,
+                                location: e.location,
+                            },
+                        )
+                    }));
+                    return (outcomes, Health::Up);
+                }
+                // One or more entries refused: find which, one by one.
+                Err(DeliveryError::Rejected { .. }) => {}
+                Err(error) => {
+                    let health = self.health_of(&error);
+                    outcomes.extend(
+                        resources
+                            .iter()
+                            .map(|(id, attempts, _)| (*id, self.reschedule(*attempts, &error))),
+                    );
+                    return (outcomes, health);
+                }
+            }
+        }
+        // One request per message, in order.
+        let mut health = Health::Up;
+        for (id, attempts, resource) in &resources {
+            let answer = client.send(builder.single(resource)).await;
+            let settle = match classify::single(&name, answer) {
+                Ok(entry) => Settle::Delivered {
+                    status: entry.status,
+                    location: entry.location,
+                },
+                Err(error) => {
+                    if !matches!(error, DeliveryError::Rejected { .. }) {
+                        health = self.health_of(&error);
+                    }
+                    self.reschedule(*attempts, &error)
+                }
+            };
+            outcomes.push((*id, settle));
+        }
+        (outcomes, health)
+    }
+
+    fn health_of(&self, error: &DeliveryError) -> Health {
+        match error {
+            DeliveryError::Rejected { .. } | DeliveryError::Unroutable { .. } => Health::Up,
+            DeliveryError::Unavailable { retry_after, .. } => Health::Down {
+                retry_after: retry_after.map(|s| Duration::from_secs(u64::from(s))),
+            },
+            DeliveryError::Misconfigured {
+                destination,
+                reason,
+            } => {
+                tracing::error!(%destination, %reason, "destination refuses the gateway's connection; fix the configuration (paused)");
+                Health::Misconfigured
+            }
+        }
+    }
+
+    /// What one failed attempt means for a message that had `attempts` before it.
+    fn reschedule(&self, attempts: u32, error: &DeliveryError) -> Settle {
+        let now = now_ms();
+        match error {
+            DeliveryError::Rejected {
+                status, outcome, ..
+            } => Settle::Dead {
+                error: format!("refused by the destination with HTTP {}", status.as_u16()),
+                outcome: outcome.as_ref().map(|o| o.to_string()),
+            },
+            DeliveryError::Unroutable { resource_type } => Settle::Dead {
+                error: format!("no destination takes {resource_type}"),
+                outcome: None,
+            },
+            DeliveryError::Misconfigured { reason, .. } => Settle::Postpone {
+                at_ms: now + MISCONFIGURED_PAUSE.as_millis() as i64,
+                error: reason.clone(),
+            },
+            DeliveryError::Unavailable {
+                reason,
+                retry_after,
+                ..
+            } => {
+                if attempts + 1 >= self.settings.message_attempts {
+                    return Settle::Dead {
+                        error: format!("gave up after {} attempts; last: {reason}", attempts + 1),
+                        outcome: None,
+                    };
+                }
+                let backoff = backoff(
+                    attempts + 1,
+                    self.settings.backoff_base,
+                    self.settings.backoff_max,
+                );
+                let after =
+                    retry_after.map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s)));
+                Settle::Retry {
+                    at_ms: now + backoff.max(after).as_millis() as i64,
+                    error: reason.clone(),
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with "equal jitter": between half and all of `base * 2^(attempt-1)`,
+/// capped at `max`. Computed here rather than by tower's backoff because the delay is stored
+/// with the message and must survive a restart.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
+    exp / 2 + exp.mul_f64(fastrand::f64() / 2.0)
+}
+
+fn resource_of(p: &Pending) -> Option<MappedResource> {
+    let resource_type = mappings::CHECKED_TYPES
+        .iter()
+        .copied()
+        .find(|t| *t == p.resource_type)?;
+    let identifier_system = if p.identifier_system == mappings::OBSERVATION_IDENTIFIER_SYSTEM {
+        mappings::OBSERVATION_IDENTIFIER_SYSTEM
+    } else {
+        return None;
+    };
+    Some(MappedResource {
+        resource_type,
+        id: p.logical_id.clone(),
+        identifier_system,
+        identifier_value: p.identifier_value.clone(),
+        json: p.body.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        for attempt in 1..10 {
+            let exp = base.saturating_mul(1 << (attempt - 1)).min(max);
+            let b = backoff(attempt, base, max);
+            assert!(b >= exp / 2 && b <= exp, "{attempt}: {b:?}");
+        }
+        assert!(backoff(40, base, max) <= max);
+    }
+}

@@ -1,0 +1,547 @@
+//! The embedded outbox: one SQLite file in WAL mode with `synchronous = FULL`, so a commit
+//! returns only once the write-ahead log is fsync'd.
+//!
+//! All writes go through one writer thread that commits whatever has queued up while the
+//! previous commit was syncing (group commit): many concurrent requests share one fsync, and
+//! each caller is answered only after the commit that holds its rows. Reads use their own
+//! connection (WAL lets them run beside the writer).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::{
+    DeadLetter, DestinationStats, MessageStatus, NewMessage, Outbox, OutboxError, Pending, Settle,
+    now_ms,
+};
+use crate::delivery::BoxFuture;
+
+/// Commands more than this many are committed in the next group.
+const MAX_GROUP: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    logical_id TEXT NOT NULL,
+    identifier_system TEXT NOT NULL,
+    identifier_value TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    settled_ms INTEGER,
+    status_line TEXT,
+    location TEXT,
+    last_error TEXT,
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages(destination, state, next_attempt_ms, id);
+CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
+";
+
+enum Command {
+    Enqueue(
+        String,
+        Vec<NewMessage>,
+        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
+    ),
+    Settle(Vec<(i64, Settle)>, oneshot::Sender<Result<(), OutboxError>>),
+    Replay(
+        Option<i64>,
+        Option<String>,
+        oneshot::Sender<Result<u64, OutboxError>>,
+    ),
+}
+
+pub struct SqliteOutbox {
+    writer: mpsc::UnboundedSender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    notifiers: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+fn open(path: &Path) -> Result<Connection, OutboxError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl SqliteOutbox {
+    /// Opens (or creates) the outbox file; pending messages from before a crash are kept.
+    pub fn open(path: &Path) -> Result<Arc<Self>, OutboxError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| OutboxError::Storage(format!("{}: {e}", dir.display())))?;
+        }
+        let writer_conn = open(path)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        let reader = open(path)?;
+        let (writer, commands) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || write_loop(writer_conn, commands))
+            .map_err(|e| OutboxError::Storage(e.to_string()))?;
+        Ok(Arc::new(Self {
+            writer,
+            reader: Arc::new(Mutex::new(reader)),
+            notifiers: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> BoxFuture<Result<T, OutboxError>> {
+        let reader = self.reader.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                f(&conn)
+            })
+            .await
+            .map_err(|e| OutboxError::Storage(e.to_string()))?
+        })
+    }
+
+    fn write<T: Send + 'static>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
+    ) -> BoxFuture<Result<T, OutboxError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.send(command(tx));
+        Box::pin(async move {
+            sent.map_err(|_| OutboxError::Closed)?;
+            rx.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+}
+
+/// The writer thread: take one command, then everything already queued, commit once.
+fn write_loop(mut conn: Connection, mut commands: mpsc::UnboundedReceiver<Command>) {
+    while let Some(first) = commands.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match commands.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        let result = apply_group(&mut conn, &group);
+        // Answer only after the commit (or its failure): that is the durability promise.
+        for (command, outcome) in group.into_iter().zip(result) {
+            match command {
+                Command::Enqueue(_, _, reply) => {
+                    let _ = reply.send(outcome.map(|o| o.ids));
+                }
+                Command::Settle(_, reply) => {
+                    let _ = reply.send(outcome.map(|_| ()));
+                }
+                Command::Replay(_, _, reply) => {
+                    let _ = reply.send(outcome.map(|o| o.count));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Applied {
+    ids: Vec<i64>,
+    count: u64,
+}
+
+fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
+    let failed = |e: &dyn std::fmt::Display| {
+        (0..group.len())
+            .map(|_| Err(OutboxError::Storage(e.to_string())))
+            .collect()
+    };
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return failed(&e),
+    };
+    let mut results = Vec::with_capacity(group.len());
+    for command in group {
+        results.push(apply(&tx, command));
+    }
+    if let Err(e) = tx.commit() {
+        return failed(&e);
+    }
+    results
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, OutboxError> {
+    let now = now_ms();
+    match command {
+        Command::Enqueue(batch_id, messages, _) => {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, next_attempt_ms, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            )?;
+            let mut ids = Vec::with_capacity(messages.len());
+            for m in messages {
+                insert.execute(params![
+                    batch_id,
+                    m.destination,
+                    m.resource_type,
+                    m.logical_id,
+                    m.identifier_system,
+                    m.identifier_value,
+                    m.body,
+                    now
+                ])?;
+                ids.push(tx.last_insert_rowid());
+            }
+            Ok(Applied { ids, count: 0 })
+        }
+        Command::Settle(outcomes, _) => {
+            for (id, settle) in outcomes {
+                match settle {
+                    Settle::Delivered { status, location } => tx.prepare_cached(
+                        "UPDATE messages SET state = 'delivered', attempts = attempts + 1, settled_ms = ?2, status_line = ?3, location = ?4, last_error = NULL WHERE id = ?1 AND state = 'pending'",
+                    )?.execute(params![id, now, status, location])?,
+                    Settle::Retry { at_ms, error } => tx.prepare_cached(
+                        "UPDATE messages SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
+                    )?.execute(params![id, at_ms, error])?,
+                    Settle::Postpone { at_ms, error } => tx.prepare_cached(
+                        "UPDATE messages SET next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
+                    )?.execute(params![id, at_ms, error])?,
+                    Settle::Dead { error, outcome } => tx.prepare_cached(
+                        "UPDATE messages SET state = 'dead', attempts = attempts + 1, settled_ms = ?2, last_error = ?3, outcome = ?4 WHERE id = ?1 AND state = 'pending'",
+                    )?.execute(params![id, now, error, outcome])?,
+                };
+            }
+            Ok(Applied::default())
+        }
+        Command::Replay(id, destination, _) => {
+            let count = tx.execute(
+                "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?1, settled_ms = NULL
+                 WHERE state = 'dead' AND (?2 IS NULL OR id = ?2) AND (?3 IS NULL OR destination = ?3)",
+                params![now, id, destination],
+            )?;
+            Ok(Applied {
+                ids: vec![],
+                count: count as u64,
+            })
+        }
+    }
+}
+
+fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let outcome: Option<String> = row.get(8)?;
+    Ok(DeadLetter {
+        message_id: row.get(0)?,
+        batch_id: row.get(1)?,
+        destination: row.get(2)?,
+        resource_type: row.get(3)?,
+        identifier: format!("{}|{}", row.get::<_, String>(4)?, row.get::<_, String>(5)?),
+        attempts: row.get(6)?,
+        error: row.get(7)?,
+        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+        created_at_ms: row.get(9)?,
+    })
+}
+
+const DEAD_COLUMNS: &str = "id, batch_id, destination, resource_type, identifier_system, identifier_value, attempts, last_error, outcome, created_ms";
+
+impl Outbox for SqliteOutbox {
+    fn enqueue(
+        &self,
+        batch_id: String,
+        messages: Vec<NewMessage>,
+    ) -> BoxFuture<Result<Vec<i64>, OutboxError>> {
+        let destinations: Vec<String> = {
+            let mut d: Vec<String> = messages.iter().map(|m| m.destination.clone()).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
+        let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
+        let stored = self.write(|reply| Command::Enqueue(batch_id, messages, reply));
+        Box::pin(async move {
+            let ids = stored.await?;
+            notifiers.iter().for_each(|n| n.notify_one());
+            Ok(ids)
+        })
+    }
+
+    fn due(
+        &self,
+        destination: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<Pending>, OutboxError>> {
+        let destination = destination.to_owned();
+        self.read(move |conn| {
+            let mut query = conn.prepare_cached(
+                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts FROM messages
+                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = query.query_map(params![destination, now_ms, limit as i64], |row| {
+                Ok(Pending {
+                    id: row.get(0)?,
+                    resource_type: row.get(1)?,
+                    logical_id: row.get(2)?,
+                    identifier_system: row.get(3)?,
+                    identifier_value: row.get(4)?,
+                    body: row.get(5)?,
+                    attempts: row.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>> {
+        let destination = destination.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT MIN(next_attempt_ms) FROM messages WHERE destination = ?1 AND state = 'pending'",
+                    params![destination],
+                    |row| row.get::<_, Option<i64>>(0),
+                )
+                .optional()?
+                .flatten())
+        })
+    }
+
+    fn settle(&self, outcomes: Vec<(i64, Settle)>) -> BoxFuture<Result<(), OutboxError>> {
+        self.write(|reply| Command::Settle(outcomes, reply))
+    }
+
+    fn batch_status(&self, batch_id: &str) -> BoxFuture<Result<Vec<MessageStatus>, OutboxError>> {
+        let batch_id = batch_id.to_owned();
+        self.read(move |conn| {
+            let mut query = conn.prepare_cached(
+                "SELECT id, destination, resource_type, identifier_system, identifier_value, state, attempts, location, last_error
+                 FROM messages WHERE batch_id = ?1 ORDER BY id",
+            )?;
+            let rows = query.query_map(params![batch_id], |row| {
+                Ok(MessageStatus {
+                    message_id: row.get(0)?,
+                    destination: row.get(1)?,
+                    resource_type: row.get(2)?,
+                    identifier: format!("{}|{}", row.get::<_, String>(3)?, row.get::<_, String>(4)?),
+                    state: row.get(5)?,
+                    attempts: row.get(6)?,
+                    location: row.get(7)?,
+                    last_error: row.get(8)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn stats(&self) -> BoxFuture<Result<Vec<DestinationStats>, OutboxError>> {
+        self.read(|conn| {
+            let now = now_ms();
+            let mut query = conn.prepare_cached(
+                "SELECT destination, COUNT(*),
+                        SUM(state = 'delivered'), SUM(state = 'dead'), SUM(state = 'pending'),
+                        MIN(CASE WHEN state = 'pending' THEN created_ms END)
+                 FROM messages GROUP BY destination ORDER BY destination",
+            )?;
+            let rows = query.query_map([], |row| {
+                let oldest: Option<i64> = row.get(5)?;
+                Ok(DestinationStats {
+                    destination: row.get(0)?,
+                    accepted: row.get::<_, i64>(1)? as u64,
+                    delivered: row.get::<_, i64>(2)? as u64,
+                    dead: row.get::<_, i64>(3)? as u64,
+                    pending: row.get::<_, i64>(4)? as u64,
+                    oldest_pending_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<DeadLetter>, OutboxError>> {
+        let destination = destination.map(str::to_owned);
+        self.read(move |conn| {
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT {DEAD_COLUMNS} FROM messages WHERE state = 'dead' AND (?1 IS NULL OR destination = ?1) ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = query.query_map(params![destination, limit as i64], dead_letter_of)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn dead_letter(&self, message_id: i64) -> BoxFuture<Result<Option<DeadLetter>, OutboxError>> {
+        self.read(move |conn| {
+            Ok(conn
+                .query_row(
+                    &format!(
+                        "SELECT {DEAD_COLUMNS} FROM messages WHERE state = 'dead' AND id = ?1"
+                    ),
+                    params![message_id],
+                    dead_letter_of,
+                )
+                .optional()?)
+        })
+    }
+
+    fn replay(
+        &self,
+        message_id: Option<i64>,
+        destination: Option<&str>,
+    ) -> BoxFuture<Result<u64, OutboxError>> {
+        let destination = destination.map(str::to_owned);
+        let notifiers: Vec<Arc<Notify>> = self
+            .notifiers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let replayed = self.write(|reply| Command::Replay(message_id, destination, reply));
+        Box::pin(async move {
+            let count = replayed.await?;
+            notifiers.iter().for_each(|n| n.notify_one());
+            Ok(count)
+        })
+    }
+
+    fn notifier(&self, destination: &str) -> Arc<Notify> {
+        self.notifiers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(destination.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(destination: &str, n: usize) -> NewMessage {
+        NewMessage {
+            destination: destination.into(),
+            resource_type: "Observation".into(),
+            logical_id: format!("id{n}"),
+            identifier_system: "s".into(),
+            identifier_value: format!("v{n}"),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_messages_survive_reopening_and_counts_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        {
+            let outbox = SqliteOutbox::open(&path).unwrap();
+            let ids = outbox
+                .enqueue("b1".into(), (0..3).map(|n| message("ehr", n)).collect())
+                .await
+                .unwrap();
+            assert_eq!(ids.len(), 3);
+            outbox
+                .settle(vec![
+                    (
+                        ids[0],
+                        Settle::Delivered {
+                            status: "201 Created".into(),
+                            location: Some("Observation/1/_history/1".into()),
+                        },
+                    ),
+                    (
+                        ids[1],
+                        Settle::Dead {
+                            error: "422".into(),
+                            outcome: Some("{\"resourceType\":\"OperationOutcome\"}".into()),
+                        },
+                    ),
+                ])
+                .await
+                .unwrap();
+        }
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            (
+                stats[0].accepted,
+                stats[0].delivered,
+                stats[0].dead,
+                stats[0].pending
+            ),
+            (3, 1, 1, 1)
+        );
+        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].identifier_value, "v2");
+        let dead = outbox.dead_letters(None, 10).await.unwrap();
+        assert_eq!(
+            dead[0].outcome.as_ref().unwrap()["resourceType"],
+            "OperationOutcome"
+        );
+        assert_eq!(
+            outbox.replay(Some(dead[0].message_id), None).await.unwrap(),
+            1
+        );
+        assert_eq!(outbox.due("ehr", now_ms(), 10).await.unwrap().len(), 2);
+        let status = outbox.batch_status("b1").await.unwrap();
+        assert_eq!(status[0].state, "delivered");
+        assert_eq!(
+            status[0].location.as_deref(),
+            Some("Observation/1/_history/1")
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_waits_until_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let ids = outbox
+            .enqueue("b".into(), vec![message("ehr", 1)])
+            .await
+            .unwrap();
+        let later = now_ms() + 60_000;
+        outbox
+            .settle(vec![(
+                ids[0],
+                Settle::Retry {
+                    at_ms: later,
+                    error: "503".into(),
+                },
+            )])
+            .await
+            .unwrap();
+        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+        assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
+        assert_eq!(outbox.due("ehr", later, 10).await.unwrap()[0].attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_enqueues_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..50 {
+            let outbox = outbox.clone();
+            tasks.spawn(async move {
+                outbox
+                    .enqueue(format!("b{n}"), vec![message("ehr", n)])
+                    .await
+                    .unwrap()
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        assert_eq!(outbox.stats().await.unwrap()[0].accepted, 50);
+    }
+}
