@@ -31,6 +31,8 @@ pub struct Fault {
     /// Answer with this status and store nothing.
     pub status: Option<u16>,
     pub retry_after: Option<u32>,
+    /// Close the connection without answering.
+    pub drop_connection: bool,
 }
 
 impl Fault {
@@ -52,12 +54,35 @@ impl Fault {
             ..Self::default()
         }
     }
+
+    pub fn drop_connection() -> Self {
+        Self {
+            drop_connection: true,
+            ..Self::default()
+        }
+    }
 }
+
+/// One write as the EHR saw it: when it arrived and what it answered.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRecord {
+    pub arrived: std::time::Instant,
+    pub status: u16,
+    pub retry_after: Option<u32>,
+}
+
+/// The connection was dropped on purpose (fault plan).
+#[derive(Debug, thiserror::Error)]
+#[error("connection dropped by the fault plan")]
+pub struct Dropped;
 
 #[derive(Clone, Default)]
 pub struct ReferenceEhr {
     store: Arc<Mutex<Store>>,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    /// Identifier fragments whose resources are refused with 422 (a business rule).
+    rejections: Arc<Mutex<Vec<String>>>,
+    writes: Arc<Mutex<Vec<WriteRecord>>>,
 }
 
 /// A reference EHR listening on a socket; stops when dropped.
@@ -96,6 +121,64 @@ impl ReferenceEhr {
         lock(&self.store).count(resource_type)
     }
 
+    /// Refuse, with 422, every resource whose identifier value contains `fragment`.
+    pub fn reject_identifiers_containing(&self, fragment: &str) {
+        lock(&self.rejections).push(fragment.to_owned());
+    }
+
+    pub fn clear_rejections(&self) {
+        lock(&self.rejections).clear();
+    }
+
+    /// Every write so far, in arrival order.
+    pub fn writes(&self) -> Vec<WriteRecord> {
+        lock(&self.writes).clone()
+    }
+
+    /// How many stored resources of a type carry each identifier value (a duplicate shows as 2).
+    pub fn identifier_counts(
+        &self,
+        resource_type: &str,
+    ) -> std::collections::HashMap<String, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for stored in lock(&self.store).all(resource_type) {
+            for token in store::identifier_tokens(&stored.resource) {
+                *counts
+                    .entry(
+                        token
+                            .split_once('|')
+                            .map_or(token.clone(), |(_, v)| v.to_owned()),
+                    )
+                    .or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// A valid R4 resource that no business rule refuses.
+    fn accept(&self, resource_type: &str, body: &[u8]) -> Result<Value, Refusal> {
+        let resource = parse_resource(resource_type, body)?;
+        if let Some(identifier) = self.rejected(&resource) {
+            return Err(Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                format!("the EHR does not accept {identifier} (rule of the fault plan)"),
+            ));
+        }
+        Ok(resource)
+    }
+
+    fn rejected(&self, resource: &Value) -> Option<String> {
+        let rejections = lock(&self.rejections);
+        store::identifier_tokens(resource)
+            .into_iter()
+            .find(|token| {
+                rejections
+                    .iter()
+                    .any(|fragment| token.contains(fragment.as_str()))
+            })
+    }
+
     /// Serves on `addr` (port 0 for any) until the returned handle is dropped.
     pub async fn start(
         self,
@@ -108,7 +191,7 @@ impl ReferenceEhr {
         let ehr = self.clone();
         let service = tower::service_fn(move |request: Request<Incoming>| {
             let ehr = ehr.clone();
-            async move { Ok::<_, BoxError>(ehr.handle(request).await) }
+            async move { ehr.serve_request(request).await }
         });
         tokio::spawn(serve_mtls(
             listener,
@@ -127,6 +210,46 @@ impl ReferenceEhr {
         })
     }
 
+    /// Handles a request, logging writes and applying the fault plan; `Err` drops the
+    /// connection.
+    async fn serve_request(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<BoxBody>, BoxError> {
+        let arrived = std::time::Instant::now();
+        let is_write = matches!(*request.method(), Method::POST | Method::PUT);
+        let fault = if is_write {
+            lock(&self.faults).pop_front()
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
+            if let Some(delay) = fault.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if fault.drop_connection {
+                return Err(Dropped.into());
+            }
+            if let Some(status) = fault.status {
+                lock(&self.writes).push(WriteRecord {
+                    arrived,
+                    status,
+                    retry_after: fault.retry_after,
+                });
+                return Ok(fault_response(status, fault.retry_after));
+            }
+        }
+        let response = self.handle(request).await;
+        if is_write {
+            lock(&self.writes).push(WriteRecord {
+                arrived,
+                status: response.status().as_u16(),
+                retry_after: None,
+            });
+        }
+        Ok(response)
+    }
+
     pub async fn handle<B>(&self, request: Request<B>) -> Response<BoxBody>
     where
         B: http_body::Body<Data = Bytes>,
@@ -138,20 +261,6 @@ impl ReferenceEhr {
             return outcome(StatusCode::NOT_FOUND, "not-found", "the FHIR base is /fhir");
         };
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        let is_write = matches!(parts.method, Method::POST | Method::PUT);
-        let fault = if is_write {
-            lock(&self.faults).pop_front()
-        } else {
-            None
-        };
-        if let Some(fault) = fault {
-            if let Some(delay) = fault.delay {
-                tokio::time::sleep(delay).await;
-            }
-            if let Some(status) = fault.status {
-                return fault_response(status, fault.retry_after);
-            }
-        }
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => return outcome(StatusCode::BAD_REQUEST, "structure", &format!("body: {e}")),
@@ -187,7 +296,7 @@ impl ReferenceEhr {
         body: &[u8],
         if_none_exist: Option<&str>,
     ) -> Response<BoxBody> {
-        let resource = match parse_resource(resource_type, body) {
+        let resource = match self.accept(resource_type, body) {
             Ok(resource) => resource,
             Err(refusal) => return refusal.response(),
         };
@@ -200,7 +309,7 @@ impl ReferenceEhr {
     }
 
     fn update(&self, resource_type: &str, id: &str, body: &[u8]) -> Response<BoxBody> {
-        let resource = match parse_resource(resource_type, body) {
+        let resource = match self.accept(resource_type, body) {
             Ok(resource) => resource,
             Err(refusal) => return refusal.response(),
         };
@@ -302,7 +411,7 @@ impl ReferenceEhr {
                 .unwrap_or("")
                 .to_owned();
             let raw = serde_json::to_vec(&entry["resource"]).unwrap_or_default();
-            let resource = match parse_resource(&resource_type, &raw) {
+            let resource = match self.accept(&resource_type, &raw) {
                 Ok(r) => r,
                 Err(mut refusal) => {
                     refusal.details = format!("entry {index}: {}", refusal.details);

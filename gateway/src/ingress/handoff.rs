@@ -50,9 +50,18 @@ impl Service<Request<OutboundBatch>> for HandoffService {
             let resources = batch.resources.clone();
             match handoff.submit(batch).await {
                 Ok(receipt) => {
-                    tracing::info!(%request_id, %vendor, resources = count, "batch delivered");
+                    let status = match receipt {
+                        Receipt::Delivered { .. } => {
+                            tracing::info!(%request_id, %vendor, resources = count, "batch delivered");
+                            StatusCode::OK
+                        }
+                        Receipt::Accepted { .. } => {
+                            tracing::info!(%request_id, %vendor, resources = count, "batch accepted into the outbox");
+                            StatusCode::ACCEPTED
+                        }
+                    };
                     Ok(fhir_json_response(
-                        StatusCode::OK,
+                        status,
                         &receipt_json(&request_id, &resources, &receipt),
                     ))
                 }
