@@ -10,7 +10,9 @@ use clap::Parser;
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::ReferenceEhr;
-use conformance_tests::harness::{EhrReader, GatewayProcess, WriteStyle, gateway_config};
+use conformance_tests::harness::{
+    EhrReader, GatewayProcess, WriteStyle, gateway_config, with_outbox,
+};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -62,13 +64,19 @@ async fn main() -> Result<(), gateway::BoxError> {
     println!("   listening at {}", running_ehr.base_url);
 
     println!("== 3. Gateway (the real binary, its own process)");
+    // The product default: a durable outbox (answer 202 once on disk, deliver in the background).
+    let outbox = dir.join("outbox.sqlite");
+    let _ = std::fs::remove_file(&outbox);
     let config = format!(
         "# Written by ecmo-demo; every key is explained in gateway/gateway.example.toml.\n{}",
-        gateway_config(
-            &dir,
-            &running_ehr.base_url,
-            WriteStyle::TRANSACTION_CONDITIONAL,
-            "gateway-client"
+        with_outbox(
+            &gateway_config(
+                &dir,
+                &running_ehr.base_url,
+                WriteStyle::TRANSACTION_CONDITIONAL,
+                "gateway-client"
+            ),
+            &outbox
         )
     );
     std::fs::write(p("gateway.toml"), &config)?;
@@ -90,24 +98,44 @@ async fn main() -> Result<(), gateway::BoxError> {
     )?;
     let mut console = SimulatedCardiohelp::new("CH-0042", 42).with_patient(MRN, "MRN-DEMO-1");
     let mut first_batch = None;
+    let mut last_tracking: Option<String> = None;
     for cycle in 1..=args.cycles {
         let batch = console.next_batch(OffsetDateTime::now_utc());
         let answer = vendor.post_json(&url, &batch).await?;
         let receipt = answer.json();
-        let created = receipt["resources"]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .filter(|e| e["destinations"]["ehr"] == "201 Created")
-                    .count()
-            })
-            .unwrap_or(0);
         println!(
-            "   cycle {cycle:>2}: 12 readings -> HTTP {} ({created} created at the EHR)",
-            answer.status.as_u16()
+            "   cycle {cycle:>2}: 12 readings -> HTTP {} {}, tracking id {}",
+            answer.status.as_u16(),
+            receipt["status"].as_str().unwrap_or("?"),
+            receipt["trackingId"].as_str().unwrap_or("-")
         );
+        last_tracking = receipt["trackingId"].as_str().map(str::to_owned);
         first_batch.get_or_insert(batch);
         tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+
+    let admin = MtlsClient::new(&p("ca.pem"), Some((&p("admin.pem"), &p("admin.key"))))?;
+    println!("== 4b. Delivery, as the admin API (mutual TLS, admin certificate) shows it");
+    for _ in 0..100 {
+        let queues = admin
+            .get(&gateway.admin_url("/admin/v1/queues"))
+            .await?
+            .json();
+        if queues["destinations"][0]["pending"] == 0 {
+            println!("   {}", queues["destinations"][0]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(tracking) = &last_tracking {
+        let status = admin
+            .get(&gateway.admin_url(&format!("/admin/v1/deliveries/{tracking}")))
+            .await?
+            .json();
+        println!(
+            "   last batch complete: {}, first message: {}",
+            status["complete"], status["messages"][0]
+        );
     }
 
     let reader = EhrReader {
@@ -121,9 +149,21 @@ async fn main() -> Result<(), gateway::BoxError> {
     println!("== 5. Resending cycle 1 (a retry after a lost answer)");
     if let Some(batch) = &first_batch {
         let answer = vendor.post_json(&url, batch).await?;
+        let delivered = |q: &serde_json::Value| q["destinations"][0]["pending"] == 0;
+        for _ in 0..100 {
+            if delivered(
+                &admin
+                    .get(&gateway.admin_url("/admin/v1/queues"))
+                    .await?
+                    .json(),
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let after = reader.all("Observation").await?.len();
         println!(
-            "   HTTP {}; the EHR holds {after} Observations before and after ({held}): no duplicates",
+            "   HTTP {}, delivered again (a conditional create that found its match); the EHR holds {after} Observations, as before ({held}): no duplicates",
             answer.status.as_u16()
         );
     }
@@ -167,6 +207,13 @@ async fn main() -> Result<(), gateway::BoxError> {
         gateway.url("/v1/schemas/observation-batch")
     );
     println!("   Gateway config:     {}", p("gateway.toml").display());
+    println!(
+        "   Delivery queues:    cargo run -q -p gateway -- deliveries --admin-url {} --ca {} --cert {} --key {} queues",
+        gateway.admin_url(""),
+        p("ca.pem").display(),
+        p("admin.pem").display(),
+        p("admin.key").display()
+    );
     println!("   Gateway log (last lines):");
     for line in gateway
         .log_text()
