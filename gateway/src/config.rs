@@ -193,6 +193,8 @@ pub struct DestinationSettings {
     /// First pause of an open breaker; doubles per failed probe up to `retry_backoff_max`.
     #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+    /// Requests per second at most to this destination; unlimited when absent.
+    pub rate_limit: Option<std::num::NonZeroU32>,
     /// Which resources this destination takes; everything when absent.
     #[serde(default)]
     pub only: crate::delivery::routing::RouteFilter,

@@ -13,7 +13,9 @@ use clap::Parser;
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::ReferenceEhr;
-use conformance_tests::harness::{GETINGE, GatewayProcess, TestPki, WriteStyle, gateway_config};
+use conformance_tests::harness::{
+    ADMIN, GETINGE, GatewayProcess, TestPki, WriteStyle, gateway_config, with_outbox,
+};
 use gateway::config::WriteMode;
 use gateway::delivery::request_builder::RequestBuilder;
 use http::Method;
@@ -252,15 +254,84 @@ async fn main() -> Result<(), gateway::BoxError> {
     )
     .await;
 
+    // Outbox mode: 202 once fsync'd, delivery in the background; measured until all delivered.
+    let outbox_dir = tempfile::tempdir()?;
+    let durable = GatewayProcess::start(
+        &with_outbox(
+            &gateway_config(
+                &pki,
+                &ehr.base_url,
+                WriteStyle::TRANSACTION_CONDITIONAL,
+                "gateway-client",
+            ),
+            &outbox_dir.path().join("outbox.sqlite"),
+        )
+        .replace("max_body_bytes = 262144", "max_body_bytes = 4194304"),
+    )?;
+    let durable_bodies: Vec<Vec<(Bytes, usize)>> = (0..args.clients)
+        .map(|c| {
+            batches(2000 + c, args.cycles_per_batch, per_client)
+                .iter()
+                .map(|b| {
+                    (
+                        Bytes::from(serde_json::to_vec(b).unwrap_or_default()),
+                        per_batch,
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let vendors: Vec<_> = (0..args.clients).map(|_| pki.client(GETINGE)).collect();
+    let started = Instant::now();
+    let accepted = run_phase(
+        vendors,
+        durable.url("/v1/observations").into(),
+        durable_bodies,
+        "application/json",
+        args.seconds,
+    )
+    .await;
+    let admin = pki.client(ADMIN);
+    let (queues, drained) = loop {
+        let queues = admin
+            .get(&durable.admin_url("/admin/v1/queues"))
+            .await?
+            .json();
+        if queues["destinations"][0]["pending"] == 0
+            || started.elapsed() > Duration::from_secs(args.seconds * 4)
+        {
+            break (queues, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
     baseline.print("EHR direct");
     through.print("gateway");
+    accepted.print("outbox 202");
+    let commits = queues["outbox"]["commits"].as_u64().unwrap_or(0);
+    println!(
+        "outbox: {} readings delivered end to end in {:.2} s = {:.0} readings/s; {} requests in {} commits ({:.1} requests per fsync); {}",
+        queues["destinations"][0]["delivered"],
+        drained.as_secs_f64(),
+        queues["destinations"][0]["delivered"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / drained.as_secs_f64(),
+        accepted.requests,
+        commits,
+        accepted.requests as f64 / commits.max(1) as f64,
+        queues["destinations"][0],
+    );
     println!(
         "ratio gateway/direct: {:.2} (throughput), p50 latency x{:.2}",
         through.readings_per_second() / baseline.readings_per_second(),
         through.percentile(0.5).as_secs_f64() / baseline.percentile(0.5).as_secs_f64().max(1e-9)
     );
     if let Some(kib) = gateway.peak_rss_kib() {
-        println!("gateway peak RSS: {:.1} MiB", kib as f64 / 1024.0);
+        println!("gateway peak RSS: {:.1} MiB (direct)", kib as f64 / 1024.0);
+    }
+    if let Some(kib) = durable.peak_rss_kib() {
+        println!("gateway peak RSS: {:.1} MiB (outbox)", kib as f64 / 1024.0);
     }
     println!(
         "EHR now holds {} Observations",

@@ -152,7 +152,7 @@ async fn route(
             let stats = outbox.stats().await.map_err(storage)?;
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"destinations": stats}),
+                &json!({"destinations": stats, "outbox": {"commits": outbox.commits()}}),
             ))
         }
         (&Method::GET, ["admin", "v1", "dead-letters"]) => {

@@ -78,19 +78,87 @@ impl EhrClient {
                 Ok::<_, BoxError>(Response::from_parts(parts, body))
             }
         });
-        let retry = EhrRetryPolicy::new(settings.max_attempts)
-            .map_err(|e| ClientError::Backoff(settings.name.clone(), e.to_string()))?;
-        let stack = ServiceBuilder::new()
-            .concurrency_limit(settings.concurrency)
-            .retry(retry)
-            .timeout(settings.timeout)
-            .service(send);
         Ok(Self {
-            service: BoxCloneSyncService::new(stack),
+            service: client_stack(send, settings)?,
         })
     }
 
     pub async fn send(&self, request: EhrRequest) -> Result<EhrResponse, BoxError> {
         self.service.clone().oneshot(request).await
+    }
+}
+
+/// The layers around the HTTP client, outermost first (Vector's order): rate limit (optional,
+/// behind a buffer so the handle stays cloneable), concurrency limit, retry, per-attempt
+/// timeout.
+pub fn client_stack<S>(
+    send: S,
+    settings: &DestinationSettings,
+) -> Result<BoxCloneSyncService<EhrRequest, EhrResponse, BoxError>, ClientError>
+where
+    S: tower::Service<EhrRequest, Response = EhrResponse, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let retry = EhrRetryPolicy::new(settings.max_attempts)
+        .map_err(|e| ClientError::Backoff(settings.name.clone(), e.to_string()))?;
+    let inner = ServiceBuilder::new()
+        .concurrency_limit(settings.concurrency)
+        .retry(retry)
+        .timeout(settings.timeout)
+        .service(send);
+    Ok(match settings.rate_limit {
+        Some(per_second) => BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .buffer(1024)
+                .rate_limit(u64::from(per_second.get()), Duration::from_secs(1))
+                .service(inner),
+        ),
+        None => BoxCloneSyncService::new(inner),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn settings(rate_limit: Option<u32>) -> DestinationSettings {
+        let text = format!(
+            "name = \"ehr\"\nbase_url = \"https://ehr/fhir\"\nca = [\"ca.pem\"]\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n{}",
+            rate_limit
+                .map(|n| format!("rate_limit = {n}\n"))
+                .unwrap_or_default()
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spreads_requests_over_time() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = calls.clone();
+        let send = tower::service_fn(move |_req: EhrRequest| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Response::new(Bytes::new())) }
+        });
+        let client = client_stack(send, &settings(Some(2))).unwrap();
+        let started = tokio::time::Instant::now();
+        for _ in 0..5 {
+            let request = http::Request::post("https://ehr/fhir")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.clone().oneshot(request).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        // 2 per second: the fifth request goes out in the third second.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

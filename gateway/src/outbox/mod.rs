@@ -154,6 +154,8 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> BoxFuture<Result<u64, OutboxError>>;
     /// Wakes `destination`'s worker when new messages arrive.
     fn notifier(&self, destination: &str) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Durable commits (fsyncs) so far: with group commit, fewer than the writes they hold.
+    fn commits(&self) -> u64;
 }
 
 pub fn now_ms() -> i64 {

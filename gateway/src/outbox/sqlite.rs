@@ -62,6 +62,7 @@ enum Command {
 
 pub struct SqliteOutbox {
     writer: mpsc::UnboundedSender<Command>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
     reader: Arc<Mutex<Connection>>,
     notifiers: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -85,12 +86,15 @@ impl SqliteOutbox {
         writer_conn.execute_batch(SCHEMA)?;
         let reader = open(path)?;
         let (writer, commands) = mpsc::unbounded_channel();
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = commits.clone();
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || write_loop(writer_conn, commands))
+            .spawn(move || write_loop(writer_conn, commands, &counter))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         Ok(Arc::new(Self {
             writer,
+            commits,
             reader: Arc::new(Mutex::new(reader)),
             notifiers: Mutex::new(HashMap::new()),
         }))
@@ -125,7 +129,11 @@ impl SqliteOutbox {
 }
 
 /// The writer thread: take one command, then everything already queued, commit once.
-fn write_loop(mut conn: Connection, mut commands: mpsc::UnboundedReceiver<Command>) {
+fn write_loop(
+    mut conn: Connection,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    commits: &std::sync::atomic::AtomicU64,
+) {
     while let Some(first) = commands.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -135,6 +143,7 @@ fn write_loop(mut conn: Connection, mut commands: mpsc::UnboundedReceiver<Comman
             }
         }
         let result = apply_group(&mut conn, &group);
+        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Answer only after the commit (or its failure): that is the durability promise.
         for (command, outcome) in group.into_iter().zip(result) {
             match command {
@@ -413,6 +422,10 @@ impl Outbox for SqliteOutbox {
             notifiers.iter().for_each(|n| n.notify_one());
             Ok(count)
         })
+    }
+
+    fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn notifier(&self, destination: &str) -> Arc<Notify> {
