@@ -105,6 +105,9 @@ async fn accepted_readings_reach_the_ehr_exactly_once_across_kill_9() {
         if let Some(fault) = ehr_trouble {
             ehr.ehr.fail_next(fault, 4);
         }
+        // In the third round a third of all writes also fail, at random.
+        ehr.ehr
+            .fail_fraction(Fault::status(503), if round == 2 { 0.33 } else { 0.0 });
         let gateway = GatewayProcess::start(&config).unwrap();
         let url = gateway.url("/v1/observations");
         let mut tasks = tokio::task::JoinSet::new();

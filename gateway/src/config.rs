@@ -100,6 +100,10 @@ pub struct DeliverySettings {
     /// The outbox file (SQLite); relative to the config file.
     #[serde(default = "defaults::outbox")]
     pub outbox: PathBuf,
+    /// How long delivered messages stay in the outbox for status look-ups (pending and dead
+    /// messages are kept until settled or replayed).
+    #[serde(default = "defaults::keep_delivered", with = "humantime_serde")]
+    pub keep_delivered: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -107,6 +111,7 @@ impl Default for DeliverySettings {
         Self {
             mode: DeliveryMode::default(),
             outbox: defaults::outbox(),
+            keep_delivered: defaults::keep_delivered(),
         }
     }
 }
@@ -259,6 +264,9 @@ mod defaults {
     }
     pub fn outbox() -> std::path::PathBuf {
         "outbox.sqlite".into()
+    }
+    pub fn keep_delivered() -> Duration {
+        Duration::from_secs(7 * 24 * 3600)
     }
     pub fn linger() -> Duration {
         Duration::from_millis(20)

@@ -83,6 +83,9 @@ pub struct ReferenceEhr {
     /// Identifier fragments whose resources are refused with 422 (a business rule).
     rejections: Arc<Mutex<Vec<String>>>,
     writes: Arc<Mutex<Vec<WriteRecord>>>,
+    /// When no queued fault is left: this fault for this fraction of writes (seeded, so a run
+    /// can be repeated).
+    fraction: Arc<Mutex<Option<(Fault, f64, fastrand::Rng)>>>,
 }
 
 /// A reference EHR listening on a socket; stops when dropped.
@@ -119,6 +122,12 @@ impl ReferenceEhr {
 
     pub fn count(&self, resource_type: &str) -> usize {
         lock(&self.store).count(resource_type)
+    }
+
+    /// After the queued faults, `fault` for about `fraction` of the writes (0 turns it off).
+    pub fn fail_fraction(&self, fault: Fault, fraction: f64) {
+        *lock(&self.fraction) =
+            (fraction > 0.0).then(|| (fault, fraction, fastrand::Rng::with_seed(7)));
     }
 
     /// Refuse, with 422, every resource whose identifier value contains `fragment`.
@@ -219,7 +228,11 @@ impl ReferenceEhr {
         let arrived = std::time::Instant::now();
         let is_write = matches!(*request.method(), Method::POST | Method::PUT);
         let fault = if is_write {
-            lock(&self.faults).pop_front()
+            lock(&self.faults).pop_front().or_else(|| {
+                let mut fraction = lock(&self.fraction);
+                let (fault, share, rng) = fraction.as_mut()?;
+                (rng.f64() < *share).then_some(*fault)
+            })
         } else {
             None
         };

@@ -154,6 +154,9 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> BoxFuture<Result<u64, OutboxError>>;
     /// Wakes `destination`'s worker when new messages arrive.
     fn notifier(&self, destination: &str) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Forgets delivered messages settled before `before_ms` (pending and dead ones are kept
+    /// whatever their age). Returns how many.
+    fn purge_delivered(&self, before_ms: i64) -> BoxFuture<Result<u64, OutboxError>>;
     /// Durable commits (fsyncs) so far: with group commit, fewer than the writes they hold.
     fn commits(&self) -> u64;
 }

@@ -58,6 +58,7 @@ enum Command {
         Option<String>,
         oneshot::Sender<Result<u64, OutboxError>>,
     ),
+    Purge(i64, oneshot::Sender<Result<u64, OutboxError>>),
 }
 
 pub struct SqliteOutbox {
@@ -153,7 +154,7 @@ fn write_loop(
                 Command::Settle(_, reply) => {
                     let _ = reply.send(outcome.map(|_| ()));
                 }
-                Command::Replay(_, _, reply) => {
+                Command::Replay(_, _, reply) | Command::Purge(_, reply) => {
                     let _ = reply.send(outcome.map(|o| o.count));
                 }
             }
@@ -229,6 +230,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 };
             }
             Ok(Applied::default())
+        }
+        Command::Purge(before_ms, _) => {
+            let count = tx.execute(
+                "DELETE FROM messages WHERE state = 'delivered' AND settled_ms < ?1",
+                params![before_ms],
+            )?;
+            Ok(Applied {
+                ids: vec![],
+                count: count as u64,
+            })
         }
         Command::Replay(id, destination, _) => {
             let count = tx.execute(
@@ -424,6 +435,10 @@ impl Outbox for SqliteOutbox {
         })
     }
 
+    fn purge_delivered(&self, before_ms: i64) -> BoxFuture<Result<u64, OutboxError>> {
+        self.write(|reply| Command::Purge(before_ms, reply))
+    }
+
     fn commits(&self) -> u64 {
         self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -513,6 +528,46 @@ mod tests {
         assert_eq!(
             status[0].location.as_deref(),
             Some("Observation/1/_history/1")
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_forgets_only_old_delivered_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let ids = outbox
+            .enqueue("b".into(), (0..3).map(|n| message("ehr", n)).collect())
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![
+                (
+                    ids[0],
+                    Settle::Delivered {
+                        status: "201".into(),
+                        location: None,
+                    },
+                ),
+                (
+                    ids[1],
+                    Settle::Dead {
+                        error: "422".into(),
+                        outcome: None,
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outbox.purge_delivered(now_ms() - 60_000).await.unwrap(),
+            0,
+            "not old enough"
+        );
+        assert_eq!(outbox.purge_delivered(now_ms() + 1).await.unwrap(), 1);
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            (stats[0].accepted, stats[0].dead, stats[0].pending),
+            (2, 1, 1)
         );
     }
 
