@@ -42,7 +42,10 @@ CREATE TABLE IF NOT EXISTS messages (
     last_error TEXT,
     outcome TEXT
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages(destination, state, next_attempt_ms, id);
+-- `due` walks a destination's pending messages in acceptance order (no sort of the backlog);
+-- `next_due` finds the earliest retry time.
+CREATE INDEX IF NOT EXISTS messages_queue ON messages(destination, state, id);
+CREATE INDEX IF NOT EXISTS messages_due ON messages(destination, state, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 ";
 
@@ -302,7 +305,7 @@ impl Outbox for SqliteOutbox {
         let destination = destination.to_owned();
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts FROM messages
+                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts FROM messages INDEXED BY messages_queue
                  WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3",
             )?;
             let rows = query.query_map(params![destination, now_ms, limit as i64], |row| {
