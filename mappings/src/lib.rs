@@ -14,6 +14,7 @@ mod fhir_check;
 mod identity;
 mod observation;
 mod reading;
+mod run;
 mod table;
 
 pub use codesystem::CodeSystemCodes;
@@ -22,6 +23,11 @@ pub use fhir_check::{CHECKED_TYPES, check_resource_json};
 pub use identity::{logical_id, observation_identifier};
 pub use reading::{
     DeviceContext, PatientRef, Reading, ReadingError, ReadingField, ReadingFlags, ReadingValue,
+    RunLink,
+};
+pub use run::{
+    AgeGroup, CannulaView, ComplicationView, ConsoleView, RUN_IDENTIFIER_SYSTEM, RunStatus,
+    RunView, SegmentView, device_for_console, procedure_for_run, procedure_for_segment,
 };
 pub use table::{DeviceFamily, Mappings, Parameter, ParameterKind, TableError, UnitRule};
 
@@ -45,8 +51,16 @@ pub struct MappedResource {
     /// Logical id derived from the identifier, for destinations that take client-assigned ids.
     pub id: String,
     /// Business identifier system; with `identifier_value` it is the idempotency key.
-    pub identifier_system: &'static str,
+    pub identifier_system: std::borrow::Cow<'static, str>,
     pub identifier_value: String,
     /// The resource as FHIR JSON, without `id` (the destination assigns or receives it).
     pub json: Vec<u8>,
+    /// Written as a conditional update (the resource changes over time, e.g. a run's
+    /// Procedure) rather than a conditional create (created once, never changed).
+    pub upsert: bool,
+}
+
+/// The resource types this crate builds, as `'static` names.
+pub fn resource_type_name(name: &str) -> Option<&'static str> {
+    CHECKED_TYPES.iter().copied().find(|t| *t == name)
 }

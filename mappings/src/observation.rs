@@ -59,22 +59,17 @@ impl Mappings {
             &parameter.code,
             &time.compact_utc(),
         );
-        let observation = self.observation(
-            device,
-            parameter,
-            reading.flags,
-            &time,
-            value,
-            &identifier_value,
-        );
+        let observation =
+            self.observation(device, parameter, reading, &time, value, &identifier_value);
         let json = fhirbolt::json::to_vec(&observation, None)
             .map_err(|e| ReadingError::Build(e.to_string()))?;
         Ok(MappedResource {
             resource_type: "Observation",
             id: logical_id(OBSERVATION_IDENTIFIER_SYSTEM, &identifier_value),
-            identifier_system: OBSERVATION_IDENTIFIER_SYSTEM,
+            identifier_system: OBSERVATION_IDENTIFIER_SYSTEM.into(),
             identifier_value,
             json,
+            upsert: false,
         })
     }
 
@@ -82,12 +77,13 @@ impl Mappings {
         &self,
         device: &DeviceContext<'_>,
         parameter: &Parameter,
-        flags: ReadingFlags,
+        reading: &Reading<'_>,
         time: &DeviceTime<'_>,
         value: MappedValue<'_>,
         identifier_value: &str,
     ) -> Observation {
         let family = device.family;
+        let flags = reading.flags;
         let mut coding = Vec::with_capacity(1 + parameter.codings.len());
         coding.push(coding_of(
             ECMO_CODE_SYSTEM,
@@ -174,17 +170,35 @@ impl Mappings {
                 text: Some(parameter.display.as_str().into()),
                 ..Default::default()
             }),
-            subject: device.patient.map(|p| {
-                Box::new(Reference {
-                    r#type: Some("Patient".into()),
-                    identifier: Some(Box::new(Identifier {
-                        system: Some(p.system.into()),
-                        value: Some(p.value.into()),
+            part_of: reading
+                .run
+                .map(|run| {
+                    vec![Reference {
+                        r#type: Some("Procedure".into()),
+                        identifier: Some(Box::new(Identifier {
+                            system: Some(crate::RUN_IDENTIFIER_SYSTEM.into()),
+                            value: Some(run.run_id.into()),
+                            ..Default::default()
+                        })),
                         ..Default::default()
-                    })),
-                    ..Default::default()
+                    }]
                 })
-            }),
+                .unwrap_or_default(),
+            subject: reading
+                .run
+                .map(|run| run.patient)
+                .or(device.patient)
+                .map(|p| {
+                    Box::new(Reference {
+                        r#type: Some("Patient".into()),
+                        identifier: Some(Box::new(Identifier {
+                            system: Some(p.system.into()),
+                            value: Some(p.value.into()),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                }),
             effective: Some(ObservationEffective::DateTime(time.text.into())),
             value,
             data_absent_reason,
@@ -204,7 +218,7 @@ impl Mappings {
     }
 }
 
-fn coding_of(system: &str, code: &str, display: &str) -> Coding {
+pub(crate) fn coding_of(system: &str, code: &str, display: &str) -> Coding {
     Coding {
         system: Some(system.into()),
         code: Some(code.into()),
@@ -332,6 +346,7 @@ mod tests {
             unit: Some(unit),
             time: "2026-11-21T10:15:00Z",
             flags: ReadingFlags::default(),
+            run: None,
         }
     }
 

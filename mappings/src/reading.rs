@@ -74,6 +74,16 @@ pub struct Reading<'a> {
     pub unit: Option<&'a str>,
     pub time: &'a str,
     pub flags: ReadingFlags,
+    /// The ECMO run the reading falls in, when the gateway knows one: its patient becomes the
+    /// subject and its Procedure the Observation's `partOf`.
+    pub run: Option<RunLink<'a>>,
+}
+
+/// A reading's run: the run id and the run's patient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLink<'a> {
+    pub run_id: &'a str,
+    pub patient: PatientRef<'a>,
 }
 
 /// Which field of a reading an error is about; the gateway turns it into a JSON pointer.

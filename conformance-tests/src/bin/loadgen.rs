@@ -118,6 +118,7 @@ fn bundle_for(mappings: &Mappings, builder: &RequestBuilder, batch: &Value) -> B
                 unit: r["unit"].as_str(),
                 time: r["time"].as_str()?,
                 flags: ReadingFlags::default(),
+                run: None,
             };
             mappings.map_reading(&context, &reading).ok()
         })

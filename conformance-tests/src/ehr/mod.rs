@@ -293,6 +293,7 @@ impl ReferenceEhr {
                 self.create(resource_type, &body, if_none_exist.as_deref())
             }
             (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, &body),
+            (&Method::PUT, [resource_type]) => self.conditional_update(resource_type, query, &body),
             (&Method::GET, [resource_type, id]) => self.read(resource_type, id),
             (&Method::GET, [resource_type]) => self.search(resource_type, query),
             _ => outcome(
@@ -334,6 +335,24 @@ impl ReferenceEhr {
             );
         }
         let written = lock(&self.store).update(resource_type, id, resource);
+        write_response(resource_type, &written)
+    }
+
+    fn conditional_update(
+        &self,
+        resource_type: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Response<BoxBody> {
+        let resource = match self.accept(resource_type, body) {
+            Ok(resource) => resource,
+            Err(refusal) => return refusal.response(),
+        };
+        let token = match identifier_condition(query) {
+            Ok(token) => token,
+            Err(refusal) => return refusal.response(),
+        };
+        let written = lock(&self.store).conditional_update(resource_type, &token, resource);
         write_response(resource_type, &written)
     }
 
@@ -414,6 +433,7 @@ impl ReferenceEhr {
         enum Op {
             Create(String, Value, Option<String>),
             Update(String, String, Value),
+            ConditionalUpdate(String, String, Value),
         }
         let mut ops = Vec::new();
         for (index, entry) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
@@ -431,7 +451,9 @@ impl ReferenceEhr {
                     return refusal.response();
                 }
             };
-            match (method, url.split('/').collect::<Vec<_>>().as_slice()) {
+            // A conditional URL's query holds an identifier system full of '/': split it off first.
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            match (method, path.split('/').collect::<Vec<_>>().as_slice()) {
                 ("POST", [t]) if *t == resource_type => {
                     let token = match entry["request"]["ifNoneExist"]
                         .as_str()
@@ -445,6 +467,13 @@ impl ReferenceEhr {
                 }
                 ("PUT", [t, id]) if *t == resource_type && resource["id"].as_str() == Some(id) => {
                     ops.push(Op::Update(resource_type, (*id).to_owned(), resource));
+                }
+                ("PUT", [t]) if *t == resource_type && !query.is_empty() => {
+                    let token = match identifier_condition(query) {
+                        Ok(token) => token,
+                        Err(refusal) => return refusal.response(),
+                    };
+                    ops.push(Op::ConditionalUpdate(resource_type, token, resource));
                 }
                 _ => {
                     return outcome(
@@ -466,6 +495,10 @@ impl ReferenceEhr {
                     }
                     Op::Update(t, id, r) => {
                         let w = store.update(&t, &id, r);
+                        (t, w)
+                    }
+                    Op::ConditionalUpdate(t, token, r) => {
+                        let w = store.conditional_update(&t, &token, r);
                         (t, w)
                     }
                 };

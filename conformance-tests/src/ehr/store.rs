@@ -124,6 +124,22 @@ impl Store {
         WriteOutcome::Created { id, version: 1 }
     }
 
+    /// Conditional update: update the resource carrying `token` (`system|value`), or create it.
+    pub fn conditional_update(
+        &mut self,
+        resource_type: &str,
+        token: &str,
+        resource: Value,
+    ) -> WriteOutcome {
+        match self
+            .find_by_identifier(resource_type, token)
+            .map(str::to_owned)
+        {
+            Some(id) => self.update(resource_type, &id, resource),
+            None => self.create(resource_type, resource, None),
+        }
+    }
+
     /// Update or create with a client-assigned id.
     pub fn update(&mut self, resource_type: &str, id: &str, mut resource: Value) -> WriteOutcome {
         resource["id"] = Value::String(id.to_owned());

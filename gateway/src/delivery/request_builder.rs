@@ -52,9 +52,20 @@ impl RequestBuilder {
         format!("identifier={}", utf8_percent_encode(&token, QUERY_VALUE))
     }
 
-    /// One request for one resource: conditional create, or PUT to the derived id.
+    /// One request for one resource: conditional create (or conditional update for resources
+    /// that change, such as a run's Procedure), or PUT to the derived id.
     pub fn single(&self, resource: &MappedResource) -> EhrRequest {
         let (method, uri, body) = match self.write {
+            WriteMode::ConditionalCreate if resource.upsert => (
+                Method::PUT,
+                format!(
+                    "{}/{}?{}",
+                    self.base,
+                    resource.resource_type,
+                    Self::identifier_query(resource)
+                ),
+                resource.json.clone(),
+            ),
             WriteMode::ConditionalCreate => (
                 Method::POST,
                 format!("{}/{}", self.base, resource.resource_type),
@@ -68,6 +79,7 @@ impl RequestBuilder {
         };
         let mut request = fhir_request(method, &uri, body);
         if self.write == WriteMode::ConditionalCreate
+            && !resource.upsert
             && let Ok(value) = HeaderValue::from_str(&Self::identifier_query(resource))
         {
             request.headers_mut().insert("if-none-exist", value);
@@ -86,6 +98,18 @@ impl RequestBuilder {
             }
             body.extend_from_slice(br#"{"fullUrl":"#);
             match self.write {
+                WriteMode::ConditionalCreate if resource.upsert => {
+                    push_json_string(&mut body, &uuid_urn(&resource.id));
+                    body.extend_from_slice(br#","resource":"#);
+                    body.extend_from_slice(&resource.json);
+                    body.extend_from_slice(br#","request":{"method":"PUT","url":"#);
+                    let url = format!(
+                        "{}?{}",
+                        resource.resource_type,
+                        Self::identifier_query(resource)
+                    );
+                    push_json_string(&mut body, &url);
+                }
                 WriteMode::ConditionalCreate => {
                     push_json_string(&mut body, &uuid_urn(&resource.id));
                     body.extend_from_slice(br#","resource":"#);
@@ -164,9 +188,10 @@ mod tests {
         MappedResource {
             resource_type: "Observation",
             id: "0123456789abcdef0123456789abcdef".into(),
-            identifier_system: "https://fhir.ecmo-gateway.org/sid/observation",
+            identifier_system: "https://fhir.ecmo-gateway.org/sid/observation".into(),
             identifier_value: "fam:SN-1:pump-blood-flow:20261121T101500.000Z".into(),
             json: br#"{"resourceType":"Observation","status":"final"}"#.to_vec(),
+            upsert: false,
         }
     }
 

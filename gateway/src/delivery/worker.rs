@@ -277,21 +277,17 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 }
 
 fn resource_of(p: &Pending) -> Option<MappedResource> {
-    let resource_type = mappings::CHECKED_TYPES
-        .iter()
-        .copied()
-        .find(|t| *t == p.resource_type)?;
-    let identifier_system = if p.identifier_system == mappings::OBSERVATION_IDENTIFIER_SYSTEM {
-        mappings::OBSERVATION_IDENTIFIER_SYSTEM
-    } else {
-        return None;
-    };
     Some(MappedResource {
-        resource_type,
+        resource_type: mappings::resource_type_name(&p.resource_type)?,
         id: p.logical_id.clone(),
-        identifier_system,
+        identifier_system: if p.identifier_system == mappings::OBSERVATION_IDENTIFIER_SYSTEM {
+            mappings::OBSERVATION_IDENTIFIER_SYSTEM.into()
+        } else {
+            p.identifier_system.clone().into()
+        },
         identifier_value: p.identifier_value.clone(),
         json: p.body.clone(),
+        upsert: p.upsert,
     })
 }
 

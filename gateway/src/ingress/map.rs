@@ -142,6 +142,7 @@ fn reading_of(value: &Value) -> Option<Reading<'_>> {
         unit: value["unit"].as_str(),
         time: value["time"].as_str()?,
         flags,
+        run: None,
     })
 }
 

@@ -48,9 +48,10 @@ impl Handoff for OutboxHandoff {
                         destination: target.to_owned(),
                         resource_type: resource.resource_type.to_owned(),
                         logical_id: resource.id.clone(),
-                        identifier_system: resource.identifier_system.to_owned(),
+                        identifier_system: resource.identifier_system.to_string(),
                         identifier_value: resource.identifier_value.clone(),
                         body: resource.json.clone(),
+                        upsert: resource.upsert,
                     });
                 }
             }

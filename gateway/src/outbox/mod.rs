@@ -40,6 +40,8 @@ pub struct NewMessage {
     pub identifier_system: String,
     pub identifier_value: String,
     pub body: Vec<u8>,
+    /// Conditional update instead of conditional create.
+    pub upsert: bool,
 }
 
 /// A message due for delivery.
@@ -51,6 +53,7 @@ pub struct Pending {
     pub identifier_system: String,
     pub identifier_value: String,
     pub body: Vec<u8>,
+    pub upsert: bool,
     /// Attempts already made.
     pub attempts: u32,
 }

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS messages (
     identifier_system TEXT NOT NULL,
     identifier_value TEXT NOT NULL,
     body BLOB NOT NULL,
+    upsert INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
@@ -196,8 +197,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
     match command {
         Command::Enqueue(batch_id, messages, _) => {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, next_attempt_ms, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
             )?;
             let mut ids = Vec::with_capacity(messages.len());
             for m in messages {
@@ -209,6 +210,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                     m.identifier_system,
                     m.identifier_value,
                     m.body,
+                    m.upsert,
                     now
                 ])?;
                 ids.push(tx.last_insert_rowid());
@@ -305,7 +307,7 @@ impl Outbox for SqliteOutbox {
         let destination = destination.to_owned();
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts FROM messages INDEXED BY messages_queue
+                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts, upsert FROM messages INDEXED BY messages_queue
                  WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3",
             )?;
             let rows = query.query_map(params![destination, now_ms, limit as i64], |row| {
@@ -317,6 +319,7 @@ impl Outbox for SqliteOutbox {
                     identifier_value: row.get(4)?,
                     body: row.get(5)?,
                     attempts: row.get(6)?,
+                    upsert: row.get(7)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -468,6 +471,7 @@ mod tests {
             identifier_system: "s".into(),
             identifier_value: format!("v{n}"),
             body: b"{}".to_vec(),
+            upsert: false,
         }
     }
 
