@@ -5,6 +5,9 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// The patient identifier system the simulator uses.
+pub const SIM_MRN_SYSTEM: &str = "urn:oid:1.2.36.146.595.217.0.1";
+
 pub struct SimulatedCardiohelp {
     pub serial: String,
     pub model: String,
@@ -19,13 +22,21 @@ fn round(value: f64, decimals: i32) -> f64 {
 }
 
 impl SimulatedCardiohelp {
+    /// A console whose batches name a patient (`MRN-SIM-<serial>`), as a bedside integration
+    /// that knows the patient would; see [`Self::without_patient`] for consoles in a run.
     pub fn new(serial: &str, seed: u64) -> Self {
         Self {
             serial: serial.to_owned(),
             model: "CARDIOHELP-i".to_owned(),
-            patient: None,
+            patient: Some((SIM_MRN_SYSTEM.to_owned(), format!("MRN-SIM-{serial}"))),
             rng: fastrand::Rng::with_seed(seed),
         }
+    }
+
+    /// Batches that name no patient: the gateway finds it from the console's ECMO run.
+    pub fn without_patient(mut self) -> Self {
+        self.patient = None;
+        self
     }
 
     pub fn with_patient(mut self, system: &str, value: &str) -> Self {

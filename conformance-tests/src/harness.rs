@@ -152,6 +152,9 @@ max_body_bytes = 262144
 [delivery]
 mode = "direct"
 
+[runs]
+store = "{runs}"
+
 [admin]
 listen = "127.0.0.1:0"
 cert = "{server}"
@@ -182,6 +185,7 @@ max_attempts = 3
 "#,
         server = p("server.pem"),
         server_key = p("server.key"),
+        runs = p("runs.sqlite"),
         ca = p("ca.pem"),
         client = p(&format!("{client_stem}.pem")),
         client_key = p(&format!("{client_stem}.key")),

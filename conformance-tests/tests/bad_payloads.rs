@@ -12,7 +12,7 @@ fn reading(parameter: &str, value: Value, unit: &str) -> Value {
 }
 
 fn batch(readings: Vec<Value>) -> Value {
-    json!({"device": {"serial": "CH-0042", "model": "CARDIOHELP-i"}, "readings": readings})
+    json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-0042", "model": "CARDIOHELP-i"}, "readings": readings})
 }
 
 fn assert_outcome(answer: &Answer, status: u16, pointers: &[&str]) {
@@ -74,7 +74,7 @@ async fn each_bad_payload_gets_its_status_and_nothing_is_stored() {
 
     // Valid JSON, broken schema: every problem at once, 422.
     let answer = vendor
-        .post_json(&url, &json!({"device": {"serial": "CH 42", "model": "CARDIOHELP-i"}, "readings": [], "extra": 1}))
+        .post_json(&url, &json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH 42", "model": "CARDIOHELP-i"}, "readings": [], "extra": 1}))
         .await
         .unwrap();
     assert_outcome(&answer, 422, &["/", "/device/serial", "/readings"]);
@@ -140,7 +140,7 @@ async fn each_bad_payload_gets_its_status_and_nothing_is_stored() {
 
     // A model without a mapping table (owned by no vendor either: 403 comes first).
     let answer = vendor
-        .post_json(&url, &json!({"device": {"serial": "CH-0042", "model": "CARDIOHELP-X"}, "readings": [reading("Flow", json!(4), "L/min")]}))
+        .post_json(&url, &json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-0042", "model": "CARDIOHELP-X"}, "readings": [reading("Flow", json!(4), "L/min")]}))
         .await
         .unwrap();
     assert_eq!(answer.status, 403);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 fn batch(serial: &str, model: &str) -> Value {
     json!({
-        "device": {"serial": serial, "model": model},
+        "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": serial, "model": model},
         "readings": [{"parameter": "Flow", "value": 4.1, "unit": "L/min", "time": now_rfc3339()}]
     })
 }

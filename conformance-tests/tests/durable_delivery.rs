@@ -403,7 +403,7 @@ async fn admin_api_is_for_admins_only_and_reports_health() {
     assert_eq!(unknown.status, 404);
     // The admin certificate is not a vendor: it cannot post readings.
     let answer = admin
-        .post_json(&gateway.url("/v1/observations"), &json!({"device": {"serial": "CH-1", "model": "CARDIOHELP-i"}, "readings": [{"parameter": "Flow", "value": 4, "unit": "L/min", "time": now_rfc3339()}]}))
+        .post_json(&gateway.url("/v1/observations"), &json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-1", "model": "CARDIOHELP-i"}, "readings": [{"parameter": "Flow", "value": 4, "unit": "L/min", "time": now_rfc3339()}]}))
         .await
         .unwrap();
     assert_eq!(answer.status, 403);
@@ -439,7 +439,7 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
         receipt["resources"][0]["messages"]["registry"].is_number(),
         "routed to the registry too"
     );
-    let spectrum = json!({"device": {"serial": "M4-7001", "model": "M4"}, "readings": [{"parameter": "Hb", "value": 10.1, "unit": "g/dL", "time": now_rfc3339()}]});
+    let spectrum = json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "M4-7001", "model": "M4"}, "readings": [{"parameter": "Hb", "value": 10.1, "unit": "g/dL", "time": now_rfc3339()}]});
     let receipt = pki
         .client(SPECTRUM)
         .post_json(&gateway.url("/v1/observations"), &spectrum)

@@ -172,7 +172,7 @@ async fn second_vendor_and_second_family_map_through_their_own_table() {
         .unwrap();
     let time = now_rfc3339();
     let batch = json!({
-        "device": {"serial": "M4-7001", "model": "M4"},
+        "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "M4-7001", "model": "M4"},
         "readings": [
             {"parameter": "SweepFlow", "value": 3500, "unit": "mL/min", "time": time},
             {"parameter": "ArterialSO2", "value": 99.1, "unit": "%", "time": time}
@@ -192,7 +192,7 @@ async fn second_vendor_and_second_family_map_through_their_own_table() {
     assert_eq!(sweep.1["valueQuantity"]["value"].to_string(), "3.50");
     assert_eq!(sweep.1["valueQuantity"]["code"], "L/min");
     assert!(sweep.0.starts_with("spectrum-m4:M4-7001:"));
-    assert!(sweep.1.get("subject").is_none(), "no patient was named");
+    assert_eq!(sweep.1["subject"]["identifier"]["value"], "MRN-T1");
 }
 
 #[tokio::test(flavor = "multi_thread")]

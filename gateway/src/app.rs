@@ -31,6 +31,8 @@ pub enum StartError {
     Schema(#[from] crate::validation::SchemaError),
     #[error("outbox: {0}")]
     Outbox(#[from] crate::outbox::OutboxError),
+    #[error(transparent)]
+    Runs(#[from] crate::runs::RunError),
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -157,6 +159,7 @@ impl Gateway {
             tracing::info!(admin = %admin_addr, "admin API listening (mutual TLS, admin role)");
         }
 
+        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, self.mappings.clone())?;
         let server = &self.config.server;
         let settings = IngressSettings {
             request_timeout: server.request_timeout,
@@ -169,6 +172,7 @@ impl Gateway {
             Vendors::new(&self.config.vendors),
             self.mappings.clone(),
             self.schemas.clone(),
+            runs,
             handoff,
         );
         let options = ServeOptions {

@@ -36,6 +36,8 @@ pub struct Config {
     pub readings: ReadingSettings,
     #[serde(default)]
     pub delivery: DeliverySettings,
+    #[serde(default)]
+    pub runs: RunSettings,
     pub admin: Option<AdminSettings>,
     #[serde(rename = "vendor", default)]
     pub vendors: Vec<VendorSettings>,
@@ -87,6 +89,23 @@ impl Default for ReadingSettings {
     fn default() -> Self {
         Self {
             max_future_skew: defaults::max_future_skew(),
+        }
+    }
+}
+
+/// Where ECMO run events are kept (they decide whose readings are whose).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSettings {
+    /// The run store (SQLite); relative to the config file.
+    #[serde(default = "defaults::run_store")]
+    pub store: PathBuf,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            store: defaults::run_store(),
         }
     }
 }
@@ -265,6 +284,9 @@ mod defaults {
     pub fn outbox() -> std::path::PathBuf {
         "outbox.sqlite".into()
     }
+    pub fn run_store() -> std::path::PathBuf {
+        "runs.sqlite".into()
+    }
     pub fn keep_delivered() -> Duration {
         Duration::from_secs(7 * 24 * 3600)
     }
@@ -316,6 +338,7 @@ impl Config {
             fix(dir);
         }
         fix(&mut self.delivery.outbox);
+        fix(&mut self.runs.store);
         if let Some(admin) = &mut self.admin {
             fix(&mut admin.cert);
             fix(&mut admin.key);

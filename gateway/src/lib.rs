@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod outbox;
 pub mod outcome;
 pub mod peer;
+pub mod runs;
 pub mod server;
 pub mod tls;
 pub mod validation;

@@ -9,10 +9,16 @@ use serde_json::Value;
 use crate::outcome::Issue;
 
 /// The schemas the gateway checks payloads against and serves at `GET /v1/schemas/<name>`.
-const EMBEDDED: &[(&str, &str)] = &[(
-    "observation-batch",
-    include_str!("../../profiles/schemas/observation-batch.schema.json"),
-)];
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "observation-batch",
+        include_str!("../../profiles/schemas/observation-batch.schema.json"),
+    ),
+    (
+        "run-event",
+        include_str!("../../profiles/schemas/run-event.schema.json"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("schema '{name}': {reason}")]

@@ -2,12 +2,16 @@
 //! family's table (mappings crate). Every refused reading is reported, together with the schema
 //! issues of other readings; one bad reading refuses the whole batch, so that a batch is
 //! either charted entirely or not at all.
+//!
+//! The patient comes from the ECMO run the console is in at the reading's time (consoles do
+//! not know their patient); a batch that names a different patient than that run is refused
+//! with 409, and a reading outside every run of its console with no patient named gets 422.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use mappings::{DeviceContext, Mappings, PatientRef, Reading, ReadingFlags, ReadingValue};
+use mappings::{DeviceContext, Mappings, PatientRef, Reading, ReadingFlags, ReadingValue, RunLink};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tower::filter::{FilterLayer, Predicate};
@@ -16,16 +20,23 @@ use crate::BoxError;
 use crate::delivery::OutboundBatch;
 use crate::ingress::validate::ReadingIssues;
 use crate::outcome::{ApiError, Issue};
+use crate::runs::RunRegistry;
 
 #[derive(Clone)]
 pub struct MapObservations {
     mappings: Arc<Mappings>,
+    runs: Arc<RunRegistry>,
     max_future_skew: time::Duration,
 }
 
-pub fn layer(mappings: Arc<Mappings>, max_future_skew: Duration) -> FilterLayer<MapObservations> {
+pub fn layer(
+    mappings: Arc<Mappings>,
+    runs: Arc<RunRegistry>,
+    max_future_skew: Duration,
+) -> FilterLayer<MapObservations> {
     FilterLayer::new(MapObservations {
         mappings,
+        runs,
         max_future_skew: time::Duration::try_from(max_future_skew).unwrap_or(time::Duration::MAX),
     })
 }
@@ -87,13 +98,54 @@ impl Predicate<Request<Value>> for MapObservations {
                 issues.extend(found.iter().cloned());
                 continue;
             }
-            let Some(reading) = reading_of(reading) else {
+            let Some(mut reading) = reading_of(reading) else {
                 issues.push(
                     Issue::error("structure", "reading does not have the documented shape")
                         .at(format!("/readings/{index}")),
                 );
                 continue;
             };
+            let run = mappings::DeviceTime::parse(reading.time)
+                .ok()
+                .and_then(|t| self.runs.association(serial, t.instant));
+            match (&run, patient) {
+                (Some(run), Some(named))
+                    if run.patient_system != named.system || run.patient_value != named.value =>
+                {
+                    // The run's patient is not echoed: it is not this vendor's to learn.
+                    return Err(ApiError::one(
+                        StatusCode::CONFLICT,
+                        Issue::error(
+                            "conflict",
+                            format!(
+                                "the batch names a patient, but console '{serial}' is in an ECMO run of a different patient at this time; check the console and the patient"
+                            ),
+                        )
+                        .at("/patient"),
+                    )
+                    .into());
+                }
+                (None, None) => {
+                    issues.push(
+                        Issue::error(
+                            "required",
+                            format!(
+                                "no ECMO run of console '{serial}' covers this time and the batch names no patient: post the run's started event first, or name the patient"
+                            ),
+                        )
+                        .at(format!("/readings/{index}/time")),
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            reading.run = run.as_deref().map(|run| RunLink {
+                run_id: &run.run_id,
+                patient: PatientRef {
+                    system: &run.patient_system,
+                    value: &run.patient_value,
+                },
+            });
             match self.mappings.map_reading(&context, &reading) {
                 Ok(resource) if issues.is_empty() => resources.push(resource),
                 Ok(_) => {}
@@ -152,8 +204,11 @@ mod tests {
     use serde_json::json;
 
     fn map(body: Value) -> Result<Request<OutboundBatch>, BoxError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mappings = Arc::new(Mappings::embedded().unwrap());
         let mut layer = MapObservations {
-            mappings: Arc::new(Mappings::embedded().unwrap()),
+            runs: RunRegistry::open(&dir.path().join("runs.sqlite"), mappings.clone()).unwrap(),
+            mappings,
             max_future_skew: time::Duration::minutes(5),
         };
         layer.check(Request::new(body))
@@ -168,7 +223,7 @@ mod tests {
     #[test]
     fn maps_every_reading() {
         let request = map(json!({
-            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
             "readings": [
                 {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now()},
                 {"parameter": "Bubble", "value": false, "time": now()}
@@ -181,7 +236,7 @@ mod tests {
     #[test]
     fn reports_all_refused_readings_with_pointers() {
         let error = map(json!({
-            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
             "readings": [
                 {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now()},
                 {"parameter": "Flw", "value": 4.2, "unit": "L/min", "time": now()},
@@ -210,7 +265,7 @@ mod tests {
     #[test]
     fn unknown_model_is_named() {
         let error = map(json!({
-            "device": {"serial": "X-1", "model": "Rotaflow"},
+            "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "X-1", "model": "Rotaflow"},
             "readings": [{"parameter": "Flow", "value": 1, "unit": "L/min", "time": now()}]
         }))
         .unwrap_err();

@@ -15,6 +15,7 @@ pub mod handoff;
 pub mod map;
 pub mod rescue;
 pub mod router;
+pub mod run_events;
 pub mod schemas;
 pub mod stack;
 pub mod validate;

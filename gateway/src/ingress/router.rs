@@ -17,6 +17,7 @@ pub type Route<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, BoxError>
 
 pub struct Router<B> {
     observations: Route<B>,
+    run_events: Route<B>,
     schemas: Schemas,
 }
 
@@ -25,15 +26,17 @@ impl<B> Clone for Router<B> {
     fn clone(&self) -> Self {
         Self {
             observations: self.observations.clone(),
+            run_events: self.run_events.clone(),
             schemas: self.schemas.clone(),
         }
     }
 }
 
 impl<B> Router<B> {
-    pub fn new(observations: Route<B>, schemas: Schemas) -> Self {
+    pub fn new(observations: Route<B>, run_events: Route<B>, schemas: Schemas) -> Self {
         Self {
             observations,
+            run_events,
             schemas,
         }
     }
@@ -63,6 +66,12 @@ impl<B: Send + 'static> Service<Request<B>> for Router<B> {
                 Box::pin(self.observations.clone().oneshot(request))
             }
             ("/v1/observations", _) => Box::pin(async { Err(method_not_allowed("POST")) }),
+            (p, &Method::POST) if p.starts_with("/v1/runs/") && p.ends_with("/events") => {
+                Box::pin(self.run_events.clone().oneshot(request))
+            }
+            (p, _) if p.starts_with("/v1/runs/") && p.ends_with("/events") => {
+                Box::pin(async { Err(method_not_allowed("POST")) })
+            }
             (p, &Method::GET) if p.starts_with("/v1/schemas/") => {
                 let name = p.trim_start_matches("/v1/schemas/").to_owned();
                 let result = schemas::serve(&self.schemas, &name).map_err(Into::into);

@@ -20,7 +20,8 @@ use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
-use crate::ingress::{authorize, client_identity, decode, map, rescue, validate};
+use crate::ingress::{authorize, client_identity, decode, map, rescue, run_events, validate};
+use crate::runs::RunRegistry;
 use crate::validation::Schemas;
 use crate::{BoxBody, BoxError};
 
@@ -40,6 +41,7 @@ pub fn build_stack<B>(
     vendors: Vendors,
     mappings: Arc<Mappings>,
     schemas: Schemas,
+    runs: Arc<RunRegistry>,
     handoff: Arc<dyn Handoff>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
@@ -54,7 +56,14 @@ where
         .layer(decode::layer())
         .layer(authorize::layer())
         .layer(validate::layer(schemas.clone(), "observation-batch"))
-        .layer(map::layer(mappings, settings.max_future_skew))
+        .layer(map::layer(mappings, runs.clone(), settings.max_future_skew))
+        .service(HandoffService::new(handoff.clone()));
+
+    // POST /v1/runs/{run-id}/events, after routing.
+    let run_events = ServiceBuilder::new()
+        .layer(decode::layer())
+        .layer(validate::layer(schemas.clone(), "run-event"))
+        .layer(run_events::layer(runs))
         .service(HandoffService::new(handoff));
 
     ServiceBuilder::new()
@@ -72,7 +81,11 @@ where
             settings.max_concurrent_requests,
         ))
         .layer(client_identity::layer(vendors))
-        .service(Router::new(BoxCloneSyncService::new(observations), schemas))
+        .service(Router::new(
+            BoxCloneSyncService::new(observations),
+            BoxCloneSyncService::new(run_events),
+            schemas,
+        ))
 }
 
 fn box_body<D>(response: Response<D>) -> Response<BoxBody>
@@ -142,11 +155,16 @@ mod tests {
             serials: vec![],
             models: vec!["CARDIOHELP-i".into()],
         }]);
+        let mappings = Arc::new(Mappings::embedded().unwrap());
+        // The registry's file outlives the test process' interest in it: a temp dir per stack.
+        let dir = tempfile::tempdir().unwrap().keep();
+        let runs = RunRegistry::open(&dir.join("runs.sqlite"), mappings.clone()).unwrap();
         build_stack(
             settings,
             vendors,
-            Arc::new(Mappings::embedded().unwrap()),
+            mappings,
             Schemas::embedded().unwrap(),
+            runs,
             Arc::new(recorder),
         )
     }
@@ -170,7 +188,7 @@ mod tests {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap();
         serde_json::to_vec(&json!({
-            "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
+            "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
             "readings": [{"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now}]
         }))
         .unwrap()

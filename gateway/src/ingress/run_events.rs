@@ -1,0 +1,112 @@
+//! `POST /v1/runs/{run-id}/events`: a run event is checked against the run (and every other
+//! run on the same console), stored, and the run's resources are handed off.
+
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use serde_json::Value;
+use tower::filter::{FilterLayer, Predicate};
+
+use crate::BoxError;
+use crate::delivery::OutboundBatch;
+use crate::ingress::client_identity::VendorPolicy;
+use crate::outcome::{ApiError, Issue};
+use crate::runs::{RunError, RunRegistry};
+
+#[derive(Clone)]
+pub struct ApplyRunEvent {
+    runs: Arc<RunRegistry>,
+}
+
+pub fn layer(runs: Arc<RunRegistry>) -> FilterLayer<ApplyRunEvent> {
+    FilterLayer::new(ApplyRunEvent { runs })
+}
+
+/// `/v1/runs/{run-id}/events` -> `run-id`, if it is a valid id.
+pub fn run_id(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v1/runs/")?.strip_suffix("/events")?;
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then_some(id)
+}
+
+pub fn refusal(error: RunError) -> ApiError {
+    match error {
+        RunError::Invalid(why) => ApiError::one(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Issue::error("invalid", why).at("/"),
+        ),
+        RunError::Conflict(conflict) => ApiError::one(
+            StatusCode::CONFLICT,
+            Issue::error("conflict", conflict.0).at("/time"),
+        ),
+        RunError::Forbidden(why) => ApiError::one(
+            StatusCode::FORBIDDEN,
+            Issue::error("forbidden", why).at("/console"),
+        ),
+        RunError::Storage(why) => {
+            tracing::error!(%why, "run store failure");
+            ApiError::one(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Issue::error("transient", "the run store cannot be written; resend later"),
+            )
+            .retry_after(5)
+        }
+    }
+}
+
+impl Predicate<Request<Value>> for ApplyRunEvent {
+    type Request = Request<OutboundBatch>;
+
+    fn check(&mut self, request: Request<Value>) -> Result<Request<OutboundBatch>, BoxError> {
+        let (parts, body) = request.into_parts();
+        let Some(run_id) = run_id(parts.uri.path()) else {
+            return Err(ApiError::one(
+                StatusCode::NOT_FOUND,
+                Issue::error(
+                    "not-found",
+                    "the run id must be 1-64 letters, digits, '.', '_' or '-'",
+                ),
+            )
+            .into());
+        };
+        let vendor = parts
+            .extensions
+            .get::<Arc<VendorPolicy>>()
+            .cloned()
+            .ok_or_else(|| {
+                BoxError::from(ApiError::one(
+                    StatusCode::FORBIDDEN,
+                    Issue::error("forbidden", "no vendor identity"),
+                ))
+            })?;
+        let applied = self
+            .runs
+            .apply(run_id, &body, &vendor)
+            .map_err(|e| BoxError::from(refusal(e)))?;
+        tracing::info!(vendor = %vendor.name, status = applied.status, resources = applied.resources.len(), "run event applied");
+        let batch = OutboundBatch {
+            request_id: crate::ingress::request_id(&parts.headers),
+            vendor: vendor.name.clone(),
+            model: applied.model,
+            resources: applied.resources.into(),
+        };
+        Ok(Request::from_parts(parts, batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_from_paths() {
+        assert_eq!(run_id("/v1/runs/R-2026.001/events"), Some("R-2026.001"));
+        assert_eq!(run_id("/v1/runs//events"), None);
+        assert_eq!(run_id("/v1/runs/a b/events"), None);
+        assert_eq!(run_id("/v1/runs/x/other"), None);
+    }
+}

@@ -1,0 +1,355 @@
+//! A run's state, folded from its events in time order (ties broken by event id), so the
+//! result does not depend on the order events arrived in. Events that cannot have happened
+//! (anything before the run exists, after it ended, an end before the start) are refused.
+
+use mappings::{AgeGroup, CannulaView, ComplicationView, RunStatus, RunView, SegmentView};
+use time::OffsetDateTime;
+
+use super::event::{Cannula, Console, EventKind, Identifier, RunEvent};
+
+/// Why an event does not fit the run (answered 409).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Conflict(pub String);
+
+/// A console's stay in a run: readings from it in [from, until) belong to the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsolePeriod {
+    pub serial: String,
+    pub model: String,
+    pub from: OffsetDateTime,
+    pub until: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    pub view: RunView,
+    pub patient: Identifier,
+    pub consoles: Vec<ConsolePeriod>,
+}
+
+struct Builder {
+    run_id: String,
+    status: RunStatus,
+    patient: Option<Identifier>,
+    encounter: Option<Identifier>,
+    birth_date: Option<time::Date>,
+    initial_mode: Option<String>,
+    mode: Option<(String, String, usize)>,
+    support_type: Option<String>,
+    indications: Vec<(String, String)>,
+    cannulas: Vec<Cannula>,
+    consoles: Vec<ConsolePeriod>,
+    start: Option<(String, OffsetDateTime)>,
+    created: Option<OffsetDateTime>,
+    end: Option<(String, OffsetDateTime)>,
+    complications: Vec<ComplicationView>,
+    outcome: Option<(String, bool)>,
+    segments: Vec<SegmentView>,
+    mode_count: usize,
+}
+
+pub fn fold(run_id: &str, events: &[RunEvent]) -> Result<Folded, Conflict> {
+    let mut ordered: Vec<&RunEvent> = events.iter().collect();
+    ordered.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.event_id.cmp(&b.event_id)));
+    let mut b = Builder {
+        run_id: run_id.to_owned(),
+        status: RunStatus::Preparation,
+        patient: None,
+        encounter: None,
+        birth_date: None,
+        initial_mode: None,
+        mode: None,
+        support_type: None,
+        indications: vec![],
+        cannulas: vec![],
+        consoles: vec![],
+        start: None,
+        created: None,
+        end: None,
+        complications: vec![],
+        outcome: None,
+        segments: vec![],
+        mode_count: 0,
+    };
+    for event in ordered {
+        b.apply(event)?;
+    }
+    b.finish()
+}
+
+impl Builder {
+    fn conflict(&self, event: &RunEvent, why: impl std::fmt::Display) -> Conflict {
+        Conflict(format!(
+            "event '{}' ({}) at {}: {why}",
+            event.event_id,
+            kind_name(&event.kind),
+            event.time
+        ))
+    }
+
+    fn apply(&mut self, event: &RunEvent) -> Result<(), Conflict> {
+        if self.status == RunStatus::EnteredInError {
+            return Err(self.conflict(
+                event,
+                "the run was entered in error; no event may follow it",
+            ));
+        }
+        let exists = self.created.is_some();
+        match &event.kind {
+            EventKind::Setup { .. } | EventKind::EnteredInError => {}
+            _ if !exists => {
+                return Err(self.conflict(event, format!("run '{}' has not started", self.run_id)));
+            }
+            _ => {}
+        }
+        if let Some((_, end)) = &self.end
+            && event.at > *end
+            && !matches!(event.kind, EventKind::EnteredInError)
+        {
+            return Err(self.conflict(
+                event,
+                "it is timed after the run ended (last cannula removed)",
+            ));
+        }
+        match &event.kind {
+            EventKind::Setup {
+                flow_started,
+                patient,
+                encounter,
+                birth_date,
+                mode,
+                support_type,
+                indications,
+                cannulas,
+                console,
+            } => {
+                if *flow_started && self.start.is_some() {
+                    return Err(self.conflict(event, "the run has already started"));
+                }
+                if !flow_started && exists {
+                    return Err(self.conflict(event, "preparation must come before anything else"));
+                }
+                if let Some(known) = &self.patient
+                    && known != patient
+                {
+                    return Err(self.conflict(event, "it names a different patient than the run"));
+                }
+                self.patient = Some(patient.clone());
+                self.encounter = encounter.clone().or(self.encounter.take());
+                self.birth_date = birth_date.or(self.birth_date);
+                self.support_type = support_type.clone().or(self.support_type.take());
+                if !indications.is_empty() {
+                    self.indications = indications.clone();
+                }
+                if !cannulas.is_empty() {
+                    self.cannulas = cannulas.clone();
+                }
+                if self.initial_mode.is_none() || *flow_started {
+                    self.initial_mode = Some(mode.clone());
+                }
+                if self
+                    .consoles
+                    .last()
+                    .is_none_or(|c| c.serial != console.serial)
+                {
+                    self.switch_console(console, event.at);
+                }
+                self.created.get_or_insert(event.at);
+                if *flow_started {
+                    self.status = RunStatus::InProgress;
+                    self.start = Some((event.time.clone(), event.at));
+                    self.open_mode(mode, &event.time, event.at);
+                }
+            }
+            EventKind::ModeChanged { mode } => {
+                self.require_started(event)?;
+                if self.mode.as_ref().is_some_and(|(m, _, _)| m == mode) {
+                    return Err(self.conflict(event, format!("the run is already in mode {mode}")));
+                }
+                self.close_mode(&event.time);
+                self.open_mode(mode, &event.time, event.at);
+            }
+            EventKind::ConsoleChanged { console } => {
+                self.require_started(event)?;
+                self.switch_console(console, event.at);
+            }
+            EventKind::CircuitChanged => {
+                self.require_started(event)?;
+                self.segments.push(SegmentView {
+                    key: format!("circuit-change-{}", event.event_id),
+                    activity: "circuit-change",
+                    mode: None,
+                    start: event.time.clone(),
+                    end: Some(event.time.clone()),
+                });
+            }
+            EventKind::CannulaAdded { cannula } => {
+                if self.cannulas.iter().any(|c| c.id == cannula.id) {
+                    return Err(self.conflict(
+                        event,
+                        format!("cannula '{}' is already in place", cannula.id),
+                    ));
+                }
+                self.cannulas.push(cannula.clone());
+            }
+            EventKind::CannulaRemoved { cannula_id } => {
+                let before = self.cannulas.len();
+                self.cannulas.retain(|c| &c.id != cannula_id);
+                if self.cannulas.len() == before {
+                    return Err(
+                        self.conflict(event, format!("no cannula '{cannula_id}' is in place"))
+                    );
+                }
+            }
+            EventKind::Complication { code, display } => {
+                self.complications.push(ComplicationView {
+                    code: code.clone(),
+                    display: display.clone(),
+                    time: event.time.clone(),
+                })
+            }
+            EventKind::WeaningTrial { end } => {
+                self.require_started(event)?;
+                self.segments.push(SegmentView {
+                    key: format!("weaning-trial-{}", event.event_id),
+                    activity: "weaning-trial",
+                    mode: None,
+                    start: event.time.clone(),
+                    end: end.clone(),
+                });
+            }
+            EventKind::Ended { reason, alive } => {
+                self.require_started(event)?;
+                if self.end.is_some() {
+                    return Err(self.conflict(event, "the run has already ended"));
+                }
+                if let Some((_, start)) = &self.start
+                    && event.at < *start
+                {
+                    return Err(self.conflict(event, "the run cannot end before it started"));
+                }
+                self.close_mode(&event.time);
+                if let Some(last) = self.consoles.last_mut() {
+                    last.until.get_or_insert(event.at);
+                }
+                self.end = Some((event.time.clone(), event.at));
+                self.outcome = Some((reason.clone(), *alive));
+                self.status = if *alive && reason != "died" {
+                    RunStatus::Completed
+                } else {
+                    RunStatus::Stopped
+                };
+            }
+            EventKind::EnteredInError => {
+                if !exists {
+                    return Err(
+                        self.conflict(event, format!("run '{}' does not exist", self.run_id))
+                    );
+                }
+                self.status = RunStatus::EnteredInError;
+                // An erroneous run claims no console: readings are no longer linked to it.
+                self.consoles.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn require_started(&self, event: &RunEvent) -> Result<(), Conflict> {
+        match &self.start {
+            Some((_, start)) if event.at >= *start => Ok(()),
+            Some(_) => Err(self.conflict(event, "it is timed before the start of blood flow")),
+            None => Err(self.conflict(event, "blood flow has not started")),
+        }
+    }
+
+    fn switch_console(&mut self, console: &Console, at: OffsetDateTime) {
+        if let Some(last) = self.consoles.last_mut() {
+            last.until.get_or_insert(at);
+        }
+        self.consoles.push(ConsolePeriod {
+            serial: console.serial.clone(),
+            model: console.model.clone(),
+            from: at,
+            until: None,
+        });
+    }
+
+    fn open_mode(&mut self, mode: &str, time: &str, _at: OffsetDateTime) {
+        self.mode_count += 1;
+        self.segments.push(SegmentView {
+            key: format!("mode-{}", self.mode_count),
+            activity: "mode-segment",
+            mode: Some(mode.to_owned()),
+            start: time.to_owned(),
+            end: None,
+        });
+        self.mode = Some((mode.to_owned(), time.to_owned(), self.segments.len() - 1));
+    }
+
+    fn close_mode(&mut self, time: &str) {
+        if let Some((_, _, index)) = self.mode.take() {
+            self.segments[index].end = Some(time.to_owned());
+        }
+    }
+
+    fn finish(self) -> Result<Folded, Conflict> {
+        let patient = self
+            .patient
+            .ok_or_else(|| Conflict(format!("run '{}' has no started event", self.run_id)))?;
+        let age_group = match (self.birth_date, &self.start) {
+            (Some(birth), Some((_, start))) => AgeGroup::at(birth, start.date()),
+            _ => None,
+        };
+        let view = RunView {
+            run_id: self.run_id,
+            status: self.status,
+            patient_system: patient.system.clone(),
+            patient_value: patient.value.clone(),
+            encounter: self.encounter.map(|e| (e.system, e.value)),
+            initial_mode: self.initial_mode.unwrap_or_else(|| "va".into()),
+            support_type: self.support_type,
+            age_group,
+            indications: self.indications,
+            cannulas: self
+                .cannulas
+                .into_iter()
+                .map(|c| CannulaView {
+                    site_code: c.site_code,
+                    site_display: c.site_display,
+                    laterality: c.laterality,
+                    role: c.role,
+                })
+                .collect(),
+            consoles: vec![],
+            start: self.start.map(|(t, _)| t),
+            end: self.end.map(|(t, _)| t),
+            complications: self.complications,
+            outcome: self.outcome,
+            segments: self.segments,
+        };
+        Ok(Folded {
+            view,
+            patient,
+            consoles: self.consoles,
+        })
+    }
+}
+
+fn kind_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Setup {
+            flow_started: true, ..
+        } => "started",
+        EventKind::Setup { .. } => "preparation",
+        EventKind::ModeChanged { .. } => "mode-changed",
+        EventKind::ConsoleChanged { .. } => "console-changed",
+        EventKind::CircuitChanged => "circuit-changed",
+        EventKind::CannulaAdded { .. } => "cannula-added",
+        EventKind::CannulaRemoved { .. } => "cannula-removed",
+        EventKind::Complication { .. } => "complication",
+        EventKind::WeaningTrial { .. } => "weaning-trial",
+        EventKind::Ended { .. } => "ended",
+        EventKind::EnteredInError => "entered-in-error",
+    }
+}
