@@ -88,15 +88,45 @@ async fn main() -> Result<(), gateway::BoxError> {
         p("gateway.toml").display()
     );
 
-    println!(
-        "== 4. Simulated CARDIOHELP-i CH-0042 on patient MRN-DEMO-1, {} cycles",
-        args.cycles
-    );
+    println!("== 4. An adult VV ECMO run starts on console CH-0042 (patient MRN-DEMO-1, ARDS)");
+    let _ = std::fs::remove_file(dir.join("runs.sqlite"));
+    let run_id = format!("DEMO-{}", OffsetDateTime::now_utc().unix_timestamp());
+    let run_url = gateway.url(&format!("/v1/runs/{run_id}/events"));
+    let rfc = |t: OffsetDateTime| {
+        t.replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+            .unwrap_or(t)
+            .format(&time::format_description::well_known::Rfc3339)
+    };
+    let run_start = OffsetDateTime::now_utc() - time::Duration::minutes(1);
     let vendor = MtlsClient::new(
         &p("ca.pem"),
         Some((&p("vendor-getinge.pem"), &p("vendor-getinge.key"))),
     )?;
-    let mut console = SimulatedCardiohelp::new("CH-0042", 42).with_patient(MRN, "MRN-DEMO-1");
+    let started = vendor
+        .post_json(
+            &run_url,
+            &json!({
+                "eventId": "started", "type": "started", "time": rfc(run_start)?,
+                "patient": {"system": MRN, "value": "MRN-DEMO-1"}, "birthDate": "1979-05-14",
+                "mode": "vv", "supportType": "respiratory",
+                "indications": [{"code": "67782005", "display": "Acute respiratory distress syndrome"}],
+                "cannulas": [
+                    {"id": "drainage", "site": {"code": "83419000", "display": "femoral vein"}, "laterality": "right", "role": "drainage"},
+                    {"id": "return", "site": {"code": "12123001", "display": "internal jugular vein"}, "laterality": "right", "role": "return"}
+                ],
+                "console": {"serial": "CH-0042", "model": "CARDIOHELP-i"}
+            }),
+        )
+        .await?;
+    println!(
+        "   run {run_id} started -> HTTP {}",
+        started.status.as_u16()
+    );
+    println!(
+        "== 5. The simulated CARDIOHELP-i posts {} cycles naming no patient: the run says whose they are",
+        args.cycles
+    );
+    let mut console = SimulatedCardiohelp::new("CH-0042", 42).without_patient();
     let mut first_batch = None;
     let mut last_tracking: Option<String> = None;
     for cycle in 1..=args.cycles {
@@ -115,7 +145,7 @@ async fn main() -> Result<(), gateway::BoxError> {
     }
 
     let admin = MtlsClient::new(&p("ca.pem"), Some((&p("admin.pem"), &p("admin.key"))))?;
-    println!("== 4b. Delivery, as the admin API (mutual TLS, admin certificate) shows it");
+    println!("== 5b. Delivery, as the admin API (mutual TLS, admin certificate) shows it");
     for _ in 0..100 {
         let queues = admin
             .get(&gateway.admin_url("/admin/v1/queues"))
@@ -146,7 +176,7 @@ async fn main() -> Result<(), gateway::BoxError> {
         base_url: running_ehr.base_url.clone(),
     };
     let held = reader.all("Observation").await?.len();
-    println!("== 5. Resending cycle 1 (a retry after a lost answer)");
+    println!("== 6. Resending cycle 1 (a retry after a lost answer)");
     if let Some(batch) = &first_batch {
         let answer = vendor.post_json(&url, batch).await?;
         let delivered = |q: &serde_json::Value| q["destinations"][0]["pending"] == 0;
@@ -168,7 +198,7 @@ async fn main() -> Result<(), gateway::BoxError> {
         );
     }
 
-    println!("== 6. What a vendor sees when a payload is wrong");
+    println!("== 7. What a vendor sees when a payload is wrong");
     let bad = json!({
         "device": {"serial": "CH-0042", "model": "CARDIOHELP-i"},
         "readings": [
@@ -183,7 +213,37 @@ async fn main() -> Result<(), gateway::BoxError> {
         indent(&serde_json::to_string_pretty(&answer.json())?)
     );
 
-    println!("== 7. One Observation as the EHR stored it");
+    println!("== 8. The run ends: the last cannula is removed, the patient came off alive");
+    let ended = vendor
+        .post_json(
+            &run_url,
+            &json!({"eventId": "ended", "type": "ended", "time": rfc(OffsetDateTime::now_utc())?, "reason": "recovered", "alive": true}),
+        )
+        .await?;
+    println!("   HTTP {}", ended.status.as_u16());
+    for _ in 0..100 {
+        if admin
+            .get(&gateway.admin_url("/admin/v1/queues"))
+            .await?
+            .json()["destinations"][0]["pending"]
+            == 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let procedures = reader.all("Procedure").await?;
+    if let Some(run) = procedures.iter().find(|p| p.get("partOf").is_none()) {
+        println!(
+            "   the EHR's Procedure: status {}, performed {} to {}, {} child Procedure(s)",
+            run["status"],
+            run["performedPeriod"]["start"],
+            run["performedPeriod"]["end"],
+            procedures.len() - 1
+        );
+    }
+
+    println!("== 9. One Observation as the EHR stored it (subject and partOf from the run)");
     if let Some(observation) = reader.all("Observation").await?.into_iter().next() {
         println!("{}", indent(&serde_json::to_string_pretty(&observation)?));
     }
