@@ -353,3 +353,98 @@ fn kind_name(kind: &EventKind) -> &'static str {
         EventKind::EnteredInError => "entered-in-error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(body: serde_json::Value) -> RunEvent {
+        crate::runs::event::parse(&body).expect("valid event")
+    }
+
+    fn started(t: &str) -> RunEvent {
+        ev(
+            json!({"eventId": "s", "type": "started", "time": t, "patient": {"system": "urn:x", "value": "P"},
+                  "mode": "vv", "console": {"serial": "C1", "model": "CARDIOHELP-i"}}),
+        )
+    }
+
+    #[test]
+    fn arrival_order_does_not_change_the_run() {
+        let events = vec![
+            started("2026-11-20T08:00:00Z"),
+            ev(
+                json!({"eventId": "m", "type": "mode-changed", "time": "2026-11-20T10:00:00Z", "mode": "vva"}),
+            ),
+            ev(
+                json!({"eventId": "c", "type": "complication", "time": "2026-11-20T12:00:00Z", "complication": {"code": "1386000"}}),
+            ),
+            ev(
+                json!({"eventId": "e", "type": "ended", "time": "2026-11-21T08:00:00Z", "reason": "recovered", "alive": true}),
+            ),
+        ];
+        let mut reversed = events.clone();
+        reversed.reverse();
+        let a = fold("R", &events).unwrap();
+        let b = fold("R", &reversed).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.view.status, RunStatus::Completed);
+        assert_eq!(a.view.segments.len(), 2);
+        assert_eq!(
+            a.view.segments[0].end.as_deref(),
+            Some("2026-11-20T10:00:00Z")
+        );
+        assert_eq!(
+            a.consoles[0].until,
+            Some(time::macros::datetime!(2026-11-21 08:00 UTC))
+        );
+    }
+
+    #[test]
+    fn impossible_sequences_conflict() {
+        let mode = ev(
+            json!({"eventId": "m", "type": "mode-changed", "time": "2026-11-20T10:00:00Z", "mode": "va"}),
+        );
+        assert!(
+            fold("R", std::slice::from_ref(&mode)).is_err(),
+            "not started"
+        );
+        let early_end = ev(
+            json!({"eventId": "e", "type": "ended", "time": "2026-11-20T07:00:00Z", "reason": "recovered", "alive": true}),
+        );
+        assert!(
+            fold("R", &[started("2026-11-20T08:00:00Z"), early_end]).is_err(),
+            "end before start"
+        );
+        let end = ev(
+            json!({"eventId": "e", "type": "ended", "time": "2026-11-20T09:00:00Z", "reason": "recovered", "alive": true}),
+        );
+        assert!(
+            fold("R", &[started("2026-11-20T08:00:00Z"), end, mode]).is_err(),
+            "mode change after end"
+        );
+        let died = ev(
+            json!({"eventId": "d", "type": "ended", "time": "2026-11-20T09:00:00Z", "reason": "died", "alive": false}),
+        );
+        assert_eq!(
+            fold("R", &[started("2026-11-20T08:00:00Z"), died])
+                .unwrap()
+                .view
+                .status,
+            RunStatus::Stopped
+        );
+    }
+
+    #[test]
+    fn console_change_splits_the_console_periods() {
+        let change = ev(
+            json!({"eventId": "k", "type": "console-changed", "time": "2026-11-20T12:00:00Z",
+                               "console": {"serial": "C2", "model": "CARDIOHELP-i"}}),
+        );
+        let run = fold("R", &[started("2026-11-20T08:00:00Z"), change]).unwrap();
+        assert_eq!(run.consoles.len(), 2);
+        assert_eq!(run.consoles[0].until, Some(run.consoles[1].from));
+        assert_eq!(run.consoles[1].until, None);
+    }
+}
