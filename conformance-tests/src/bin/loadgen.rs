@@ -89,6 +89,29 @@ fn batches(client: usize, cycles_per_batch: usize, count: usize) -> Vec<Value> {
         .collect()
 }
 
+/// Each client's batches as vendor request bodies; `first_client` keeps serials apart between
+/// phases so every phase writes new readings.
+fn vendor_bodies(
+    first_client: usize,
+    clients: usize,
+    cycles_per_batch: usize,
+    per_client: usize,
+) -> Vec<Vec<(Bytes, usize)>> {
+    (0..clients)
+        .map(|c| {
+            batches(first_client + c, cycles_per_batch, per_client)
+                .iter()
+                .map(|b| {
+                    (
+                        Bytes::from(serde_json::to_vec(b).unwrap_or_default()),
+                        12 * cycles_per_batch,
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The transaction Bundle the gateway itself would send for `batch`.
 fn bundle_for(mappings: &Mappings, builder: &RequestBuilder, batch: &Value) -> Bytes {
     let family = mappings
@@ -232,19 +255,7 @@ async fn main() -> Result<(), gateway::BoxError> {
     )
     .await;
 
-    let gateway_bodies: Vec<Vec<(Bytes, usize)>> = (0..args.clients)
-        .map(|c| {
-            batches(c, args.cycles_per_batch, per_client)
-                .iter()
-                .map(|b| {
-                    (
-                        Bytes::from(serde_json::to_vec(b).unwrap_or_default()),
-                        per_batch,
-                    )
-                })
-                .collect()
-        })
-        .collect();
+    let gateway_bodies = vendor_bodies(0, args.clients, args.cycles_per_batch, per_client);
     let vendors: Vec<_> = (0..args.clients).map(|_| pki.client(GETINGE)).collect();
     let through = run_phase(
         vendors,
@@ -269,19 +280,7 @@ async fn main() -> Result<(), gateway::BoxError> {
         )
         .replace("max_body_bytes = 262144", "max_body_bytes = 4194304"),
     )?;
-    let durable_bodies: Vec<Vec<(Bytes, usize)>> = (0..args.clients)
-        .map(|c| {
-            batches(2000 + c, args.cycles_per_batch, per_client)
-                .iter()
-                .map(|b| {
-                    (
-                        Bytes::from(serde_json::to_vec(b).unwrap_or_default()),
-                        per_batch,
-                    )
-                })
-                .collect()
-        })
-        .collect();
+    let durable_bodies = vendor_bodies(2000, args.clients, args.cycles_per_batch, per_client);
     let vendors: Vec<_> = (0..args.clients).map(|_| pki.client(GETINGE)).collect();
     let started = Instant::now();
     let accepted = run_phase(
