@@ -181,6 +181,29 @@ async fn each_bad_payload_gets_its_status_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn metadata_lists_the_emitted_profiles() {
+    let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
+        .await
+        .unwrap();
+    let answer = s
+        .pki
+        .client(GETINGE)
+        .get(&s.gateway.url("/metadata"))
+        .await
+        .unwrap()
+        .expect_status(200);
+    let capability = answer.json();
+    assert_eq!(capability["resourceType"], "CapabilityStatement");
+    assert_eq!(capability["fhirVersion"], "4.0.1");
+    let observation = &capability["rest"][0]["resource"][0];
+    assert_eq!(observation["type"], "Observation");
+    assert_eq!(
+        observation["supportedProfile"][0],
+        "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-circuit-observation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn schema_is_served_as_checked() {
     let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
         .await

@@ -60,6 +60,10 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
     let flow = find("pump-blood-flow");
     assert_eq!(flow["status"], "final");
     assert_eq!(
+        flow["meta"]["profile"][0],
+        "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-circuit-observation"
+    );
+    assert_eq!(
         coding(&flow, "https://fhir.ecmo-gateway.org/CodeSystem/ecmo").unwrap()["code"],
         "pump-blood-flow"
     );

@@ -2,11 +2,20 @@
 //! EHR) that must refuse what a real FHIR server would refuse: unknown elements, wrong types,
 //! missing required elements.
 
-use fhirbolt::model::r4::resources::{Device, Observation, Procedure};
+use fhirbolt::model::r4::resources::{
+    CodeSystem, Device, Observation, Procedure, StructureDefinition, ValueSet,
+};
 use fhirbolt::serde::{DeserializationConfig, DeserializationMode};
 
 /// Resource types the gateway sends, checked strictly; other types are not checked here.
-pub const CHECKED_TYPES: &[&str] = &["Observation", "Procedure", "Device"];
+pub const CHECKED_TYPES: &[&str] = &[
+    "Observation",
+    "Procedure",
+    "Device",
+    "StructureDefinition",
+    "ValueSet",
+    "CodeSystem",
+];
 
 /// Ok when `json` is a valid R4 resource of `resource_type`, or of a type not in
 /// [`CHECKED_TYPES`]; otherwise the parser's reason.
@@ -15,7 +24,9 @@ pub const CHECKED_TYPES: &[&str] = &["Observation", "Procedure", "Device"];
 /// (`arbitrary_precision` makes it ask for a string, and it fails on every `valueQuantity`).
 /// Numbers are therefore handed to it as their exact text, which its decimal reader accepts;
 /// the check still covers element names, nesting, cardinality and required elements. None of
-/// the checked types has an integer element that this would hide.
+/// the resource types the gateway emits has an integer element that this would hide
+/// (conformance resources have a few, e.g. `ElementDefinition.min`, which fhirbolt reads from
+/// text as well).
 pub fn check_resource_json(resource_type: &str, json: &[u8]) -> Result<(), String> {
     if !CHECKED_TYPES.contains(&resource_type) {
         return Ok(());
@@ -29,16 +40,43 @@ pub fn check_resource_json(resource_type: &str, json: &[u8]) -> Result<(), Strin
     let result = match resource_type {
         "Observation" => fhirbolt::json::from_json_value::<Observation>(value, strict).map(drop),
         "Procedure" => fhirbolt::json::from_json_value::<Procedure>(value, strict).map(drop),
-        _ => fhirbolt::json::from_json_value::<Device>(value, strict).map(drop),
+        "Device" => fhirbolt::json::from_json_value::<Device>(value, strict).map(drop),
+        "StructureDefinition" => {
+            fhirbolt::json::from_json_value::<StructureDefinition>(value, strict).map(drop)
+        }
+        "ValueSet" => fhirbolt::json::from_json_value::<ValueSet>(value, strict).map(drop),
+        _ => fhirbolt::json::from_json_value::<CodeSystem>(value, strict).map(drop),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Integer-typed elements of the checked types, which fhirbolt reads as numbers: R4's
+/// `unsignedInt`/`integer` elements here (`ElementDefinition.min`, `.maxLength`,
+/// `CodeSystem.count`, `ValueSet.expansion.total`/`.offset`) and every `[x]` choice of an
+/// integer type (`valueInteger`, `minValueUnsignedInt`, ...).
+fn is_integer_element(key: &str) -> bool {
+    matches!(key, "min" | "maxLength" | "count" | "total" | "offset")
+        || key.ends_with("Integer")
+        || key.ends_with("UnsignedInt")
+        || key.ends_with("PositiveInt")
 }
 
 fn numbers_as_text(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Number(n) => *value = serde_json::Value::String(n.as_str().to_owned()),
         serde_json::Value::Array(items) => items.iter_mut().for_each(numbers_as_text),
-        serde_json::Value::Object(map) => map.values_mut().for_each(numbers_as_text),
+        serde_json::Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                let integers = is_integer_element(key)
+                    && (item.is_number()
+                        || item
+                            .as_array()
+                            .is_some_and(|a| a.iter().all(|v| v.is_number())));
+                if !integers {
+                    numbers_as_text(item);
+                }
+            }
+        }
         _ => {}
     }
 }

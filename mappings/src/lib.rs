@@ -9,6 +9,7 @@
 //! the reason.
 
 mod codesystem;
+mod conformance;
 mod datetime;
 mod fhir_check;
 mod identity;
@@ -18,6 +19,10 @@ mod run;
 mod table;
 
 pub use codesystem::CodeSystemCodes;
+pub use conformance::{
+    CONFORMANCE_RESOURCES, DEVICE_PROFILE, OBSERVATION_PROFILE, RUN_ACTIVITY_PROFILE, RUN_PROFILE,
+    profiles,
+};
 pub use datetime::{DeviceTime, TimeError};
 pub use fhir_check::{CHECKED_TYPES, check_resource_json};
 pub use identity::{logical_id, observation_identifier};

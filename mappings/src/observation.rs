@@ -110,12 +110,15 @@ impl Mappings {
             }
         }
 
-        let meta = flags.contains(ReadingFlags::TEST_DATA).then(|| {
-            Box::new(Meta {
-                security: vec![coding_of(ACT_REASON, "HTEST", "test health data")],
-                ..Default::default()
-            })
-        });
+        let meta = Some(Box::new(Meta {
+            profile: vec![crate::OBSERVATION_PROFILE.into()],
+            security: if flags.contains(ReadingFlags::TEST_DATA) {
+                vec![coding_of(ACT_REASON, "HTEST", "test health data")]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        }));
 
         let (value, data_absent_reason) = match value {
             MappedValue::Quantity {
@@ -380,6 +383,19 @@ mod tests {
             "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T101500.000Z"
         );
         assert_eq!(o["identifier"][0]["value"], r.identifier_value.as_str());
+    }
+
+    #[test]
+    fn declares_a_profile_that_profiles_defines() {
+        let m = Mappings::embedded().unwrap();
+        let r = m
+            .map_reading(
+                &context(&m, "CARDIOHELP-i"),
+                &reading("Flow", "4.2", "L/min"),
+            )
+            .unwrap();
+        let profile = json(&r)["meta"]["profile"][0].as_str().unwrap().to_owned();
+        assert!(crate::profiles().contains(&(profile, "Observation".to_owned())));
     }
 
     #[test]

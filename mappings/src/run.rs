@@ -20,7 +20,7 @@ use fhirbolt::model::r4::resources::{
     Device, DeviceDeviceName, Procedure, ProcedureFocalDevice, ProcedurePerformed,
 };
 use fhirbolt::model::r4::types::{
-    CodeableConcept, Extension, ExtensionValue, Identifier, Period, Reference,
+    CodeableConcept, Extension, ExtensionValue, Identifier, Meta, Period, Reference,
 };
 
 use crate::identity::logical_id;
@@ -195,6 +195,13 @@ fn ours(code: &str, display: &str) -> CodeableConcept {
     }
 }
 
+fn meta(profile: &str) -> Option<Box<Meta>> {
+    Some(Box::new(Meta {
+        profile: vec![profile.into()],
+        ..Default::default()
+    }))
+}
+
 fn extension(name: &str, value: ExtensionValue) -> Extension {
     Extension {
         url: format!("{EXT}{name}"),
@@ -353,6 +360,7 @@ pub fn procedure_for_run(run: &RunView) -> Result<MappedResource, String> {
         })
         .flatten();
     let procedure = Procedure {
+        meta: meta(crate::RUN_PROFILE),
         extension: extensions,
         identifier: vec![Identifier {
             system: Some(RUN_IDENTIFIER_SYSTEM.into()),
@@ -422,6 +430,7 @@ pub fn procedure_for_segment(
     };
     let identifier = format!("{}/{}", run.run_id, segment.key);
     let procedure = Procedure {
+        meta: meta(crate::RUN_ACTIVITY_PROFILE),
         identifier: vec![Identifier {
             system: Some(RUN_IDENTIFIER_SYSTEM.into()),
             value: Some(identifier.as_str().into()),
@@ -455,6 +464,7 @@ pub fn procedure_for_segment(
 /// The console's Device: created once, referenced by Observations and the run's Procedure.
 pub fn device_for_console(console: &ConsoleView) -> Result<MappedResource, String> {
     let device = Device {
+        meta: meta(crate::DEVICE_PROFILE),
         identifier: vec![Identifier {
             system: Some(console.serial_system.as_str().into()),
             value: Some(console.serial.as_str().into()),
@@ -548,6 +558,32 @@ mod tests {
             "CH-1"
         );
         assert!(r.upsert);
+    }
+
+    #[test]
+    fn every_built_resource_declares_a_defined_profile_of_its_type() {
+        let run = run();
+        let segment = SegmentView {
+            key: "mode-1".into(),
+            activity: "mode-segment",
+            mode: Some("vv".into()),
+            start: "2026-11-21T08:00:00Z".into(),
+            end: None,
+        };
+        let profiles = crate::profiles();
+        for r in [
+            procedure_for_run(&run).unwrap(),
+            procedure_for_segment(&run, &segment).unwrap(),
+            device_for_console(&run.consoles[0]).unwrap(),
+        ] {
+            crate::check_resource_json(r.resource_type, &r.json).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&r.json).unwrap();
+            let profile = v["meta"]["profile"][0].as_str().unwrap().to_owned();
+            assert!(
+                profiles.contains(&(profile.clone(), r.resource_type.to_owned())),
+                "{profile}"
+            );
+        }
     }
 
     #[test]

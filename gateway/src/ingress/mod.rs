@@ -13,6 +13,7 @@ pub mod client_identity;
 pub mod decode;
 pub mod handoff;
 pub mod map;
+pub mod metadata;
 pub mod rescue;
 pub mod router;
 pub mod run_events;

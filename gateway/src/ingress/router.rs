@@ -66,6 +66,9 @@ impl<B: Send + 'static> Service<Request<B>> for Router<B> {
                 Box::pin(self.observations.clone().oneshot(request))
             }
             ("/v1/observations", _) => Box::pin(async { Err(method_not_allowed("POST")) }),
+            ("/metadata", &Method::GET) => {
+                Box::pin(async { Ok(crate::ingress::metadata::serve()) })
+            }
             (p, &Method::POST) if p.starts_with("/v1/runs/") && p.ends_with("/events") => {
                 Box::pin(self.run_events.clone().oneshot(request))
             }

@@ -1,0 +1,73 @@
+//! `GET /metadata`: the gateway's CapabilityStatement: what it takes in, in which formats, and
+//! which profiles the resources it emits declare.
+
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::BoxBody;
+use crate::outcome::fhir_json_response;
+
+pub fn capability_statement() -> Value {
+    let profiles = |of: &str| -> Vec<String> {
+        mappings::profiles()
+            .into_iter()
+            .filter(|(_, t)| t == of)
+            .map(|(url, _)| url)
+            .collect()
+    };
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-21",
+        "publisher": "ECMO FHIR gateway project",
+        "kind": "instance",
+        "software": {"name": "ECMO FHIR gateway", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {
+            "description": "ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs. Ingest: POST /v1/observations (readings) and POST /v1/runs/{run-id}/events (ECMO runs), JSON, schemas at GET /v1/schemas/{observation-batch|run-event}. Errors are OperationOutcomes."
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "application/json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "The resources below are written to the configured EHRs (conditional create, or conditional update for runs), not served here; each declares its profile in meta.profile.",
+            "security": {"description": "Mutual TLS: a client certificate chained to a configured vendor CA is required; the certificate's subject names the vendor, the configuration the devices it may post for."},
+            "resource": [
+                {"type": "Observation", "supportedProfile": profiles("Observation"), "documentation": "One per device reading."},
+                {"type": "Procedure", "supportedProfile": profiles("Procedure"), "documentation": "One per ECMO run, and one per mode segment, circuit change and weaning trial."},
+                {"type": "Device", "supportedProfile": profiles("Device"), "documentation": "One per ECMO console."}
+            ]
+        }]
+    })
+}
+
+pub fn serve() -> Response<BoxBody> {
+    fhir_json_response(StatusCode::OK, &capability_statement())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_emitted_profile() {
+        let c = super::capability_statement();
+        let listed: Vec<&str> = c["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r["supportedProfile"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+            })
+            .collect();
+        for profile in [
+            mappings::OBSERVATION_PROFILE,
+            mappings::RUN_PROFILE,
+            mappings::RUN_ACTIVITY_PROFILE,
+            mappings::DEVICE_PROFILE,
+        ] {
+            assert!(listed.contains(&profile), "{profile}");
+        }
+    }
+}
