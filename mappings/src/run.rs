@@ -505,11 +505,16 @@ pub fn device_for_console(console: &ConsoleView) -> Result<MappedResource, Strin
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    pub(crate) use super::tests::run;
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use time::macros::date;
 
-    fn run() -> RunView {
+    pub(crate) fn run() -> RunView {
         RunView {
             run_id: "R-1".into(),
             status: RunStatus::InProgress,

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /healthz` | the process answers |
 //! | `GET /readyz` | the outbox can be read (503 otherwise) |
+//! | `GET /admin/v1/validation` | resources refused by the conformance check since start |
 //! | `GET /admin/v1/deliveries/{tracking-id}` | every message of an accepted batch, per destination |
 //! | `GET /admin/v1/queues` | per destination: accepted, delivered, dead, pending, oldest pending age |
 //! | `GET /admin/v1/dead-letters[?destination=&limit=]` | dead letters with their OperationOutcome |
@@ -116,6 +117,13 @@ async fn route(
     if segments == ["healthz"] && method == Method::GET {
         return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
     }
+    if segments == ["admin", "v1", "validation"] && method == Method::GET {
+        let failures = mappings::VALIDATION_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"failures": failures}),
+        ));
+    }
     let Some(outbox) = outbox else {
         if segments == ["readyz"] {
             return Ok(json_response(
@@ -152,7 +160,11 @@ async fn route(
             let stats = outbox.stats().await.map_err(storage)?;
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"destinations": stats, "outbox": {"commits": outbox.commits()}}),
+                &json!({
+                    "destinations": stats,
+                    "outbox": {"commits": outbox.commits()},
+                    "validation": {"failures": mappings::VALIDATION_FAILURES.load(std::sync::atomic::Ordering::Relaxed)},
+                }),
             ))
         }
         (&Method::GET, ["admin", "v1", "dead-letters"]) => {

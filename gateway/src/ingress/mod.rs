@@ -6,10 +6,13 @@
 //!    global concurrency limit (tower)
 //! 3. [`client_identity`]: the certificate's names -> the configured vendor
 //! 4. [`router`]: `POST /v1/observations`, `GET /v1/schemas/<name>`
-//! 5. [`decode`] -> [`authorize`] -> [`validate`] -> [`map`] -> [`handoff`]
+//! 5. readings: [`decode`] -> [`authorize`] -> [`validate`] -> [`map`] -> [`conformance`] ->
+//!    [`handoff`]; run events: [`decode`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
+//!    [`handoff`]
 
 pub mod authorize;
 pub mod client_identity;
+pub mod conformance;
 pub mod decode;
 pub mod handoff;
 pub mod map;

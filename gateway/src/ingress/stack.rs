@@ -20,7 +20,9 @@ use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
-use crate::ingress::{authorize, client_identity, decode, map, rescue, run_events, validate};
+use crate::ingress::{
+    authorize, client_identity, conformance, decode, map, rescue, run_events, validate,
+};
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
 use crate::{BoxBody, BoxError};
@@ -51,12 +53,17 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + std::error::Error + Send + Sync + 'static,
 {
+    let validator = Arc::new(
+        mappings::ProfileValidator::embedded()
+            .expect("the embedded profiles are checked by the tests"),
+    );
     // POST /v1/observations, after routing.
     let observations = ServiceBuilder::new()
         .layer(decode::layer())
         .layer(authorize::layer())
         .layer(validate::layer(schemas.clone(), "observation-batch"))
         .layer(map::layer(mappings, runs.clone(), settings.max_future_skew))
+        .layer(conformance::layer(validator.clone()))
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/runs/{run-id}/events, after routing.
@@ -64,6 +71,7 @@ where
         .layer(decode::layer())
         .layer(validate::layer(schemas.clone(), "run-event"))
         .layer(run_events::layer(runs))
+        .layer(conformance::layer(validator))
         .service(HandoffService::new(handoff));
 
     ServiceBuilder::new()
