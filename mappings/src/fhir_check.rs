@@ -31,8 +31,19 @@ pub fn check_resource_json(resource_type: &str, json: &[u8]) -> Result<(), Strin
     if !CHECKED_TYPES.contains(&resource_type) {
         return Ok(());
     }
-    let mut value: serde_json::Value =
+    let value: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+    check_resource_value(resource_type, value)
+}
+
+/// [`check_resource_json`] for a resource already parsed (it is consumed).
+pub fn check_resource_value(
+    resource_type: &str,
+    mut value: serde_json::Value,
+) -> Result<(), String> {
+    if !CHECKED_TYPES.contains(&resource_type) {
+        return Ok(());
+    }
     numbers_as_text(&mut value);
     let strict = Some(DeserializationConfig {
         mode: DeserializationMode::Strict,

@@ -25,7 +25,7 @@ pub use conformance::{
     profiles,
 };
 pub use datetime::{DeviceTime, TimeError};
-pub use fhir_check::{CHECKED_TYPES, check_resource_json};
+pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};
 pub use reading::{
     DeviceContext, PatientRef, Reading, ReadingError, ReadingField, ReadingFlags, ReadingValue,

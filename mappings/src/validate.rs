@@ -389,15 +389,21 @@ impl ProfileValidator {
                 }
             }
         }
-        self.check_extensions(resource, resource_type, &mut issues);
+        self.check_extensions(resource, &mut vec![resource_type], &mut issues);
         if !issues.is_empty() {
             VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
         issues
     }
 
-    /// Our extensions' values must come from the ValueSet their definition binds.
-    fn check_extensions(&self, value: &Value, at: &str, issues: &mut Vec<ProfileIssue>) {
+    /// Our extensions' values must come from the ValueSet their definition binds. `at` is the
+    /// path so far, joined only when there is something to report.
+    fn check_extensions<'a>(
+        &self,
+        value: &'a Value,
+        at: &mut Vec<&'a str>,
+        issues: &mut Vec<ProfileIssue>,
+    ) {
         match value {
             Value::Object(map) => {
                 if let (Some(url), Some(concept)) = (
@@ -409,12 +415,16 @@ impl ProfileValidator {
                     issues.push(ProfileIssue {
                         profile: url.to_owned(),
                         rule: "required binding".into(),
-                        path: at.to_owned(),
+                        path: at.join("."),
                         message: format!("no coding from {vs}"),
                     });
                 }
                 for (key, item) in map {
-                    self.check_extensions(item, &format!("{at}.{key}"), issues);
+                    if item.is_object() || item.is_array() {
+                        at.push(key);
+                        self.check_extensions(item, at, issues);
+                        at.pop();
+                    }
                 }
             }
             Value::Array(items) => items
@@ -457,41 +467,29 @@ fn nodes<'a>(value: &'a Value, path: &[String]) -> Vec<&'a Value> {
     current
 }
 
-/// The children of `value` named `name` (a `[x]` name matches every typed variant), arrays
-/// flattened, with the key they were found under.
-fn children<'a>(value: &'a Value, name: &str) -> Vec<(String, &'a Value)> {
+/// The children of `value` named `name` (a `[x]` name matches every typed variant, and so does
+/// a choice element named without `[x]`, as our invariants do), arrays flattened, with the key
+/// they were found under.
+fn children<'a>(value: &'a Value, name: &str) -> Vec<(&'a str, &'a Value)> {
     let Some(map) = value.as_object() else {
         return vec![];
     };
     let mut found = Vec::new();
-    let mut push = |key: &str, v: &'a Value| match v {
-        Value::Array(items) => found.extend(items.iter().map(|i| (key.to_owned(), i))),
-        other => found.push((key.to_owned(), other)),
+    let mut push = |key: &'a str, v: &'a Value| match v {
+        Value::Array(items) => found.extend(items.iter().map(|i| (key, i))),
+        other => found.push((key, other)),
     };
-    match name.strip_suffix("[x]") {
-        Some(stem) => {
+    let stem = name.strip_suffix("[x]");
+    match map.get_key_value(name) {
+        Some((key, v)) if stem.is_none() => push(key, v),
+        _ => {
+            let stem = stem.unwrap_or(name);
             for (key, v) in map {
                 if key
                     .strip_prefix(stem)
                     .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
                 {
                     push(key, v);
-                }
-            }
-        }
-        None => {
-            if let Some(v) = map.get(name) {
-                push(name, v);
-            }
-            // Our invariants name a choice element without [x] (`value.exists()`).
-            if map.get(name).is_none() {
-                for (key, v) in map {
-                    if key
-                        .strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
-                    {
-                        push(key, v);
-                    }
                 }
             }
         }

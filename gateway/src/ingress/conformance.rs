@@ -41,15 +41,6 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
                     continue;
                 }
             };
-            if let Err(reason) =
-                mappings::check_resource_json(resource.resource_type, &resource.json)
-            {
-                mappings::VALIDATION_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                issues.push(
-                    Issue::error("structure", format!("not valid FHIR R4: {reason}"))
-                        .at(resource.resource_type.to_owned()),
-                );
-            }
             for broken in self.validator.check(&value) {
                 issues.push(
                     Issue::error(
@@ -60,6 +51,13 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
                         ),
                     )
                     .at(broken.path),
+                );
+            }
+            if let Err(reason) = mappings::check_resource_value(resource.resource_type, value) {
+                mappings::VALIDATION_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                issues.push(
+                    Issue::error("structure", format!("not valid FHIR R4: {reason}"))
+                        .at(resource.resource_type.to_owned()),
                 );
             }
         }
