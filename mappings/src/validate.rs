@@ -75,7 +75,8 @@ struct Profile {
 #[derive(Debug, Clone)]
 pub struct ProfileValidator {
     profiles: HashMap<String, Profile>,
-    value_sets: HashMap<String, HashSet<(String, String)>>,
+    /// ValueSet url -> system -> codes.
+    value_sets: HashMap<String, HashMap<String, HashSet<String>>>,
     /// Extension url -> ValueSet its value is bound to.
     extension_bindings: HashMap<String, String>,
 }
@@ -96,14 +97,14 @@ impl ProfileValidator {
             .collect::<Result<_, _>>()?;
         let mut value_sets = HashMap::new();
         for vs in resources.iter().filter(|r| r["resourceType"] == "ValueSet") {
-            let mut codes = HashSet::new();
+            let mut codes: HashMap<String, HashSet<String>> = HashMap::new();
             for include in vs["compose"]["include"].as_array().into_iter().flatten() {
                 let system = include["system"].as_str().unwrap_or_default();
                 for concept in include["concept"].as_array().into_iter().flatten() {
-                    codes.insert((
-                        system.to_owned(),
-                        concept["code"].as_str().unwrap_or_default().to_owned(),
-                    ));
+                    codes
+                        .entry(system.to_owned())
+                        .or_default()
+                        .insert(concept["code"].as_str().unwrap_or_default().to_owned());
                 }
             }
             value_sets.insert(vs["url"].as_str().unwrap_or_default().to_owned(), codes);
@@ -439,10 +440,14 @@ impl ProfileValidator {
             return false;
         };
         concept["coding"].as_array().into_iter().flatten().any(|c| {
-            codes.contains(&(
-                c["system"].as_str().unwrap_or_default().to_owned(),
-                c["code"].as_str().unwrap_or_default().to_owned(),
-            ))
+            c["system"]
+                .as_str()
+                .and_then(|system| codes.get(system))
+                .is_some_and(|in_system| {
+                    c["code"]
+                        .as_str()
+                        .is_some_and(|code| in_system.contains(code))
+                })
         })
     }
 }
