@@ -33,6 +33,8 @@ pub enum StartError {
     Outbox(#[from] crate::outbox::OutboxError),
     #[error(transparent)]
     Runs(#[from] crate::runs::RunError),
+    #[error("profiles: {0}")]
+    Profiles(String),
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -50,6 +52,7 @@ pub struct Gateway {
     schemas: Schemas,
     destinations: Vec<Destination>,
     admin_tls: Option<Arc<rustls::ServerConfig>>,
+    validator: Arc<mappings::ProfileValidator>,
 }
 
 impl Gateway {
@@ -80,6 +83,9 @@ impl Gateway {
             None => None,
         };
         Ok(Self {
+            validator: Arc::new(
+                mappings::ProfileValidator::embedded().map_err(StartError::Profiles)?,
+            ),
             admin_tls,
             schemas: Schemas::embedded()?,
             mappings: Arc::new(mappings),
@@ -173,6 +179,7 @@ impl Gateway {
             self.mappings.clone(),
             self.schemas.clone(),
             runs,
+            self.validator.clone(),
             handoff,
         );
         let options = ServeOptions {

@@ -44,6 +44,7 @@ pub fn build_stack<B>(
     mappings: Arc<Mappings>,
     schemas: Schemas,
     runs: Arc<RunRegistry>,
+    validator: Arc<mappings::ProfileValidator>,
     handoff: Arc<dyn Handoff>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
@@ -53,10 +54,6 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + std::error::Error + Send + Sync + 'static,
 {
-    let validator = Arc::new(
-        mappings::ProfileValidator::embedded()
-            .expect("the embedded profiles are checked by the tests"),
-    );
     // POST /v1/observations, after routing.
     let observations = ServiceBuilder::new()
         .layer(decode::layer())
@@ -173,6 +170,7 @@ mod tests {
             mappings,
             Schemas::embedded().unwrap(),
             runs,
+            Arc::new(mappings::ProfileValidator::embedded().unwrap()),
             Arc::new(recorder),
         )
     }
