@@ -91,6 +91,7 @@ impl Predicate<Request<Value>> for MapObservations {
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let periods = self.runs.console_periods(serial);
         let mut resources = Vec::with_capacity(readings.len());
         let mut issues = Vec::new();
         for (index, reading) in readings.iter().enumerate() {
@@ -107,7 +108,7 @@ impl Predicate<Request<Value>> for MapObservations {
             };
             let run = mappings::DeviceTime::parse(reading.time)
                 .ok()
-                .and_then(|t| self.runs.association(serial, t.instant));
+                .and_then(|t| periods.at(t.instant));
             match (&run, patient) {
                 (Some(run), Some(named))
                     if run.patient_system != named.system || run.patient_value != named.value =>

@@ -52,6 +52,19 @@ pub struct RunAssociation {
     pub patient_value: String,
 }
 
+/// A console's stays in runs, as of one moment.
+pub struct ConsolePeriods(Vec<(OffsetDateTime, Option<OffsetDateTime>, Arc<RunAssociation>)>);
+
+impl ConsolePeriods {
+    /// The run a reading taken at `at` belongs to, if any.
+    pub fn at(&self, at: OffsetDateTime) -> Option<Arc<RunAssociation>> {
+        self.0
+            .iter()
+            .find(|(from, until, _)| *from <= at && until.is_none_or(|u| at <= u))
+            .map(|(_, _, run)| run.clone())
+    }
+}
+
 /// What applying an event produced.
 pub struct Applied {
     /// Device(s), the run's Procedure and its child Procedures, to hand off.
@@ -171,15 +184,19 @@ impl RunRegistry {
         }))
     }
 
-    /// The run a reading of console `serial` at `at` belongs to, if any.
-    pub fn association(&self, serial: &str, at: OffsetDateTime) -> Option<Arc<RunAssociation>> {
+    /// The runs console `serial` has been in, copied once per batch so the reading path takes
+    /// the index's lock once, not once per reading.
+    pub fn console_periods(&self, serial: &str) -> ConsolePeriods {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state
-            .consoles
-            .get(serial)?
-            .iter()
-            .find(|p| p.from <= at && p.until.is_none_or(|u| at <= u))
-            .map(|p| p.run.clone())
+        ConsolePeriods(
+            state
+                .consoles
+                .get(serial)
+                .into_iter()
+                .flatten()
+                .map(|p| (p.from, p.until, p.run.clone()))
+                .collect(),
+        )
     }
 
     /// Applies one event to run `run_id`: checks it against the run and every other run,
