@@ -6,3 +6,4 @@ pub mod client;
 pub mod console;
 pub mod ehr;
 pub mod harness;
+pub mod suite;
