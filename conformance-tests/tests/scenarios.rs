@@ -109,10 +109,13 @@ async fn scenarios_pass_against_the_reference_ehr() {
 
     // Nothing invalid reached the EHR: every stored resource, not only the expected ones.
     let validator = ProfileValidator::embedded().unwrap();
+    let r4 = gateway::fhir_schema::R4Schema::embedded().unwrap();
     let reader = reader(&pki, &ehr);
     let mut checked = 0;
     for resource_type in ["Observation", "Procedure", "Device"] {
         for resource in reader.all(resource_type).await.unwrap() {
+            let violations = r4.check(resource_type, &resource);
+            assert!(violations.is_empty(), "{violations:?}\n{resource}");
             mappings::check_resource_value(resource_type, resource.clone())
                 .unwrap_or_else(|e| panic!("{resource_type} not valid R4: {e}\n{resource}"));
             let issues = validator.check(&resource);

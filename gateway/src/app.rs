@@ -52,7 +52,7 @@ pub struct Gateway {
     schemas: Schemas,
     destinations: Vec<Destination>,
     admin_tls: Option<Arc<rustls::ServerConfig>>,
-    validator: Arc<mappings::ProfileValidator>,
+    conformance: Arc<crate::ingress::conformance::ConformanceRules>,
 }
 
 impl Gateway {
@@ -83,8 +83,9 @@ impl Gateway {
             None => None,
         };
         Ok(Self {
-            validator: Arc::new(
-                mappings::ProfileValidator::embedded().map_err(StartError::Profiles)?,
+            conformance: Arc::new(
+                crate::ingress::conformance::ConformanceRules::embedded()
+                    .map_err(StartError::Profiles)?,
             ),
             admin_tls,
             schemas: Schemas::embedded()?,
@@ -179,7 +180,7 @@ impl Gateway {
             self.mappings.clone(),
             self.schemas.clone(),
             runs,
-            self.validator.clone(),
+            self.conformance.clone(),
             handoff,
         );
         let options = ServeOptions {

@@ -8,6 +8,7 @@ pub mod app;
 pub mod certs;
 pub mod config;
 pub mod delivery;
+pub mod fhir_schema;
 pub mod ingress;
 pub mod outbox;
 pub mod outcome;

@@ -36,7 +36,7 @@ pub use run::{
     RunView, SegmentView, device_for_console, procedure_for_run, procedure_for_segment,
 };
 pub use table::{DeviceFamily, Mappings, Parameter, ParameterKind, TableError, UnitRule};
-pub use validate::{ProfileIssue, ProfileValidator, VALIDATION_FAILURES};
+pub use validate::{ProfileIssue, ProfileValidator};
 
 /// Base of every canonical URL and identifier system this project defines.
 pub const CANONICAL_BASE: &str = "https://fhir.ecmo-gateway.org";

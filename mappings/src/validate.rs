@@ -9,7 +9,6 @@
 //! ([`crate::check_resource_json`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
@@ -34,9 +33,6 @@ impl std::fmt::Display for ProfileIssue {
         )
     }
 }
-
-/// Resources refused by validation since start, across the process.
-pub static VALIDATION_FAILURES: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 enum Rule {
@@ -391,9 +387,6 @@ impl ProfileValidator {
             }
         }
         self.check_extensions(resource, &mut vec![resource_type], &mut issues);
-        if !issues.is_empty() {
-            VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
-        }
         issues
     }
 

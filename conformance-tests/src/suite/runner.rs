@@ -62,6 +62,7 @@ impl ScenarioResult {
 pub struct Runner {
     target: Target,
     validator: ProfileValidator,
+    r4: gateway::fhir_schema::R4Schema,
     /// Resources checked at the EHR, for the summary.
     pub resources_checked: usize,
 }
@@ -71,6 +72,7 @@ impl Runner {
         Ok(Self {
             target,
             validator: ProfileValidator::embedded()?,
+            r4: gateway::fhir_schema::R4Schema::embedded().map_err(|e| e.to_string())?,
             resources_checked: 0,
         })
     }
@@ -243,7 +245,11 @@ impl Runner {
         }
     }
 
+    /// Base R4 (the official JSON Schema and fhirbolt's strict model) and our profiles.
     fn valid(&self, resource_type: &str, resource: &Value) -> Result<(), String> {
+        if let Some(v) = self.r4.check(resource_type, resource).first() {
+            return Err(format!("R4 JSON Schema at {}: {}", v.pointer, v.message));
+        }
         mappings::check_resource_value(resource_type, resource.clone())?;
         let issues = self.validator.check(resource);
         if issues.is_empty() {

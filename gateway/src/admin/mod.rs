@@ -118,7 +118,8 @@ async fn route(
         return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
     }
     if segments == ["admin", "v1", "validation"] && method == Method::GET {
-        let failures = mappings::VALIDATION_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+        let failures = crate::ingress::conformance::VALIDATION_FAILURES
+            .load(std::sync::atomic::Ordering::Relaxed);
         return Ok(json_response(
             StatusCode::OK,
             &json!({"failures": failures}),
@@ -163,7 +164,7 @@ async fn route(
                 &json!({
                     "destinations": stats,
                     "outbox": {"commits": outbox.commits()},
-                    "validation": {"failures": mappings::VALIDATION_FAILURES.load(std::sync::atomic::Ordering::Relaxed)},
+                    "validation": {"failures": crate::ingress::conformance::VALIDATION_FAILURES.load(std::sync::atomic::Ordering::Relaxed)},
                 }),
             ))
         }

@@ -1,9 +1,11 @@
 //! The last check before hand-off: every resource about to be queued is checked against base
-//! R4 (fhirbolt's strict model) and against the profile it declares (rules read from
+//! R4 (the official R4 JSON Schema for primitive formats and element names, fhirbolt's strict
+//! model for structure and cardinality) and against the profile it declares (rules read from
 //! profiles/fhir). One failure refuses the whole request with an OperationOutcome naming the
 //! rule and the path; nothing of it is queued, and the failure is counted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{Request, StatusCode};
 use mappings::ProfileValidator;
@@ -11,15 +13,34 @@ use tower::filter::{FilterLayer, Predicate};
 
 use crate::BoxError;
 use crate::delivery::OutboundBatch;
+use crate::fhir_schema::R4Schema;
 use crate::outcome::{ApiError, Issue};
+
+/// Built resources refused by the check since start (served by the admin API).
+pub static VALIDATION_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Everything a built resource is checked against, compiled once at start-up.
+pub struct ConformanceRules {
+    pub profiles: ProfileValidator,
+    pub r4: R4Schema,
+}
+
+impl ConformanceRules {
+    pub fn embedded() -> Result<Self, String> {
+        Ok(Self {
+            profiles: ProfileValidator::embedded()?,
+            r4: R4Schema::embedded().map_err(|e| e.to_string())?,
+        })
+    }
+}
 
 #[derive(Clone)]
 pub struct CheckConformance {
-    validator: Arc<ProfileValidator>,
+    rules: Arc<ConformanceRules>,
 }
 
-pub fn layer(validator: Arc<ProfileValidator>) -> FilterLayer<CheckConformance> {
-    FilterLayer::new(CheckConformance { validator })
+pub fn layer(rules: Arc<ConformanceRules>) -> FilterLayer<CheckConformance> {
+    FilterLayer::new(CheckConformance { rules })
 }
 
 impl Predicate<Request<OutboundBatch>> for CheckConformance {
@@ -41,7 +62,17 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
                     continue;
                 }
             };
-            for broken in self.validator.check(&value) {
+            let before = issues.len();
+            for broken in self.rules.r4.check(resource.resource_type, &value) {
+                issues.push(
+                    Issue::error(
+                        "structure",
+                        format!("not valid FHIR R4 (JSON Schema): {}", broken.message),
+                    )
+                    .at(fhir_path(resource.resource_type, &broken.pointer)),
+                );
+            }
+            for broken in self.rules.profiles.check(&value) {
                 issues.push(
                     Issue::error(
                         "invariant",
@@ -54,11 +85,13 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
                 );
             }
             if let Err(reason) = mappings::check_resource_value(resource.resource_type, value) {
-                mappings::VALIDATION_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 issues.push(
                     Issue::error("structure", format!("not valid FHIR R4: {reason}"))
                         .at(resource.resource_type.to_owned()),
                 );
+            }
+            if issues.len() > before {
+                VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
             }
         }
         if issues.is_empty() {
@@ -79,6 +112,23 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
         })
         .into())
     }
+}
+
+/// `/code/coding/0/system` under `Observation` -> `Observation.code.coding[0].system`, the
+/// way the profile rules name elements.
+fn fhir_path(resource_type: &str, pointer: &str) -> String {
+    let mut path = resource_type.to_owned();
+    for segment in pointer.split('/').skip(1) {
+        if segment.bytes().all(|b| b.is_ascii_digit()) && !segment.is_empty() {
+            path.push('[');
+            path.push_str(segment);
+            path.push(']');
+        } else {
+            path.push('.');
+            path.push_str(segment);
+        }
+    }
+    path
 }
 
 #[cfg(test)]
@@ -105,7 +155,7 @@ mod tests {
     #[test]
     fn refuses_what_breaks_a_profile_naming_rule_and_path() {
         let mut check = CheckConformance {
-            validator: Arc::new(ProfileValidator::embedded().unwrap()),
+            rules: Arc::new(ConformanceRules::embedded().unwrap()),
         };
         let error = check
             .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"meta":{"profile":["https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-circuit-observation"]}}"#))
@@ -123,6 +173,35 @@ mod tests {
             api.issues
                 .iter()
                 .any(|i| i.details.contains("required binding"))
+        );
+    }
+
+    #[test]
+    fn refuses_broken_primitives_that_the_typed_model_lets_through() {
+        let mut check = CheckConformance {
+            rules: Arc::new(ConformanceRules::embedded().unwrap()),
+        };
+        // A decimal written as text and a dateTime without a time zone.
+        let error = check
+            .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"effectiveDateTime":"2026-11-21T10:15:00","valueQuantity":{"value":"4.2"}}"#))
+            .unwrap_err();
+        let api = error.downcast_ref::<ApiError>().unwrap();
+        let paths: Vec<_> = api
+            .issues
+            .iter()
+            .filter_map(|i| i.expression.as_deref())
+            .collect();
+        assert!(
+            paths.contains(&"Observation.effectiveDateTime"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"Observation.valueQuantity.value"),
+            "{paths:?}"
+        );
+        assert_eq!(
+            fhir_path("Procedure", "/bodySite/1/coding/0/code"),
+            "Procedure.bodySite[1].coding[0].code"
         );
     }
 }

@@ -44,7 +44,7 @@ pub fn build_stack<B>(
     mappings: Arc<Mappings>,
     schemas: Schemas,
     runs: Arc<RunRegistry>,
-    validator: Arc<mappings::ProfileValidator>,
+    conformance_rules: Arc<conformance::ConformanceRules>,
     handoff: Arc<dyn Handoff>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
@@ -60,7 +60,7 @@ where
         .layer(authorize::layer())
         .layer(validate::layer(schemas.clone(), "observation-batch"))
         .layer(map::layer(mappings, runs.clone(), settings.max_future_skew))
-        .layer(conformance::layer(validator.clone()))
+        .layer(conformance::layer(conformance_rules.clone()))
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/runs/{run-id}/events, after routing.
@@ -68,7 +68,7 @@ where
         .layer(decode::layer())
         .layer(validate::layer(schemas.clone(), "run-event"))
         .layer(run_events::layer(runs))
-        .layer(conformance::layer(validator))
+        .layer(conformance::layer(conformance_rules))
         .service(HandoffService::new(handoff));
 
     ServiceBuilder::new()
@@ -170,7 +170,7 @@ mod tests {
             mappings,
             Schemas::embedded().unwrap(),
             runs,
-            Arc::new(mappings::ProfileValidator::embedded().unwrap()),
+            Arc::new(conformance::ConformanceRules::embedded().unwrap()),
             Arc::new(recorder),
         )
     }
