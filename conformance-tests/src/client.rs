@@ -84,9 +84,25 @@ impl MtlsClient {
         content_type: Option<&str>,
         body: Bytes,
     ) -> Result<Answer, BoxError> {
+        self.send_with_headers(method, url, content_type, &[], body)
+            .await
+    }
+
+    /// [`Self::send`] with extra request headers (e.g. `Accept`).
+    pub async fn send_with_headers(
+        &self,
+        method: Method,
+        url: &str,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Answer, BoxError> {
         let mut request = Request::builder().method(method).uri(url);
         if let Some(content_type) = content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let response = self.client.request(request.body(Full::new(body))?).await?;
         let (parts, body) = response.into_parts();

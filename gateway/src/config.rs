@@ -190,6 +190,9 @@ pub struct DestinationSettings {
     pub write: WriteMode,
     #[serde(default)]
     pub bundle: BundleMode,
+    /// The FHIR format of request bodies (and of the answers asked for).
+    #[serde(default)]
+    pub format: FhirFormat,
     /// Largest transaction Bundle sent; bigger batches are split.
     #[serde(default = "defaults::max_bundle_entries")]
     pub max_bundle_entries: usize,
@@ -244,6 +247,17 @@ pub enum BundleMode {
     Transaction,
     /// One request per resource.
     Single,
+}
+
+/// FHIR's two wire formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FhirFormat {
+    /// `application/fhir+json`.
+    #[default]
+    Json,
+    /// `application/fhir+xml`, for EHR interfaces that take only XML.
+    Xml,
 }
 
 mod defaults {

@@ -44,6 +44,14 @@ impl R4Schema {
         if full["definitions"].get("Observation").is_none() {
             return Err(R4SchemaError("no resource definitions".into()));
         }
+        // `contained` may hold any resource: reaching every resource definition from each
+        // validator costs ~30 MB apiece. The gateway never sends contained resources, so its
+        // validators refuse them instead of compiling the whole of R4.
+        let mut definitions = full["definitions"].clone();
+        definitions["ResourceList"] = json!({
+            "description": "contained resources are not sent by this gateway",
+            "not": {}
+        });
         let mut by_type = HashMap::new();
         for resource_type in types {
             if full["definitions"].get(*resource_type).is_none() {
@@ -54,7 +62,7 @@ impl R4Schema {
             let root = json!({
                 "$schema": "http://json-schema.org/draft-06/schema#",
                 "$ref": format!("#/definitions/{resource_type}"),
-                "definitions": full["definitions"],
+                "definitions": definitions,
             });
             let validator = jsonschema::draft6::options()
                 .build(&root)
@@ -117,6 +125,10 @@ mod tests {
                 "{expected}: {pointers:?}"
             );
         }
+        // Contained resources are not ours to send.
+        let mut o = observation();
+        o["contained"] = json!([{"resourceType": "Patient"}]);
+        assert_eq!(schema.check("Observation", &o)[0].pointer, "/contained/0");
         // A dateTime with hours but no time zone breaks R4.
         let mut o = observation();
         o["effectiveDateTime"] = json!("2026-11-21T10:15:00");

@@ -15,6 +15,8 @@ pub struct Issue {
     /// FHIR issue-type code (http://hl7.org/fhir/issue-type), e.g. `invalid`, `value`.
     pub code: &'static str,
     pub details: String,
+    /// Where in an XML body: `line L, column C` (FHIR's `issue.location`).
+    pub location: Option<String>,
     pub expression: Option<String>,
 }
 
@@ -43,6 +45,7 @@ impl Issue {
             severity: Severity::Error,
             code,
             details: details.into(),
+            location: None,
             expression: None,
         }
     }
@@ -52,12 +55,20 @@ impl Issue {
         self
     }
 
+    pub fn located(mut self, line: usize, column: usize) -> Self {
+        self.location = Some(format!("line {line}, column {column}"));
+        self
+    }
+
     fn to_json(&self) -> Value {
         let mut issue = json!({
             "severity": self.severity.as_str(),
             "code": self.code,
             "details": { "text": self.details },
         });
+        if let Some(location) = &self.location {
+            issue["location"] = json!([location]);
+        }
         if let Some(expression) = &self.expression {
             issue["expression"] = json!([expression]);
         }

@@ -72,7 +72,7 @@ fn is_integer_element(key: &str) -> bool {
         || key.ends_with("PositiveInt")
 }
 
-fn numbers_as_text(value: &mut serde_json::Value) {
+pub(crate) fn numbers_as_text(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Number(n) => *value = serde_json::Value::String(n.as_str().to_owned()),
         serde_json::Value::Array(items) => items.iter_mut().for_each(numbers_as_text),

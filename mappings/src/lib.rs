@@ -18,6 +18,7 @@ mod reading;
 mod run;
 mod table;
 mod validate;
+mod xml;
 
 pub use codesystem::CodeSystemCodes;
 pub use conformance::{
@@ -37,6 +38,7 @@ pub use run::{
 };
 pub use table::{DeviceFamily, Mappings, Parameter, ParameterKind, TableError, UnitRule};
 pub use validate::{ProfileIssue, ProfileValidator};
+pub use xml::{XML_TYPES, resource_from_xml, resource_to_xml, resource_value_to_xml};
 
 /// Base of every canonical URL and identifier system this project defines.
 pub const CANONICAL_BASE: &str = "https://fhir.ecmo-gateway.org";

@@ -16,7 +16,7 @@ use conformance_tests::ehr::ReferenceEhr;
 use conformance_tests::harness::{
     ADMIN, GETINGE, GatewayProcess, TestPki, WriteStyle, gateway_config, with_outbox,
 };
-use gateway::config::WriteMode;
+use gateway::config::{FhirFormat, WriteMode};
 use gateway::delivery::request_builder::RequestBuilder;
 use http::Method;
 use http_body_util::BodyExt;
@@ -146,7 +146,9 @@ fn bundle_for(mappings: &Mappings, builder: &RequestBuilder, batch: &Value) -> B
             mappings.map_reading(&context, &reading).ok()
         })
         .collect();
-    let request = builder.transaction(&resources);
+    let Ok(request) = builder.transaction(&resources) else {
+        return Bytes::new();
+    };
     futures_block(request.into_body().collect())
         .map(|c| c.to_bytes())
         .unwrap_or_default()
@@ -234,7 +236,12 @@ async fn main() -> Result<(), gateway::BoxError> {
 
     // Baseline: the same Bundles the gateway would send, written straight to the EHR.
     let mappings = Mappings::embedded()?;
-    let builder = RequestBuilder::new(&ehr.base_url, WriteMode::ConditionalCreate);
+    let builder = RequestBuilder::new(
+        "baseline",
+        &ehr.base_url,
+        WriteMode::ConditionalCreate,
+        FhirFormat::Json,
+    );
     let direct_bodies: Vec<Vec<(Bytes, usize)>> = (0..args.clients)
         .map(|c| {
             batches(1000 + c, args.cycles_per_batch, per_client)

@@ -597,6 +597,7 @@ fn write_response(resource_type: &str, written: &WriteOutcome) -> Response<BoxBo
             severity: gateway::outcome::Severity::Information,
             code: "informational",
             details: format!("{:?}", written),
+            location: None,
             expression: None,
         }]),
     );

@@ -42,6 +42,14 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a body that is not JSON: 400 with line and column",
     ),
     (
+        "malformed-xml",
+        "an XML body that is not well-formed or not the endpoint's document: 400 with line and column",
+    ),
+    (
+        "hostile-xml",
+        "XML with a DOCTYPE, entity references, deep nesting, huge attributes or bad UTF-8: 400, nothing expanded",
+    ),
+    (
         "unsupported-media-type",
         "a body in a format the gateway does not read: 415",
     ),
@@ -83,6 +91,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a run event that cannot happen in the run's state: 409",
     ),
     ("unknown-route", "a path the gateway does not serve: 404"),
+    (
+        "not-acceptable",
+        "an Accept or _format that allows neither FHIR JSON nor FHIR XML: 406",
+    ),
     ("method-not-allowed", "a method the path does not take: 405"),
 ];
 

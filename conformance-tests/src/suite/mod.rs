@@ -83,6 +83,12 @@ pub struct RequestSpec {
     /// A body of `text` repeated `times` times (oversized input).
     #[serde(default)]
     pub repeat: Option<Repeat>,
+    /// Extra request headers, e.g. `{"Accept": "application/fhir+xml"}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `latin1`: `text` is sent in ISO-8859-1 rather than UTF-8 (wrongly encoded input).
+    #[serde(default)]
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +121,12 @@ pub struct Expectation {
     /// JSON the answer's body must contain (see [`contains`]).
     #[serde(default)]
     pub body: Option<Value>,
+    /// The answer's media type (parameters ignored).
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Texts the answer's body must contain, as sent (for XML answers).
+    #[serde(default)]
+    pub body_texts: Vec<String>,
 }
 
 /// One expected OperationOutcome issue; fields left out are not checked.
@@ -128,6 +140,9 @@ pub struct IssueSpec {
     /// The JSON pointer into the request (`expression[0]`).
     #[serde(default)]
     pub expression: Option<String>,
+    /// For XML bodies, `line L, column C` (`location[0]`).
+    #[serde(default)]
+    pub location: Option<String>,
     /// Text `details.text` must contain.
     #[serde(default)]
     pub text: Option<String>,

@@ -153,7 +153,17 @@ impl Runner {
                 true,
             )
         } else if let Some(text) = &request.text {
-            (Bytes::from(text.clone()), true)
+            match request.encoding.as_deref() {
+                None | Some("utf-8") => (Bytes::from(text.clone()), true),
+                Some("latin1") => (
+                    // Every char below U+0100 is its own ISO-8859-1 byte.
+                    text.chars()
+                        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+                        .collect(),
+                    true,
+                ),
+                Some(other) => return Verdict::Failed(format!("unknown encoding {other}")),
+            }
         } else if let Some(repeat) = &request.repeat {
             (Bytes::from(repeat.text.repeat(repeat.times)), true)
         } else {
@@ -168,9 +178,14 @@ impl Runner {
             self.target.gateway_url.trim_end_matches('/'),
             request.path
         );
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let sent = tokio::time::timeout(
             Duration::from_secs(60),
-            client.send(method, &url, content_type, body),
+            client.send_with_headers(method, &url, content_type, &headers, body),
         )
         .await
         .unwrap_or_else(|_| Err("no answer within 60 s".into()));
@@ -272,6 +287,24 @@ fn check_answer(answer: &Answer, expect: &Expectation) -> Result<(), String> {
             return Err(format!("expected HTTP {status}, got {got}: {}", body()));
         }
     }
+    if let Some(want) = &expect.content_type {
+        let got = answer
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if got.split(';').next().unwrap_or_default().trim() != want {
+            return Err(format!("expected Content-Type {want}, got '{got}'"));
+        }
+    }
+    let text = String::from_utf8_lossy(&answer.body);
+    if let Some(missing) = expect
+        .body_texts
+        .iter()
+        .find(|t| !text.contains(t.as_str()))
+    {
+        return Err(format!("answer does not contain '{missing}': {}", body()));
+    }
     let json = answer.json();
     if let Some(issues) = &expect.issues {
         if json["resourceType"] != "OperationOutcome" {
@@ -310,6 +343,7 @@ fn issue_matches(want: &IssueSpec, issue: &Value) -> Result<(), String> {
     field("severity", &want.severity, &issue["severity"])?;
     field("code", &want.code, &issue["code"])?;
     field("expression", &want.expression, &issue["expression"][0])?;
+    field("location", &want.location, &issue["location"][0])?;
     if let Some(text) = &want.text {
         let details = issue["details"]["text"].as_str().unwrap_or_default();
         if !details.contains(text.as_str()) {

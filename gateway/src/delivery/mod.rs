@@ -107,7 +107,12 @@ impl Destination {
     pub fn from_settings(settings: &DestinationSettings) -> Result<Self, client::ClientError> {
         Ok(Self {
             name: settings.name.as_str().into(),
-            builder: RequestBuilder::new(&settings.base_url, settings.write),
+            builder: RequestBuilder::new(
+                &settings.name,
+                &settings.base_url,
+                settings.write,
+                settings.format,
+            ),
             bundle: settings.bundle,
             max_bundle_entries: settings.max_bundle_entries,
             client: EhrClient::new(settings)?,
@@ -139,7 +144,7 @@ impl Destination {
         match self.bundle {
             BundleMode::Transaction => {
                 for chunk in resources.chunks(self.max_bundle_entries) {
-                    let request = self.builder.transaction(chunk);
+                    let request = self.builder.transaction(chunk)?;
                     let answer = self.client.send(request).await;
                     entries.extend(classify::transaction(&self.name, answer, chunk.len())?);
                 }
@@ -147,7 +152,7 @@ impl Destination {
             BundleMode::Single => {
                 let mut tasks = tokio::task::JoinSet::new();
                 for (index, resource) in resources.iter().enumerate() {
-                    let request = self.builder.single(resource);
+                    let request = self.builder.single(resource)?;
                     let client = self.client.clone();
                     let name = self.name.clone();
                     tasks.spawn(async move {

@@ -6,8 +6,10 @@ use http_body_util::Full;
 use mappings::MappedResource;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
-use crate::config::WriteMode;
+use crate::config::{FhirFormat, WriteMode};
+use crate::delivery::DeliveryError;
 use crate::delivery::client::EhrRequest;
+use crate::ingress::negotiate::FHIR_XML;
 use crate::outcome::FHIR_JSON;
 
 /// Characters escaped in a search parameter value (`identifier=system|value`).
@@ -28,14 +30,39 @@ const QUERY_VALUE: &AsciiSet = &CONTROLS
 pub struct RequestBuilder {
     /// FHIR base URL without a trailing slash.
     base: String,
+    /// Destination name, for errors.
+    destination: String,
     write: WriteMode,
+    format: FhirFormat,
 }
 
 impl RequestBuilder {
-    pub fn new(base_url: &str, write: WriteMode) -> Self {
+    pub fn new(destination: &str, base_url: &str, write: WriteMode, format: FhirFormat) -> Self {
         Self {
             base: base_url.trim_end_matches('/').to_owned(),
+            destination: destination.to_owned(),
             write,
+            format,
+        }
+    }
+
+    /// A resource as this destination's format. JSON is sent as built; XML is written from
+    /// the typed model, which cannot fail for a resource that passed the conformance check,
+    /// but if it does the resource is refused for good rather than sent wrong.
+    fn encode(&self, json: &[u8]) -> Result<Vec<u8>, DeliveryError> {
+        match self.format {
+            FhirFormat::Json => Ok(json.to_vec()),
+            FhirFormat::Xml => mappings::resource_to_xml(json).map_err(|reason| {
+                DeliveryError::Rejected {
+                    destination: self.destination.clone(),
+                    status: http::StatusCode::UNPROCESSABLE_ENTITY,
+                    outcome: Some(serde_json::json!({
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "exception",
+                                   "details": {"text": format!("the gateway could not write the resource as FHIR XML: {reason}")}}]
+                    })),
+                }
+            }),
         }
     }
 
@@ -54,8 +81,8 @@ impl RequestBuilder {
 
     /// One request for one resource: conditional create (or conditional update for resources
     /// that change, such as a run's Procedure), or PUT to the derived id.
-    pub fn single(&self, resource: &MappedResource) -> EhrRequest {
-        let (method, uri, body) = match self.write {
+    pub fn single(&self, resource: &MappedResource) -> Result<EhrRequest, DeliveryError> {
+        let (method, uri, json) = match self.write {
             WriteMode::ConditionalCreate if resource.upsert => (
                 Method::PUT,
                 format!(
@@ -77,18 +104,25 @@ impl RequestBuilder {
                 with_id(&resource.json, &resource.id),
             ),
         };
-        let mut request = fhir_request(method, &uri, body);
+        let body = match self.format {
+            FhirFormat::Json => json,
+            FhirFormat::Xml => self.encode(&json)?,
+        };
+        let mut request = fhir_request(method, &uri, body, self.format);
         if self.write == WriteMode::ConditionalCreate
             && !resource.upsert
             && let Ok(value) = HeaderValue::from_str(&Self::identifier_query(resource))
         {
             request.headers_mut().insert("if-none-exist", value);
         }
-        request
+        Ok(request)
     }
 
     /// A transaction Bundle of all `resources`: the EHR stores all of them or none.
-    pub fn transaction(&self, resources: &[MappedResource]) -> EhrRequest {
+    pub fn transaction(&self, resources: &[MappedResource]) -> Result<EhrRequest, DeliveryError> {
+        if self.format == FhirFormat::Xml {
+            return self.transaction_xml(resources);
+        }
         let size: usize = resources.iter().map(|r| r.json.len() + 256).sum();
         let mut body = Vec::with_capacity(size + 64);
         body.extend_from_slice(br#"{"resourceType":"Bundle","type":"transaction","entry":["#);
@@ -131,18 +165,85 @@ impl RequestBuilder {
             body.extend_from_slice(b"}}");
         }
         body.extend_from_slice(b"]}");
-        fhir_request(Method::POST, &self.base, body)
+        Ok(fhir_request(Method::POST, &self.base, body, self.format))
+    }
+
+    /// The same transaction in FHIR XML: the Bundle's envelope written here, each resource
+    /// written from the typed model.
+    fn transaction_xml(&self, resources: &[MappedResource]) -> Result<EhrRequest, DeliveryError> {
+        let size: usize = resources.iter().map(|r| r.json.len() * 2 + 256).sum();
+        let mut body = Vec::with_capacity(size + 128);
+        body.extend_from_slice(
+            br#"<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/>"#,
+        );
+        for resource in resources {
+            let (full_url, json, method, url, if_none_exist) = match self.write {
+                WriteMode::ConditionalCreate if resource.upsert => (
+                    uuid_urn(&resource.id),
+                    resource.json.clone(),
+                    "PUT",
+                    format!(
+                        "{}?{}",
+                        resource.resource_type,
+                        Self::identifier_query(resource)
+                    ),
+                    None,
+                ),
+                WriteMode::ConditionalCreate => (
+                    uuid_urn(&resource.id),
+                    resource.json.clone(),
+                    "POST",
+                    resource.resource_type.to_owned(),
+                    Some(Self::identifier_query(resource)),
+                ),
+                WriteMode::Put => {
+                    let path = format!("{}/{}", resource.resource_type, resource.id);
+                    (
+                        format!("{}/{}", self.base, path),
+                        with_id(&resource.json, &resource.id),
+                        "PUT",
+                        path,
+                        None,
+                    )
+                }
+            };
+            body.extend_from_slice(b"<entry><fullUrl value=\"");
+            push_xml_attribute(&mut body, &full_url);
+            body.extend_from_slice(b"\"/><resource>");
+            body.extend_from_slice(&self.encode(&json)?);
+            body.extend_from_slice(b"</resource><request><method value=\"");
+            body.extend_from_slice(method.as_bytes());
+            body.extend_from_slice(b"\"/><url value=\"");
+            push_xml_attribute(&mut body, &url);
+            body.extend_from_slice(b"\"/>");
+            if let Some(query) = if_none_exist {
+                body.extend_from_slice(b"<ifNoneExist value=\"");
+                push_xml_attribute(&mut body, &query);
+                body.extend_from_slice(b"\"/>");
+            }
+            body.extend_from_slice(b"</request></entry>");
+        }
+        body.extend_from_slice(b"</Bundle>");
+        Ok(fhir_request(Method::POST, &self.base, body, self.format))
     }
 }
 
-fn fhir_request(method: Method, uri: &str, body: Vec<u8>) -> EhrRequest {
+fn push_xml_attribute(out: &mut Vec<u8>, value: &str) {
+    out.extend_from_slice(quick_xml::escape::escape(value).as_bytes());
+}
+
+fn fhir_request(method: Method, uri: &str, body: Vec<u8>, format: FhirFormat) -> EhrRequest {
     let mut request = Request::new(Full::new(Bytes::from(body)));
     *request.method_mut() = method;
     // The base URL was checked at start-up and ids are hex, so the URI always parses.
     *request.uri_mut() = uri.parse().unwrap_or_default();
+    let media = HeaderValue::from_static(match format {
+        FhirFormat::Json => FHIR_JSON,
+        FhirFormat::Xml => FHIR_XML,
+    });
     let headers = request.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    headers.insert(header::ACCEPT, HeaderValue::from_static(FHIR_JSON));
+    headers.insert(header::CONTENT_TYPE, media.clone());
+    headers.insert(header::ACCEPT, media);
     request
 }
 
@@ -202,9 +303,13 @@ mod tests {
 
     #[tokio::test]
     async fn conditional_create_carries_if_none_exist() {
-        let builder =
-            RequestBuilder::new("https://ehr.example/fhir/", WriteMode::ConditionalCreate);
-        let request = builder.single(&resource());
+        let builder = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir/",
+            WriteMode::ConditionalCreate,
+            FhirFormat::Json,
+        );
+        let request = builder.single(&resource()).unwrap();
         assert_eq!(request.method(), Method::POST);
         assert_eq!(request.uri(), "https://ehr.example/fhir/Observation");
         assert_eq!(
@@ -215,8 +320,13 @@ mod tests {
 
     #[tokio::test]
     async fn put_goes_to_the_derived_id_with_the_id_in_the_body() {
-        let builder = RequestBuilder::new("https://ehr.example/fhir", WriteMode::Put);
-        let request = builder.single(&resource());
+        let builder = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir",
+            WriteMode::Put,
+            FhirFormat::Json,
+        );
+        let request = builder.single(&resource()).unwrap();
         assert_eq!(request.method(), Method::PUT);
         assert_eq!(
             request.uri(),
@@ -229,8 +339,13 @@ mod tests {
 
     #[tokio::test]
     async fn transaction_bundle_is_valid_json_with_requests() {
-        let builder = RequestBuilder::new("https://ehr.example/fhir", WriteMode::ConditionalCreate);
-        let bundle = body_json(builder.transaction(&[resource(), resource()])).await;
+        let builder = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir",
+            WriteMode::ConditionalCreate,
+            FhirFormat::Json,
+        );
+        let bundle = body_json(builder.transaction(&[resource(), resource()]).unwrap()).await;
         assert_eq!(bundle["type"], "transaction");
         assert_eq!(bundle["entry"].as_array().unwrap().len(), 2);
         let entry = &bundle["entry"][0];
@@ -247,12 +362,68 @@ mod tests {
                 .starts_with("identifier=")
         );
 
-        let builder = RequestBuilder::new("https://ehr.example/fhir", WriteMode::Put);
-        let bundle = body_json(builder.transaction(&[resource()])).await;
+        let builder = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir",
+            WriteMode::Put,
+            FhirFormat::Json,
+        );
+        let bundle = body_json(builder.transaction(&[resource()]).unwrap()).await;
         assert_eq!(bundle["entry"][0]["request"]["method"], "PUT");
         assert_eq!(
             bundle["entry"][0]["resource"]["id"],
             "0123456789abcdef0123456789abcdef"
         );
+    }
+
+    #[tokio::test]
+    async fn xml_destinations_get_fhir_xml_bundles() {
+        let mut observation = resource();
+        observation.json = br#"{"resourceType":"Observation","status":"final","code":{"text":"Flow"},"valueQuantity":{"value":4.20}}"#.to_vec();
+        let builder = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir",
+            WriteMode::ConditionalCreate,
+            FhirFormat::Xml,
+        );
+        let request = builder.transaction(&[observation.clone()]).unwrap();
+        assert_eq!(request.headers()[header::CONTENT_TYPE], FHIR_XML);
+        assert_eq!(request.headers()[header::ACCEPT], FHIR_XML);
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let xml = String::from_utf8(body.to_vec()).unwrap();
+        assert!(xml.starts_with(r#"<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/><entry><fullUrl value="urn:uuid:01234567-89ab-cdef-0123-456789abcdef"/><resource><Observation xmlns="http://hl7.org/fhir">"#), "{xml}");
+        assert!(xml.contains(r#"<status value="final"/>"#), "{xml}");
+        assert!(xml.contains(r#"<value value="4.20"/>"#), "{xml}");
+        assert!(xml.contains(r#"<request><method value="POST"/><url value="Observation"/><ifNoneExist value="identifier=https://fhir.ecmo-gateway.org/sid/observation%7Cfam:SN-1:pump-blood-flow:20261121T101500.000Z"/></request></entry></Bundle>"#), "{xml}");
+
+        let put = RequestBuilder::new(
+            "ehr",
+            "https://ehr.example/fhir",
+            WriteMode::Put,
+            FhirFormat::Xml,
+        );
+        let request = put.single(&observation).unwrap();
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let xml = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            xml.starts_with(r#"<Observation xmlns="http://hl7.org/fhir">"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<id value="0123456789abcdef0123456789abcdef"/>"#),
+            "{xml}"
+        );
+
+        // What cannot be written as FHIR is refused for good, with a reason.
+        let mut broken = resource();
+        broken.json = br#"{"resourceType":"Observation","colour":"blue"}"#.to_vec();
+        match builder.single(&broken) {
+            Err(DeliveryError::Rejected {
+                outcome: Some(o), ..
+            }) => {
+                assert!(o.to_string().contains("FHIR XML"), "{o}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

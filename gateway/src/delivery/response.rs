@@ -57,6 +57,14 @@ pub mod classify {
             reason: format!("transaction-response {why}"),
             retry_after: None,
         };
+        if is_xml(&response) {
+            let entries =
+                xml_transaction_response(response.body()).map_err(|why| malformed(&why))?;
+            if entries.len() != sent {
+                return Err(malformed("does not answer every entry"));
+            }
+            return Ok(entries);
+        }
         let bundle: Value =
             serde_json::from_slice(response.body()).map_err(|_| malformed("is not JSON"))?;
         let entries = bundle["entry"]
@@ -97,14 +105,91 @@ pub mod classify {
                     .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
             });
         }
-        let outcome = serde_json::from_slice::<Value>(response.body())
-            .ok()
-            .filter(|v| v["resourceType"] == "OperationOutcome");
+        let outcome = if is_xml(&response) {
+            mappings::resource_from_xml("OperationOutcome", response.body()).ok()
+        } else {
+            serde_json::from_slice::<Value>(response.body())
+                .ok()
+                .filter(|v| v["resourceType"] == "OperationOutcome")
+        };
         Err(DeliveryError::Rejected {
             destination: destination.to_owned(),
             status,
             outcome,
         })
+    }
+
+    fn is_xml(response: &EhrResponse) -> bool {
+        response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.contains("xml"))
+    }
+
+    /// `Bundle/entry/response/{status,location}` of an XML transaction-response, read as a
+    /// stream (the Bundle as a whole is never deserialized into the typed model).
+    fn xml_transaction_response(body: &[u8]) -> Result<Vec<EntryOutcome>, String> {
+        use quick_xml::events::Event;
+        let text = std::str::from_utf8(body).map_err(|_| "is not UTF-8".to_owned())?;
+        let mut reader = quick_xml::Reader::from_str(text);
+        let mut path: Vec<String> = Vec::new();
+        let mut entries: Vec<EntryOutcome> = Vec::new();
+        loop {
+            let event = reader
+                .read_event()
+                .map_err(|e| format!("is not XML: {e}"))?;
+            let (start, empty) = match &event {
+                Event::Start(e) => (Some(e), false),
+                Event::Empty(e) => (Some(e), true),
+                Event::End(_) => {
+                    path.pop();
+                    continue;
+                }
+                Event::DocType(_) => return Err("has a DOCTYPE".into()),
+                Event::Eof => break,
+                _ => continue,
+            };
+            let Some(start) = start else { continue };
+            let name = start.local_name().as_ref().to_owned();
+            if path.is_empty() && name != "Bundle" {
+                return Err(format!("is a {name}, not a Bundle"));
+            }
+            let depth = path.len();
+            if depth == 1 && name == "entry" {
+                entries.push(EntryOutcome {
+                    status: "200".into(),
+                    location: None,
+                });
+            }
+            if depth == 3
+                && path[1] == "entry"
+                && path[2] == "response"
+                && (name == "status" || name == "location")
+                && let Some(entry) = entries.last_mut()
+            {
+                let value = start
+                    .attributes()
+                    .flatten()
+                    .find(|a| a.key.as_ref() == "value")
+                    .and_then(|a| a.normalized_value(quick_xml::XmlVersion::Implicit1_0).ok())
+                    .map(|v| v.into_owned());
+                if let Some(value) = value {
+                    if name == "status" {
+                        entry.status = value;
+                    } else {
+                        entry.location = Some(value);
+                    }
+                }
+            }
+            if !empty {
+                path.push(name);
+            }
+        }
+        if entries.is_empty() {
+            return Err("has no entries".into());
+        }
+        Ok(entries)
     }
 
     fn from_error(destination: &str, error: BoxError) -> DeliveryError {
@@ -197,5 +282,42 @@ mod tests {
             Some("Observation/9/_history/1")
         );
         assert!(classify::transaction("ehr", answer(200, body), 2).is_err());
+    }
+
+    #[test]
+    fn xml_answers_are_read() {
+        let mut ok = http::Response::new(bytes::Bytes::from_static(
+            br#"<?xml version="1.0"?><Bundle xmlns="http://hl7.org/fhir"><type value="transaction-response"/>
+<entry><response><status value="201 Created"/><location value="Observation/1/_history/1"/></response></entry>
+<entry><response><status value="200 OK"/></response></entry></Bundle>"#,
+        ));
+        ok.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/fhir+xml;charset=utf-8"),
+        );
+        let entries = classify::transaction("ehr", Ok(ok), 2).unwrap();
+        assert_eq!(entries[0].status, "201 Created");
+        assert_eq!(
+            entries[0].location.as_deref(),
+            Some("Observation/1/_history/1")
+        );
+        assert_eq!(entries[1].status, "200 OK");
+
+        let mut refused = http::Response::new(bytes::Bytes::from_static(
+            br#"<OperationOutcome xmlns="http://hl7.org/fhir"><issue><severity value="error"/><code value="invalid"/><diagnostics value="bad code"/></issue></OperationOutcome>"#,
+        ));
+        *refused.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+        refused.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/fhir+xml"),
+        );
+        match classify::single("ehr", Ok(refused)) {
+            Err(DeliveryError::Rejected {
+                outcome: Some(o), ..
+            }) => {
+                assert_eq!(o["issue"][0]["diagnostics"], "bad code")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -157,8 +157,13 @@ impl DeliveryWorker {
         let client = self.destination.client();
         if self.destination.bundle_mode() == BundleMode::Transaction && resources.len() > 1 {
             let batch: Vec<MappedResource> = resources.iter().map(|(_, _, r)| r.clone()).collect();
-            let answer = client.send(builder.transaction(&batch)).await;
-            match classify::transaction(&name, answer, batch.len()) {
+            let result = match builder.transaction(&batch) {
+                Ok(request) => {
+                    classify::transaction(&name, client.send(request).await, batch.len())
+                }
+                Err(error) => Err(error),
+            };
+            match result {
                 Ok(entries) => {
                     outcomes.extend(resources.iter().zip(entries).map(|((id, _, _), e)| {
                         (
@@ -187,8 +192,11 @@ impl DeliveryWorker {
         // One request per message, in order.
         let mut health = Health::Up;
         for (id, attempts, resource) in &resources {
-            let answer = client.send(builder.single(resource)).await;
-            let settle = match classify::single(&name, answer) {
+            let result = match builder.single(resource) {
+                Ok(request) => classify::single(&name, client.send(request).await),
+                Err(error) => Err(error),
+            };
+            let settle = match result {
                 Ok(entry) => Settle::Delivered {
                     status: entry.status,
                     location: entry.location,

@@ -1,4 +1,5 @@
-//! Decoding: the body is read (within the size limit) and parsed as JSON. Unparseable bodies
+//! Decoding: the body is read (within the size limit) and parsed as JSON, or as the ingest XML
+//! format (`application/xml`, see [`super::xml_ingest`]) into the same JSON. Unparseable bodies
 //! get 400 with the line and column; other media types get 415.
 
 use std::future::Future;
@@ -11,17 +12,30 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::filter::{AsyncFilterLayer, AsyncPredicate};
 
+use std::sync::Arc;
+
+use super::xml_ingest::{self, IngestDocument};
 use crate::BoxError;
 use crate::outcome::{ApiError, Issue};
 
-#[derive(Clone, Copy, Default)]
-pub struct DecodeJson;
-
-pub fn layer() -> AsyncFilterLayer<DecodeJson> {
-    AsyncFilterLayer::new(DecodeJson)
+/// Decodes the body of one endpoint, which takes `document` when it comes as XML.
+#[derive(Clone, Copy)]
+pub struct DecodeBody {
+    document: IngestDocument,
 }
 
-impl<B> AsyncPredicate<Request<B>> for DecodeJson
+pub fn layer(document: IngestDocument) -> AsyncFilterLayer<DecodeBody> {
+    AsyncFilterLayer::new(DecodeBody { document })
+}
+
+/// The body's format, by Content-Type (JSON when none is given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Xml,
+}
+
+impl<B> AsyncPredicate<Request<B>> for DecodeBody
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -30,19 +44,23 @@ where
     type Request = Request<Value>;
 
     fn check(&mut self, request: Request<B>) -> Self::Future {
+        let document = self.document;
         Box::pin(async move {
-            if let Some(content_type) = request.headers().get(header::CONTENT_TYPE)
-                && !is_json(content_type.as_bytes())
-            {
-                return Err(ApiError::one(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    Issue::error(
-                        "not-supported",
-                        "the body must be JSON: send Content-Type: application/json",
-                    ),
-                )
-                .into());
-            }
+            let format = match request.headers().get(header::CONTENT_TYPE) {
+                None => Format::Json,
+                Some(content_type) if is_json(content_type.as_bytes()) => Format::Json,
+                Some(content_type) if is_xml(content_type.as_bytes()) => Format::Xml,
+                Some(_) => {
+                    return Err(ApiError::one(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        Issue::error(
+                            "not-supported",
+                            "the body must be JSON or XML: send Content-Type: application/json or application/xml",
+                        ),
+                    )
+                    .into());
+                }
+            };
             let (parts, body) = request.into_parts();
             let bytes = body
                 .collect()
@@ -56,6 +74,22 @@ where
                     }
                 })?
                 .to_bytes();
+            if format == Format::Xml {
+                let (value, positions) = xml_ingest::parse(&bytes, document).map_err(|e| {
+                    ApiError::one(
+                        StatusCode::BAD_REQUEST,
+                        Issue::error(
+                            "structure",
+                            format!("the body is not valid ingest XML: {}", e.reason),
+                        )
+                        .located(e.line, e.column)
+                        .at("/"),
+                    )
+                })?;
+                let mut request = Request::from_parts(parts, value);
+                request.extensions_mut().insert(Arc::new(positions));
+                return Ok(request);
+            }
             let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
                 ApiError::one(
                     StatusCode::BAD_REQUEST,
@@ -88,6 +122,19 @@ fn is_json(content_type: &[u8]) -> bool {
         || (essence.starts_with(b"application/") && essence.ends_with(b"+json"))
 }
 
+/// `application/xml`, `text/xml` or any `+xml` type, parameters ignored.
+fn is_xml(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
+        .to_ascii_lowercase();
+    essence == b"application/xml"
+        || essence == b"text/xml"
+        || (essence.starts_with(b"application/") && essence.ends_with(b"+xml"))
+}
+
 /// serde_json's message without its own " at line L column C" suffix.
 fn describe(error: &serde_json::Error) -> String {
     let text = error.to_string();
@@ -112,7 +159,11 @@ mod tests {
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, ct.parse().unwrap());
         }
-        DecodeJson.check(request).await
+        DecodeBody {
+            document: IngestDocument::ObservationBatch,
+        }
+        .check(request)
+        .await
     }
 
     fn status(error: BoxError) -> StatusCode {
@@ -145,15 +196,43 @@ mod tests {
 
     #[tokio::test]
     async fn other_media_types_are_415() {
-        let error = decode(Some("application/xml"), "<a/>").await.unwrap_err();
+        let error = decode(Some("text/csv"), "Flow,4.2").await.unwrap_err();
         assert_eq!(status(error), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn xml_bodies_become_the_same_json_with_positions() {
+        let request = decode(
+            Some("application/xml; charset=utf-8"),
+            "<observationBatch><device serial=\"CH-1\" model=\"M\"/></observationBatch>",
+        )
+        .await
+        .unwrap();
+        assert_eq!(request.body()["device"]["serial"], "CH-1");
+        assert!(
+            request
+                .extensions()
+                .get::<Arc<xml_ingest::XmlPositions>>()
+                .is_some()
+        );
+        let error = decode(Some("text/xml"), "<observationBatch>\n<device>")
+            .await
+            .unwrap_err();
+        let api = error.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(api.status, StatusCode::BAD_REQUEST);
+        assert!(api.issues[0].location.is_some(), "{:?}", api.issues);
     }
 
     #[tokio::test]
     async fn oversized_bodies_are_413() {
         let body =
             http_body_util::Limited::new(Full::new(Bytes::from_static(b"{\"a\": 12345}")), 4);
-        let error = DecodeJson.check(Request::new(body)).await.unwrap_err();
+        let error = DecodeBody {
+            document: IngestDocument::ObservationBatch,
+        }
+        .check(Request::new(body))
+        .await
+        .unwrap_err();
         assert_eq!(status(error), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

@@ -23,10 +23,15 @@ pub fn capability_statement() -> Value {
         "kind": "instance",
         "software": {"name": "ECMO FHIR gateway", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {
-            "description": "ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs. Ingest: POST /v1/observations (readings) and POST /v1/runs/{run-id}/events (ECMO runs), JSON, schemas at GET /v1/schemas/{observation-batch|run-event}. Errors are OperationOutcomes."
+            "description": "ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs. Ingest: POST /v1/observations (readings) and POST /v1/runs/{run-id}/events (ECMO runs), as JSON (schemas at GET /v1/schemas/{observation-batch|run-event}) or XML (profiles/xml/ingest.xsd). Errors are OperationOutcomes, in FHIR JSON or XML by Accept or _format."
         },
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "application/json"],
+        "format": [
+            "application/fhir+json",
+            "application/fhir+xml",
+            "application/json",
+            "application/xml"
+        ],
         "rest": [{
             "mode": "server",
             "documentation": "The resources below are written to the configured EHRs (conditional create, or conditional update for runs), not served here; each declares its profile in meta.profile.",

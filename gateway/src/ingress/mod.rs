@@ -1,13 +1,15 @@
 //! The vendor-facing request path: a tower stack assembled in [`stack`], one module per
 //! concern, in the order a request meets them:
 //!
-//! 1. [`rescue`]: every error becomes an OperationOutcome with the right status
+//! 1. [`negotiate`]: `_format` / `Accept` -> FHIR JSON or FHIR XML answers (406 for neither);
+//!    [`rescue`]: every error becomes an OperationOutcome with the right status
 //! 2. request id and tracing (tower-http), body size limit, timeout, load shedding and a
 //!    global concurrency limit (tower)
 //! 3. [`client_identity`]: the certificate's names -> the configured vendor
 //! 4. [`router`]: `POST /v1/observations`, `GET /v1/schemas/<name>`
-//! 5. readings: [`decode`] -> [`authorize`] -> [`validate`] -> [`map`] -> [`conformance`] ->
-//!    [`handoff`]; run events: [`decode`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
+//! 5. readings: [`decode`] (JSON, or XML through [`xml_ingest`]) -> [`locate`] (line and
+//!    column for XML) -> [`authorize`] -> [`validate`] -> [`map`] -> [`conformance`] ->
+//!    [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
 //!    [`handoff`]
 
 pub mod authorize;
@@ -15,14 +17,17 @@ pub mod client_identity;
 pub mod conformance;
 pub mod decode;
 pub mod handoff;
+pub mod locate;
 pub mod map;
 pub mod metadata;
+pub mod negotiate;
 pub mod rescue;
 pub mod router;
 pub mod run_events;
 pub mod schemas;
 pub mod stack;
 pub mod validate;
+pub mod xml_ingest;
 
 pub use client_identity::{VendorPolicy, Vendors};
 pub use stack::{IngressSettings, build_stack};

@@ -20,8 +20,10 @@ use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
+use crate::ingress::xml_ingest::IngestDocument;
 use crate::ingress::{
-    authorize, client_identity, conformance, decode, map, rescue, run_events, validate,
+    authorize, client_identity, conformance, decode, locate, map, negotiate, rescue, run_events,
+    validate,
 };
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
@@ -56,7 +58,8 @@ where
 {
     // POST /v1/observations, after routing.
     let observations = ServiceBuilder::new()
-        .layer(decode::layer())
+        .layer(decode::layer(IngestDocument::ObservationBatch))
+        .layer(locate::layer())
         .layer(authorize::layer())
         .layer(validate::layer(schemas.clone(), "observation-batch"))
         .layer(map::layer(mappings, runs.clone(), settings.max_future_skew))
@@ -65,7 +68,8 @@ where
 
     // POST /v1/runs/{run-id}/events, after routing.
     let run_events = ServiceBuilder::new()
-        .layer(decode::layer())
+        .layer(decode::layer(IngestDocument::RunEvent))
+        .layer(locate::layer())
         .layer(validate::layer(schemas.clone(), "run-event"))
         .layer(run_events::layer(runs))
         .layer(conformance::layer(conformance_rules))
@@ -76,6 +80,8 @@ where
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Outside the rescue, so that refusals are negotiated too.
+        .layer(negotiate::layer())
         // Inside tracing, so that a refusal is traced as the 4xx it is, not as a failure.
         .map_result(rescue::rescue)
         .map_response(|response: Response<_>| rescue::outcome_for_bare_413(box_body(response)))
