@@ -5,5 +5,6 @@
 pub mod client;
 pub mod console;
 pub mod ehr;
+pub mod fhir_xml;
 pub mod harness;
 pub mod suite;

@@ -86,6 +86,8 @@ pub struct ReferenceEhr {
     /// When no queued fault is left: this fault for this fraction of writes (seeded, so a run
     /// can be repeated).
     fraction: Arc<Mutex<Option<(Fault, f64, fastrand::Rng)>>>,
+    /// Requests whose body was FHIR XML.
+    xml_requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A reference EHR listening on a socket; stops when dropped.
@@ -112,6 +114,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ReferenceEhr {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many requests came with an XML body.
+    pub fn xml_requests(&self) -> usize {
+        self.xml_requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The next `count` writes get `fault` instead of being stored.
@@ -279,21 +286,58 @@ impl ReferenceEhr {
             Err(e) => return outcome(StatusCode::BAD_REQUEST, "structure", &format!("body: {e}")),
         };
         let query = parts.uri.query().unwrap_or("");
-        match (&parts.method, segments.as_slice()) {
+        let media = |name: header::HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        };
+        let xml_in = media(header::CONTENT_TYPE).contains("xml");
+        let xml_out = media(header::ACCEPT).contains("xml") || query.contains("_format=xml");
+        if xml_in {
+            self.xml_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let body = if xml_in && !body.is_empty() {
+            match xml_body_as_json(&segments, &body) {
+                Ok(json) => json,
+                Err(refusal) => return refusal.response(),
+            }
+        } else {
+            body
+        };
+        let response = self.dispatch(&parts, &segments, query, &body);
+        if xml_out {
+            as_xml(response).await
+        } else {
+            response
+        }
+    }
+
+    fn dispatch(
+        &self,
+        parts: &http::request::Parts,
+        segments: &[&str],
+        query: &str,
+        body: &Bytes,
+    ) -> Response<BoxBody> {
+        match (&parts.method, segments) {
             (&Method::GET, ["metadata"]) => {
                 fhir_json_response(StatusCode::OK, &capability_statement())
             }
-            (&Method::POST, []) => self.transaction(&body),
+            (&Method::POST, []) => self.transaction(body),
             (&Method::POST, [resource_type]) => {
                 let if_none_exist = parts
                     .headers
                     .get("if-none-exist")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                self.create(resource_type, &body, if_none_exist.as_deref())
+                self.create(resource_type, body, if_none_exist.as_deref())
             }
-            (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, &body),
-            (&Method::PUT, [resource_type]) => self.conditional_update(resource_type, query, &body),
+            (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, body),
+            (&Method::PUT, [resource_type]) => self.conditional_update(resource_type, query, body),
             (&Method::GET, [resource_type, id]) => self.read(resource_type, id),
             (&Method::GET, [resource_type]) => self.search(resource_type, query),
             _ => outcome(
@@ -510,6 +554,57 @@ impl ReferenceEhr {
             &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": responses}),
         )
     }
+}
+
+/// An XML request body as the JSON the handlers take, read by the independent FHIR XML reader
+/// (quick-xml and the R4 JSON Schema); single resources are also read strictly by fhirbolt.
+fn xml_body_as_json(segments: &[&str], body: &[u8]) -> Result<Bytes, Refusal> {
+    let json = crate::fhir_xml::resource_to_json(body).map_err(|reason| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            format!("not FHIR XML: {reason}"),
+        )
+    })?;
+    if let Some(resource_type) = segments.first()
+        && mappings::XML_TYPES.contains(resource_type)
+    {
+        mappings::resource_from_xml(resource_type, body).map_err(|reason| {
+            Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "structure",
+                format!("not a valid R4 {resource_type} in XML: {reason}"),
+            )
+        })?;
+    }
+    Ok(Bytes::from(serde_json::to_vec(&json).unwrap_or_default()))
+}
+
+/// A FHIR JSON answer rewritten as FHIR XML for a client that asked for XML.
+async fn as_xml(response: Response<BoxBody>) -> Response<BoxBody> {
+    let is_fhir_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/fhir+json"));
+    if !is_fhir_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(collected) = body.collect().await else {
+        return outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "answer lost",
+        );
+    };
+    let json: Value = serde_json::from_slice(&collected.to_bytes()).unwrap_or_default();
+    let xml = crate::fhir_xml::json_to_xml(&json);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/fhir+xml"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, gateway::full_body(Bytes::from(xml)))
 }
 
 /// Why a write is refused, before it becomes a response.
