@@ -71,6 +71,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a value outside the parameter's plausible range: 422",
     ),
     (
+        "fhir-profile-violation",
+        "a FHIR resource from a FHIR-native device that breaks the ECMO profile: 422, each rule with its path",
+    ),
+    (
         "future-timestamp",
         "a reading timed ahead of the gateway's clock: 422",
     ),

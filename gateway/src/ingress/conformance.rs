@@ -32,6 +32,40 @@ impl ConformanceRules {
             r4: R4Schema::embedded().map_err(|e| e.to_string())?,
         })
     }
+
+    /// Every rule `resource` breaks: the R4 JSON Schema, our profiles, fhirbolt's strict model.
+    /// Paths are FHIRPath-like (`Observation.code.coding[0]`).
+    pub fn issues(&self, resource_type: &str, resource: serde_json::Value) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        for broken in self.r4.check(resource_type, &resource) {
+            issues.push(
+                Issue::error(
+                    "structure",
+                    format!("not valid FHIR R4 (JSON Schema): {}", broken.message),
+                )
+                .at(fhir_path(resource_type, &broken.pointer)),
+            );
+        }
+        for broken in self.profiles.check(&resource) {
+            issues.push(
+                Issue::error(
+                    "invariant",
+                    format!(
+                        "profile rule '{}' of {}: {}",
+                        broken.rule, broken.profile, broken.message
+                    ),
+                )
+                .at(broken.path),
+            );
+        }
+        if let Err(reason) = mappings::check_resource_value(resource_type, resource) {
+            issues.push(
+                Issue::error("structure", format!("not valid FHIR R4: {reason}"))
+                    .at(resource_type.to_owned()),
+            );
+        }
+        issues
+    }
 }
 
 #[derive(Clone)]
@@ -63,33 +97,7 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
                 }
             };
             let before = issues.len();
-            for broken in self.rules.r4.check(resource.resource_type, &value) {
-                issues.push(
-                    Issue::error(
-                        "structure",
-                        format!("not valid FHIR R4 (JSON Schema): {}", broken.message),
-                    )
-                    .at(fhir_path(resource.resource_type, &broken.pointer)),
-                );
-            }
-            for broken in self.rules.profiles.check(&value) {
-                issues.push(
-                    Issue::error(
-                        "invariant",
-                        format!(
-                            "profile rule '{}' of {}: {}",
-                            broken.rule, broken.profile, broken.message
-                        ),
-                    )
-                    .at(broken.path),
-                );
-            }
-            if let Err(reason) = mappings::check_resource_value(resource.resource_type, value) {
-                issues.push(
-                    Issue::error("structure", format!("not valid FHIR R4: {reason}"))
-                        .at(resource.resource_type.to_owned()),
-                );
-            }
+            issues.extend(self.rules.issues(resource.resource_type, value));
             if issues.len() > before {
                 VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
             }

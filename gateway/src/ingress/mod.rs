@@ -9,13 +9,14 @@
 //! 4. [`router`]: `POST /v1/observations`, `GET /v1/schemas/<name>`
 //! 5. readings: [`decode`] (JSON, or XML through [`xml_ingest`]) -> [`locate`] (line and
 //!    column for XML) -> [`authorize`] -> [`validate`] -> [`map`] -> [`conformance`] ->
-//!    [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
+//!    [`handoff`]; FHIR-native Observations: [`fhir_native`] -> [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
 //!    [`handoff`]
 
 pub mod authorize;
 pub mod client_identity;
 pub mod conformance;
 pub mod decode;
+pub mod fhir_native;
 pub mod handoff;
 pub mod locate;
 pub mod map;

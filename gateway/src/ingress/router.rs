@@ -18,6 +18,7 @@ pub type Route<B> = BoxCloneSyncService<Request<B>, Response<BoxBody>, BoxError>
 pub struct Router<B> {
     observations: Route<B>,
     run_events: Route<B>,
+    fhir_observations: Route<B>,
     schemas: Schemas,
 }
 
@@ -27,16 +28,23 @@ impl<B> Clone for Router<B> {
         Self {
             observations: self.observations.clone(),
             run_events: self.run_events.clone(),
+            fhir_observations: self.fhir_observations.clone(),
             schemas: self.schemas.clone(),
         }
     }
 }
 
 impl<B> Router<B> {
-    pub fn new(observations: Route<B>, run_events: Route<B>, schemas: Schemas) -> Self {
+    pub fn new(
+        observations: Route<B>,
+        run_events: Route<B>,
+        fhir_observations: Route<B>,
+        schemas: Schemas,
+    ) -> Self {
         Self {
             observations,
             run_events,
+            fhir_observations,
             schemas,
         }
     }
@@ -66,6 +74,12 @@ impl<B: Send + 'static> Service<Request<B>> for Router<B> {
                 Box::pin(self.observations.clone().oneshot(request))
             }
             ("/v1/observations", _) => Box::pin(async { Err(method_not_allowed("POST")) }),
+            ("/v1/fhir/Observation" | "/v1/fhir/Bundle", &Method::POST) => {
+                Box::pin(self.fhir_observations.clone().oneshot(request))
+            }
+            ("/v1/fhir/Observation" | "/v1/fhir/Bundle", _) => {
+                Box::pin(async { Err(method_not_allowed("POST")) })
+            }
             ("/metadata", &Method::GET) => {
                 Box::pin(async { Ok(crate::ingress::metadata::serve()) })
             }

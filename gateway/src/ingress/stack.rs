@@ -22,8 +22,8 @@ use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
 use crate::ingress::xml_ingest::IngestDocument;
 use crate::ingress::{
-    authorize, client_identity, conformance, decode, locate, map, negotiate, rescue, run_events,
-    validate,
+    authorize, client_identity, conformance, decode, fhir_native, locate, map, negotiate, rescue,
+    run_events, validate,
 };
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
@@ -62,8 +62,22 @@ where
         .layer(locate::layer())
         .layer(authorize::layer())
         .layer(validate::layer(schemas.clone(), "observation-batch"))
-        .layer(map::layer(mappings, runs.clone(), settings.max_future_skew))
+        .layer(map::layer(
+            mappings.clone(),
+            runs.clone(),
+            settings.max_future_skew,
+        ))
         .layer(conformance::layer(conformance_rules.clone()))
+        .service(HandoffService::new(handoff.clone()));
+
+    // POST /v1/fhir/Observation and /v1/fhir/Bundle, after routing.
+    let fhir_observations = ServiceBuilder::new()
+        .layer(fhir_native::layer(
+            mappings.clone(),
+            runs.clone(),
+            conformance_rules.clone(),
+            settings.max_future_skew,
+        ))
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/runs/{run-id}/events, after routing.
@@ -95,6 +109,7 @@ where
         .service(Router::new(
             BoxCloneSyncService::new(observations),
             BoxCloneSyncService::new(run_events),
+            BoxCloneSyncService::new(fhir_observations),
             schemas,
         ))
 }

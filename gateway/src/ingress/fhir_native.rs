@@ -1,0 +1,575 @@
+//! FHIR-native devices: `POST /v1/fhir/Observation` and `POST /v1/fhir/Bundle` take
+//! Observations a vendor already builds as FHIR R4, in JSON or XML (by Content-Type). Each must
+//! follow our `ecmo-circuit-observation` profile; the gateway only fills in what is its own to
+//! give: the business identifier (device family, serial, parameter, time, as for readings),
+//! `meta.profile`, and the run's patient and Procedure when the console is in an ECMO run.
+//! Then they take the same way as mapped readings: hand-off, outbox, delivery.
+//!
+//! The device is named by identifier, `https://fhir.ecmo-gateway.org/sid/device-serial/<maker>`
+//! + serial; the vendor must own that device (by serial, or by a model of its family).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use mappings::{DeviceFamily, MappedResource, Mappings};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tower::filter::{AsyncFilterLayer, AsyncPredicate};
+
+use crate::BoxError;
+use crate::delivery::OutboundBatch;
+use crate::ingress::client_identity::VendorPolicy;
+use crate::ingress::conformance::ConformanceRules;
+use crate::outcome::{ApiError, Issue};
+use crate::runs::RunRegistry;
+
+/// The largest Bundle taken (entries), like a readings batch.
+const MAX_ENTRIES: usize = 5000;
+
+#[derive(Clone)]
+pub struct FhirObservations {
+    mappings: Arc<Mappings>,
+    runs: Arc<RunRegistry>,
+    rules: Arc<ConformanceRules>,
+    max_future_skew: time::Duration,
+}
+
+pub fn layer(
+    mappings: Arc<Mappings>,
+    runs: Arc<RunRegistry>,
+    rules: Arc<ConformanceRules>,
+    max_future_skew: std::time::Duration,
+) -> AsyncFilterLayer<FhirObservations> {
+    AsyncFilterLayer::new(FhirObservations {
+        mappings,
+        runs,
+        rules,
+        max_future_skew: time::Duration::try_from(max_future_skew).unwrap_or(time::Duration::MAX),
+    })
+}
+
+fn refuse(status: StatusCode, issues: Vec<Issue>) -> BoxError {
+    ApiError::new(status, issues).into()
+}
+
+fn bad_request(details: String) -> BoxError {
+    refuse(
+        StatusCode::BAD_REQUEST,
+        vec![Issue::error("structure", details).at("/")],
+    )
+}
+
+impl<B> AsyncPredicate<Request<B>> for FhirObservations
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Future = Pin<Box<dyn Future<Output = Result<Request<OutboundBatch>, BoxError>> + Send>>;
+    type Request = Request<OutboundBatch>;
+
+    fn check(&mut self, request: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let xml = match parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_ascii_lowercase()
+                }) {
+                None => false,
+                Some(ct) if ct.ends_with("json") => false,
+                Some(ct) if ct.ends_with("xml") => true,
+                Some(_) => {
+                    return Err(refuse(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        vec![Issue::error(
+                            "not-supported",
+                            "send application/fhir+json or application/fhir+xml",
+                        )],
+                    ));
+                }
+            };
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| -> BoxError {
+                    let e: BoxError = e.into();
+                    if super::rescue::is_body_too_large(e.as_ref()) {
+                        super::rescue::too_large().into()
+                    } else {
+                        e
+                    }
+                })?
+                .to_bytes();
+            let bundle = parts.uri.path().ends_with("/Bundle");
+            // (JSON pointer prefix, Observation) for every Observation sent.
+            let observations = match (bundle, xml) {
+                (false, false) => vec![(String::new(), json_body(&bytes)?)],
+                (false, true) => vec![(
+                    String::new(),
+                    mappings::resource_from_xml("Observation", &bytes)
+                        .map_err(|e| bad_request(format!("not a FHIR XML Observation: {e}")))?,
+                )],
+                (true, false) => json_bundle_entries(json_body(&bytes)?)?,
+                (true, true) => xml_bundle_entries(&bytes)?,
+            };
+            let vendor = parts.extensions.get::<Arc<VendorPolicy>>().cloned();
+            let Some(vendor) = vendor else {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    vec![Issue::error(
+                        "forbidden",
+                        "the request carries no vendor identity",
+                    )],
+                ));
+            };
+            let request_id = parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let (resources, model) = this.prepare(&vendor, observations)?;
+            Ok(Request::from_parts(
+                parts,
+                OutboundBatch {
+                    request_id,
+                    vendor: vendor.name.clone(),
+                    model,
+                    resources: resources.into(),
+                },
+            ))
+        })
+    }
+}
+
+fn json_body(bytes: &[u8]) -> Result<Value, BoxError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        bad_request(format!(
+            "the body is not valid JSON: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// The Observations of a JSON Bundle (`batch`, `transaction` or `collection`).
+fn json_bundle_entries(bundle: Value) -> Result<Vec<(String, Value)>, BoxError> {
+    if bundle["resourceType"] != "Bundle" {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            vec![Issue::error("invalid", "expected a Bundle").at("/resourceType")],
+        ));
+    }
+    check_bundle_type(bundle["type"].as_str())?;
+    let Value::Array(entries) = bundle["entry"].clone() else {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            vec![Issue::error("required", "the Bundle has no entries").at("/entry")],
+        ));
+    };
+    check_entry_count(entries.len())?;
+    Ok(entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| (format!("/entry/{i}/resource"), e["resource"].take()))
+        .collect())
+}
+
+fn check_bundle_type(kind: Option<&str>) -> Result<(), BoxError> {
+    match kind {
+        Some("batch" | "transaction" | "collection") => Ok(()),
+        other => Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            vec![
+                Issue::error(
+                    "value",
+                    format!(
+                        "Bundle.type must be batch, transaction or collection, not {}",
+                        other.unwrap_or("missing")
+                    ),
+                )
+                .at("/type"),
+            ],
+        )),
+    }
+}
+
+fn check_entry_count(n: usize) -> Result<(), BoxError> {
+    if n == 0 || n > MAX_ENTRIES {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            vec![
+                Issue::error(
+                    "value",
+                    format!("a Bundle takes 1 to {MAX_ENTRIES} entries, this one has {n}"),
+                )
+                .at("/entry"),
+            ],
+        ));
+    }
+    Ok(())
+}
+
+/// The Observations of an XML Bundle: the envelope is read as a stream, each entry's resource
+/// is cut out and read strictly on its own (never the whole `Resource` enum).
+fn xml_bundle_entries(xml: &[u8]) -> Result<Vec<(String, Value)>, BoxError> {
+    use quick_xml::events::Event;
+    let text = std::str::from_utf8(xml).map_err(|_| bad_request("the body is not UTF-8".into()))?;
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut path: Vec<String> = Vec::new();
+    let mut kind: Option<String> = None;
+    let mut cuts: Vec<(usize, usize, String)> = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    loop {
+        let before = reader.buffer_position() as usize;
+        let event = reader
+            .read_event()
+            .map_err(|e| bad_request(format!("the body is not valid XML: {e}")))?;
+        match &event {
+            Event::DocType(_) => return Err(bad_request("a DOCTYPE is not allowed".into())),
+            Event::Start(e) | Event::Empty(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                if path.is_empty() && name != "Bundle" {
+                    return Err(bad_request(format!("expected a <Bundle>, got <{name}>")));
+                }
+                if path.len() == 1 && name == "type" {
+                    kind = e
+                        .attributes()
+                        .flatten()
+                        .find(|a| a.key.as_ref() == "value")
+                        .map(|a| a.value.into_owned());
+                }
+                let at_resource = path.len() == 3 && path[1] == "entry" && path[2] == "resource";
+                if at_resource && open.is_none() {
+                    let start = before
+                        + xml[before..]
+                            .iter()
+                            .position(|b| *b == b'<')
+                            .unwrap_or_default();
+                    if matches!(event, Event::Empty(_)) {
+                        cuts.push((start, reader.buffer_position() as usize, name.clone()));
+                    } else {
+                        open = Some((start, name.clone()));
+                    }
+                }
+                if matches!(event, Event::Start(_)) {
+                    path.push(name);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+                if path.len() == 3
+                    && let Some((start, name)) = open.take()
+                {
+                    cuts.push((start, reader.buffer_position() as usize, name));
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    check_bundle_type(kind.as_deref())?;
+    check_entry_count(cuts.len())?;
+    let mut out = Vec::with_capacity(cuts.len());
+    let mut issues = Vec::new();
+    for (i, (start, end, name)) in cuts.into_iter().enumerate() {
+        let pointer = format!("/entry/{i}/resource");
+        if name != "Observation" {
+            issues.push(
+                Issue::error(
+                    "not-supported",
+                    format!("only Observations are taken, not {name}"),
+                )
+                .at(pointer),
+            );
+            continue;
+        }
+        match mappings::resource_from_xml("Observation", &xml[start..end]) {
+            Ok(value) => out.push((pointer, value)),
+            Err(e) => issues.push(
+                Issue::error(
+                    "structure",
+                    format!("not a valid FHIR XML Observation: {e}"),
+                )
+                .at(pointer),
+            ),
+        }
+    }
+    if issues.is_empty() {
+        Ok(out)
+    } else {
+        Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, issues))
+    }
+}
+
+impl FhirObservations {
+    /// Every Observation checked and completed; every problem of every entry at once.
+    fn prepare(
+        &self,
+        vendor: &VendorPolicy,
+        observations: Vec<(String, Value)>,
+    ) -> Result<(Vec<MappedResource>, String), BoxError> {
+        let mut resources = Vec::with_capacity(observations.len());
+        let mut issues = Vec::new();
+        let mut model = String::new();
+        let now = OffsetDateTime::now_utc();
+        for (pointer, observation) in observations {
+            match self.prepare_one(vendor, &pointer, observation, now) {
+                Ok((resource, family_model)) => {
+                    model = family_model;
+                    resources.push(resource);
+                }
+                Err(Refusal::Forbidden(issue)) => {
+                    return Err(refuse(StatusCode::FORBIDDEN, vec![issue]));
+                }
+                Err(Refusal::Conflict(issue)) => {
+                    return Err(refuse(StatusCode::CONFLICT, vec![issue]));
+                }
+                Err(Refusal::Invalid(found)) => issues.extend(found),
+            }
+        }
+        if !issues.is_empty() {
+            return Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, issues));
+        }
+        Ok((resources, model))
+    }
+
+    fn prepare_one(
+        &self,
+        vendor: &VendorPolicy,
+        pointer: &str,
+        mut observation: Value,
+        now: OffsetDateTime,
+    ) -> Result<(MappedResource, String), Refusal> {
+        let at = |field: &str| format!("{pointer}{field}");
+        let invalid = |code: &'static str, field: &str, details: String| {
+            Refusal::Invalid(vec![Issue::error(code, details).at(at(field))])
+        };
+        if observation["resourceType"] != "Observation" {
+            return Err(invalid(
+                "not-supported",
+                "/resourceType",
+                "only Observations are taken here".into(),
+            ));
+        }
+        let device = &observation["device"]["identifier"];
+        let (Some(system), Some(serial)) = (device["system"].as_str(), device["value"].as_str())
+        else {
+            return Err(invalid(
+                "required",
+                "/device/identifier",
+                format!(
+                    "the device must be referenced by identifier: system {}<maker>, value = serial number",
+                    mappings::DEVICE_SERIAL_SYSTEM_PREFIX
+                ),
+            ));
+        };
+        let Some(family) = self.family_of(system) else {
+            return Err(invalid(
+                "code-invalid",
+                "/device/identifier/system",
+                format!("no mapping table for devices of '{system}'"),
+            ));
+        };
+        let serial = serial.to_owned();
+        if !family
+            .models
+            .iter()
+            .any(|m| vendor.may_post_for(&serial, m))
+        {
+            tracing::info!(vendor = %vendor.name, "device not owned by the posting vendor");
+            return Err(Refusal::Forbidden(
+                Issue::error(
+                    "forbidden",
+                    format!(
+                        "vendor '{}' may not post for device '{serial}': the gateway's configuration does not give it this device",
+                        vendor.name
+                    ),
+                )
+                .at(at("/device/identifier/value")),
+            ));
+        }
+        let Some(code) = observation["code"]["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["system"] == mappings::ECMO_CODE_SYSTEM)
+            .and_then(|c| c["code"].as_str())
+            .map(str::to_owned)
+        else {
+            return Err(invalid(
+                "required",
+                "/code/coding",
+                format!(
+                    "a coding from {} names the circuit parameter",
+                    mappings::ECMO_CODE_SYSTEM
+                ),
+            ));
+        };
+        if !family.parameters().iter().any(|p| p.code == code) {
+            return Err(invalid(
+                "code-invalid",
+                "/code/coding",
+                format!("'{code}' is not a parameter of {} devices", family.display),
+            ));
+        }
+        let Some(time_text) = observation["effectiveDateTime"].as_str().map(str::to_owned) else {
+            return Err(invalid(
+                "required",
+                "/effectiveDateTime",
+                "effectiveDateTime (with seconds and a time zone) is required".into(),
+            ));
+        };
+        let time = mappings::DeviceTime::parse(&time_text)
+            .map_err(|e| invalid("value", "/effectiveDateTime", e.to_string()))?;
+        if time.instant - now > self.max_future_skew {
+            return Err(invalid(
+                "value",
+                "/effectiveDateTime",
+                format!(
+                    "the time is ahead of the gateway's clock by more than {} s; check the device's clock",
+                    self.max_future_skew.whole_seconds()
+                ),
+            ));
+        }
+        // The business identifier: the vendor's, if it gave ours, else derived like a reading's.
+        let identifier_value = match observation["identifier"][0]["value"].as_str() {
+            Some(v)
+                if observation["identifier"][0]["system"]
+                    == mappings::OBSERVATION_IDENTIFIER_SYSTEM =>
+            {
+                v.to_owned()
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "value",
+                    "/identifier/0/system",
+                    format!(
+                        "leave the identifier out (the gateway assigns it) or use the system {}",
+                        mappings::OBSERVATION_IDENTIFIER_SYSTEM
+                    ),
+                ));
+            }
+            None => {
+                let value = mappings::observation_identifier(
+                    &family.id,
+                    &serial,
+                    &code,
+                    &time.compact_utc(),
+                );
+                observation["identifier"] = json!([
+                    {"system": mappings::OBSERVATION_IDENTIFIER_SYSTEM, "value": value}
+                ]);
+                value
+            }
+        };
+        // The run's patient and Procedure.
+        let run = self.runs.console_periods(&serial).at(time.instant);
+        let named = &observation["subject"]["identifier"];
+        match (&run, named["value"].as_str()) {
+            (Some(run), Some(value))
+                if named["system"].as_str() != Some(run.patient_system.as_str())
+                    || value != run.patient_value =>
+            {
+                return Err(Refusal::Conflict(
+                    Issue::error(
+                        "conflict",
+                        format!(
+                            "the Observation names a patient, but console '{serial}' is in an ECMO run of a different patient at this time"
+                        ),
+                    )
+                    .at(at("/subject")),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "required",
+                    "/subject",
+                    format!(
+                        "no ECMO run of console '{serial}' covers this time and the Observation names no patient (subject.identifier)"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(run) = &run {
+            observation["subject"] = json!({"type": "Patient", "identifier": {
+                "system": run.patient_system, "value": run.patient_value}});
+            if observation["partOf"].is_null() {
+                observation["partOf"] = json!([{"type": "Procedure", "identifier": {
+                    "system": mappings::RUN_IDENTIFIER_SYSTEM, "value": run.run_id}}]);
+            }
+        }
+        // Ours to give: the profile, and the id (the destination assigns or derives it).
+        let profiles = observation["meta"]["profile"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !profiles.iter().any(|p| p == mappings::OBSERVATION_PROFILE) {
+            let mut profiles = profiles;
+            profiles.push(json!(mappings::OBSERVATION_PROFILE));
+            observation["meta"]["profile"] = Value::Array(profiles);
+        }
+        if let Some(o) = observation.as_object_mut() {
+            o.remove("id");
+        }
+        let problems = self.rules.issues("Observation", observation.clone());
+        if !problems.is_empty() {
+            return Err(Refusal::Invalid(
+                problems
+                    .into_iter()
+                    .map(|mut issue| {
+                        // FHIRPath of the rule, and where in what was sent.
+                        issue.details = format!(
+                            "{} ({})",
+                            issue.details,
+                            issue.expression.take().unwrap_or_default()
+                        );
+                        issue.at(if pointer.is_empty() { "/" } else { pointer })
+                    })
+                    .collect(),
+            ));
+        }
+        let json = serde_json::to_vec(&observation).unwrap_or_default();
+        let model = family.models.first().cloned().unwrap_or_default();
+        Ok((
+            MappedResource {
+                resource_type: "Observation",
+                id: mappings::logical_id(
+                    mappings::OBSERVATION_IDENTIFIER_SYSTEM,
+                    &identifier_value,
+                ),
+                identifier_system: mappings::OBSERVATION_IDENTIFIER_SYSTEM.into(),
+                identifier_value,
+                json,
+                upsert: false,
+            },
+            model,
+        ))
+    }
+
+    fn family_of(&self, serial_system: &str) -> Option<&DeviceFamily> {
+        self.mappings
+            .families()
+            .iter()
+            .find(|f| f.serial_system == serial_system)
+    }
+}
+
+enum Refusal {
+    Forbidden(Issue),
+    Conflict(Issue),
+    Invalid(Vec<Issue>),
+}
