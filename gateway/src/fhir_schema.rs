@@ -47,11 +47,14 @@ impl R4Schema {
         // `contained` may hold any resource: reaching every resource definition from each
         // validator costs ~30 MB apiece. The gateway never sends contained resources, so its
         // validators refuse them instead of compiling the whole of R4.
-        let mut definitions = full["definitions"].clone();
-        definitions["ResourceList"] = json!({
+        let mut all = full["definitions"].clone();
+        all["ResourceList"] = json!({
             "description": "contained resources are not sent by this gateway",
             "not": {}
         });
+        // Only what the types reach is kept (a few dozen data types of 680 definitions):
+        // every validator keeps its own copy of the document it was built from.
+        let definitions = reachable(&all, types);
         let mut by_type = HashMap::new();
         for resource_type in types {
             if full["definitions"].get(*resource_type).is_none() {
@@ -88,6 +91,37 @@ impl R4Schema {
             })
             .collect()
     }
+}
+
+/// The definitions `roots` reach through `$ref`, by name.
+fn reachable(all: &Value, roots: &[&str]) -> Value {
+    fn refs<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                for (key, item) in map {
+                    match (key.as_str(), item.as_str()) {
+                        ("$ref", Some(target)) => {
+                            out.push(target.trim_start_matches("#/definitions/"));
+                        }
+                        _ => refs(item, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| refs(i, out)),
+            _ => {}
+        }
+    }
+    let mut kept = serde_json::Map::new();
+    let mut pending: Vec<&str> = roots.to_vec();
+    while let Some(name) = pending.pop() {
+        if kept.contains_key(name) {
+            continue;
+        }
+        let definition = &all[name];
+        refs(definition, &mut pending);
+        kept.insert(name.to_owned(), definition.clone());
+    }
+    Value::Object(kept)
 }
 
 #[cfg(test)]
@@ -149,6 +183,18 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 18, "{checked}");
+    }
+
+    #[test]
+    fn only_reachable_definitions_are_compiled() {
+        let full: Value = serde_json::from_str(R4_SCHEMA).unwrap();
+        let mut all = full["definitions"].clone();
+        all["ResourceList"] = json!({"not": {}});
+        let kept = reachable(&all, EMITTED_TYPES);
+        let names = kept.as_object().unwrap();
+        assert!(names.contains_key("Quantity") && names.contains_key("Extension"));
+        assert!(!names.contains_key("Patient") && !names.contains_key("Bundle"));
+        assert!(names.len() < 100, "{}", names.len());
     }
 
     #[test]

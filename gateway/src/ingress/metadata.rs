@@ -23,7 +23,7 @@ pub fn capability_statement() -> Value {
         "kind": "instance",
         "software": {"name": "ECMO FHIR gateway", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {
-            "description": "ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs. Ingest: POST /v1/observations (readings) and POST /v1/runs/{run-id}/events (ECMO runs), as JSON (schemas at GET /v1/schemas/{observation-batch|run-event}) or XML (profiles/xml/ingest.xsd). Errors are OperationOutcomes, in FHIR JSON or XML by Accept or _format."
+            "description": "ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs. Ingest: POST /v1/observations (readings) and POST /v1/runs/{run-id}/events (ECMO runs), as JSON (schemas at GET /v1/schemas/{observation-batch|run-event}) or XML (profiles/xml/ingest.xsd); FHIR-native devices: POST /v1/fhir/Observation and /v1/fhir/Bundle with Observations following the ecmo-circuit-observation profile, FHIR JSON or XML. Errors are OperationOutcomes, in FHIR JSON or XML by Accept or _format."
         },
         "fhirVersion": "4.0.1",
         "format": [
