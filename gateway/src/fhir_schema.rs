@@ -39,27 +39,23 @@ impl R4Schema {
 
     /// Validators for `types` (e.g. the conformance resources in profiles/fhir).
     pub fn for_types(types: &[&'static str]) -> Result<Self, R4SchemaError> {
-        let full: Value =
+        // The definitions are borrowed as raw text and only those our types reach are parsed:
+        // parsing all 3 MB of them would cost ~30 MB of peak memory at start.
+        let document: R4Document<'static> =
             serde_json::from_str(R4_SCHEMA).map_err(|e| R4SchemaError(e.to_string()))?;
-        if full["definitions"].get("Observation").is_none() {
+        if !document.definitions.contains_key("Observation") {
             return Err(R4SchemaError("no resource definitions".into()));
         }
-        // `contained` may hold any resource: reaching every resource definition from each
-        // validator costs ~30 MB apiece. The gateway never sends contained resources, so its
-        // validators refuse them instead of compiling the whole of R4.
-        let mut all = full["definitions"].clone();
-        all["ResourceList"] = json!({
-            "description": "contained resources are not sent by this gateway",
-            "not": {}
-        });
-        // Only what the types reach is kept (a few dozen data types of 680 definitions):
-        // every validator keeps its own copy of the document it was built from.
-        let definitions = reachable(&all, types);
-        let mut by_type = HashMap::new();
         for resource_type in types {
-            if full["definitions"].get(*resource_type).is_none() {
+            if !document.definitions.contains_key(resource_type) {
                 return Err(R4SchemaError(format!("no resource type {resource_type}")));
             }
+        }
+        // Only what the types reach is kept (a few dozen data types of 680 definitions).
+        let definitions =
+            reachable(&document.definitions, types).map_err(|e| R4SchemaError(e.to_string()))?;
+        let mut by_type = HashMap::new();
+        for resource_type in types {
             // The official root is a oneOf over every resource; ours is one of its definitions,
             // with the definitions beside it so that every `#/definitions/...` resolves.
             let root = json!({
@@ -93,8 +89,20 @@ impl R4Schema {
     }
 }
 
-/// The definitions `roots` reach through `$ref`, by name.
-fn reachable(all: &Value, roots: &[&str]) -> Value {
+/// The official schema's definitions, unparsed.
+#[derive(serde::Deserialize)]
+struct R4Document<'a> {
+    #[serde(borrow)]
+    definitions: HashMap<&'a str, &'a serde_json::value::RawValue>,
+}
+
+/// The definitions `roots` reach through `$ref`, parsed, by name. `contained` may hold any
+/// resource, which would reach every definition; the gateway never sends contained resources,
+/// so `ResourceList` becomes a schema nothing matches.
+fn reachable(
+    all: &HashMap<&str, &serde_json::value::RawValue>,
+    roots: &[&str],
+) -> Result<Value, serde_json::Error> {
     fn refs<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
         match value {
             Value::Object(map) => {
@@ -112,16 +120,25 @@ fn reachable(all: &Value, roots: &[&str]) -> Value {
         }
     }
     let mut kept = serde_json::Map::new();
-    let mut pending: Vec<&str> = roots.to_vec();
+    let mut pending: Vec<String> = roots.iter().map(|r| (*r).to_owned()).collect();
     while let Some(name) = pending.pop() {
-        if kept.contains_key(name) {
+        if kept.contains_key(&name) {
             continue;
         }
-        let definition = &all[name];
-        refs(definition, &mut pending);
-        kept.insert(name.to_owned(), definition.clone());
+        let definition: Value = if name == "ResourceList" {
+            json!({"description": "contained resources are not sent by this gateway", "not": {}})
+        } else {
+            match all.get(name.as_str()) {
+                Some(raw) => serde_json::from_str(raw.get())?,
+                None => Value::Null,
+            }
+        };
+        let mut found = Vec::new();
+        refs(&definition, &mut found);
+        pending.extend(found.into_iter().map(str::to_owned));
+        kept.insert(name, definition);
     }
-    Value::Object(kept)
+    Ok(Value::Object(kept))
 }
 
 #[cfg(test)]
@@ -187,10 +204,8 @@ mod tests {
 
     #[test]
     fn only_reachable_definitions_are_compiled() {
-        let full: Value = serde_json::from_str(R4_SCHEMA).unwrap();
-        let mut all = full["definitions"].clone();
-        all["ResourceList"] = json!({"not": {}});
-        let kept = reachable(&all, EMITTED_TYPES);
+        let document: R4Document<'static> = serde_json::from_str(R4_SCHEMA).unwrap();
+        let kept = reachable(&document.definitions, EMITTED_TYPES).unwrap();
         let names = kept.as_object().unwrap();
         assert!(names.contains_key("Quantity") && names.contains_key("Extension"));
         assert!(!names.contains_key("Patient") && !names.contains_key("Bundle"));
