@@ -15,6 +15,8 @@ use serde_json::Value;
 #[derive(Clone)]
 pub struct MtlsClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `Authorization` sent with every request (an EHR sandbox's bearer token).
+    authorization: Option<http::HeaderValue>,
 }
 
 /// An answer, body read in full.
@@ -74,7 +76,17 @@ impl MtlsClient {
             .wrap_connector(gateway::delivery::client::tcp_connector());
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
+            authorization: None,
         })
+    }
+
+    /// This client, sending `Authorization: Bearer <token>` with every request (marked
+    /// sensitive, so it never shows in debug output).
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Self, BoxError> {
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     pub async fn send(
@@ -103,6 +115,9 @@ impl MtlsClient {
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
+        }
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
         }
         let response = self.client.request(request.body(Full::new(body))?).await?;
         let (parts, body) = response.into_parts();

@@ -429,6 +429,14 @@ impl EhrReader {
                 self.base_url
             ))
             .await?;
+        if !answer.status.is_success() {
+            return Err(format!(
+                "search {resource_type} by identifier: HTTP {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            )
+            .into());
+        }
         Ok(entries(&answer.json()))
     }
 }

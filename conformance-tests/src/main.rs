@@ -37,9 +37,14 @@ struct Args {
     /// A client identity for the scenarios, NAME=CERT.pem,KEY.pem (repeatable; overrides --pki).
     #[arg(long = "identity", value_name = "NAME=CERT,KEY")]
     identities: Vec<String>,
-    /// CA certificate (PEM) of the EHR's server certificate [default: <pki>/ca.pem].
+    /// CA certificate (PEM) of the EHR's server certificate [default: <pki>/ca.pem, else the
+    /// system's CA bundle].
     #[arg(long)]
     ehr_ca: Option<PathBuf>,
+    /// A file holding a bearer token for reading the EHR (e.g. from a SMART Backend Services
+    /// token request); a file, so the token stays out of shell history and process lists.
+    #[arg(long)]
+    ehr_token_file: Option<PathBuf>,
     /// Client certificate for reading the EHR [default: <pki>/gateway-client.pem].
     #[arg(long)]
     ehr_cert: Option<PathBuf>,
@@ -106,10 +111,12 @@ async fn run(args: Args) -> Result<bool, gateway::BoxError> {
     let ehr = match &args.ehr {
         None => None,
         Some(url) => {
+            let system_bundle = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
             let ehr_ca = args
                 .ehr_ca
                 .clone()
                 .or_else(|| from_pki("ca.pem"))
+                .or_else(|| system_bundle.exists().then_some(system_bundle))
                 .ok_or("--ehr-ca or --pki is needed to trust the EHR")?;
             let cert = args
                 .ehr_cert
@@ -119,10 +126,15 @@ async fn run(args: Args) -> Result<bool, gateway::BoxError> {
                 .ehr_key
                 .clone()
                 .or_else(|| from_pki("gateway-client.key"));
-            let client = match (&cert, &key) {
+            let mut client = match (&cert, &key) {
                 (Some(cert), Some(key)) => MtlsClient::new(&ehr_ca, Some((cert, key)))?,
                 _ => MtlsClient::new(&ehr_ca, None)?,
             };
+            if let Some(file) = &args.ehr_token_file {
+                let token = std::fs::read_to_string(file)
+                    .map_err(|e| format!("--ehr-token-file {}: {e}", file.display()))?;
+                client = client.with_bearer_token(&token)?;
+            }
             Some(EhrReader {
                 client,
                 base_url: url.trim_end_matches('/').to_owned(),

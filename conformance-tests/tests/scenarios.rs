@@ -228,6 +228,39 @@ async fn the_runner_binary_reports_passes_and_failures() {
         "{summary}"
     );
 
+    // An EHR sandbox whose reads need a bearer token: without it nothing can be checked;
+    // with it (from a file) the same run passes.
+    ehr.ehr.require_bearer_for_reads("sandbox-token-1");
+    let mut args = common.to_vec();
+    args.extend(["--only", "spectrum-m4", "--ehr-wait", "2"]);
+    let (code, _, xml, _) = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let dir = out.path().to_owned();
+        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{xml}");
+    assert!(xml.contains("HTTP 401"), "{xml}");
+    let token_file = out.path().join("token");
+    std::fs::write(&token_file, "sandbox-token-1\n").unwrap();
+    let token_path = token_file.display().to_string();
+    let mut args = common.to_vec();
+    args.extend([
+        "--only",
+        "spectrum-m4",
+        "--ehr-token-file",
+        token_path.as_str(),
+    ]);
+    let (code, stderr, xml, summary) = tokio::task::spawn_blocking({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let dir = out.path().to_owned();
+        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{stderr}\n{summary}\n{xml}");
+
     // No way to run at all: exit 2.
     let (code, stderr, _, _) = tokio::task::spawn_blocking({
         let dir = out.path().to_owned();

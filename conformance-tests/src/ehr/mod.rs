@@ -88,6 +88,8 @@ pub struct ReferenceEhr {
     fraction: Arc<Mutex<Option<(Fault, f64, fastrand::Rng)>>>,
     /// Requests whose body was FHIR XML.
     xml_requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// When set, reads (GET) need `Authorization: Bearer <token>`, as sandboxes often do.
+    read_token: Arc<Mutex<Option<String>>>,
 }
 
 /// A reference EHR listening on a socket; stops when dropped.
@@ -114,6 +116,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ReferenceEhr {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on, reads need this bearer token (401 without it).
+    pub fn require_bearer_for_reads(&self, token: &str) {
+        *lock(&self.read_token) = Some(token.to_owned());
     }
 
     /// How many requests came with an XML body.
@@ -276,6 +283,21 @@ impl ReferenceEhr {
         B::Error: std::fmt::Display,
     {
         let (parts, body) = request.into_parts();
+        if parts.method == Method::GET
+            && let Some(token) = lock(&self.read_token).clone()
+        {
+            let sent = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if sent != Some(format!("Bearer {token}").as_str()) {
+                return outcome(
+                    StatusCode::UNAUTHORIZED,
+                    "login",
+                    "reads need a bearer token",
+                );
+            }
+        }
         let path = parts.uri.path().trim_end_matches('/').to_owned();
         let Some(rest) = path.strip_prefix("/fhir") else {
             return outcome(StatusCode::NOT_FOUND, "not-found", "the FHIR base is /fhir");

@@ -7,7 +7,7 @@
 //! - `{{run}}`: a token unique to this execution of the scenario (serials, run ids, MRNs), so
 //!   that runs against a long-lived EHR never collide with earlier ones;
 //! - `{{now}}`, `{{now-10m}}`, `{{now+1h}}`, `{{now-6d}}`, `{{now-90s}}`: a time relative to the
-//!   scenario's start, in RFC 3339 UTC with seconds; `{{date:now-3d}}` gives only the date and
+//!   scenario's start, in RFC 3339 UTC with milliseconds; `{{date:now-3d}}` gives only the date and
 //!   `{{compact:now-10m}}` the form used in Observation identifiers (`20261121T101500.000Z`);
 //! - `{{name}}`: a variable, from the scenario's `variables` or the runner's `--var name=value`.
 
@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
-use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
 /// The scenario files shipped with the suite.
@@ -244,7 +243,12 @@ impl ScenarioSource {
             file: self.file.display().to_string(),
             message,
         };
-        let now = now.replace_nanosecond(0).unwrap_or(now);
+        // Milliseconds: two executions a second apart must not make the same identifiers
+        // for devices with a fixed serial.
+        let now = now
+            .to_offset(time::UtcOffset::UTC)
+            .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+            .unwrap_or(now);
         let mut out = String::with_capacity(self.text.len());
         let mut rest = self.text.as_str();
         while let Some(start) = rest.find("{{") {
@@ -303,7 +307,16 @@ fn time_placeholder(name: &str, now: OffsetDateTime) -> Option<String> {
         }
     };
     match format {
-        "rfc3339" => at.format(&Rfc3339).ok(),
+        "rfc3339" => Some(format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            at.year(),
+            u8::from(at.month()),
+            at.day(),
+            at.hour(),
+            at.minute(),
+            at.second(),
+            at.millisecond()
+        )),
         "date" => Some(at.date().to_string()),
         "compact" => Some(format!(
             "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z",
@@ -371,11 +384,11 @@ mod tests {
         let now = OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap();
         assert_eq!(
             time_placeholder("now", now).unwrap(),
-            "2026-11-18T11:06:40Z"
+            "2026-11-18T11:06:40.000Z"
         );
         assert_eq!(
             time_placeholder("now-10m", now).unwrap(),
-            "2026-11-18T10:56:40Z"
+            "2026-11-18T10:56:40.000Z"
         );
         assert_eq!(
             time_placeholder("compact:now+1h", now).unwrap(),
