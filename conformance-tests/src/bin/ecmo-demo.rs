@@ -274,6 +274,12 @@ async fn main() -> Result<(), gateway::BoxError> {
         p("admin.pem").display(),
         p("admin.key").display()
     );
+    println!(
+        "   Conformance suite:  cargo run -q -p conformance-tests -- --gateway {} --ehr {} --pki {}   (with --keep-running; certificate scenarios without their certificates are skipped)",
+        gateway.url(""),
+        running_ehr.base_url,
+        p("").display()
+    );
     println!("   Gateway log (last lines):");
     for line in gateway
         .log_text()
