@@ -14,7 +14,7 @@ use conformance_tests::harness::{
 };
 use conformance_tests::suite::coverage::{ERROR_CLASSES, gaps};
 use conformance_tests::suite::report::{Totals, junit_xml, markdown_summary};
-use conformance_tests::suite::runner::{Runner, Target, Verdict, identities_from_dir};
+use conformance_tests::suite::runner::{Runner, Target, identities_from_dir, not_passed};
 use conformance_tests::suite::{ScenarioSource, default_dir};
 use mappings::{Mappings, ProfileValidator};
 
@@ -89,12 +89,7 @@ async fn scenarios_pass_against_the_reference_ehr() {
     .unwrap();
     let results = runner.run_all(&sources()).await;
     let totals = Totals::of(&results);
-    let failures: Vec<String> = results
-        .iter()
-        .flat_map(|r| r.steps.iter().map(move |s| (r, s)))
-        .filter(|(_, s)| s.verdict != Verdict::Passed)
-        .map(|(r, s)| format!("{} / {}: {:?}", r.name, s.name, s.verdict))
-        .collect();
+    let failures = not_passed(&results);
     assert!(
         failures.is_empty(),
         "{}\n{}\ngateway log:\n{}",
@@ -126,7 +121,17 @@ async fn scenarios_pass_against_the_reference_ehr() {
     assert!(checked >= 50, "{checked}");
 }
 
-fn run_binary(args: &[&str], dir: &Path) -> (i32, String, String, String) {
+/// Runs the `conformance-tests` binary off the async runtime: (exit code, stderr, JUnit XML,
+/// Markdown summary).
+async fn run_binary(args: &[&str], dir: &Path) -> (i32, String, String, String) {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || run_binary_blocking(&args, &dir))
+        .await
+        .unwrap()
+}
+
+fn run_binary_blocking(args: &[String], dir: &Path) -> (i32, String, String, String) {
     let junit = dir.join("report.xml");
     let summary = dir.join("summary.md");
     let output = Command::new(env!("CARGO_BIN_EXE_conformance-tests"))
@@ -182,13 +187,7 @@ async fn the_runner_binary_reports_passes_and_failures() {
 
     let mut args = common.to_vec();
     args.extend(["--only", "spectrum-m4", "--only", "certificates"]);
-    let (code, stderr, xml, summary) = tokio::task::spawn_blocking({
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let dir = out.path().to_owned();
-        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
-    })
-    .await
-    .unwrap();
+    let (code, stderr, xml, summary) = run_binary(&args, out.path()).await;
     assert_eq!(code, 0, "{stderr}\n{summary}");
     assert_eq!(junit_counts(&xml), (6, 0), "{xml}");
     assert!(
@@ -212,13 +211,7 @@ async fn the_runner_binary_reports_passes_and_failures() {
     let scenarios = broken.path().display().to_string();
     let mut args = common.to_vec();
     args.extend(["--scenarios", scenarios.as_str()]);
-    let (code, stderr, xml, summary) = tokio::task::spawn_blocking({
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let dir = out.path().to_owned();
-        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
-    })
-    .await
-    .unwrap();
+    let (code, stderr, xml, summary) = run_binary(&args, out.path()).await;
     assert_eq!(code, 1, "{stderr}\n{summary}");
     assert_eq!(junit_counts(&xml), (2, 1), "{xml}");
     assert!(xml.contains("expected HTTP 422, got 20"), "{xml}");
@@ -233,13 +226,7 @@ async fn the_runner_binary_reports_passes_and_failures() {
     ehr.ehr.require_bearer_for_reads("sandbox-token-1");
     let mut args = common.to_vec();
     args.extend(["--only", "spectrum-m4", "--ehr-wait", "2"]);
-    let (code, _, xml, _) = tokio::task::spawn_blocking({
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let dir = out.path().to_owned();
-        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
-    })
-    .await
-    .unwrap();
+    let (code, _, xml, _) = run_binary(&args, out.path()).await;
     assert_eq!(code, 1, "{xml}");
     assert!(xml.contains("HTTP 401"), "{xml}");
     let token_file = out.path().join("token");
@@ -252,22 +239,11 @@ async fn the_runner_binary_reports_passes_and_failures() {
         "--ehr-token-file",
         token_path.as_str(),
     ]);
-    let (code, stderr, xml, summary) = tokio::task::spawn_blocking({
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let dir = out.path().to_owned();
-        move || run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir)
-    })
-    .await
-    .unwrap();
+    let (code, stderr, xml, summary) = run_binary(&args, out.path()).await;
     assert_eq!(code, 0, "{stderr}\n{summary}\n{xml}");
 
     // No way to run at all: exit 2.
-    let (code, stderr, _, _) = tokio::task::spawn_blocking({
-        let dir = out.path().to_owned();
-        move || run_binary(&["--gateway", "https://127.0.0.1:9"], &dir)
-    })
-    .await
-    .unwrap();
+    let (code, stderr, _, _) = run_binary(&["--gateway", "https://127.0.0.1:9"], out.path()).await;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--ca or --pki"), "{stderr}");
 }

@@ -11,7 +11,7 @@ use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
     ADMIN, EhrReader, GETINGE, GatewayProcess, TestPki, WriteStyle, gateway_config, with_outbox,
 };
-use conformance_tests::suite::runner::{Runner, Target, Verdict, identities_from_dir};
+use conformance_tests::suite::runner::{Runner, Target, identities_from_dir, not_passed};
 use conformance_tests::suite::{ScenarioSource, default_dir};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -89,12 +89,7 @@ async fn every_scenario_reaches_the_xml_ehr_exactly_as_the_json_one() {
     .unwrap();
     let sources = ScenarioSource::load_dir(&default_dir()).unwrap();
     let results = runner.run_all(&sources).await;
-    let failures: Vec<String> = results
-        .iter()
-        .flat_map(|r| r.steps.iter().map(move |s| (r, s)))
-        .filter(|(_, s)| s.verdict != Verdict::Passed)
-        .map(|(r, s)| format!("{} / {}: {:?}", r.name, s.name, s.verdict))
-        .collect();
+    let failures = not_passed(&results);
     assert!(
         failures.is_empty(),
         "the scenarios, read back from the XML EHR:\n{}\n{}",

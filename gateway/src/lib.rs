@@ -35,6 +35,18 @@ pub fn full_body(bytes: impl Into<bytes::Bytes>) -> BoxBody {
 
 /// Installs the process-wide rustls crypto provider (aws-lc-rs). Call once at start; later
 /// calls are harmless.
+/// An error and its causes, `outer: inner: innermost`, for logs and refusal reasons.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

@@ -57,6 +57,16 @@ impl ScenarioResult {
     }
 }
 
+/// Every step that did not pass, as `scenario / step: verdict`, for test failure messages.
+pub fn not_passed(results: &[ScenarioResult]) -> Vec<String> {
+    results
+        .iter()
+        .flat_map(|r| r.steps.iter().map(move |s| (r, s)))
+        .filter(|(_, s)| s.verdict != Verdict::Passed)
+        .map(|(r, s)| format!("{} / {}: {:?}", r.name, s.name, s.verdict))
+        .collect()
+}
+
 /// Runs scenarios one after the other; every resource read back from the EHR is also checked
 /// against base R4 and our profiles.
 pub struct Runner {
@@ -191,7 +201,7 @@ impl Runner {
         .unwrap_or_else(|_| Err("no answer within 60 s".into()));
         let http = match (sent, step.expect.handshake_refused) {
             (Err(_), true) => Ok(()),
-            (Err(e), false) => Err(format!("request failed: {}", error_chain(&*e))),
+            (Err(e), false) => Err(format!("request failed: {}", gateway::error_chain(&*e))),
             (Ok(answer), true) => Err(format!(
                 "expected the TLS handshake to be refused, got HTTP {}",
                 answer.status
@@ -362,17 +372,6 @@ fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// A short lowercase token from the clock, so that every execution writes new identifiers.

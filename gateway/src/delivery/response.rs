@@ -202,14 +202,7 @@ pub mod classify {
         let reason = if error.is::<tower::timeout::error::Elapsed>() {
             "timed out".to_owned()
         } else {
-            let mut text = error.to_string();
-            let mut cause = error.source();
-            while let Some(c) = cause {
-                text.push_str(": ");
-                text.push_str(&c.to_string());
-                cause = c.source();
-            }
-            text
+            crate::error_chain(error.as_ref())
         };
         DeliveryError::Unavailable {
             destination: destination.to_owned(),

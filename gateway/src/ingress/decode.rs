@@ -62,18 +62,7 @@ where
                 }
             };
             let (parts, body) = request.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| -> BoxError {
-                    let e: BoxError = e.into();
-                    if super::rescue::is_body_too_large(e.as_ref()) {
-                        super::rescue::too_large().into()
-                    } else {
-                        e
-                    }
-                })?
-                .to_bytes();
+            let bytes = read_body(body).await?;
             if format == Format::Xml {
                 let (value, positions) = xml_ingest::parse(&bytes, document).map_err(|e| {
                     ApiError::one(
@@ -110,26 +99,46 @@ where
     }
 }
 
-/// `application/json`, `application/fhir+json` or any `+json` type, parameters ignored.
-fn is_json(content_type: &[u8]) -> bool {
-    let essence = content_type
+/// The whole body, within the size limit (over it: 413).
+pub(crate) async fn read_body<B>(body: B) -> Result<Bytes, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e| -> BoxError {
+            let e: BoxError = e.into();
+            if super::rescue::is_body_too_large(e.as_ref()) {
+                super::rescue::too_large().into()
+            } else {
+                e
+            }
+        })?
+        .to_bytes())
+}
+
+/// A media type without its parameters, lower-cased.
+fn essence(content_type: &[u8]) -> Vec<u8> {
+    content_type
         .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
         .trim_ascii()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// `application/json`, `application/fhir+json` or any `+json` type, parameters ignored.
+pub(crate) fn is_json(content_type: &[u8]) -> bool {
+    let essence = essence(content_type);
     essence == b"application/json"
         || (essence.starts_with(b"application/") && essence.ends_with(b"+json"))
 }
 
 /// `application/xml`, `text/xml` or any `+xml` type, parameters ignored.
-fn is_xml(content_type: &[u8]) -> bool {
-    let essence = content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii()
-        .to_ascii_lowercase();
+pub(crate) fn is_xml(content_type: &[u8]) -> bool {
+    let essence = essence(content_type);
     essence == b"application/xml"
         || essence == b"text/xml"
         || (essence.starts_with(b"application/") && essence.ends_with(b"+xml"))

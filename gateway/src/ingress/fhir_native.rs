@@ -8,6 +8,7 @@
 //! The device is named by identifier, `https://fhir.ecmo-gateway.org/sid/device-serial/<maker>`
 //! + serial; the vendor must own that device (by serial, or by a model of its family).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body::Body;
-use http_body_util::BodyExt;
 use mappings::{DeviceFamily, MappedResource, Mappings};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -25,8 +25,9 @@ use crate::BoxError;
 use crate::delivery::OutboundBatch;
 use crate::ingress::client_identity::VendorPolicy;
 use crate::ingress::conformance::ConformanceRules;
+use crate::ingress::decode::{is_json, is_xml, read_body};
 use crate::outcome::{ApiError, Issue};
-use crate::runs::RunRegistry;
+use crate::runs::{ConsolePeriods, RunRegistry};
 
 /// The largest Bundle taken (entries), like a readings batch.
 const MAX_ENTRIES: usize = 5000;
@@ -76,20 +77,10 @@ where
         let this = self.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let xml = match parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| {
-                    v.split(';')
-                        .next()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_ascii_lowercase()
-                }) {
+            let xml = match parts.headers.get(header::CONTENT_TYPE) {
                 None => false,
-                Some(ct) if ct.ends_with("json") => false,
-                Some(ct) if ct.ends_with("xml") => true,
+                Some(ct) if is_json(ct.as_bytes()) => false,
+                Some(ct) if is_xml(ct.as_bytes()) => true,
                 Some(_) => {
                     return Err(refuse(
                         StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -100,18 +91,7 @@ where
                     ));
                 }
             };
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| -> BoxError {
-                    let e: BoxError = e.into();
-                    if super::rescue::is_body_too_large(e.as_ref()) {
-                        super::rescue::too_large().into()
-                    } else {
-                        e
-                    }
-                })?
-                .to_bytes();
+            let bytes = read_body(body).await?;
             let bundle = parts.uri.path().ends_with("/Bundle");
             // (JSON pointer prefix, Observation) for every Observation sent.
             let observations = match (bundle, xml) {
@@ -325,8 +305,10 @@ impl FhirObservations {
         let mut issues = Vec::new();
         let mut model = String::new();
         let now = OffsetDateTime::now_utc();
+        // One look at the run index per console, as for a readings batch.
+        let mut periods: HashMap<String, ConsolePeriods> = HashMap::new();
         for (pointer, observation) in observations {
-            match self.prepare_one(vendor, &pointer, observation, now) {
+            match self.prepare_one(vendor, &pointer, observation, now, &mut periods) {
                 Ok((resource, family_model)) => {
                     model = family_model;
                     resources.push(resource);
@@ -352,6 +334,7 @@ impl FhirObservations {
         pointer: &str,
         mut observation: Value,
         now: OffsetDateTime,
+        periods: &mut HashMap<String, ConsolePeriods>,
     ) -> Result<(MappedResource, String), Refusal> {
         let at = |field: &str| format!("{pointer}{field}");
         let invalid = |code: &'static str, field: &str, details: String| {
@@ -476,7 +459,10 @@ impl FhirObservations {
             }
         };
         // The run's patient and Procedure.
-        let run = self.runs.console_periods(&serial).at(time.instant);
+        let run = periods
+            .entry(serial.clone())
+            .or_insert_with(|| self.runs.console_periods(&serial))
+            .at(time.instant);
         let named = &observation["subject"]["identifier"];
         match (&run, named["value"].as_str()) {
             (Some(run), Some(value))

@@ -251,13 +251,13 @@ fn close(frame: Frame, stack: &mut [Frame], root: &mut Option<Value>) {
         key,
         repeated,
         scalar,
+        mut object,
         ..
-    } = &frame;
-    let (key, repeated, scalar) = (key.clone(), *repeated, *scalar);
+    } = frame;
     let value = if scalar {
-        frame.object.get("value").cloned().unwrap_or(Value::Null)
+        object.remove("value").unwrap_or(Value::Null)
     } else {
-        Value::Object(frame.object)
+        Value::Object(object)
     };
     match stack.last_mut() {
         None => *root = Some(value),
