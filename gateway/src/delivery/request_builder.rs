@@ -1,5 +1,7 @@
 //! Mapped resources to FHIR HTTP requests: idempotent writes, one by one or as a transaction.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, header};
 use http_body_util::Full;
@@ -130,42 +132,57 @@ impl RequestBuilder {
             if i > 0 {
                 body.push(b',');
             }
+            let entry = self.transaction_entry(resource);
             body.extend_from_slice(br#"{"fullUrl":"#);
-            match self.write {
-                WriteMode::ConditionalCreate if resource.upsert => {
-                    push_json_string(&mut body, &uuid_urn(&resource.id));
-                    body.extend_from_slice(br#","resource":"#);
-                    body.extend_from_slice(&resource.json);
-                    body.extend_from_slice(br#","request":{"method":"PUT","url":"#);
-                    let url = format!(
-                        "{}?{}",
-                        resource.resource_type,
-                        Self::identifier_query(resource)
-                    );
-                    push_json_string(&mut body, &url);
-                }
-                WriteMode::ConditionalCreate => {
-                    push_json_string(&mut body, &uuid_urn(&resource.id));
-                    body.extend_from_slice(br#","resource":"#);
-                    body.extend_from_slice(&resource.json);
-                    body.extend_from_slice(br#","request":{"method":"POST","url":"#);
-                    push_json_string(&mut body, resource.resource_type);
-                    body.extend_from_slice(br#","ifNoneExist":"#);
-                    push_json_string(&mut body, &Self::identifier_query(resource));
-                }
-                WriteMode::Put => {
-                    let path = format!("{}/{}", resource.resource_type, resource.id);
-                    push_json_string(&mut body, &format!("{}/{}", self.base, path));
-                    body.extend_from_slice(br#","resource":"#);
-                    body.extend_from_slice(&with_id(&resource.json, &resource.id));
-                    body.extend_from_slice(br#","request":{"method":"PUT","url":"#);
-                    push_json_string(&mut body, &path);
-                }
+            push_json_string(&mut body, &entry.full_url);
+            body.extend_from_slice(br#","resource":"#);
+            body.extend_from_slice(&entry.resource);
+            body.extend_from_slice(br#","request":{"method":""#);
+            body.extend_from_slice(entry.method.as_bytes());
+            body.extend_from_slice(br#"","url":"#);
+            push_json_string(&mut body, &entry.url);
+            if let Some(query) = &entry.if_none_exist {
+                body.extend_from_slice(br#","ifNoneExist":"#);
+                push_json_string(&mut body, query);
             }
             body.extend_from_slice(b"}}");
         }
         body.extend_from_slice(b"]}");
         Ok(fhir_request(Method::POST, &self.base, body, self.format))
+    }
+
+    /// How `resource` is written inside a transaction, whatever the format.
+    fn transaction_entry<'a>(&self, resource: &'a MappedResource) -> TransactionEntry<'a> {
+        match self.write {
+            WriteMode::ConditionalCreate if resource.upsert => TransactionEntry {
+                full_url: uuid_urn(&resource.id),
+                resource: Cow::Borrowed(&resource.json),
+                method: "PUT",
+                url: format!(
+                    "{}?{}",
+                    resource.resource_type,
+                    Self::identifier_query(resource)
+                ),
+                if_none_exist: None,
+            },
+            WriteMode::ConditionalCreate => TransactionEntry {
+                full_url: uuid_urn(&resource.id),
+                resource: Cow::Borrowed(&resource.json),
+                method: "POST",
+                url: resource.resource_type.to_owned(),
+                if_none_exist: Some(Self::identifier_query(resource)),
+            },
+            WriteMode::Put => {
+                let url = format!("{}/{}", resource.resource_type, resource.id);
+                TransactionEntry {
+                    full_url: format!("{}/{}", self.base, url),
+                    resource: Cow::Owned(with_id(&resource.json, &resource.id)),
+                    method: "PUT",
+                    url,
+                    if_none_exist: None,
+                }
+            }
+        }
     }
 
     /// The same transaction in FHIR XML: the Bundle's envelope written here, each resource
@@ -177,48 +194,19 @@ impl RequestBuilder {
             br#"<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/>"#,
         );
         for resource in resources {
-            let (full_url, json, method, url, if_none_exist) = match self.write {
-                WriteMode::ConditionalCreate if resource.upsert => (
-                    uuid_urn(&resource.id),
-                    resource.json.clone(),
-                    "PUT",
-                    format!(
-                        "{}?{}",
-                        resource.resource_type,
-                        Self::identifier_query(resource)
-                    ),
-                    None,
-                ),
-                WriteMode::ConditionalCreate => (
-                    uuid_urn(&resource.id),
-                    resource.json.clone(),
-                    "POST",
-                    resource.resource_type.to_owned(),
-                    Some(Self::identifier_query(resource)),
-                ),
-                WriteMode::Put => {
-                    let path = format!("{}/{}", resource.resource_type, resource.id);
-                    (
-                        format!("{}/{}", self.base, path),
-                        with_id(&resource.json, &resource.id),
-                        "PUT",
-                        path,
-                        None,
-                    )
-                }
-            };
+            let entry = self.transaction_entry(resource);
             body.extend_from_slice(b"<entry><fullUrl value=\"");
-            push_xml_attribute(&mut body, &full_url);
+            push_xml_attribute(&mut body, &entry.full_url);
             body.extend_from_slice(b"\"/><resource>");
-            body.extend_from_slice(&self.encode(&json)?);
+            body.extend_from_slice(&self.encode(&entry.resource)?);
             body.extend_from_slice(b"</resource><request><method value=\"");
-            body.extend_from_slice(method.as_bytes());
+            body.extend_from_slice(entry.method.as_bytes());
             body.extend_from_slice(b"\"/><url value=\"");
-            push_xml_attribute(&mut body, &url);
+            push_xml_attribute(&mut body, &entry.url);
             body.extend_from_slice(b"\"/>");
-            if let Some(query) = if_none_exist {
+            if let Some(query) = &entry.if_none_exist {
                 body.extend_from_slice(b"<ifNoneExist value=\"");
-                push_xml_attribute(&mut body, &query);
+                push_xml_attribute(&mut body, query);
                 body.extend_from_slice(b"\"/>");
             }
             body.extend_from_slice(b"</request></entry>");
@@ -226,6 +214,15 @@ impl RequestBuilder {
         body.extend_from_slice(b"</Bundle>");
         Ok(fhir_request(Method::POST, &self.base, body, self.format))
     }
+}
+
+/// One transaction entry: `fullUrl`, the resource (JSON) and its `request`.
+struct TransactionEntry<'a> {
+    full_url: String,
+    resource: Cow<'a, [u8]>,
+    method: &'static str,
+    url: String,
+    if_none_exist: Option<String>,
 }
 
 fn push_xml_attribute(out: &mut Vec<u8>, value: &str) {
