@@ -149,6 +149,10 @@ vendor_ca = ["{ca}"]
 request_timeout = "20s"
 max_body_bytes = 262144
 
+# The tests play whole ECMO runs, days long, in minutes: their readings are a backfill.
+[readings]
+max_past_age = "30d"
+
 [delivery]
 mode = "direct"
 
@@ -432,6 +436,23 @@ impl EhrReader {
         if !answer.status.is_success() {
             return Err(format!(
                 "search {resource_type} by identifier: HTTP {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            )
+            .into());
+        }
+        Ok(entries(&answer.json()))
+    }
+
+    /// Every version of a resource, newest first (`GET [type]/[id]/_history`).
+    pub async fn history(&self, resource_type: &str, id: &str) -> Result<Vec<Value>, BoxError> {
+        let answer = self
+            .client
+            .get(&format!("{}/{resource_type}/{id}/_history", self.base_url))
+            .await?;
+        if !answer.status.is_success() {
+            return Err(format!(
+                "history of {resource_type}/{id}: HTTP {}: {}",
                 answer.status,
                 String::from_utf8_lossy(&answer.body)
             )

@@ -138,6 +138,30 @@ async fn each_bad_payload_gets_its_status_and_nothing_is_stored() {
         .unwrap();
     assert_outcome(&answer, 422, &["/readings/0/time"]);
 
+    // Times FHIR has no room for (year 0000, offsets beyond 14:00, minute 60) and readings
+    // older than `max_past_age` (30 days in the tests): 422 at the time, never a 500.
+    let stale = (time::OffsetDateTime::now_utc() - time::Duration::days(40))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    for time in [
+        "0000-06-01T10:00:00Z",
+        "2026-11-21T10:15:00+15:00",
+        "2026-11-21T10:15:00-14:01",
+        "2026-11-21T10:15:00+01:60",
+        stale.as_str(),
+    ] {
+        let answer = vendor
+            .post_json(
+                &url,
+                &batch(vec![
+                    json!({"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": time}),
+                ]),
+            )
+            .await
+            .unwrap();
+        assert_outcome(&answer, 422, &["/readings/0/time"]);
+    }
+
     // A model without a mapping table (owned by no vendor either: 403 comes first).
     let answer = vendor
         .post_json(&url, &json!({"patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"}, "device": {"serial": "CH-0042", "model": "CARDIOHELP-X"}, "readings": [reading("Flow", json!(4), "L/min")]}))

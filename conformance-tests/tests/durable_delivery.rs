@@ -1,6 +1,9 @@
 //! The outbox's promise, proven with real processes and sockets: once the gateway says 202, the
 //! EHR gets the data exactly once, through kill -9, EHR errors, dropped connections, outages
 //! and refusals; every accepted message ends delivered or dead-lettered, and the counts add up.
+//! And what the EHR then holds is what the device last said: corrections amend (or are refused
+//! where a destination takes none), resends change nothing, repeats in one request are merged,
+//! and per resource the EHR gets the versions in acceptance order even when an attempt fails.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -10,8 +13,8 @@ use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, SPECTRUM, TestPki, WriteStyle, gateway_config, now_rfc3339,
-    with_outbox,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, WriteStyle, gateway_config,
+    now_rfc3339, with_outbox,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -33,6 +36,20 @@ fn durable_config(pki: &TestPki, ehr_url: &str, outbox: &Path) -> String {
         ),
         outbox,
     )
+}
+
+/// A test PKI, a reference EHR and the gateway on an outbox in a temporary directory.
+async fn durable_gateway() -> (TestPki, RunningEhr, tempfile::TempDir, GatewayProcess) {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = GatewayProcess::start(&durable_config(
+        &pki,
+        &ehr.base_url,
+        &dir.path().join("outbox.sqlite"),
+    ))
+    .unwrap();
+    (pki, ehr, dir, gateway)
 }
 
 /// Polls the admin API until no message is pending anywhere; returns the queue stats.
@@ -363,15 +380,7 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_api_is_for_admins_only_and_reports_health() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&durable_config(
-        &pki,
-        &ehr.base_url,
-        &dir.path().join("outbox.sqlite"),
-    ))
-    .unwrap();
+    let (pki, _ehr, _dir, gateway) = durable_gateway().await;
     let vendor_on_admin = pki
         .client(GETINGE)
         .get(&gateway.admin_url("/admin/v1/queues"))
@@ -478,4 +487,353 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
     assert_eq!(registry["accepted"], 12);
     assert_eq!(registry["pending"], 12);
     assert!(registry["oldestPendingSeconds"].as_f64().is_some());
+}
+
+// === Data integrity: what the EHR holds is what the device last said, once, in order ===
+
+const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
+
+fn reader(pki: &TestPki, ehr: &RunningEhr) -> EhrReader {
+    EhrReader {
+        client: pki.client("gateway-client"),
+        base_url: ehr.base_url.clone(),
+    }
+}
+
+/// A batch of Flow readings `(value, time)` from console `serial`.
+fn flows(serial: &str, readings: &[(f64, &str)]) -> Value {
+    json!({
+        "device": {"serial": serial, "model": "CARDIOHELP-i"},
+        "patient": {"system": MRN, "value": format!("MRN-{serial}")},
+        "readings": readings.iter().map(|(value, time)| json!(
+            {"parameter": "Flow", "value": value, "unit": "L/min", "time": time}
+        )).collect::<Vec<_>>()
+    })
+}
+
+async fn post(
+    pki: &TestPki,
+    gateway: &GatewayProcess,
+    batch: &Value,
+) -> conformance_tests::client::Answer {
+    pki.client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), batch)
+        .await
+        .unwrap()
+}
+
+/// The one Observation the EHR holds for `identifier`, and its versions, newest first.
+async fn stored_with_history(reader: &EhrReader, identifier: &str) -> (Value, Vec<Value>) {
+    let found = reader
+        .by_identifier("Observation", OBSERVATIONS, identifier)
+        .await
+        .unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one Observation for {identifier}: {found:?}"
+    );
+    let id = found[0]["id"].as_str().unwrap();
+    let history = reader.history("Observation", id).await.unwrap();
+    (found[0].clone(), history)
+}
+
+const OBSERVATIONS: &str = "https://fhir.ecmo-gateway.org/sid/observation";
+
+fn flow_value(observation: &Value) -> f64 {
+    observation["valueQuantity"]["value"].as_f64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrected_reading_amends_the_ehr_and_a_resend_changes_nothing() {
+    let (pki, ehr, dir, gateway) = durable_gateway().await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let time = now_rfc3339();
+
+    let first = post(&pki, &gateway, &flows("CH-C1", &[(4.2, &time)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(first["resources"][0]["dispositions"]["ehr"], "created");
+    let identifier = first["resources"][0]["identifier"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+
+    // The same reading again: accepted, nothing new reaches the EHR.
+    let resend = post(&pki, &gateway, &flows("CH-C1", &[(4.2, &time)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(resend["resources"][0]["dispositions"]["ehr"], "unchanged");
+    assert_eq!(
+        resend["resources"][0]["messages"]["ehr"],
+        first["resources"][0]["messages"]["ehr"]
+    );
+
+    // A late calibration: same device, parameter and time, another value.
+    let correction = post(&pki, &gateway, &flows("CH-C1", &[(4.5, &time)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(correction["resources"][0]["dispositions"]["ehr"], "amended");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+
+    let (stored, history) = stored_with_history(&reader, &identifier).await;
+    assert_eq!(flow_value(&stored), 4.5);
+    assert_eq!(stored["status"], "amended");
+    assert_eq!(stored["meta"]["versionId"], "2");
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[1]["status"], "final");
+    assert_eq!(
+        flow_value(&history[1]),
+        4.2,
+        "the earlier version stays in the history"
+    );
+
+    // The delivery record says what happened.
+    let tracking_id = correction["trackingId"].as_str().unwrap();
+    let status = admin
+        .get(&gateway.admin_url(&format!("/admin/v1/deliveries/{tracking_id}")))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    assert_eq!(status["messages"][0]["disposition"], "amended");
+    assert_eq!(status["messages"][0]["state"], "delivered");
+    assert!(
+        status["messages"][0]["location"]
+            .as_str()
+            .unwrap()
+            .ends_with("/_history/2")
+    );
+
+    // The corrected value sent again is a no-op too, even across a restart.
+    drop(gateway);
+    let gateway = GatewayProcess::start(&durable_config(
+        &pki,
+        &ehr.base_url,
+        &dir.path().join("outbox.sqlite"),
+    ))
+    .unwrap();
+    let again = post(&pki, &gateway, &flows("CH-C1", &[(4.5, &time)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(again["resources"][0]["dispositions"]["ehr"], "unchanged");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (_, history) = stored_with_history(&reader, &identifier).await;
+    assert_eq!(history.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_that_takes_no_corrections_gets_none_and_the_device_hears_409() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1\n",
+        "max_attempts = 1\ncorrections = \"reject\"\n",
+    );
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let (t1, t2) = (
+        now_rfc3339(),
+        (OffsetDateTime::now_utc() - time::Duration::seconds(1))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    );
+
+    let first = post(&pki, &gateway, &flows("CH-R1", &[(4.2, &t1)]))
+        .await
+        .expect_status(202)
+        .json();
+    let identifier = first["resources"][0]["identifier"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+
+    // A new reading next to a correction: the whole request is refused, naming the correction.
+    let refused = post(&pki, &gateway, &flows("CH-R1", &[(3.9, &t2), (4.5, &t1)])).await;
+    let outcome = refused.expect_status(409).json();
+    let issues = outcome["issue"].as_array().unwrap();
+    assert_eq!(issues.len(), 1, "{outcome}");
+    assert_eq!(issues[0]["code"], "conflict");
+    assert_eq!(issues[0]["expression"][0], "/readings/1");
+    assert!(
+        issues[0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("does not take corrections")
+    );
+
+    // The identical resend is still fine, and the EHR never saw the correction.
+    let resend = post(&pki, &gateway, &flows("CH-R1", &[(4.2, &t1)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(resend["resources"][0]["dispositions"]["ehr"], "unchanged");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &identifier).await;
+    assert_eq!((flow_value(&stored), history.len()), (4.2, 1));
+    assert_eq!(stored["status"], "final");
+    assert_eq!(
+        ehr.ehr.count("Observation"),
+        1,
+        "nothing of the refused request was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeats_in_one_request_are_merged_and_contradictions_refused_naming_both() {
+    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let admin = pki.client(ADMIN);
+    let times: Vec<String> = (0..5)
+        .map(|n| {
+            (OffsetDateTime::now_utc() - time::Duration::seconds(n))
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        })
+        .collect();
+    // 1,000 readings, 5 distinct: a console replaying its buffer.
+    let readings: Vec<(f64, &str)> = (0..1000).map(|n| (4.0, times[n % 5].as_str())).collect();
+    let receipt = post(&pki, &gateway, &flows("CH-D1", &readings))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(receipt["resources"].as_array().unwrap().len(), 5);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    assert_eq!(ehr.ehr.count("Observation"), 5);
+    let writes = ehr.ehr.writes();
+    assert!(
+        writes.iter().all(|w| w.status < 300),
+        "the EHR refused nothing: {:?}",
+        writes.iter().map(|w| w.status).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        writes.len(),
+        1,
+        "one transaction, not a fallback to single writes"
+    );
+
+    // Two values for one reading in one request: 422 naming both, nothing accepted.
+    let answer = post(
+        &pki,
+        &gateway,
+        &flows(
+            "CH-D2",
+            &[(4.0, &times[0]), (3.0, &times[1]), (4.1, &times[0])],
+        ),
+    )
+    .await;
+    let outcome = answer.expect_status(422).json();
+    assert_eq!(outcome["issue"][0]["code"], "duplicate");
+    assert_eq!(
+        outcome["issue"][0]["expression"],
+        json!(["/readings/0", "/readings/2"])
+    );
+    assert_eq!(ehr.ehr.count("Observation"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_resource_order_holds_when_an_attempt_fails() {
+    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let time = now_rfc3339();
+
+    // The original fails once at the EHR and waits for its retry; the correction, accepted
+    // meanwhile, must not overtake it.
+    ehr.ehr.fail_next(Fault::status(503), 1);
+    let first = post(&pki, &gateway, &flows("CH-O1", &[(4.2, &time)]))
+        .await
+        .expect_status(202)
+        .json();
+    let identifier = first["resources"][0]["identifier"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ehr.ehr.writes().is_empty() {
+        assert!(Instant::now() < deadline, "the first attempt never came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    post(&pki, &gateway, &flows("CH-O1", &[(4.5, &time)]))
+        .await
+        .expect_status(202);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &identifier).await;
+    assert_eq!(
+        flow_value(&stored),
+        4.5,
+        "the last value said is the one held"
+    );
+    let values: Vec<f64> = history.iter().rev().map(flow_value).collect();
+    assert_eq!(values, [4.2, 4.5], "versions in acceptance order");
+
+    // A run: the first state fails once; the newer one must land after it, never before.
+    let run = "ORDER-1";
+    let started = (OffsetDateTime::now_utc() - time::Duration::hours(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let events = |body: Value| {
+        let client = pki.client(GETINGE);
+        let url = gateway.url(&format!("/v1/runs/{run}/events"));
+        async move { client.post_json(&url, &body).await.unwrap() }
+    };
+    let writes_before = ehr.ehr.writes().len();
+    ehr.ehr.fail_next(Fault::status(503), 1);
+    events(json!({
+        "eventId": "s", "type": "started", "time": started,
+        "patient": {"system": MRN, "value": "MRN-ORDER"}, "mode": "vv",
+        "console": {"serial": "CH-O2", "model": "CARDIOHELP-i"}
+    }))
+    .await
+    .expect_status(202);
+    while ehr.ehr.writes().len() == writes_before {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    events(json!({
+        "eventId": "c", "type": "complication", "time": now_rfc3339(),
+        "complication": {"code": "1386000", "display": "Intracranial hemorrhage"}
+    }))
+    .await
+    .expect_status(202);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let procedures = reader
+        .by_identifier(
+            "Procedure",
+            "https://fhir.ecmo-gateway.org/sid/ecmo-run",
+            run,
+        )
+        .await
+        .unwrap();
+    assert_eq!(procedures.len(), 1);
+    assert_eq!(
+        procedures[0]["complication"][0]["coding"][0]["code"], "1386000",
+        "the newest state is the one held: {}",
+        procedures[0]
+    );
+    let history = reader
+        .history("Procedure", procedures[0]["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    let with_complication: Vec<bool> = history
+        .iter()
+        .rev()
+        .map(|v| v["complication"].is_array())
+        .collect();
+    assert_eq!(
+        with_complication,
+        [false, true],
+        "never back to an older state"
+    );
 }

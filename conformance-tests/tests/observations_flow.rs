@@ -19,7 +19,31 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
     let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
         .await
         .unwrap();
-    let time = "2026-11-21T09:15:00.250+01:00";
+    // An hour ago, as a console in UTC+01:00 stamps it; the identifier keys it in UTC.
+    let utc = time::OffsetDateTime::now_utc()
+        .replace_millisecond(250)
+        .unwrap()
+        - time::Duration::hours(1);
+    let local = utc.to_offset(time::macros::offset!(+1));
+    let time = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.250+01:00",
+        local.year(),
+        u8::from(local.month()),
+        local.day(),
+        local.hour(),
+        local.minute(),
+        local.second()
+    );
+    let time = time.as_str();
+    let compact = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}.250Z",
+        utc.year(),
+        u8::from(utc.month()),
+        utc.day(),
+        utc.hour(),
+        utc.minute(),
+        utc.second()
+    );
     let batch = json!({
         "device": {"serial": "CH-0042", "model": "CARDIOHELP-i"},
         "patient": {"system": MRN_SYSTEM, "value": "MRN-881"},
@@ -80,7 +104,7 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
     assert_eq!(flow["device"]["identifier"]["value"], "CH-0042");
     assert_eq!(
         flow["identifier"][0]["value"],
-        "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T081500.250Z"
+        format!("getinge-cardiohelp:CH-0042:pump-blood-flow:{compact}")
     );
     assert_eq!(flow["category"][1]["coding"][0]["code"], "182744004");
 
@@ -107,6 +131,50 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
     assert_eq!(coding(&hct, "http://loinc.org").unwrap()["code"], "20570-8");
 
     assert_eq!(find("bubble-detected")["valueBoolean"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readings_a_tenth_of_a_millisecond_apart_stay_two_observations() {
+    let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
+        .await
+        .unwrap();
+    let second = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let at = |fraction: &str| second.replace('Z', &format!(".{fraction}Z"));
+    let batch = json!({
+        "device": {"serial": "CH-0043", "model": "CARDIOHELP-i"},
+        "patient": {"system": MRN_SYSTEM, "value": "MRN-882"},
+        "readings": [
+            {"parameter": "PVen", "value": -30, "unit": "mmHg", "time": at("2501")},
+            {"parameter": "PVen", "value": -31, "unit": "mmHg", "time": at("2502")},
+            {"parameter": "PVen", "value": -32, "unit": "mmHg", "time": at("250")}
+        ]
+    });
+    s.pki
+        .client(GETINGE)
+        .post_json(&s.observations_url(), &batch)
+        .await
+        .unwrap()
+        .expect_status(200);
+    let mut stored: Vec<(String, String)> = s
+        .stored_observations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, o)| (id, o["valueQuantity"]["value"].to_string()))
+        .collect();
+    stored.sort();
+    let suffixes: Vec<(&str, &str)> = stored
+        .iter()
+        .map(|(id, v)| (&id[id.rfind('.').unwrap()..], v.as_str()))
+        .collect();
+    assert_eq!(
+        suffixes,
+        [(".2501Z", "-30"), (".2502Z", "-31"), (".250Z", "-32")]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

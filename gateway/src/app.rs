@@ -122,7 +122,11 @@ impl Gateway {
                     for (destination, settings) in
                         self.destinations.into_iter().zip(&self.config.destinations)
                     {
-                        routes.push((settings.name.clone(), settings.only.clone()));
+                        routes.push(crate::outbox::handoff::Route {
+                            destination: settings.name.clone(),
+                            only: settings.only.clone(),
+                            corrections: settings.corrections,
+                        });
                         let worker = DeliveryWorker::new(
                             destination,
                             outbox.clone(),
@@ -173,6 +177,7 @@ impl Gateway {
             max_body_bytes: server.max_body_bytes,
             max_concurrent_requests: server.max_concurrent_requests,
             max_future_skew: self.config.readings.max_future_skew,
+            max_past_age: self.config.readings.max_past_age,
         };
         let stack = build_stack(
             settings,

@@ -83,12 +83,18 @@ pub struct ReadingSettings {
     /// refused (a console with a wrong clock would otherwise chart data in the future).
     #[serde(default = "defaults::max_future_skew", with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// How far behind the gateway's clock a device timestamp may be before the reading is
+    /// refused: older data is a stale buffer or a wrong clock, and would be charted as if
+    /// current. Raise it for a planned backfill.
+    #[serde(default = "defaults::max_past_age", with = "humantime_serde")]
+    pub max_past_age: Duration,
 }
 
 impl Default for ReadingSettings {
     fn default() -> Self {
         Self {
             max_future_skew: defaults::max_future_skew(),
+            max_past_age: defaults::max_past_age(),
         }
     }
 }
@@ -225,6 +231,21 @@ pub struct DestinationSettings {
     /// Which resources this destination takes; everything when absent.
     #[serde(default)]
     pub only: crate::delivery::routing::RouteFilter,
+    /// What a corrected reading (same device, parameter and time, another value) does here.
+    #[serde(default)]
+    pub corrections: Corrections,
+}
+
+/// What the gateway does when a device sends a reading again with a different value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Corrections {
+    /// The EHR's Observation is updated with `status = amended`; its earlier version stays in
+    /// the EHR's history.
+    #[default]
+    Amend,
+    /// The destination must never be overwritten: the device gets 409, nothing is accepted.
+    Reject,
 }
 
 /// How a resource is written so that sending it twice is harmless.
@@ -282,6 +303,9 @@ mod defaults {
     }
     pub fn max_future_skew() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn max_past_age() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
     pub fn max_bundle_entries() -> usize {
         500
@@ -490,6 +514,8 @@ client_key = "client.key"
         assert_eq!(c.destinations[0].write, WriteMode::ConditionalCreate);
         assert_eq!(c.destinations[0].bundle, BundleMode::Transaction);
         assert_eq!(c.readings.max_future_skew, Duration::from_secs(300));
+        assert_eq!(c.readings.max_past_age, Duration::from_secs(24 * 3600));
+        assert_eq!(c.destinations[0].corrections, Corrections::Amend);
     }
 
     #[test]

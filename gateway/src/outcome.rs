@@ -18,6 +18,8 @@ pub struct Issue {
     /// Where in an XML body: `line L, column C` (FHIR's `issue.location`).
     pub location: Option<String>,
     pub expression: Option<String>,
+    /// Further places the issue is about (two readings that contradict each other).
+    pub also_at: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +49,18 @@ impl Issue {
             details: details.into(),
             location: None,
             expression: None,
+            also_at: Vec::new(),
         }
     }
 
     pub fn at(mut self, pointer: impl Into<String>) -> Self {
         self.expression = Some(pointer.into());
+        self
+    }
+
+    /// A further pointer, after the one given by [`Issue::at`].
+    pub fn also_at(mut self, pointer: impl Into<String>) -> Self {
+        self.also_at.push(pointer.into());
         self
     }
 
@@ -70,7 +79,9 @@ impl Issue {
             issue["location"] = json!([location]);
         }
         if let Some(expression) = &self.expression {
-            issue["expression"] = json!([expression]);
+            let mut all = vec![json!(expression)];
+            all.extend(self.also_at.iter().map(|p| json!(p)));
+            issue["expression"] = Value::Array(all);
         }
         issue
     }

@@ -69,6 +69,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
         include_str!("../../profiles/fhir/ValueSet-ecmo-modes.json"),
     ),
     (
+        "ValueSet-ecmo-observation-status.json",
+        include_str!("../../profiles/fhir/ValueSet-ecmo-observation-status.json"),
+    ),
+    (
         "ValueSet-ecmo-run-activities.json",
         include_str!("../../profiles/fhir/ValueSet-ecmo-run-activities.json"),
     ),

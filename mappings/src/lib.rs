@@ -25,7 +25,7 @@ pub use conformance::{
     CONFORMANCE_RESOURCES, DEVICE_PROFILE, OBSERVATION_PROFILE, RUN_ACTIVITY_PROFILE, RUN_PROFILE,
     profiles,
 };
-pub use datetime::{DeviceTime, TimeError};
+pub use datetime::{DeviceTime, TimeError, TimeWindow};
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};
 pub use reading::{

@@ -44,13 +44,7 @@ impl Mappings {
                     known: family.parameter_names().join(", "),
                 })?;
         let time = DeviceTime::parse(reading.time)?;
-        let ahead = time.instant - device.received_at;
-        if ahead > device.max_future_skew {
-            return Err(ReadingError::InFuture {
-                ahead_seconds: ahead.whole_seconds(),
-                limit_seconds: device.max_future_skew.whole_seconds(),
-            });
-        }
+        device.window.check(&time)?;
         let value = map_value(parameter, reading, &family.invalid_markers)?;
 
         let identifier_value = observation_identifier(
@@ -337,8 +331,11 @@ mod tests {
                 system: "urn:oid:1.2.3",
                 value: "MRN-1",
             }),
-            received_at: datetime!(2026-11-21 10:20 UTC),
-            max_future_skew: time::Duration::minutes(5),
+            window: crate::TimeWindow {
+                received_at: datetime!(2026-11-21 10:20 UTC),
+                max_future_skew: time::Duration::minutes(5),
+                max_past_age: time::Duration::hours(24),
+            },
         }
     }
 
@@ -477,7 +474,16 @@ mod tests {
         ));
         let mut late = reading("Flow", "4", "L/min");
         late.time = "2026-11-21T12:00:00Z";
-        assert!(matches!(err(late), ReadingError::InFuture { .. }));
+        assert!(matches!(
+            err(late),
+            ReadingError::Time(crate::TimeError::InFuture { .. })
+        ));
+        let mut stale = reading("Flow", "4", "L/min");
+        stale.time = "2026-11-19T12:00:00Z";
+        assert!(matches!(
+            err(stale),
+            ReadingError::Time(crate::TimeError::TooOld { .. })
+        ));
         let mut bad_time = reading("Flow", "4", "L/min");
         bad_time.time = "yesterday";
         assert_eq!(err(bad_time).field(), crate::ReadingField::Time);

@@ -1,6 +1,4 @@
-use time::{Duration, OffsetDateTime};
-
-use crate::datetime::TimeError;
+use crate::datetime::{TimeError, TimeWindow};
 use crate::table::DeviceFamily;
 
 /// The device a batch of readings comes from, with what every reading of the batch shares.
@@ -10,10 +8,8 @@ pub struct DeviceContext<'a> {
     pub serial: &'a str,
     pub model: &'a str,
     pub patient: Option<PatientRef<'a>>,
-    /// When the gateway received the batch; readings timed further ahead than
-    /// `max_future_skew` come from a console whose clock is wrong and are refused.
-    pub received_at: OffsetDateTime,
-    pub max_future_skew: Duration,
+    /// The device times taken, around when the gateway received the batch.
+    pub window: TimeWindow,
 }
 
 /// A patient named by a business identifier (the EHR resolves it; the gateway never needs the
@@ -143,13 +139,6 @@ pub enum ReadingError {
     Time(#[from] TimeError),
     #[error("internal error while building the resource: {0}")]
     Build(String),
-    #[error(
-        "time is {ahead_seconds} s ahead of the gateway's clock (at most {limit_seconds} s is allowed); check the console's clock"
-    )]
-    InFuture {
-        ahead_seconds: i64,
-        limit_seconds: i64,
-    },
 }
 
 impl ReadingError {
@@ -161,7 +150,7 @@ impl ReadingError {
             | Self::NotABoolean { .. }
             | Self::OutOfRange { .. }
             | Self::Build(_) => ReadingField::Value,
-            Self::Time(_) | Self::InFuture { .. } => ReadingField::Time,
+            Self::Time(_) => ReadingField::Time,
         }
     }
 

@@ -432,6 +432,10 @@ impl ProfileValidator {
         let Some(codes) = self.value_sets.get(vs) else {
             return false;
         };
+        // A `code` element: its system is the one the ValueSet draws from.
+        if let Some(code) = concept.as_str() {
+            return codes.values().any(|in_system| in_system.contains(code));
+        }
         concept["coding"].as_array().into_iter().flatten().any(|c| {
             c["system"]
                 .as_str()
@@ -512,8 +516,11 @@ mod tests {
                 system: "urn:oid:1.2.3",
                 value: "MRN",
             }),
-            received_at: time::macros::datetime!(2026-11-21 10:20 UTC),
-            max_future_skew: time::Duration::minutes(5),
+            window: crate::TimeWindow {
+                received_at: time::macros::datetime!(2026-11-21 10:20 UTC),
+                max_future_skew: time::Duration::minutes(5),
+                max_past_age: time::Duration::hours(24),
+            },
         };
         let reading = Reading {
             parameter: "Flow",
@@ -555,7 +562,9 @@ mod tests {
 
         let mut o = observation();
         o["status"] = json!("preliminary");
-        assert_eq!(rules_broken(&o), ["fixed value Observation.status"]);
+        assert_eq!(rules_broken(&o), ["required binding Observation.status"]);
+        o["status"] = json!("amended");
+        assert!(rules_broken(&o).is_empty());
 
         let mut o = observation();
         o["code"]["coding"] = json!([{"system": "http://loinc.org", "code": "8867-4"}]);

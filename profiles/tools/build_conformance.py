@@ -33,6 +33,15 @@ for vs_id, (group, title, description) in valuesets.items():
            "name": "".join(w.capitalize() for w in vs_id.split("-")), "title": title, "description": description,
            "compose": {"include": [{"system": CS, "concept": codes}]}})
 
+# Statuses the gateway writes an Observation with: final, amended after a device's correction,
+# entered-in-error when a reading is retracted (codes of FHIR's own observation-status).
+write({"resourceType": "ValueSet", "id": "ecmo-observation-status", "url": f"{BASE}/ValueSet/ecmo-observation-status", **COMMON,
+       "name": "EcmoObservationStatus", "title": "ECMO Observation status",
+       "description": "The statuses of a circuit Observation: final, amended once the device corrected the value, entered-in-error once it was retracted.",
+       "compose": {"include": [{"system": "http://hl7.org/fhir/observation-status",
+                                "concept": [{"code": "final", "display": "Final"}, {"code": "amended", "display": "Amended"},
+                                            {"code": "entered-in-error", "display": "Entered in Error"}]}]}})
+
 def element(element_id, **rules):
     path = rules.pop("path", element_id)
     return {"id": element_id, "path": path, **rules}
@@ -75,7 +84,8 @@ structure("ecmo-circuit-observation", "ECMO circuit Observation", "Observation",
     element("Observation.identifier", min=1, max="1", short="device family : serial : parameter : device time (UTC)"),
     element("Observation.identifier.system", min=1, fixedUri=f"{BASE}/sid/observation"),
     element("Observation.identifier.value", min=1),
-    element("Observation.status", fixedCode="final"),
+    element("Observation.status", binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-observation-status"},
+            short="final; amended once the device corrected the value (the earlier version stays in the EHR's history)"),
     element("Observation.category", min=2, max="2"),
     element("Observation.code", binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-circuit-parameters"},
             short="Our circuit-parameter code first; SNOMED CT / LOINC / MDC codings where they match"),

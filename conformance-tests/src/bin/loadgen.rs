@@ -122,8 +122,11 @@ fn bundle_for(mappings: &Mappings, builder: &RequestBuilder, batch: &Value) -> B
         serial: batch["device"]["serial"].as_str().unwrap_or(""),
         model: "CARDIOHELP-i",
         patient: None,
-        received_at: OffsetDateTime::now_utc(),
-        max_future_skew: time::Duration::minutes(5),
+        window: mappings::TimeWindow {
+            received_at: OffsetDateTime::now_utc(),
+            max_future_skew: time::Duration::minutes(5),
+            max_past_age: time::Duration::hours(24),
+        },
     };
     let resources: Vec<_> = batch["readings"]
         .as_array()

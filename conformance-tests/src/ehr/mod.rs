@@ -1,6 +1,7 @@
 //! A reference EHR FHIR R4 server: mutual TLS, an in-memory store, create, conditional create
-//! (`If-None-Exist`), update by id, read, search by identifier, and transaction Bundles (all or
-//! nothing). Incoming Observations, Procedures and Devices are checked against the typed R4
+//! (`If-None-Exist`), update by id, conditional update, read, version history (`_history`),
+//! search by identifier, and transaction Bundles (all or nothing; two entries about the same
+//! resource are refused, as real servers do). Incoming Observations, Procedures and Devices are checked against the typed R4
 //! model and refused with 422 when they do not conform, as a real server would.
 //!
 //! A small fault plan lets tests make it refuse or fail the next writes.
@@ -361,6 +362,10 @@ impl ReferenceEhr {
             (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, body),
             (&Method::PUT, [resource_type]) => self.conditional_update(resource_type, query, body),
             (&Method::GET, [resource_type, id]) => self.read(resource_type, id),
+            (&Method::GET, [resource_type, id, "_history"]) => self.history(resource_type, id),
+            (&Method::GET, [resource_type, id, "_history", version]) => {
+                self.vread(resource_type, id, version)
+            }
             (&Method::GET, [resource_type]) => self.search(resource_type, query),
             _ => outcome(
                 StatusCode::NOT_FOUND,
@@ -429,6 +434,44 @@ impl ReferenceEhr {
                 StatusCode::NOT_FOUND,
                 "not-found",
                 &format!("{resource_type}/{id} is unknown"),
+            ),
+        }
+    }
+
+    /// A `history` Bundle of every version, newest first.
+    fn history(&self, resource_type: &str, id: &str) -> Response<BoxBody> {
+        let store = lock(&self.store);
+        let versions = store.history(resource_type, id);
+        if versions.is_empty() {
+            return outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("{resource_type}/{id} is unknown"),
+            );
+        }
+        let entries: Vec<Value> = versions
+            .iter()
+            .rev()
+            .map(|r| json!({"fullUrl": format!("{resource_type}/{id}"), "resource": r}))
+            .collect();
+        fhir_json_response(
+            StatusCode::OK,
+            &json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries}),
+        )
+    }
+
+    fn vread(&self, resource_type: &str, id: &str, version: &str) -> Response<BoxBody> {
+        let store = lock(&self.store);
+        match store
+            .history(resource_type, id)
+            .iter()
+            .find(|r| r["meta"]["versionId"] == version)
+        {
+            Some(resource) => fhir_json_response(StatusCode::OK, resource),
+            None => outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("{resource_type}/{id}/_history/{version} is unknown"),
             ),
         }
     }
@@ -502,6 +545,10 @@ impl ReferenceEhr {
             ConditionalUpdate(String, String, Value),
         }
         let mut ops = Vec::new();
+        // What each entry is about (its conditional identity or id): a transaction that names
+        // one resource twice is refused, as HAPI and other servers do.
+        let mut identities: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
         for (index, entry) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
             let method = entry["request"]["method"].as_str().unwrap_or("");
             let url = entry["request"]["url"].as_str().unwrap_or("");
@@ -519,6 +566,22 @@ impl ReferenceEhr {
             };
             // A conditional URL's query holds an identifier system full of '/': split it off first.
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let identity = match (method, entry["request"]["ifNoneExist"].as_str()) {
+                ("POST", Some(condition)) => Some(format!("{resource_type}?{condition}")),
+                ("POST", None) => None,
+                _ => Some(url.to_owned()),
+            };
+            if let Some(identity) = identity
+                && let Some(earlier) = identities.insert(identity.clone(), index)
+            {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "duplicate",
+                    &format!(
+                        "entries {earlier} and {index} are both about {identity}: a transaction names each resource once"
+                    ),
+                );
+            }
             match (method, path.split('/').collect::<Vec<_>>().as_slice()) {
                 ("POST", [t]) if *t == resource_type => {
                     let token = match entry["request"]["ifNoneExist"]
@@ -716,6 +779,7 @@ fn write_response(resource_type: &str, written: &WriteOutcome) -> Response<BoxBo
             details: format!("{:?}", written),
             location: None,
             expression: None,
+            also_at: Vec::new(),
         }]),
     );
     if let Ok(location) = written.location(resource_type).parse() {

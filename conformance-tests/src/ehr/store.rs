@@ -16,6 +16,8 @@ pub struct Stored {
 #[derive(Debug, Default)]
 pub struct Store {
     resources: HashMap<(String, String), Stored>,
+    /// Every version of every resource, oldest first (FHIR's `_history`).
+    versions: HashMap<(String, String), Vec<Value>>,
     /// (type, "system|value") -> id
     identifiers: HashMap<(String, String), String>,
     next_id: u64,
@@ -82,6 +84,13 @@ impl Store {
     pub fn read(&self, resource_type: &str, id: &str) -> Option<&Stored> {
         self.resources
             .get(&(resource_type.to_owned(), id.to_owned()))
+    }
+
+    /// Every version of a resource, oldest first.
+    pub fn history(&self, resource_type: &str, id: &str) -> &[Value] {
+        self.versions
+            .get(&(resource_type.to_owned(), id.to_owned()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// All resources of a type, in creation order.
@@ -168,6 +177,10 @@ impl Store {
                 .insert((resource_type.to_owned(), token), id.to_owned());
         }
         let key = (resource_type.to_owned(), id.to_owned());
+        self.versions
+            .entry(key.clone())
+            .or_default()
+            .push(resource.clone());
         let sequence = match self.resources.get(&key) {
             Some(existing) => existing.sequence,
             None => {
@@ -225,5 +238,11 @@ mod tests {
             store.read("Observation", "a1").unwrap().resource["meta"]["versionId"],
             "2"
         );
+        let versions: Vec<_> = store
+            .history("Observation", "a1")
+            .iter()
+            .map(|v| v["meta"]["versionId"].clone())
+            .collect();
+        assert_eq!(versions, ["1", "2"]);
     }
 }

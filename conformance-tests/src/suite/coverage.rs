@@ -79,6 +79,22 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a reading timed ahead of the gateway's clock: 422",
     ),
     (
+        "stale-timestamp",
+        "a reading older than max_past_age: 422, not charted as if current",
+    ),
+    (
+        "invalid-timestamp",
+        "a time FHIR cannot hold (year 0000, an offset beyond 14:00): 422, never a 500",
+    ),
+    (
+        "contradicting-duplicate",
+        "one reading twice in a request with different values: 422 naming both",
+    ),
+    (
+        "foreign-identifier",
+        "a FHIR-native Observation carrying an identifier the gateway did not derive: 422",
+    ),
+    (
         "no-patient-no-run",
         "a reading that names no patient from a console in no run: 422",
     ),

@@ -38,6 +38,11 @@ pub struct OutboundBatch {
     pub vendor: String,
     pub model: String,
     pub resources: Arc<[MappedResource]>,
+    /// Where each resource came from in the request (a JSON pointer), for answers that name it.
+    pub origins: Vec<String>,
+    /// For resources that change over time (a run's Procedure): how many events the state
+    /// they describe includes. A state older than one already accepted is never sent after it.
+    pub revision: Option<i64>,
 }
 
 /// What the hand-off did with a batch.
@@ -48,10 +53,10 @@ pub enum Receipt {
         destinations: Vec<DestinationReceipt>,
     },
     /// Durably queued (outbox): `tracking_id` follows the batch; `messages[i]` lists, for
-    /// resource `i`, its message id at each destination it is routed to.
+    /// resource `i`, each destination it is routed to with what the outbox did there.
     Accepted {
         tracking_id: String,
-        messages: Vec<Vec<(String, i64)>>,
+        messages: Vec<Vec<(String, crate::outbox::Enqueued)>>,
     },
 }
 
@@ -86,6 +91,10 @@ pub enum DeliveryError {
     /// The routing rules send this resource to no destination: a configuration gap.
     #[error("no destination takes {resource_type} resources from this device")]
     Unroutable { resource_type: String },
+    /// Readings that correct what a destination already has, where its policy is to never
+    /// overwrite (`corrections = "reject"`): `(resource index in the batch, destination)`.
+    #[error("{} correction(s) refused by destination policy", refused.len())]
+    CorrectionsRefused { refused: Vec<(usize, String)> },
 }
 
 /// Where ingress leaves an accepted batch.

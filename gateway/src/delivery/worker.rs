@@ -215,7 +215,9 @@ impl DeliveryWorker {
 
     fn health_of(&self, error: &DeliveryError) -> Health {
         match error {
-            DeliveryError::Rejected { .. } | DeliveryError::Unroutable { .. } => Health::Up,
+            DeliveryError::Rejected { .. }
+            | DeliveryError::Unroutable { .. }
+            | DeliveryError::CorrectionsRefused { .. } => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
                 retry_after: retry_after.map(|s| Duration::from_secs(u64::from(s))),
             },
@@ -241,6 +243,10 @@ impl DeliveryWorker {
             },
             DeliveryError::Unroutable { resource_type } => Settle::Dead {
                 error: format!("no destination takes {resource_type}"),
+                outcome: None,
+            },
+            DeliveryError::CorrectionsRefused { .. } => Settle::Dead {
+                error: error.to_string(),
                 outcome: None,
             },
             DeliveryError::Misconfigured { reason, .. } => Settle::Postpone {

@@ -157,6 +157,8 @@ mod tests {
                 upsert: false,
             }]
             .into(),
+            origins: vec!["/readings/0".into()],
+            revision: None,
         })
     }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body::Body;
-use mappings::{DeviceFamily, MappedResource, Mappings};
+use mappings::{DeviceFamily, MappedResource, Mappings, TimeWindow};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tower::filter::{AsyncFilterLayer, AsyncPredicate};
@@ -37,20 +37,21 @@ pub struct FhirObservations {
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
     rules: Arc<ConformanceRules>,
-    max_future_skew: time::Duration,
+    /// The limits; `received_at` is set per request.
+    window: TimeWindow,
 }
 
 pub fn layer(
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
     rules: Arc<ConformanceRules>,
-    max_future_skew: std::time::Duration,
+    window: TimeWindow,
 ) -> AsyncFilterLayer<FhirObservations> {
     AsyncFilterLayer::new(FhirObservations {
         mappings,
         runs,
         rules,
-        max_future_skew: time::Duration::try_from(max_future_skew).unwrap_or(time::Duration::MAX),
+        window,
     })
 }
 
@@ -120,7 +121,7 @@ where
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            let (resources, model) = this.prepare(&vendor, observations)?;
+            let (resources, origins, model) = this.prepare(&vendor, observations)?;
             Ok(Request::from_parts(
                 parts,
                 OutboundBatch {
@@ -128,6 +129,8 @@ where
                     vendor: vendor.name.clone(),
                     model,
                     resources: resources.into(),
+                    origins,
+                    revision: None,
                 },
             ))
         })
@@ -300,18 +303,27 @@ impl FhirObservations {
         &self,
         vendor: &VendorPolicy,
         observations: Vec<(String, Value)>,
-    ) -> Result<(Vec<MappedResource>, String), BoxError> {
+    ) -> Result<(Vec<MappedResource>, Vec<String>, String), BoxError> {
         let mut resources = Vec::with_capacity(observations.len());
+        let mut origins = Vec::with_capacity(observations.len());
         let mut issues = Vec::new();
         let mut model = String::new();
-        let now = OffsetDateTime::now_utc();
+        let window = TimeWindow {
+            received_at: OffsetDateTime::now_utc(),
+            ..self.window
+        };
         // One look at the run index per console, as for a readings batch.
         let mut periods: HashMap<String, ConsolePeriods> = HashMap::new();
         for (pointer, observation) in observations {
-            match self.prepare_one(vendor, &pointer, observation, now, &mut periods) {
+            match self.prepare_one(vendor, &pointer, observation, &window, &mut periods) {
                 Ok((resource, family_model)) => {
                     model = family_model;
                     resources.push(resource);
+                    origins.push(if pointer.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        pointer
+                    });
                 }
                 Err(Refusal::Forbidden(issue)) => {
                     return Err(refuse(StatusCode::FORBIDDEN, vec![issue]));
@@ -325,7 +337,7 @@ impl FhirObservations {
         if !issues.is_empty() {
             return Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, issues));
         }
-        Ok((resources, model))
+        Ok((resources, origins, model))
     }
 
     fn prepare_one(
@@ -333,7 +345,7 @@ impl FhirObservations {
         vendor: &VendorPolicy,
         pointer: &str,
         mut observation: Value,
-        now: OffsetDateTime,
+        window: &TimeWindow,
         periods: &mut HashMap<String, ConsolePeriods>,
     ) -> Result<(MappedResource, String), Refusal> {
         let at = |field: &str| format!("{pointer}{field}");
@@ -416,48 +428,31 @@ impl FhirObservations {
             ));
         };
         let time = mappings::DeviceTime::parse(&time_text)
-            .map_err(|e| invalid("value", "/effectiveDateTime", e.to_string()))?;
-        if time.instant - now > self.max_future_skew {
+            .and_then(|time| window.check(&time).map(|()| time))
+            .map_err(|e| invalid("value", "/effectiveDateTime", format!("time {e}")))?;
+        // The business identifier is the gateway's, derived from the device the vendor owns,
+        // the parameter and the time, as for a reading: a vendor cannot write into another
+        // device's (or another vendor's) Observations by choosing an identifier.
+        let identifier_value =
+            mappings::observation_identifier(&family.id, &serial, &code, &time.compact_utc());
+        if let Some(given) = observation["identifier"].as_array()
+            && let Some(index) = given.iter().position(|i| {
+                i["system"] != mappings::OBSERVATION_IDENTIFIER_SYSTEM
+                    || i["value"].as_str() != Some(identifier_value.as_str())
+            })
+        {
             return Err(invalid(
                 "value",
-                "/effectiveDateTime",
+                &format!("/identifier/{index}"),
                 format!(
-                    "the time is ahead of the gateway's clock by more than {} s; check the device's clock",
-                    self.max_future_skew.whole_seconds()
+                    "leave the identifier out: the gateway assigns it from the device, parameter and time ({}|{identifier_value})",
+                    mappings::OBSERVATION_IDENTIFIER_SYSTEM
                 ),
             ));
         }
-        // The business identifier: the vendor's, if it gave ours, else derived like a reading's.
-        let identifier_value = match observation["identifier"][0]["value"].as_str() {
-            Some(v)
-                if observation["identifier"][0]["system"]
-                    == mappings::OBSERVATION_IDENTIFIER_SYSTEM =>
-            {
-                v.to_owned()
-            }
-            Some(_) => {
-                return Err(invalid(
-                    "value",
-                    "/identifier/0/system",
-                    format!(
-                        "leave the identifier out (the gateway assigns it) or use the system {}",
-                        mappings::OBSERVATION_IDENTIFIER_SYSTEM
-                    ),
-                ));
-            }
-            None => {
-                let value = mappings::observation_identifier(
-                    &family.id,
-                    &serial,
-                    &code,
-                    &time.compact_utc(),
-                );
-                observation["identifier"] = json!([
-                    {"system": mappings::OBSERVATION_IDENTIFIER_SYSTEM, "value": value}
-                ]);
-                value
-            }
-        };
+        observation["identifier"] = json!([
+            {"system": mappings::OBSERVATION_IDENTIFIER_SYSTEM, "value": identifier_value}
+        ]);
         // The run's patient and Procedure.
         let run = periods
             .entry(serial.clone())

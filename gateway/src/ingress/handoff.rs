@@ -48,6 +48,7 @@ impl Service<Request<OutboundBatch>> for HandoffService {
             let count = batch.resources.len();
             let request_id = batch.request_id.clone();
             let resources = batch.resources.clone();
+            let origins = batch.origins.clone();
             match handoff.submit(batch).await {
                 Ok(receipt) => {
                     let status = match receipt {
@@ -67,7 +68,7 @@ impl Service<Request<OutboundBatch>> for HandoffService {
                 }
                 Err(error) => {
                     tracing::warn!(%request_id, %vendor, resources = count, %error, "batch not delivered");
-                    Err(refusal(error).into())
+                    Err(refusal(error, &resources, &origins).into())
                 }
             }
         })
@@ -93,19 +94,26 @@ fn receipt_json(
                     }
                 }
                 Receipt::Accepted { messages, .. } => {
-                    for (destination, id) in messages.get(index).into_iter().flatten() {
-                        per_destination.insert(destination.clone(), json!(id));
+                    let mut dispositions = serde_json::Map::new();
+                    for (destination, enqueued) in messages.get(index).into_iter().flatten() {
+                        per_destination.insert(destination.clone(), json!(enqueued.message_id));
+                        dispositions.insert(
+                            destination.clone(),
+                            json!(enqueued.disposition.as_str()),
+                        );
                     }
+                    return json!({
+                        "resourceType": resource.resource_type,
+                        "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
+                        "messages": per_destination,
+                        "dispositions": dispositions,
+                    });
                 }
             }
-            let key = match receipt {
-                Receipt::Delivered { .. } => "destinations",
-                Receipt::Accepted { .. } => "messages",
-            };
             json!({
                 "resourceType": resource.resource_type,
                 "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
-                key: per_destination,
+                "destinations": per_destination,
             })
         })
         .collect();
@@ -123,8 +131,31 @@ fn receipt_json(
 }
 
 /// A delivery failure as the vendor sees it: whether to resend, and what the EHR said.
-pub fn refusal(error: DeliveryError) -> ApiError {
+/// `resources` and their `origins` (JSON pointers) name what a refusal is about.
+pub fn refusal(
+    error: DeliveryError,
+    resources: &[mappings::MappedResource],
+    origins: &[String],
+) -> ApiError {
     match error {
+        DeliveryError::CorrectionsRefused { refused } => ApiError::new(
+            StatusCode::CONFLICT,
+            refused
+                .into_iter()
+                .map(|(index, destination)| {
+                    let identifier = resources
+                        .get(index)
+                        .map_or("", |r| r.identifier_value.as_str());
+                    Issue::error(
+                        "conflict",
+                        format!(
+                            "this reading ({identifier}) was already sent with another value, and destination '{destination}' does not take corrections; nothing of this request was accepted. Resend it without this reading, or ask the integration team how corrections reach this EHR"
+                        ),
+                    )
+                    .at(origins.get(index).cloned().unwrap_or_else(|| "/".into()))
+                })
+                .collect(),
+        ),
         DeliveryError::Rejected {
             destination,
             status,

@@ -8,10 +8,11 @@
 //! with 409, and a reading outside every run of its console with no patient named gets 422.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, StatusCode};
-use mappings::{DeviceContext, Mappings, PatientRef, Reading, ReadingFlags, ReadingValue, RunLink};
+use mappings::{
+    DeviceContext, Mappings, PatientRef, Reading, ReadingFlags, ReadingValue, RunLink, TimeWindow,
+};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tower::filter::{FilterLayer, Predicate};
@@ -26,18 +27,19 @@ use crate::runs::RunRegistry;
 pub struct MapObservations {
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
-    max_future_skew: time::Duration,
+    /// The limits; `received_at` is set per request.
+    window: TimeWindow,
 }
 
 pub fn layer(
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
-    max_future_skew: Duration,
+    window: TimeWindow,
 ) -> FilterLayer<MapObservations> {
     FilterLayer::new(MapObservations {
         mappings,
         runs,
-        max_future_skew: time::Duration::try_from(max_future_skew).unwrap_or(time::Duration::MAX),
+        window,
     })
 }
 
@@ -83,8 +85,10 @@ impl Predicate<Request<Value>> for MapObservations {
             serial,
             model,
             patient,
-            received_at: OffsetDateTime::now_utc(),
-            max_future_skew: self.max_future_skew,
+            window: TimeWindow {
+                received_at: OffsetDateTime::now_utc(),
+                ..self.window
+            },
         };
 
         let readings = body["readings"]
@@ -93,6 +97,7 @@ impl Predicate<Request<Value>> for MapObservations {
             .unwrap_or_default();
         let periods = self.runs.console_periods(serial);
         let mut resources = Vec::with_capacity(readings.len());
+        let mut origins = Vec::with_capacity(readings.len());
         let mut issues = Vec::new();
         for (index, reading) in readings.iter().enumerate() {
             if let Some(found) = schema_issues.0.get(&index) {
@@ -148,7 +153,10 @@ impl Predicate<Request<Value>> for MapObservations {
                 },
             });
             match self.mappings.map_reading(&context, &reading) {
-                Ok(resource) if issues.is_empty() => resources.push(resource),
+                Ok(resource) if issues.is_empty() => {
+                    resources.push(resource);
+                    origins.push(format!("/readings/{index}"));
+                }
                 Ok(_) => {}
                 Err(error) => issues.push(
                     Issue::error(error.issue_code(), error.to_string())
@@ -169,6 +177,8 @@ impl Predicate<Request<Value>> for MapObservations {
             vendor,
             model: model.to_owned(),
             resources: resources.into(),
+            origins,
+            revision: None,
         };
         Ok(Request::from_parts(parts, batch))
     }
@@ -210,7 +220,11 @@ mod tests {
         let mut layer = MapObservations {
             runs: RunRegistry::open(&dir.path().join("runs.sqlite"), mappings.clone()).unwrap(),
             mappings,
-            max_future_skew: time::Duration::minutes(5),
+            window: TimeWindow {
+                received_at: OffsetDateTime::UNIX_EPOCH,
+                max_future_skew: time::Duration::minutes(5),
+                max_past_age: time::Duration::hours(24),
+            },
         };
         layer.check(Request::new(body))
     }

@@ -8,14 +8,16 @@
 //! 3. [`client_identity`]: the certificate's names -> the configured vendor
 //! 4. [`router`]: `POST /v1/observations`, `GET /v1/schemas/<name>`
 //! 5. readings: [`decode`] (JSON, or XML through [`xml_ingest`]) -> [`locate`] (line and
-//!    column for XML) -> [`authorize`] -> [`validate`] -> [`map`] -> [`conformance`] ->
-//!    [`handoff`]; FHIR-native Observations: [`fhir_native`] -> [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] -> [`run_events`] -> [`conformance`] ->
-//!    [`handoff`]
+//!    column for XML) -> [`authorize`] -> [`validate`] -> [`map`] -> [`duplicates`] ->
+//!    [`conformance`] -> [`handoff`]; FHIR-native Observations: [`fhir_native`] ->
+//!    [`duplicates`] -> [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] ->
+//!    [`run_events`] -> [`conformance`] -> [`handoff`]
 
 pub mod authorize;
 pub mod client_identity;
 pub mod conformance;
 pub mod decode;
+pub mod duplicates;
 pub mod fhir_native;
 pub mod handoff;
 pub mod locate;

@@ -92,7 +92,9 @@ impl Predicate<Request<Value>> for ApplyRunEvent {
             request_id: crate::ingress::request_id(&parts.headers),
             vendor: vendor.name.clone(),
             model: applied.model,
+            origins: vec!["/".to_owned(); applied.resources.len()],
             resources: applied.resources.into(),
+            revision: Some(applied.revision),
         };
         Ok(Request::from_parts(parts, batch))
     }

@@ -22,8 +22,8 @@ use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
 use crate::ingress::xml_ingest::IngestDocument;
 use crate::ingress::{
-    authorize, client_identity, conformance, decode, fhir_native, locate, map, negotiate, rescue,
-    run_events, validate,
+    authorize, client_identity, conformance, decode, duplicates, fhir_native, locate, map,
+    negotiate, rescue, run_events, validate,
 };
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
@@ -36,6 +36,19 @@ pub struct IngressSettings {
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
     pub max_future_skew: Duration,
+    pub max_past_age: Duration,
+}
+
+impl IngressSettings {
+    /// The device times taken, around the moment of each request (`received_at` is set then).
+    pub fn time_window(&self) -> mappings::TimeWindow {
+        let limit = |d: Duration| time::Duration::try_from(d).unwrap_or(time::Duration::MAX);
+        mappings::TimeWindow {
+            received_at: time::OffsetDateTime::UNIX_EPOCH,
+            max_future_skew: limit(self.max_future_skew),
+            max_past_age: limit(self.max_past_age),
+        }
+    }
 }
 
 /// Builds the stack once; the accept loop clones it per connection, and every clone shares
@@ -65,8 +78,9 @@ where
         .layer(map::layer(
             mappings.clone(),
             runs.clone(),
-            settings.max_future_skew,
+            settings.time_window(),
         ))
+        .layer(duplicates::layer())
         .layer(conformance::layer(conformance_rules.clone()))
         .service(HandoffService::new(handoff.clone()));
 
@@ -76,8 +90,9 @@ where
             mappings.clone(),
             runs.clone(),
             conformance_rules.clone(),
-            settings.max_future_skew,
+            settings.time_window(),
         ))
+        .layer(duplicates::layer())
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/runs/{run-id}/events, after routing.
@@ -140,6 +155,7 @@ mod tests {
     struct Recorder {
         delay: Duration,
         received: Mutex<Vec<usize>>,
+        resources: Mutex<Vec<mappings::MappedResource>>,
     }
 
     impl Handoff for Arc<Recorder> {
@@ -152,6 +168,11 @@ mod tests {
                     .lock()
                     .unwrap()
                     .push(batch.resources.len());
+                recorder
+                    .resources
+                    .lock()
+                    .unwrap()
+                    .extend(batch.resources.iter().cloned());
                 Ok(Receipt::Delivered {
                     destinations: vec![],
                 })
@@ -174,6 +195,7 @@ mod tests {
             max_body_bytes: 4096,
             max_concurrent_requests,
             max_future_skew: Duration::from_secs(300),
+            max_past_age: Duration::from_secs(24 * 3600),
         };
         let vendors = Vendors::new(&[VendorSettings {
             name: "getinge".into(),
@@ -301,5 +323,289 @@ mod tests {
             crate::outcome::FHIR_JSON
         );
         assert_eq!(outcome(response).await["issue"][0]["code"], "too-long");
+    }
+
+    /// Batches shaped like the ingest schema, with values from everywhere: valid and invalid
+    /// serials, models, units, parameters; numbers as raw JSON text (huge, tiny, exponents,
+    /// negative zero, many digits); times from year 0000 to 9999 with any offset, many fraction
+    /// digits, and times around now; unicode strings.
+    mod generated {
+        use proptest::prelude::*;
+
+        fn json_string(s: &str) -> String {
+            serde_json::to_string(s).unwrap()
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[A-Za-z0-9._-]{0,70}",
+                any::<String>(),
+                "\\PC{0,8}",
+                Just(String::new()),
+                Just(" x ".into()),
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (-100_000i64..100_000).prop_map(|n| n.to_string()),
+                (-1000.0f64..1000.0).prop_map(|v| format!("{v}")),
+                (any::<f64>().prop_filter("finite", |v| v.is_finite()))
+                    .prop_map(|v| format!("{v:e}")),
+                "-?[0-9]{1,40}(\\.[0-9]{1,40})?([eE][+-]?[0-9]{1,4})?",
+                Just("-0".into()),
+                Just("-32000".into()),
+                Just("1e400".into()),
+                Just("4.20".into()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => number(),
+                1 => any::<bool>().prop_map(|b| b.to_string()),
+                1 => text().prop_map(|s| json_string(&s)),
+                1 => Just("null".into()),
+            ]
+        }
+
+        fn time() -> impl Strategy<Value = String> {
+            let near_now = (
+                -200_000i64..2_000,
+                -16i8..=16,
+                prop_oneof![Just(0u8), Just(30), Just(45)],
+                0u32..1_000_000_000,
+                0usize..10,
+            )
+                .prop_map(|(seconds, hours, minutes, nanos, digits)| {
+                    let offset = time::UtcOffset::from_hms(
+                        hours,
+                        if hours < 0 {
+                            -(minutes as i8)
+                        } else {
+                            minutes as i8
+                        },
+                        0,
+                    )
+                    .unwrap_or(time::UtcOffset::UTC);
+                    let t = (time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds))
+                        .replace_nanosecond(nanos)
+                        .unwrap()
+                        .to_offset(offset);
+                    let fraction = if digits == 0 {
+                        String::new()
+                    } else {
+                        format!(".{}", &format!("{:09}", t.nanosecond())[..digits.min(9)])
+                    };
+                    let zone = if hours == 0 && minutes == 0 {
+                        "Z".to_owned()
+                    } else {
+                        let (h, m, _) = offset.as_hms();
+                        format!(
+                            "{}{:02}:{:02}",
+                            if h < 0 || m < 0 { '-' } else { '+' },
+                            h.unsigned_abs(),
+                            m.unsigned_abs()
+                        )
+                    };
+                    format!(
+                        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{fraction}{zone}",
+                        t.year(),
+                        u8::from(t.month()),
+                        t.day(),
+                        t.hour(),
+                        t.minute(),
+                        t.second()
+                    )
+                });
+            let anything = (
+                prop_oneof![0u32..10_000, Just(0), Just(2026)],
+                0u32..14,
+                0u32..33,
+                0u32..26,
+                0u32..62,
+                0u32..62,
+                "(\\.[0-9]{0,12})?",
+                prop_oneof![
+                    Just("Z".to_owned()),
+                    "[+-][01][0-9]:[0-6][0-9]",
+                    Just(String::new()),
+                    Just("z".into())
+                ],
+            )
+                .prop_map(|(y, mo, d, h, mi, s, f, z)| {
+                    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{f}{z}")
+                });
+            prop_oneof![3 => near_now, 2 => anything, 1 => text()]
+        }
+
+        fn reading() -> impl Strategy<Value = String> {
+            let parameter = prop_oneof![
+                prop::sample::select(vec![
+                    "Flow",
+                    "RPM",
+                    "PVen",
+                    "PInt",
+                    "PArt",
+                    "DeltaP",
+                    "SvO2",
+                    "Hct",
+                    "Hb",
+                    "Bubble",
+                    "RequestedFlow",
+                    "Temp"
+                ])
+                .prop_map(String::from),
+                text(),
+            ];
+            let unit = prop::option::of(prop_oneof![
+                prop::sample::select(vec![
+                    "L/min", "mL/min", "rpm", "/min", "mmHg", "kPa", "%", "g/dL", "°C", "Cel"
+                ])
+                .prop_map(String::from),
+                text(),
+            ]);
+            let flags = prop::option::of(prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "invalid",
+                        "questionable",
+                        "calibrating",
+                        "in-alarm",
+                        "alarms-inhibited",
+                        "test-data"
+                    ])
+                    .prop_map(String::from),
+                    text(),
+                ],
+                0..3,
+            ));
+            (parameter, value(), unit, time(), flags).prop_map(
+                |(parameter, value, unit, time, flags)| {
+                    let mut fields = vec![
+                        format!("\"parameter\":{}", json_string(&parameter)),
+                        format!("\"value\":{value}"),
+                        format!("\"time\":{}", json_string(&time)),
+                    ];
+                    if let Some(unit) = unit {
+                        fields.push(format!("\"unit\":{}", json_string(&unit)));
+                    }
+                    if let Some(flags) = flags {
+                        let list: Vec<String> = flags.iter().map(|f| json_string(f)).collect();
+                        fields.push(format!("\"flags\":[{}]", list.join(",")));
+                    }
+                    format!("{{{}}}", fields.join(","))
+                },
+            )
+        }
+
+        /// A reading the Cardiohelp table takes: known parameter, its unit, a value in range,
+        /// a time within the last day, written with any offset and precision.
+        fn plausible_reading() -> impl Strategy<Value = String> {
+            let measured = prop_oneof![
+                (0.0f64..8.0).prop_map(|v| ("Flow", format!("{v:.3}"), Some("L/min"))),
+                (0u32..5000).prop_map(|v| ("RPM", v.to_string(), Some("rpm"))),
+                (-100i32..0).prop_map(|v| ("PVen", v.to_string(), Some("mmHg"))),
+                any::<bool>().prop_map(|b| ("Bubble", b.to_string(), None)),
+            ];
+            // Offsets beyond FHIR's ±14:00 included: a device may well write them.
+            let when = (-80_000i64..0, -16i8..=16, 0u32..1_000_000_000, 0usize..10);
+            (measured, when).prop_map(|((parameter, value, unit), (seconds, hours, nanos, digits))| {
+                let offset = time::UtcOffset::from_hms(hours, 0, 0).unwrap();
+                let t = (time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds))
+                    .replace_nanosecond(nanos)
+                    .unwrap()
+                    .to_offset(offset);
+                let fraction = if digits == 0 { String::new() } else { format!(".{}", &format!("{:09}", t.nanosecond())[..digits.min(9)]) };
+                let time = format!(
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{fraction}{}{:02}:00",
+                    t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute(), t.second(),
+                    if hours < 0 { '-' } else { '+' }, hours.unsigned_abs()
+                );
+                let unit = unit.map(|u| format!(",\"unit\":\"{u}\"")).unwrap_or_default();
+                format!("{{\"parameter\":\"{parameter}\",\"value\":{value},\"time\":\"{time}\"{unit}}}")
+            })
+        }
+
+        pub fn batch() -> impl Strategy<Value = Vec<u8>> {
+            let serial = prop_oneof![6 => "CH-[0-9]{1,4}", 1 => text()];
+            let model = prop_oneof![6 => Just("CARDIOHELP-i".to_owned()), 1 => text()];
+            let readings = prop_oneof![
+                prop::collection::vec(reading(), 0..6),
+                prop::collection::vec(plausible_reading(), 1..8),
+                prop::collection::vec(prop_oneof![4 => plausible_reading(), 1 => reading()], 1..8),
+            ];
+            let patient = prop_oneof![
+                4 => ("MRN-[0-9]{1,6}").prop_map(|v| Some(("urn:oid:1.2.36.146.595.217.0.1".to_owned(), v))),
+                1 => Just(None),
+                1 => (text(), text()).prop_map(Some),
+            ];
+            (serial, model, patient, readings).prop_map(|(serial, model, patient, readings)| {
+                let mut fields = vec![format!(
+                    "\"device\":{{\"serial\":{},\"model\":{}}}",
+                    json_string(&serial),
+                    json_string(&model)
+                )];
+                if let Some((system, value)) = patient {
+                    fields.push(format!(
+                        "\"patient\":{{\"system\":{},\"value\":{}}}",
+                        json_string(&system),
+                        json_string(&value)
+                    ));
+                }
+                fields.push(format!("\"readings\":[{}]", readings.join(",")));
+                format!("{{{}}}", fields.join(",")).into_bytes()
+            })
+        }
+    }
+
+    /// Whatever a device sends, the answer is 2xx or a 4xx OperationOutcome, never a 5xx, and
+    /// everything accepted is valid R4 (official JSON Schema and fhirbolt's strict model).
+    #[test]
+    fn any_batch_gets_2xx_or_a_4xx_outcome_and_what_is_accepted_is_valid() {
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        use proptest::{prop_assert, prop_assert_eq};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let svc = runtime.block_on(async { stack(recorder.clone(), 64, Duration::from_secs(5)) });
+        let r4 = crate::fhir_schema::R4Schema::embedded().unwrap();
+        let mut runner = TestRunner::new(Config {
+            cases: 512,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let accepted = std::sync::atomic::AtomicUsize::new(0);
+        runner
+            .run(&generated::batch(), |body| {
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let response = runtime
+                    .block_on(svc.clone().oneshot(post(body, Some("getinge"))))
+                    .unwrap();
+                let status = response.status();
+                let answer = runtime.block_on(outcome(response));
+                if status.is_server_error() || !(status.is_success() || status.is_client_error()) {
+                    return Err(TestCaseError::fail(format!(
+                        "{status} for {text}: {answer}"
+                    )));
+                }
+                if status.is_client_error() {
+                    prop_assert_eq!(&answer["resourceType"], "OperationOutcome", "{}", text);
+                    prop_assert!(answer["issue"].as_array().is_some_and(|i| !i.is_empty()));
+                    return Ok(());
+                }
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for resource in recorder.resources.lock().unwrap().drain(..) {
+                    mappings::check_resource_json(resource.resource_type, &resource.json)
+                        .map_err(|e| TestCaseError::fail(format!("{e} for {text}")))?;
+                    let value: serde_json::Value = serde_json::from_slice(&resource.json).unwrap();
+                    let violations = r4.check(resource.resource_type, &value);
+                    prop_assert!(violations.is_empty(), "{:?} for {}", violations, text);
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The generator must reach acceptance too, or the test proves little.
+        let accepted = accepted.into_inner();
+        assert!(accepted > 50, "only {accepted} of 512 batches accepted");
     }
 }

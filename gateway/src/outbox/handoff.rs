@@ -3,18 +3,26 @@
 
 use std::sync::Arc;
 
+use crate::config::Corrections;
 use crate::delivery::routing::RouteFilter;
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt};
-use crate::outbox::{NewMessage, Outbox};
+use crate::outbox::{NewMessage, Outbox, OutboxError, content_hash};
+
+/// A destination as the hand-off sees it: its name, what it takes, and its correction policy.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub destination: String,
+    pub only: RouteFilter,
+    pub corrections: Corrections,
+}
 
 pub struct OutboxHandoff {
     outbox: Arc<dyn Outbox>,
-    routes: Arc<[(String, RouteFilter)]>,
+    routes: Arc<[Route]>,
 }
 
 impl OutboxHandoff {
-    /// `routes`: each destination's name and what it takes.
-    pub fn new(outbox: Arc<dyn Outbox>, routes: Vec<(String, RouteFilter)>) -> Self {
+    pub fn new(outbox: Arc<dyn Outbox>, routes: Vec<Route>) -> Self {
         Self {
             outbox,
             routes: routes.into(),
@@ -29,29 +37,42 @@ impl Handoff for OutboxHandoff {
         Box::pin(async move {
             let mut messages = Vec::with_capacity(batch.resources.len() * routes.len());
             let mut placed = Vec::with_capacity(batch.resources.len());
-            for resource in batch.resources.iter() {
-                let targets: Vec<&str> = routes
+            // Resource index of each message, to name a refused correction.
+            let mut resource_of = Vec::with_capacity(batch.resources.len() * routes.len());
+            for (index, resource) in batch.resources.iter().enumerate() {
+                let targets: Vec<&Route> = routes
                     .iter()
-                    .filter(|(_, only)| {
-                        only.accepts(&batch.vendor, &batch.model, resource.resource_type)
+                    .filter(|route| {
+                        route
+                            .only
+                            .accepts(&batch.vendor, &batch.model, resource.resource_type)
                     })
-                    .map(|(name, _)| name.as_str())
                     .collect();
                 if targets.is_empty() {
                     return Err(DeliveryError::Unroutable {
                         resource_type: resource.resource_type.to_owned(),
                     });
                 }
-                placed.push(targets.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>());
+                placed.push(
+                    targets
+                        .iter()
+                        .map(|t| t.destination.clone())
+                        .collect::<Vec<_>>(),
+                );
+                let hash = content_hash(&resource.json);
                 for target in targets {
+                    resource_of.push(index);
                     messages.push(NewMessage {
-                        destination: target.to_owned(),
+                        destination: target.destination.clone(),
                         resource_type: resource.resource_type.to_owned(),
                         logical_id: resource.id.clone(),
                         identifier_system: resource.identifier_system.to_string(),
                         identifier_value: resource.identifier_value.clone(),
                         body: resource.json.clone(),
+                        content_hash: hash,
                         upsert: resource.upsert,
+                        revision: batch.revision.filter(|_| resource.upsert),
+                        corrections: target.corrections,
                     });
                 }
             }
@@ -59,10 +80,18 @@ impl Handoff for OutboxHandoff {
             let ids = outbox
                 .enqueue(tracking_id.clone(), messages)
                 .await
-                .map_err(|e| DeliveryError::Unavailable {
-                    destination: "outbox".into(),
-                    reason: e.to_string(),
-                    retry_after: Some(5),
+                .map_err(|e| match e {
+                    OutboxError::CorrectionsRefused(refused) => DeliveryError::CorrectionsRefused {
+                        refused: refused
+                            .into_iter()
+                            .map(|(message, destination)| (resource_of[message], destination))
+                            .collect(),
+                    },
+                    other => DeliveryError::Unavailable {
+                        destination: "outbox".into(),
+                        reason: other.to_string(),
+                        retry_after: Some(5),
+                    },
                 })?;
             let mut ids = ids.into_iter();
             let messages = placed

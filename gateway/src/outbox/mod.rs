@@ -23,6 +23,77 @@ pub enum OutboxError {
     Storage(String),
     #[error("the outbox is shut down")]
     Closed,
+    /// Corrections refused by destinations whose policy is `corrections = "reject"`: the
+    /// messages (by index in the enqueue) and their destinations. Nothing was stored.
+    #[error("{} correction(s) refused by destination policy", .0.len())]
+    CorrectionsRefused(Vec<(usize, String)>),
+}
+
+/// What enqueueing did with one message, compared with what the destination was last given
+/// for the same resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Disposition {
+    /// The first version of the resource.
+    Created,
+    /// A newer state of a resource that changes (a run's Procedure), or a changed resource
+    /// that has no "amended" status (a Device).
+    Updated,
+    /// A corrected reading: sent as an update with `status = amended`.
+    Amended,
+    /// The same content as what was last accepted: nothing new is sent.
+    Unchanged,
+    /// An older state than one already accepted (its revision is lower): never sent.
+    Superseded,
+}
+
+impl Disposition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Amended => "amended",
+            Self::Unchanged => "unchanged",
+            Self::Superseded => "superseded",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "updated" => Self::Updated,
+            "amended" => Self::Amended,
+            _ => Self::Created,
+        }
+    }
+}
+
+/// Where one message went: its id (for `Unchanged` and `Superseded`, the message that holds
+/// the content the destination gets) and what enqueueing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub message_id: i64,
+    pub disposition: Disposition,
+}
+
+/// The fingerprint of a resource's content that tells a resend from a correction (128 bits
+/// of SHA-256, computed by the caller, off the writer thread).
+pub fn content_hash(body: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let mut hash = [0; 16];
+    hash.copy_from_slice(&digest[..16]);
+    hash
+}
+
+/// The Observation JSON as a correction: `status` set to `amended`, member order kept.
+pub fn as_amended(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(mut resource) => {
+            resource["status"] = serde_json::Value::from("amended");
+            serde_json::to_vec(&resource).unwrap_or_else(|_| body.to_vec())
+        }
+        Err(_) => body.to_vec(),
+    }
 }
 
 impl From<rusqlite::Error> for OutboxError {
@@ -40,8 +111,14 @@ pub struct NewMessage {
     pub identifier_system: String,
     pub identifier_value: String,
     pub body: Vec<u8>,
+    /// [`content_hash`] of `body`.
+    pub content_hash: [u8; 16],
     /// Conditional update instead of conditional create.
     pub upsert: bool,
+    /// For resources that change over time: the revision of the state `body` describes.
+    pub revision: Option<i64>,
+    /// What a changed Observation does at this destination.
+    pub corrections: crate::config::Corrections,
 }
 
 /// A message due for delivery.
@@ -86,6 +163,8 @@ pub struct MessageStatus {
     pub destination: String,
     pub resource_type: String,
     pub identifier: String,
+    /// `created`, `updated` or `amended`: how the message writes the resource.
+    pub disposition: Disposition,
     /// `pending`, `delivered` or `dead`.
     pub state: String,
     pub attempts: u32,
@@ -123,13 +202,18 @@ pub struct DeadLetter {
 
 /// Storage of accepted messages until they are delivered or dead-lettered.
 pub trait Outbox: Send + Sync + 'static {
-    /// Stores the messages durably under `batch_id`; returns their message ids, in order.
+    /// Stores the messages durably under `batch_id`, each compared with what its destination
+    /// was last given for the same resource; returns what happened to each, in order. All or
+    /// nothing: a refused correction stores none of them.
     fn enqueue(
         &self,
         batch_id: String,
         messages: Vec<NewMessage>,
-    ) -> BoxFuture<Result<Vec<i64>, OutboxError>>;
-    /// Up to `limit` pending messages of `destination` due at `now_ms`, oldest first.
+    ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>>;
+    /// Up to `limit` pending messages of `destination` due at `now_ms`, oldest first, each the
+    /// oldest pending one of its resource: a message waits while an earlier message about the
+    /// same resource is pending (retrying), so per resource the destination gets them in
+    /// acceptance order, and a batch never holds two messages about one resource.
     fn due(
         &self,
         destination: &str,
@@ -149,7 +233,8 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> BoxFuture<Result<Vec<DeadLetter>, OutboxError>>;
     fn dead_letter(&self, message_id: i64) -> BoxFuture<Result<Option<DeadLetter>, OutboxError>>;
     /// Makes dead letters pending again with a fresh budget: one, or all (of a destination).
-    /// Returns how many.
+    /// A dead letter about a resource that later messages have moved on from is not replayed
+    /// (it would take the destination back to an older state). Returns how many.
     fn replay(
         &self,
         message_id: Option<i64>,

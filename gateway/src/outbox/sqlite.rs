@@ -14,13 +14,38 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    DeadLetter, DestinationStats, MessageStatus, NewMessage, Outbox, OutboxError, Pending, Settle,
-    now_ms,
+    DeadLetter, DestinationStats, Disposition, Enqueued, MessageStatus, NewMessage, Outbox,
+    OutboxError, Pending, Settle, as_amended, now_ms,
 };
+use crate::config::Corrections;
 use crate::delivery::BoxFuture;
 
 /// Commands more than this many are committed in the next group.
 const MAX_GROUP: usize = 512;
+
+/// A message is due only when no earlier message about its resource is still pending.
+const NOT_BLOCKED: &str = "(m.predecessor IS NULL OR NOT EXISTS (SELECT 1 FROM messages p WHERE p.id = m.predecessor AND p.state = 'pending'))";
+
+/// Columns added after the first release, for outbox files written by it.
+const ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("predecessor", "INTEGER"),
+    ("disposition", "TEXT NOT NULL DEFAULT 'created'"),
+];
+
+fn migrate(conn: &Connection) -> Result<(), OutboxError> {
+    let mut query = conn.prepare("SELECT name FROM pragma_table_info('messages')")?;
+    let present: Vec<String> = query
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (column, definition) in ADDED_COLUMNS {
+        if !present.iter().any(|p| p == column) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE messages ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -41,8 +66,24 @@ CREATE TABLE IF NOT EXISTS messages (
     status_line TEXT,
     location TEXT,
     last_error TEXT,
-    outcome TEXT
+    outcome TEXT,
+    -- The previous message about the same resource at the same destination: this one waits
+    -- while that one is pending, so per resource the EHR gets them in acceptance order.
+    predecessor INTEGER,
+    -- created, updated or amended
+    disposition TEXT NOT NULL DEFAULT 'created'
 );
+-- What each destination was last given for each resource: tells a resend (same content, a
+-- no-op) from a correction (other content) and an older state of a run from a newer one.
+CREATE TABLE IF NOT EXISTS resource_state (
+    destination TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    logical_id TEXT NOT NULL,
+    content_hash BLOB NOT NULL,
+    revision INTEGER,
+    message_id INTEGER NOT NULL,
+    PRIMARY KEY (destination, resource_type, logical_id)
+) WITHOUT ROWID;
 -- `due` walks a destination's pending messages in acceptance order (no sort of the backlog);
 -- `next_due` finds the earliest retry time.
 CREATE INDEX IF NOT EXISTS messages_queue ON messages(destination, state, id);
@@ -54,7 +95,7 @@ enum Command {
     Enqueue(
         String,
         Vec<NewMessage>,
-        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
+        oneshot::Sender<Result<Vec<Enqueued>, OutboxError>>,
     ),
     Settle(Vec<(i64, Settle)>, oneshot::Sender<Result<(), OutboxError>>),
     Replay(
@@ -89,6 +130,7 @@ impl SqliteOutbox {
         }
         let writer_conn = open(path)?;
         writer_conn.execute_batch(SCHEMA)?;
+        migrate(&writer_conn)?;
         let reader = open(path)?;
         let (writer, commands) = mpsc::unbounded_channel();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -153,7 +195,7 @@ fn write_loop(
         for (command, outcome) in group.into_iter().zip(result) {
             match command {
                 Command::Enqueue(_, _, reply) => {
-                    let _ = reply.send(outcome.map(|o| o.ids));
+                    let _ = reply.send(outcome.map(|o| o.enqueued));
                 }
                 Command::Settle(_, reply) => {
                     let _ = reply.send(outcome.map(|_| ()));
@@ -168,7 +210,7 @@ fn write_loop(
 
 #[derive(Default)]
 struct Applied {
-    ids: Vec<i64>,
+    enqueued: Vec<Enqueued>,
     count: u64,
 }
 
@@ -184,7 +226,20 @@ fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, 
     };
     let mut results = Vec::with_capacity(group.len());
     for command in group {
-        results.push(apply(&tx, command));
+        // Each command is all or nothing inside the shared commit.
+        let result = tx
+            .execute_batch("SAVEPOINT command")
+            .map_err(OutboxError::from)
+            .and_then(|()| apply(&tx, command));
+        let end = if result.is_ok() {
+            "RELEASE command"
+        } else {
+            "ROLLBACK TO command; RELEASE command"
+        };
+        if let Err(e) = tx.execute_batch(end) {
+            return failed(&e);
+        }
+        results.push(result);
     }
     if let Err(e) = tx.commit() {
         return failed(&e);
@@ -196,26 +251,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
     let now = now_ms();
     match command {
         Command::Enqueue(batch_id, messages, _) => {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
-            )?;
-            let mut ids = Vec::with_capacity(messages.len());
-            for m in messages {
-                insert.execute(params![
-                    batch_id,
-                    m.destination,
-                    m.resource_type,
-                    m.logical_id,
-                    m.identifier_system,
-                    m.identifier_value,
-                    m.body,
-                    m.upsert,
-                    now
-                ])?;
-                ids.push(tx.last_insert_rowid());
+            let mut enqueued = Vec::with_capacity(messages.len());
+            let mut refused = Vec::new();
+            for (index, message) in messages.iter().enumerate() {
+                match enqueue_one(tx, batch_id, message, now)? {
+                    Some(done) => enqueued.push(done),
+                    None => refused.push((index, message.destination.clone())),
+                }
             }
-            Ok(Applied { ids, count: 0 })
+            if !refused.is_empty() {
+                return Err(OutboxError::CorrectionsRefused(refused));
+            }
+            Ok(Applied { enqueued, count: 0 })
         }
         Command::Settle(outcomes, _) => {
             for (id, settle) in outcomes {
@@ -242,22 +289,171 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 params![before_ms],
             )?;
             Ok(Applied {
-                ids: vec![],
+                enqueued: vec![],
                 count: count as u64,
             })
         }
         Command::Replay(id, destination, _) => {
+            // Only the latest message about a resource: replaying an older one would take the
+            // destination back to a state it has moved on from.
             let count = tx.execute(
                 "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?1, settled_ms = NULL
-                 WHERE state = 'dead' AND (?2 IS NULL OR id = ?2) AND (?3 IS NULL OR destination = ?3)",
+                 WHERE state = 'dead' AND (?2 IS NULL OR id = ?2) AND (?3 IS NULL OR destination = ?3)
+                   AND NOT EXISTS (SELECT 1 FROM resource_state s WHERE s.destination = messages.destination
+                       AND s.resource_type = messages.resource_type AND s.logical_id = messages.logical_id
+                       AND s.message_id != messages.id)",
                 params![now, id, destination],
             )?;
             Ok(Applied {
-                ids: vec![],
+                enqueued: vec![],
                 count: count as u64,
             })
         }
     }
+}
+
+/// What the destination was last given for a resource, with that message's state.
+struct Prior {
+    content_hash: Vec<u8>,
+    revision: Option<i64>,
+    message_id: i64,
+    /// `None` once the message has been purged (it was delivered).
+    state: Option<String>,
+}
+
+/// How one message is stored, decided against the destination's [`Prior`].
+struct Write {
+    upsert: bool,
+    amended: bool,
+    disposition: Disposition,
+}
+
+/// Stores one message unless it changes nothing; `None` when its destination refuses the
+/// correction it is.
+fn enqueue_one(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: &str,
+    m: &NewMessage,
+    now: i64,
+) -> Result<Option<Enqueued>, OutboxError> {
+    let prior = tx
+        .prepare_cached(
+            "SELECT s.content_hash, s.revision, s.message_id, m.state FROM resource_state s
+             LEFT JOIN messages m ON m.id = s.message_id
+             WHERE s.destination = ?1 AND s.resource_type = ?2 AND s.logical_id = ?3",
+        )?
+        .query_row(
+            params![m.destination, m.resource_type, m.logical_id],
+            |row| {
+                Ok(Prior {
+                    content_hash: row.get(0)?,
+                    revision: row.get(1)?,
+                    message_id: row.get(2)?,
+                    state: row.get(3)?,
+                })
+            },
+        )
+        .optional()?;
+    let first = Write {
+        upsert: m.upsert,
+        amended: false,
+        disposition: Disposition::Created,
+    };
+    let write = match &prior {
+        None => first,
+        Some(p)
+            if m.upsert
+                && m.revision
+                    .zip(p.revision)
+                    .is_some_and(|(new, old)| new < old) =>
+        {
+            return Ok(Some(Enqueued {
+                message_id: p.message_id,
+                disposition: Disposition::Superseded,
+            }));
+        }
+        Some(p) if p.content_hash == m.content_hash && p.state.as_deref() != Some("dead") => {
+            return Ok(Some(Enqueued {
+                message_id: p.message_id,
+                disposition: Disposition::Unchanged,
+            }));
+        }
+        // The same content again after the destination refused it: written as it was then.
+        Some(p) if p.content_hash == m.content_hash => {
+            let (upsert, disposition): (bool, String) = tx
+                .prepare_cached("SELECT upsert, disposition FROM messages WHERE id = ?1")?
+                .query_row(params![p.message_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            let disposition = Disposition::parse(&disposition);
+            Write {
+                upsert,
+                amended: disposition == Disposition::Amended,
+                disposition,
+            }
+        }
+        Some(_) if m.upsert => Write {
+            disposition: Disposition::Updated,
+            ..first
+        },
+        Some(_) if m.resource_type == "Observation" => match m.corrections {
+            Corrections::Amend => Write {
+                upsert: true,
+                amended: true,
+                disposition: Disposition::Amended,
+            },
+            Corrections::Reject => return Ok(None),
+        },
+        // A changed resource without an "amended" status (a Device): brought up to date.
+        Some(_) => Write {
+            upsert: true,
+            amended: false,
+            disposition: Disposition::Updated,
+        },
+    };
+    let amended_body;
+    let body = if write.amended {
+        amended_body = as_amended(&m.body);
+        &amended_body
+    } else {
+        &m.body
+    };
+    tx.prepare_cached(
+        "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        batch_id,
+        m.destination,
+        m.resource_type,
+        m.logical_id,
+        m.identifier_system,
+        m.identifier_value,
+        body,
+        write.upsert,
+        now,
+        prior.as_ref().map(|p| p.message_id),
+        write.disposition.as_str(),
+    ])?;
+    let message_id = tx.last_insert_rowid();
+    tx.prepare_cached(
+        "INSERT INTO resource_state (destination, resource_type, logical_id, content_hash, revision, message_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (destination, resource_type, logical_id) DO UPDATE SET
+             content_hash = excluded.content_hash,
+             revision = COALESCE(excluded.revision, revision),
+             message_id = excluded.message_id",
+    )?
+    .execute(params![
+        m.destination,
+        m.resource_type,
+        m.logical_id,
+        &m.content_hash[..],
+        m.revision,
+        message_id
+    ])?;
+    Ok(Some(Enqueued {
+        message_id,
+        disposition: write.disposition,
+    }))
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
@@ -282,7 +478,7 @@ impl Outbox for SqliteOutbox {
         &self,
         batch_id: String,
         messages: Vec<NewMessage>,
-    ) -> BoxFuture<Result<Vec<i64>, OutboxError>> {
+    ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>> {
         let destinations: Vec<String> = {
             let mut d: Vec<String> = messages.iter().map(|m| m.destination.clone()).collect();
             d.sort();
@@ -292,9 +488,9 @@ impl Outbox for SqliteOutbox {
         let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
         let stored = self.write(|reply| Command::Enqueue(batch_id, messages, reply));
         Box::pin(async move {
-            let ids = stored.await?;
+            let enqueued = stored.await?;
             notifiers.iter().for_each(|n| n.notify_one());
-            Ok(ids)
+            Ok(enqueued)
         })
     }
 
@@ -306,10 +502,10 @@ impl Outbox for SqliteOutbox {
     ) -> BoxFuture<Result<Vec<Pending>, OutboxError>> {
         let destination = destination.to_owned();
         self.read(move |conn| {
-            let mut query = conn.prepare_cached(
-                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts, upsert FROM messages INDEXED BY messages_queue
-                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 ORDER BY id LIMIT ?3",
-            )?;
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts, upsert FROM messages m INDEXED BY messages_queue
+                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 AND {NOT_BLOCKED} ORDER BY id LIMIT ?3"
+            ))?;
             let rows = query.query_map(params![destination, now_ms, limit as i64], |row| {
                 Ok(Pending {
                     id: row.get(0)?,
@@ -331,7 +527,7 @@ impl Outbox for SqliteOutbox {
         self.read(move |conn| {
             Ok(conn
                 .query_row(
-                    "SELECT MIN(next_attempt_ms) FROM messages WHERE destination = ?1 AND state = 'pending'",
+                    &format!("SELECT MIN(next_attempt_ms) FROM messages m WHERE destination = ?1 AND state = 'pending' AND {NOT_BLOCKED}"),
                     params![destination],
                     |row| row.get::<_, Option<i64>>(0),
                 )
@@ -348,7 +544,7 @@ impl Outbox for SqliteOutbox {
         let batch_id = batch_id.to_owned();
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT id, destination, resource_type, identifier_system, identifier_value, state, attempts, location, last_error
+                "SELECT id, destination, resource_type, identifier_system, identifier_value, state, attempts, location, last_error, disposition
                  FROM messages WHERE batch_id = ?1 ORDER BY id",
             )?;
             let rows = query.query_map(params![batch_id], |row| {
@@ -357,6 +553,7 @@ impl Outbox for SqliteOutbox {
                     destination: row.get(1)?,
                     resource_type: row.get(2)?,
                     identifier: format!("{}|{}", row.get::<_, String>(3)?, row.get::<_, String>(4)?),
+                    disposition: Disposition::parse(&row.get::<_, String>(9)?),
                     state: row.get(5)?,
                     attempts: row.get(6)?,
                     location: row.get(7)?,
@@ -464,14 +661,48 @@ mod tests {
     use super::*;
 
     fn message(destination: &str, n: usize) -> NewMessage {
+        reading(
+            destination,
+            n,
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":1}}"#,
+        )
+    }
+
+    fn reading(destination: &str, n: usize, body: &str) -> NewMessage {
         NewMessage {
             destination: destination.into(),
             resource_type: "Observation".into(),
             logical_id: format!("id{n}"),
             identifier_system: "s".into(),
             identifier_value: format!("v{n}"),
-            body: b"{}".to_vec(),
+            body: body.as_bytes().to_vec(),
+            content_hash: super::super::content_hash(body.as_bytes()),
             upsert: false,
+            revision: None,
+            corrections: Corrections::Amend,
+        }
+    }
+
+    fn procedure(revision: i64, status: &str) -> NewMessage {
+        let body = format!(r#"{{"resourceType":"Procedure","status":"{status}"}}"#);
+        NewMessage {
+            resource_type: "Procedure".into(),
+            upsert: true,
+            revision: Some(revision),
+            content_hash: super::super::content_hash(body.as_bytes()),
+            body: body.into_bytes(),
+            ..message("ehr", 99)
+        }
+    }
+
+    fn ids(enqueued: Vec<Enqueued>) -> Vec<i64> {
+        enqueued.into_iter().map(|e| e.message_id).collect()
+    }
+
+    fn delivered() -> Settle {
+        Settle::Delivered {
+            status: "201".into(),
+            location: None,
         }
     }
 
@@ -481,10 +712,10 @@ mod tests {
         let path = dir.path().join("outbox.sqlite");
         {
             let outbox = SqliteOutbox::open(&path).unwrap();
-            let ids = outbox
+            let ids = ids(outbox
                 .enqueue("b1".into(), (0..3).map(|n| message("ehr", n)).collect())
                 .await
-                .unwrap();
+                .unwrap());
             assert_eq!(ids.len(), 3);
             outbox
                 .settle(vec![
@@ -542,10 +773,10 @@ mod tests {
     async fn purge_forgets_only_old_delivered_messages() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
-        let ids = outbox
+        let ids = ids(outbox
             .enqueue("b".into(), (0..3).map(|n| message("ehr", n)).collect())
             .await
-            .unwrap();
+            .unwrap());
         outbox
             .settle(vec![
                 (
@@ -582,10 +813,10 @@ mod tests {
     async fn retry_waits_until_due() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
-        let ids = outbox
+        let ids = ids(outbox
             .enqueue("b".into(), vec![message("ehr", 1)])
             .await
-            .unwrap();
+            .unwrap());
         let later = now_ms() + 60_000;
         outbox
             .settle(vec![(
@@ -618,5 +849,210 @@ mod tests {
         }
         while tasks.join_next().await.is_some() {}
         assert_eq!(outbox.stats().await.unwrap()[0].accepted, 50);
+    }
+
+    fn dispositions(enqueued: &[Enqueued]) -> Vec<&'static str> {
+        enqueued.iter().map(|e| e.disposition.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_resend_is_a_no_op_and_a_correction_an_amendment_that_waits_its_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let original =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":4.2}}"#;
+        let corrected =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":4.5}}"#;
+        let first = outbox
+            .enqueue("b1".into(), vec![reading("ehr", 1, original)])
+            .await
+            .unwrap();
+        let again = outbox
+            .enqueue("b2".into(), vec![reading("ehr", 1, original)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&again), ["unchanged"]);
+        assert_eq!(again[0].message_id, first[0].message_id);
+        let correction = outbox
+            .enqueue("b3".into(), vec![reading("ehr", 1, corrected)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&correction), ["amended"]);
+
+        // While the original waits for a retry, the correction is not due either.
+        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [first[0].message_id]
+        );
+        let later = now_ms() + 60_000;
+        outbox
+            .settle(vec![(
+                first[0].message_id,
+                Settle::Retry {
+                    at_ms: later,
+                    error: "503".into(),
+                },
+            )])
+            .await
+            .unwrap();
+        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+        assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
+        let due = outbox.due("ehr", later, 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [first[0].message_id]
+        );
+        outbox
+            .settle(vec![(first[0].message_id, delivered())])
+            .await
+            .unwrap();
+
+        // Then the amendment: an update, with status amended.
+        let due = outbox.due("ehr", later, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, correction[0].message_id);
+        assert!(due[0].upsert);
+        let body: serde_json::Value = serde_json::from_slice(&due[0].body).unwrap();
+        assert_eq!(body["status"], "amended");
+        assert_eq!(body["valueQuantity"]["value"].to_string(), "4.5");
+        let status = outbox.batch_status("b3").await.unwrap();
+        assert_eq!(status[0].disposition, Disposition::Amended);
+
+        // The corrected value sent again changes nothing; the original value again amends back.
+        let resend = outbox
+            .enqueue("b4".into(), vec![reading("ehr", 1, corrected)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&resend), ["unchanged"]);
+        let back = outbox
+            .enqueue("b5".into(), vec![reading("ehr", 1, original)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&back), ["amended"]);
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_rejects_corrections_refuses_the_whole_enqueue() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let strict = |n, body| NewMessage {
+            corrections: Corrections::Reject,
+            ..reading("strict", n, body)
+        };
+        outbox
+            .enqueue(
+                "b1".into(),
+                vec![strict(1, r#"{"v":1}"#), reading("ehr", 1, r#"{"v":1}"#)],
+            )
+            .await
+            .unwrap();
+        let refused = outbox
+            .enqueue(
+                "b2".into(),
+                vec![
+                    reading("ehr", 2, r#"{"v":2}"#),
+                    reading("ehr", 1, r#"{"v":9}"#),
+                    strict(1, r#"{"v":9}"#),
+                ],
+            )
+            .await
+            .unwrap_err();
+        match refused {
+            OutboxError::CorrectionsRefused(which) => assert_eq!(which, [(2, "strict".to_owned())]),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            outbox.batch_status("b2").await.unwrap().is_empty(),
+            "nothing of it is stored"
+        );
+        // The identical resend is still taken.
+        let again = outbox
+            .enqueue("b3".into(), vec![strict(1, r#"{"v":1}"#)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&again), ["unchanged"]);
+    }
+
+    #[tokio::test]
+    async fn an_older_run_state_never_follows_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let newer = outbox
+            .enqueue("b1".into(), vec![procedure(3, "in-progress")])
+            .await
+            .unwrap();
+        let older = outbox
+            .enqueue("b2".into(), vec![procedure(2, "preparation")])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&older), ["superseded"]);
+        assert_eq!(older[0].message_id, newer[0].message_id);
+        let same = outbox
+            .enqueue("b3".into(), vec![procedure(3, "in-progress")])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&same), ["unchanged"]);
+        let next = outbox
+            .enqueue("b4".into(), vec![procedure(4, "completed")])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&next), ["updated"]);
+        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [newer[0].message_id]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_was_moved_on_from_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let old = outbox
+            .enqueue("b1".into(), vec![procedure(1, "preparation")])
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![(
+                old[0].message_id,
+                Settle::Dead {
+                    error: "422".into(),
+                    outcome: None,
+                },
+            )])
+            .await
+            .unwrap();
+        let new = outbox
+            .enqueue("b2".into(), vec![procedure(2, "in-progress")])
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![(new[0].message_id, delivered())])
+            .await
+            .unwrap();
+        assert_eq!(outbox.replay(None, None).await.unwrap(), 0);
+        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+
+        // The latest message of a resource is replayed, and sent as it was.
+        let dead = outbox
+            .enqueue("b3".into(), vec![procedure(3, "completed")])
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![(
+                dead[0].message_id,
+                Settle::Dead {
+                    error: "422".into(),
+                    outcome: None,
+                },
+            )])
+            .await
+            .unwrap();
+        assert_eq!(outbox.replay(None, None).await.unwrap(), 1);
+        assert_eq!(
+            outbox.due("ehr", now_ms(), 10).await.unwrap()[0].id,
+            dead[0].message_id
+        );
     }
 }

@@ -72,6 +72,9 @@ pub struct Applied {
     /// The (last) console's model, for routing.
     pub model: String,
     pub status: &'static str,
+    /// How many events of the run this state includes: it only grows, so the outbox can tell
+    /// an older state from a newer one whatever order they reach it in.
+    pub revision: i64,
 }
 
 struct Period {
@@ -231,7 +234,7 @@ impl RunRegistry {
                 .get(run_id)
                 .ok_or_else(|| RunError::Storage("run state missing".into()))?;
             self.authorize(folded, vendor)?;
-            return self.outputs(folded);
+            return self.outputs(folded, known.len());
         }
         let mut events: Vec<RunEvent> = known.iter().map(|(e, _)| e.clone()).collect();
         events.push(event.clone());
@@ -271,7 +274,7 @@ impl RunRegistry {
         state.folded.insert(run_id.to_owned(), folded);
         state.index(run_id);
         let folded = &state.folded[run_id];
-        self.outputs(folded)
+        self.outputs(folded, state.events[run_id].len())
     }
 
     fn authorize(&self, folded: &Folded, vendor: &VendorPolicy) -> Result<(), RunError> {
@@ -288,7 +291,7 @@ impl RunRegistry {
         }
     }
 
-    fn outputs(&self, folded: &Folded) -> Result<Applied, RunError> {
+    fn outputs(&self, folded: &Folded, events: usize) -> Result<Applied, RunError> {
         let mut view = folded.view.clone();
         let mut resources = Vec::new();
         let mut seen = Vec::new();
@@ -324,6 +327,7 @@ impl RunRegistry {
                 .map(|c| c.model.clone())
                 .unwrap_or_default(),
             status: view.status.code(),
+            revision: events as i64,
         })
     }
 }
