@@ -416,6 +416,48 @@ async fn admin_api_is_for_admins_only_and_reports_health() {
         .await
         .unwrap();
     assert_eq!(answer.status, 403);
+
+    // A console whose clock runs 90 s behind, and one 10 min ahead (refused, still measured).
+    let behind = (OffsetDateTime::now_utc() - time::Duration::seconds(90))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let ahead = (OffsetDateTime::now_utc() + time::Duration::minutes(10))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    post(&pki, &gateway, &flows("CH-SK1", &[(4.0, &behind)]))
+        .await
+        .expect_status(202);
+    post(&pki, &gateway, &flows("CH-SK2", &[(4.0, &ahead)]))
+        .await
+        .expect_status(422);
+    let devices = admin
+        .get(&gateway.admin_url("/admin/v1/devices"))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    let skew = |device: &str| {
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == device)
+            .unwrap_or_else(|| panic!("{device} in {devices}"))["lastSkewMs"]
+            .as_i64()
+            .unwrap()
+    };
+    let behind = skew("getinge-cardiohelp:CH-SK1");
+    assert!((90_000..100_000).contains(&behind), "{devices}");
+    let ahead = skew("getinge-cardiohelp:CH-SK2");
+    assert!((-600_000..-590_000).contains(&ahead), "{devices}");
+    let vendor_view = pki
+        .client(GETINGE)
+        .get(&gateway.admin_url("/admin/v1/devices"))
+        .await;
+    assert!(
+        vendor_view.map_or(true, |answer| answer.status == 403),
+        "vendors do not see other devices"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

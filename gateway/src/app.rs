@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use crate::config::{Config, ConfigError, DeliveryMode};
 use crate::delivery::worker::{DeliveryWorker, WorkerSettings};
 use crate::delivery::{Destination, DirectDelivery, Handoff};
-use crate::ingress::{IngressSettings, Vendors, build_stack};
+use crate::ingress::device_clocks::DeviceClocks;
+use crate::ingress::{IngressParts, IngressSettings, Vendors, build_stack};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
 use crate::outbox::sqlite::SqliteOutbox;
@@ -150,6 +151,7 @@ impl Gateway {
                 }
             };
 
+        let clocks = Arc::new(DeviceClocks::default());
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
             let admin_listener =
                 TcpListener::bind(admin.listen)
@@ -159,7 +161,11 @@ impl Gateway {
                         source,
                     })?;
             let admin_addr = admin_listener.local_addr().unwrap_or(admin.listen);
-            let stack = crate::admin::build_admin_stack(admin.identities.clone(), outbox.clone());
+            let stack = crate::admin::build_admin_stack(
+                admin.identities.clone(),
+                outbox.clone(),
+                clocks.clone(),
+            );
             tokio::spawn(serve_mtls(
                 admin_listener,
                 tls,
@@ -182,10 +188,13 @@ impl Gateway {
         let stack = build_stack(
             settings,
             Vendors::new(&self.config.vendors),
-            self.mappings.clone(),
-            self.schemas.clone(),
-            runs,
-            self.conformance.clone(),
+            IngressParts {
+                mappings: self.mappings.clone(),
+                schemas: self.schemas.clone(),
+                runs,
+                conformance: self.conformance.clone(),
+                clocks: clocks.clone(),
+            },
             handoff,
         );
         let options = ServeOptions {

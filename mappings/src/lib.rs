@@ -28,6 +28,7 @@ pub use conformance::{
 pub use datetime::{DeviceTime, TimeError, TimeWindow};
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};
+pub use observation::CheckedQuantity;
 pub use reading::{
     DeviceContext, PatientRef, Reading, ReadingError, ReadingField, ReadingFlags, ReadingValue,
     RunLink,

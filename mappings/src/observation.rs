@@ -6,7 +6,7 @@ use fhirbolt::model::r4::types::{CodeableConcept, Coding, Identifier, Meta, Quan
 use crate::datetime::DeviceTime;
 use crate::identity::{logical_id, observation_identifier};
 use crate::reading::{DeviceContext, Reading, ReadingError, ReadingFlags, ReadingValue};
-use crate::table::{Mappings, Parameter, ParameterKind};
+use crate::table::{DeviceFamily, Mappings, Parameter, ParameterKind};
 use crate::{ECMO_CODE_SYSTEM, MappedResource, OBSERVATION_IDENTIFIER_SYSTEM, UCUM};
 
 const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
@@ -211,6 +211,51 @@ impl Mappings {
                 ..Default::default()
             })),
             ..Default::default()
+        }
+    }
+}
+
+/// A quantity as the gateway writes it: FHIR decimal text in the table's UCUM unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedQuantity<'a> {
+    pub decimal: String,
+    pub ucum: &'a str,
+    pub display: &'a str,
+}
+
+impl DeviceFamily {
+    /// A value with its unit (a UCUM code or a device spelling) for `parameter`, through the
+    /// same table rules as a reading: accepted unit, conversion, plausible range, precision.
+    /// `None` when the value is the family's invalid marker. For FHIR-native Observations, so
+    /// that what the EHR gets does not depend on the input format.
+    pub fn check_quantity<'p>(
+        &self,
+        parameter: &'p Parameter,
+        value: &str,
+        unit: &str,
+    ) -> Result<Option<CheckedQuantity<'p>>, ReadingError> {
+        let reading = Reading {
+            parameter: &parameter.vendor,
+            value: ReadingValue::Number(value),
+            unit: Some(unit),
+            time: "",
+            flags: ReadingFlags::default(),
+            run: None,
+        };
+        match map_value(parameter, &reading, &self.invalid_markers)? {
+            MappedValue::Quantity {
+                decimal,
+                ucum,
+                display,
+            } => Ok(Some(CheckedQuantity {
+                decimal,
+                ucum,
+                display,
+            })),
+            MappedValue::Absent => Ok(None),
+            MappedValue::Boolean(_) => Err(ReadingError::NotANumber {
+                parameter: parameter.vendor.clone(),
+            }),
         }
     }
 }
@@ -487,6 +532,38 @@ mod tests {
         let mut bad_time = reading("Flow", "4", "L/min");
         bad_time.time = "yesterday";
         assert_eq!(err(bad_time).field(), crate::ReadingField::Time);
+    }
+
+    #[test]
+    fn quantities_of_fhir_native_observations_follow_the_table() {
+        let m = Mappings::embedded().unwrap();
+        let family = m.family_for_model("CARDIOHELP").unwrap();
+        let flow = family.parameter("Flow").unwrap();
+        let checked = family
+            .check_quantity(flow, "4200", "mL/min")
+            .unwrap()
+            .unwrap();
+        assert_eq!((checked.decimal.as_str(), checked.ucum), ("4.20", "L/min"));
+        assert_eq!(
+            family
+                .check_quantity(flow, "4.25", "L/min")
+                .unwrap()
+                .unwrap()
+                .decimal,
+            "4.25"
+        );
+        assert!(matches!(
+            family.check_quantity(flow, "40", "L/min"),
+            Err(ReadingError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            family.check_quantity(flow, "4", "gal"),
+            Err(ReadingError::UnitNotAccepted { .. })
+        ));
+        assert_eq!(
+            family.check_quantity(flow, "-32000", "L/min").unwrap(),
+            None
+        );
     }
 
     #[test]

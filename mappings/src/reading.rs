@@ -135,6 +135,10 @@ pub enum ReadingError {
         high: f64,
         ucum: String,
     },
+    #[error(
+        "value {value} is the device's marker for an invalid '{parameter}' reading: a FHIR Observation says so with dataAbsentReason, not a value"
+    )]
+    InvalidMarker { parameter: String, value: String },
     #[error("time {0}")]
     Time(#[from] TimeError),
     #[error("internal error while building the resource: {0}")]
@@ -149,6 +153,7 @@ impl ReadingError {
             Self::NotANumber { .. }
             | Self::NotABoolean { .. }
             | Self::OutOfRange { .. }
+            | Self::InvalidMarker { .. }
             | Self::Build(_) => ReadingField::Value,
             Self::Time(_) => ReadingField::Time,
         }

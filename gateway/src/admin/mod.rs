@@ -6,6 +6,7 @@
 //! | `GET /healthz` | the process answers |
 //! | `GET /readyz` | the outbox can be read (503 otherwise) |
 //! | `GET /admin/v1/validation` | resources refused by the conformance check since start |
+//! | `GET /admin/v1/devices` | per device: its clock's skew against the gateway's (last, min, max, ms) |
 //! | `GET /admin/v1/deliveries/{tracking-id}` | every message of an accepted batch, per destination |
 //! | `GET /admin/v1/queues` | per destination: accepted, delivered, dead, pending, oldest pending age |
 //! | `GET /admin/v1/dead-letters[?destination=&limit=]` | dead letters with their OperationOutcome |
@@ -23,6 +24,7 @@ use serde_json::{Value, json};
 use tower::filter::{FilterLayer, Predicate};
 use tower::{Service, ServiceBuilder};
 
+use crate::ingress::device_clocks::DeviceClocks;
 use crate::outbox::Outbox;
 use crate::outcome::{ApiError, Issue, fhir_json_response};
 use crate::peer::PeerIdentity;
@@ -59,6 +61,7 @@ impl<B> Predicate<Request<B>> for AdminOnly {
 pub fn build_admin_stack<B: Send + 'static>(
     identities: Vec<String>,
     outbox: Option<Arc<dyn Outbox>>,
+    clocks: Arc<DeviceClocks>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
 + Send
@@ -70,7 +73,16 @@ pub fn build_admin_stack<B: Send + 'static>(
         }))
         .service(tower::service_fn(move |request: Request<B>| {
             let outbox = outbox.clone();
-            async move { route(outbox, request.method().clone(), request.uri().clone()).await }
+            let clocks = clocks.clone();
+            async move {
+                route(
+                    outbox,
+                    &clocks,
+                    request.method().clone(),
+                    request.uri().clone(),
+                )
+                .await
+            }
         }))
 }
 
@@ -109,6 +121,7 @@ fn storage(error: crate::outbox::OutboxError) -> BoxError {
 
 async fn route(
     outbox: Option<Arc<dyn Outbox>>,
+    clocks: &DeviceClocks,
     method: Method,
     uri: http::Uri,
 ) -> Result<Response<BoxBody>, BoxError> {
@@ -123,6 +136,12 @@ async fn route(
         return Ok(json_response(
             StatusCode::OK,
             &json!({"failures": failures}),
+        ));
+    }
+    if segments == ["admin", "v1", "devices"] && method == Method::GET {
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"devices": clocks.snapshot()}),
         ));
     }
     let Some(outbox) = outbox else {

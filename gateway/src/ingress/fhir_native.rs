@@ -26,6 +26,7 @@ use crate::delivery::OutboundBatch;
 use crate::ingress::client_identity::VendorPolicy;
 use crate::ingress::conformance::ConformanceRules;
 use crate::ingress::decode::{is_json, is_xml, read_body};
+use crate::ingress::device_clocks::DeviceClocks;
 use crate::outcome::{ApiError, Issue};
 use crate::runs::{ConsolePeriods, RunRegistry};
 
@@ -39,6 +40,7 @@ pub struct FhirObservations {
     rules: Arc<ConformanceRules>,
     /// The limits; `received_at` is set per request.
     window: TimeWindow,
+    clocks: Arc<DeviceClocks>,
 }
 
 pub fn layer(
@@ -46,12 +48,14 @@ pub fn layer(
     runs: Arc<RunRegistry>,
     rules: Arc<ConformanceRules>,
     window: TimeWindow,
+    clocks: Arc<DeviceClocks>,
 ) -> AsyncFilterLayer<FhirObservations> {
     AsyncFilterLayer::new(FhirObservations {
         mappings,
         runs,
         rules,
         window,
+        clocks,
     })
 }
 
@@ -413,13 +417,16 @@ impl FhirObservations {
                 ),
             ));
         };
-        if !family.parameters().iter().any(|p| p.code == code) {
+        let Some(parameter) = family.parameters().iter().find(|p| p.code == code) else {
             return Err(invalid(
                 "code-invalid",
                 "/code/coding",
                 format!("'{code}' is not a parameter of {} devices", family.display),
             ));
-        }
+        };
+        // The same unit conversion and plausibility rules as a reading in JSON or XML.
+        check_value(family, parameter, &mut observation)
+            .map_err(|(field, error)| invalid(error.issue_code(), field, error.to_string()))?;
         let Some(time_text) = observation["effectiveDateTime"].as_str().map(str::to_owned) else {
             return Err(invalid(
                 "required",
@@ -428,7 +435,11 @@ impl FhirObservations {
             ));
         };
         let time = mappings::DeviceTime::parse(&time_text)
-            .and_then(|time| window.check(&time).map(|()| time))
+            .map_err(|e| invalid("value", "/effectiveDateTime", format!("time {e}")))?;
+        self.clocks
+            .record(&family.id, &serial, window.received_at, time.instant);
+        window
+            .check(&time)
             .map_err(|e| invalid("value", "/effectiveDateTime", format!("time {e}")))?;
         // The business identifier is the gateway's, derived from the device the vendor owns,
         // the parameter and the time, as for a reading: a vendor cannot write into another
@@ -546,6 +557,78 @@ impl FhirObservations {
             .families()
             .iter()
             .find(|f| f.serial_system == serial_system)
+    }
+}
+
+/// `valueQuantity` through the family's table (unit accepted, converted, in range, rounded as
+/// for readings); `valueBoolean` only for true/false parameters. The error names the field.
+fn check_value(
+    family: &DeviceFamily,
+    parameter: &mappings::Parameter,
+    observation: &mut Value,
+) -> Result<(), (&'static str, Box<mappings::ReadingError>)> {
+    let quantity = &observation["valueQuantity"];
+    let boolean_kind = matches!(parameter.kind, mappings::ParameterKind::Boolean);
+    if quantity.is_null() {
+        if !observation["valueBoolean"].is_null() && !boolean_kind {
+            return Err((
+                "/valueBoolean",
+                Box::new(mappings::ReadingError::NotABoolean {
+                    parameter: parameter.vendor.clone(),
+                    value: observation["valueBoolean"].to_string(),
+                }),
+            ));
+        }
+        return Ok(());
+    }
+    if boolean_kind {
+        return Err((
+            "/valueQuantity",
+            Box::new(mappings::ReadingError::NotABoolean {
+                parameter: parameter.vendor.clone(),
+                value: quantity["value"].to_string(),
+            }),
+        ));
+    }
+    let unit = quantity["code"]
+        .as_str()
+        .or_else(|| quantity["unit"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let value = match &quantity["value"] {
+        Value::Number(n) => n.as_str().to_owned(),
+        _ => {
+            return Err((
+                "/valueQuantity/value",
+                Box::new(mappings::ReadingError::NotANumber {
+                    parameter: parameter.vendor.clone(),
+                }),
+            ));
+        }
+    };
+    let field = |e: &mappings::ReadingError| match e.field() {
+        mappings::ReadingField::Unit => "/valueQuantity/code",
+        _ => "/valueQuantity/value",
+    };
+    match family.check_quantity(parameter, &value, &unit) {
+        Ok(Some(checked)) => {
+            let decimal: Value = serde_json::from_str(&checked.decimal).unwrap_or(Value::Null);
+            observation["valueQuantity"] = json!({
+                "value": decimal,
+                "unit": checked.display,
+                "system": mappings::UCUM,
+                "code": checked.ucum,
+            });
+            Ok(())
+        }
+        Ok(None) => Err((
+            "/valueQuantity/value",
+            Box::new(mappings::ReadingError::InvalidMarker {
+                parameter: parameter.vendor.clone(),
+                value,
+            }),
+        )),
+        Err(e) => Err((field(&e), Box::new(e))),
     }
 }
 

@@ -19,6 +19,7 @@ use tower::filter::{FilterLayer, Predicate};
 
 use crate::BoxError;
 use crate::delivery::OutboundBatch;
+use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::validate::ReadingIssues;
 use crate::outcome::{ApiError, Issue};
 use crate::runs::RunRegistry;
@@ -29,17 +30,20 @@ pub struct MapObservations {
     runs: Arc<RunRegistry>,
     /// The limits; `received_at` is set per request.
     window: TimeWindow,
+    clocks: Arc<DeviceClocks>,
 }
 
 pub fn layer(
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
     window: TimeWindow,
+    clocks: Arc<DeviceClocks>,
 ) -> FilterLayer<MapObservations> {
     FilterLayer::new(MapObservations {
         mappings,
         runs,
         window,
+        clocks,
     })
 }
 
@@ -99,6 +103,7 @@ impl Predicate<Request<Value>> for MapObservations {
         let mut resources = Vec::with_capacity(readings.len());
         let mut origins = Vec::with_capacity(readings.len());
         let mut issues = Vec::new();
+        let mut newest: Option<OffsetDateTime> = None;
         for (index, reading) in readings.iter().enumerate() {
             if let Some(found) = schema_issues.0.get(&index) {
                 issues.extend(found.iter().cloned());
@@ -111,9 +116,11 @@ impl Predicate<Request<Value>> for MapObservations {
                 );
                 continue;
             };
-            let run = mappings::DeviceTime::parse(reading.time)
+            let instant = mappings::DeviceTime::parse(reading.time)
                 .ok()
-                .and_then(|t| periods.at(t.instant));
+                .map(|t| t.instant);
+            newest = newest.max(instant);
+            let run = instant.and_then(|at| periods.at(at));
             match (&run, patient) {
                 (Some(run), Some(named))
                     if run.patient_system != named.system || run.patient_value != named.value =>
@@ -163,6 +170,11 @@ impl Predicate<Request<Value>> for MapObservations {
                         .at(format!("/readings/{index}/{}", error.field().name())),
                 ),
             }
+        }
+        // Refused or not, the batch says how far the console's clock is from ours.
+        if let Some(newest) = newest {
+            self.clocks
+                .record(&family.id, serial, context.window.received_at, newest);
         }
         if !issues.is_empty() {
             return Err(unprocessable(issues));
@@ -225,6 +237,7 @@ mod tests {
                 max_future_skew: time::Duration::minutes(5),
                 max_past_age: time::Duration::hours(24),
             },
+            clocks: Arc::default(),
         };
         layer.check(Request::new(body))
     }

@@ -17,6 +17,7 @@ pub mod authorize;
 pub mod client_identity;
 pub mod conformance;
 pub mod decode;
+pub mod device_clocks;
 pub mod duplicates;
 pub mod fhir_native;
 pub mod handoff;
@@ -33,7 +34,7 @@ pub mod validate;
 pub mod xml_ingest;
 
 pub use client_identity::{VendorPolicy, Vendors};
-pub use stack::{IngressSettings, build_stack};
+pub use stack::{IngressParts, IngressSettings, build_stack};
 
 /// The `x-request-id` of a request (set by the stack), for logs and receipts.
 pub fn request_id(headers: &http::HeaderMap) -> String {

@@ -18,6 +18,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
+use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::router::Router;
 use crate::ingress::xml_ingest::IngestDocument;
@@ -51,15 +52,22 @@ impl IngressSettings {
     }
 }
 
+/// What the request path reads and records, built once at start and shared by every request.
+#[derive(Clone)]
+pub struct IngressParts {
+    pub mappings: Arc<Mappings>,
+    pub schemas: Schemas,
+    pub runs: Arc<RunRegistry>,
+    pub conformance: Arc<conformance::ConformanceRules>,
+    pub clocks: Arc<DeviceClocks>,
+}
+
 /// Builds the stack once; the accept loop clones it per connection, and every clone shares
 /// the concurrency limit.
 pub fn build_stack<B>(
     settings: IngressSettings,
     vendors: Vendors,
-    mappings: Arc<Mappings>,
-    schemas: Schemas,
-    runs: Arc<RunRegistry>,
-    conformance_rules: Arc<conformance::ConformanceRules>,
+    parts: IngressParts,
     handoff: Arc<dyn Handoff>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
@@ -69,6 +77,13 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + std::error::Error + Send + Sync + 'static,
 {
+    let IngressParts {
+        mappings,
+        schemas,
+        runs,
+        conformance: conformance_rules,
+        clocks,
+    } = parts;
     // POST /v1/observations, after routing.
     let observations = ServiceBuilder::new()
         .layer(decode::layer(IngestDocument::ObservationBatch))
@@ -79,6 +94,7 @@ where
             mappings.clone(),
             runs.clone(),
             settings.time_window(),
+            clocks.clone(),
         ))
         .layer(duplicates::layer())
         .layer(conformance::layer(conformance_rules.clone()))
@@ -91,6 +107,7 @@ where
             runs.clone(),
             conformance_rules.clone(),
             settings.time_window(),
+            clocks,
         ))
         .layer(duplicates::layer())
         .service(HandoffService::new(handoff.clone()));
@@ -210,10 +227,13 @@ mod tests {
         build_stack(
             settings,
             vendors,
-            mappings,
-            Schemas::embedded().unwrap(),
-            runs,
-            Arc::new(conformance::ConformanceRules::embedded().unwrap()),
+            IngressParts {
+                mappings,
+                schemas: Schemas::embedded().unwrap(),
+                runs,
+                conformance: Arc::new(conformance::ConformanceRules::embedded().unwrap()),
+                clocks: Arc::default(),
+            },
             Arc::new(recorder),
         )
     }
