@@ -879,3 +879,105 @@ async fn per_resource_order_holds_when_an_attempt_fails() {
         "never back to an older state"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
+    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let (t1, t2) = (
+        now_rfc3339(),
+        (OffsetDateTime::now_utc() - time::Duration::seconds(1))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    );
+    let first = post(&pki, &gateway, &flows("CH-E1", &[(4.2, &t1), (4.3, &t2)]))
+        .await
+        .expect_status(202)
+        .json();
+    let identifier = |i: usize| {
+        first["resources"][i]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let url = gateway.url("/v1/observations/entered-in-error");
+    let retraction = |time: &str| {
+        json!({"device": {"serial": "CH-E1", "model": "CARDIOHELP-i"},
+               "readings": [{"parameter": "Flow", "time": time}]})
+    };
+
+    // The device takes the first back.
+    let answer = pki
+        .client(GETINGE)
+        .post_json(&url, &retraction(&t1))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(answer["resources"][0]["dispositions"]["ehr"], "retracted");
+    assert_eq!(answer["resources"][0]["identifier"]["value"], identifier(0));
+    // Again: harmless.
+    let again = pki
+        .client(GETINGE)
+        .post_json(&url, &retraction(&t1))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(again["resources"][0]["dispositions"]["ehr"], "unchanged");
+    // A reading never sent: 404 naming it; a device of another vendor: 403.
+    let never = (OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let outcome = pki
+        .client(GETINGE)
+        .post_json(&url, &retraction(&never))
+        .await
+        .unwrap()
+        .expect_status(404)
+        .json();
+    assert_eq!(outcome["issue"][0]["expression"][0], "/readings/0");
+    let foreign = pki
+        .client(SPECTRUM)
+        .post_json(&url, &retraction(&t1))
+        .await
+        .unwrap();
+    assert_eq!(foreign.status, 403);
+
+    // An operator takes the second back through the admin API.
+    let path = format!("/admin/v1/observations/{}/entered-in-error", identifier(1));
+    let by_operator = admin
+        .post_json(&gateway.admin_url(&path), &json!({}))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(
+        by_operator["destinations"]["ehr"]["disposition"],
+        "retracted"
+    );
+    let unknown = admin
+        .post_json(
+            &gateway.admin_url("/admin/v1/observations/no-such-reading/entered-in-error"),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    for i in 0..2 {
+        let (stored, history) = stored_with_history(&reader, &identifier(i)).await;
+        assert_eq!(stored["status"], "entered-in-error", "{stored}");
+        assert_eq!(history.len(), 2, "the value stays in the history");
+        assert_eq!(history[1]["status"], "final");
+    }
+    // A resend of the retracted value does not bring it back.
+    let resend = post(&pki, &gateway, &flows("CH-E1", &[(4.2, &t1)]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(resend["resources"][0]["dispositions"]["ehr"], "unchanged");
+}

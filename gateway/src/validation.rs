@@ -18,6 +18,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "run-event",
         include_str!("../../profiles/schemas/run-event.schema.json"),
     ),
+    (
+        "reading-retraction",
+        include_str!("../../profiles/schemas/reading-retraction.schema.json"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

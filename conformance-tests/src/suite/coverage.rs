@@ -95,6 +95,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a FHIR-native Observation carrying an identifier the gateway did not derive: 422",
     ),
     (
+        "unknown-reading",
+        "taking back (entered-in-error) a reading the gateway never accepted: 404",
+    ),
+    (
         "no-patient-no-run",
         "a reading that names no patient from a console in no run: 422",
     ),

@@ -13,6 +13,7 @@
 //! | `GET /admin/v1/dead-letters/{message-id}` | one dead letter |
 //! | `POST /admin/v1/dead-letters/{message-id}/replay` | make it pending again, fresh budget |
 //! | `POST /admin/v1/dead-letters/replay[?destination=]` | replay all (of a destination) |
+//! | `POST /admin/v1/observations/{identifier}/entered-in-error` | take a reading back at every destination |
 
 pub mod client;
 
@@ -217,6 +218,47 @@ async fn route(
                 .await
                 .map_err(storage)?;
             Ok(json_response(StatusCode::OK, &json!({"replayed": count})))
+        }
+        (
+            &Method::POST,
+            [
+                "admin",
+                "v1",
+                "observations",
+                identifier,
+                "entered-in-error",
+            ],
+        ) => {
+            // An operator takes a reading back, by its Observation identifier value.
+            let identifier = percent_encoding::percent_decode_str(identifier).decode_utf8_lossy();
+            let tracking_id = uuid::Uuid::new_v4().to_string();
+            let retraction = crate::outbox::Retraction {
+                resource_type: "Observation".into(),
+                logical_id: mappings::logical_id(
+                    mappings::OBSERVATION_IDENTIFIER_SYSTEM,
+                    &identifier,
+                ),
+            };
+            match outbox.retract(tracking_id.clone(), vec![retraction]).await {
+                Ok(placed) => {
+                    let destinations: serde_json::Map<String, Value> = placed
+                        .into_iter()
+                        .flatten()
+                        .map(|(d, e)| {
+                            (d, json!({"messageId": e.message_id, "disposition": e.disposition.as_str()}))
+                        })
+                        .collect();
+                    tracing::info!(%tracking_id, "reading retracted by an operator");
+                    Ok(json_response(
+                        StatusCode::ACCEPTED,
+                        &json!({"trackingId": tracking_id, "destinations": destinations}),
+                    ))
+                }
+                Err(crate::outbox::OutboxError::Unknown(_)) => Err(not_found(format!(
+                    "no destination was ever given Observation '{identifier}'"
+                ))),
+                Err(e) => Err(storage(e)),
+            }
         }
         (&Method::POST, ["admin", "v1", "dead-letters", id, "replay"]) => {
             let id: i64 = id

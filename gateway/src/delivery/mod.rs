@@ -95,11 +95,38 @@ pub enum DeliveryError {
     /// overwrite (`corrections = "reject"`): `(resource index in the batch, destination)`.
     #[error("{} correction(s) refused by destination policy", refused.len())]
     CorrectionsRefused { refused: Vec<(usize, String)> },
+    /// Resources to retract that were never accepted (by index in the request).
+    #[error("{} resource(s) were never accepted", unknown.len())]
+    UnknownResources { unknown: Vec<usize> },
+    /// What this delivery mode cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What a retraction did: per resource, each destination with its message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetractReceipt {
+    pub tracking_id: String,
+    pub placements: crate::outbox::Placements,
 }
 
 /// Where ingress leaves an accepted batch.
 pub trait Handoff: Send + Sync + 'static {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>>;
+
+    /// Takes resources back (`entered-in-error`) at every destination that was given them.
+    /// Only a hand-off that records what each destination got can; others refuse.
+    fn retract(
+        &self,
+        resources: Vec<crate::outbox::Retraction>,
+    ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
+        let _ = resources;
+        Box::pin(async {
+            Err(DeliveryError::Unsupported(
+                "retracting readings needs the outbox ([delivery] mode = \"outbox\"): direct delivery keeps no record of what each EHR was given".into(),
+            ))
+        })
+    }
 }
 
 /// One configured EHR: how to write to it and the client stack that talks to it.

@@ -217,7 +217,9 @@ impl DeliveryWorker {
         match error {
             DeliveryError::Rejected { .. }
             | DeliveryError::Unroutable { .. }
-            | DeliveryError::CorrectionsRefused { .. } => Health::Up,
+            | DeliveryError::CorrectionsRefused { .. }
+            | DeliveryError::UnknownResources { .. }
+            | DeliveryError::Unsupported(_) => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
                 retry_after: retry_after.map(|s| Duration::from_secs(u64::from(s))),
             },
@@ -245,7 +247,9 @@ impl DeliveryWorker {
                 error: format!("no destination takes {resource_type}"),
                 outcome: None,
             },
-            DeliveryError::CorrectionsRefused { .. } => Settle::Dead {
+            DeliveryError::CorrectionsRefused { .. }
+            | DeliveryError::UnknownResources { .. }
+            | DeliveryError::Unsupported(_) => Settle::Dead {
                 error: error.to_string(),
                 outcome: None,
             },

@@ -138,6 +138,23 @@ pub fn refusal(
     origins: &[String],
 ) -> ApiError {
     match error {
+        DeliveryError::UnknownResources { unknown } => ApiError::new(
+            StatusCode::NOT_FOUND,
+            unknown
+                .into_iter()
+                .map(|index| {
+                    Issue::error(
+                        "not-found",
+                        "the gateway never accepted this reading, so there is nothing to take back; nothing of this request was done",
+                    )
+                    .at(origins.get(index).cloned().unwrap_or_else(|| "/".into()))
+                })
+                .collect(),
+        ),
+        DeliveryError::Unsupported(reason) => ApiError::one(
+            StatusCode::NOT_IMPLEMENTED,
+            Issue::error("not-supported", reason),
+        ),
         DeliveryError::CorrectionsRefused { refused } => ApiError::new(
             StatusCode::CONFLICT,
             refused

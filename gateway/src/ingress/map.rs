@@ -60,26 +60,7 @@ impl Predicate<Request<Value>> for MapObservations {
             .extensions
             .remove::<ReadingIssues>()
             .unwrap_or_default();
-        // The schema guarantees these shapes; a missing piece here is still answered, not panicked.
-        let device = &body["device"];
-        let (Some(serial), Some(model)) = (device["serial"].as_str(), device["model"].as_str())
-        else {
-            return Err(unprocessable(vec![
-                Issue::error("required", "device serial and model are required").at("/device"),
-            ]));
-        };
-        let Some(family) = self.mappings.family_for_model(model) else {
-            return Err(unprocessable(vec![
-                Issue::error(
-                    "code-invalid",
-                    format!(
-                        "device model '{model}' has no mapping table; supported models: {}",
-                        self.mappings.models().join(", ")
-                    ),
-                )
-                .at("/device/model"),
-            ]));
-        };
+        let (family, serial, model) = device_of(&self.mappings, &body)?;
         let patient = body["patient"]["system"]
             .as_str()
             .zip(body["patient"]["value"].as_str())
@@ -194,6 +175,33 @@ impl Predicate<Request<Value>> for MapObservations {
         };
         Ok(Request::from_parts(parts, batch))
     }
+}
+
+/// The batch's device and its mapping table: one rule for every request that names a device.
+pub(crate) fn device_of<'a, 'm>(
+    mappings: &'m Mappings,
+    body: &'a Value,
+) -> Result<(&'m mappings::DeviceFamily, &'a str, &'a str), BoxError> {
+    // The schema guarantees these shapes; a missing piece here is still answered, not panicked.
+    let device = &body["device"];
+    let (Some(serial), Some(model)) = (device["serial"].as_str(), device["model"].as_str()) else {
+        return Err(unprocessable(vec![
+            Issue::error("required", "device serial and model are required").at("/device"),
+        ]));
+    };
+    let Some(family) = mappings.family_for_model(model) else {
+        return Err(unprocessable(vec![
+            Issue::error(
+                "code-invalid",
+                format!(
+                    "device model '{model}' has no mapping table; supported models: {}",
+                    mappings.models().join(", ")
+                ),
+            )
+            .at("/device/model"),
+        ]));
+    };
+    Ok((family, serial, model))
 }
 
 /// A reading borrowed from the JSON: no copies of its strings.

@@ -11,7 +11,8 @@
 //!    column for XML) -> [`authorize`] -> [`validate`] -> [`map`] -> [`duplicates`] ->
 //!    [`conformance`] -> [`handoff`]; FHIR-native Observations: [`fhir_native`] ->
 //!    [`duplicates`] -> [`handoff`]; run events: [`decode`] -> [`locate`] -> [`validate`] ->
-//!    [`run_events`] -> [`conformance`] -> [`handoff`]
+//!    [`run_events`] -> [`conformance`] -> [`handoff`]; retractions: [`decode`] -> [`locate`] ->
+//!    [`authorize`] -> [`validate`] -> [`retract`]
 
 pub mod authorize;
 pub mod client_identity;
@@ -26,6 +27,7 @@ pub mod map;
 pub mod metadata;
 pub mod negotiate;
 pub mod rescue;
+pub mod retract;
 pub mod router;
 pub mod run_events;
 pub mod schemas;

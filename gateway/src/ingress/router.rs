@@ -19,6 +19,7 @@ pub struct Router<B> {
     observations: Route<B>,
     run_events: Route<B>,
     fhir_observations: Route<B>,
+    retractions: Route<B>,
     schemas: Schemas,
 }
 
@@ -29,6 +30,7 @@ impl<B> Clone for Router<B> {
             observations: self.observations.clone(),
             run_events: self.run_events.clone(),
             fhir_observations: self.fhir_observations.clone(),
+            retractions: self.retractions.clone(),
             schemas: self.schemas.clone(),
         }
     }
@@ -39,12 +41,14 @@ impl<B> Router<B> {
         observations: Route<B>,
         run_events: Route<B>,
         fhir_observations: Route<B>,
+        retractions: Route<B>,
         schemas: Schemas,
     ) -> Self {
         Self {
             observations,
             run_events,
             fhir_observations,
+            retractions,
             schemas,
         }
     }
@@ -73,7 +77,12 @@ impl<B: Send + 'static> Service<Request<B>> for Router<B> {
             ("/v1/observations", &Method::POST) => {
                 Box::pin(self.observations.clone().oneshot(request))
             }
-            ("/v1/observations", _) => Box::pin(async { Err(method_not_allowed("POST")) }),
+            ("/v1/observations/entered-in-error", &Method::POST) => {
+                Box::pin(self.retractions.clone().oneshot(request))
+            }
+            ("/v1/observations" | "/v1/observations/entered-in-error", _) => {
+                Box::pin(async { Err(method_not_allowed("POST")) })
+            }
             ("/v1/fhir/Observation" | "/v1/fhir/Bundle", &Method::POST) => {
                 Box::pin(self.fhir_observations.clone().oneshot(request))
             }

@@ -20,11 +20,12 @@ use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::handoff::HandoffService;
+use crate::ingress::retract::RetractService;
 use crate::ingress::router::Router;
 use crate::ingress::xml_ingest::IngestDocument;
 use crate::ingress::{
     authorize, client_identity, conformance, decode, duplicates, fhir_native, locate, map,
-    negotiate, rescue, run_events, validate,
+    negotiate, rescue, retract, run_events, validate,
 };
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
@@ -112,6 +113,15 @@ where
         .layer(duplicates::layer())
         .service(HandoffService::new(handoff.clone()));
 
+    // POST /v1/observations/entered-in-error, after routing.
+    let retractions = ServiceBuilder::new()
+        .layer(decode::layer(IngestDocument::ObservationBatch))
+        .layer(locate::layer())
+        .layer(authorize::layer())
+        .layer(validate::layer(schemas.clone(), "reading-retraction"))
+        .layer(retract::layer(mappings.clone()))
+        .service(RetractService::new(handoff.clone()));
+
     // POST /v1/runs/{run-id}/events, after routing.
     let run_events = ServiceBuilder::new()
         .layer(decode::layer(IngestDocument::RunEvent))
@@ -142,6 +152,7 @@ where
             BoxCloneSyncService::new(observations),
             BoxCloneSyncService::new(run_events),
             BoxCloneSyncService::new(fhir_observations),
+            BoxCloneSyncService::new(retractions),
             schemas,
         ))
 }

@@ -5,8 +5,16 @@ use std::sync::Arc;
 
 use crate::config::Corrections;
 use crate::delivery::routing::RouteFilter;
-use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt};
-use crate::outbox::{NewMessage, Outbox, OutboxError, content_hash};
+use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt, RetractReceipt};
+use crate::outbox::{NewMessage, Outbox, OutboxError, Retraction, content_hash};
+
+fn unavailable(error: OutboxError) -> DeliveryError {
+    DeliveryError::Unavailable {
+        destination: "outbox".into(),
+        reason: error.to_string(),
+        retry_after: Some(5),
+    }
+}
 
 /// A destination as the hand-off sees it: its name, what it takes, and its correction policy.
 #[derive(Debug, Clone)]
@@ -87,11 +95,7 @@ impl Handoff for OutboxHandoff {
                             .map(|(message, destination)| (resource_of[message], destination))
                             .collect(),
                     },
-                    other => DeliveryError::Unavailable {
-                        destination: "outbox".into(),
-                        reason: other.to_string(),
-                        retry_after: Some(5),
-                    },
+                    other => unavailable(other),
                 })?;
             let mut ids = ids.into_iter();
             let messages = placed
@@ -106,6 +110,27 @@ impl Handoff for OutboxHandoff {
             Ok(Receipt::Accepted {
                 tracking_id,
                 messages,
+            })
+        })
+    }
+
+    fn retract(
+        &self,
+        resources: Vec<Retraction>,
+    ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
+        let outbox = self.outbox.clone();
+        Box::pin(async move {
+            let tracking_id = uuid::Uuid::new_v4().to_string();
+            let placements = outbox
+                .retract(tracking_id.clone(), resources)
+                .await
+                .map_err(|e| match e {
+                    OutboxError::Unknown(unknown) => DeliveryError::UnknownResources { unknown },
+                    other => unavailable(other),
+                })?;
+            Ok(RetractReceipt {
+                tracking_id,
+                placements,
             })
         })
     }

@@ -27,6 +27,9 @@ pub enum OutboxError {
     /// messages (by index in the enqueue) and their destinations. Nothing was stored.
     #[error("{} correction(s) refused by destination policy", .0.len())]
     CorrectionsRefused(Vec<(usize, String)>),
+    /// Resources to retract that no destination was ever given (by index). Nothing was stored.
+    #[error("{} resource(s) were never accepted", .0.len())]
+    Unknown(Vec<usize>),
 }
 
 /// What enqueueing did with one message, compared with what the destination was last given
@@ -45,6 +48,8 @@ pub enum Disposition {
     Unchanged,
     /// An older state than one already accepted (its revision is lower): never sent.
     Superseded,
+    /// Taken back: sent as an update with `status = entered-in-error`.
+    Retracted,
 }
 
 impl Disposition {
@@ -55,6 +60,7 @@ impl Disposition {
             Self::Amended => "amended",
             Self::Unchanged => "unchanged",
             Self::Superseded => "superseded",
+            Self::Retracted => "retracted",
         }
     }
 
@@ -62,6 +68,7 @@ impl Disposition {
         match text {
             "updated" => Self::Updated,
             "amended" => Self::Amended,
+            "retracted" => Self::Retracted,
             _ => Self::Created,
         }
     }
@@ -85,15 +92,26 @@ pub fn content_hash(body: &[u8]) -> [u8; 16] {
     hash
 }
 
-/// The Observation JSON as a correction: `status` set to `amended`, member order kept.
-pub fn as_amended(body: &[u8]) -> Vec<u8> {
+/// The resource JSON with another `status` (`amended` for a correction, `entered-in-error`
+/// for a retraction), member order kept.
+pub fn with_status(body: &[u8], status: &str) -> Vec<u8> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(mut resource) => {
-            resource["status"] = serde_json::Value::from("amended");
+            resource["status"] = serde_json::Value::from(status);
             serde_json::to_vec(&resource).unwrap_or_else(|_| body.to_vec())
         }
         Err(_) => body.to_vec(),
     }
+}
+
+/// Per resource, each destination with what happened there.
+pub type Placements = Vec<Vec<(String, Enqueued)>>;
+
+/// A resource to take back, by its type and logical id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retraction {
+    pub resource_type: String,
+    pub logical_id: String,
 }
 
 impl From<rusqlite::Error> for OutboxError {
@@ -210,6 +228,15 @@ pub trait Outbox: Send + Sync + 'static {
         batch_id: String,
         messages: Vec<NewMessage>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>>;
+    /// Takes resources back at every destination that was given them: one message each,
+    /// carrying the last content with `status = entered-in-error`, after whatever is pending
+    /// about it. Returns, per resource, each destination with what happened (`Unchanged` when
+    /// already retracted). All or nothing: a resource never accepted stores none of them.
+    fn retract(
+        &self,
+        batch_id: String,
+        resources: Vec<Retraction>,
+    ) -> BoxFuture<Result<Placements, OutboxError>>;
     /// Up to `limit` pending messages of `destination` due at `now_ms`, oldest first, each the
     /// oldest pending one of its resource: a message waits while an earlier message about the
     /// same resource is pending (retrying), so per resource the destination gets them in

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     DeadLetter, DestinationStats, Disposition, Enqueued, MessageStatus, NewMessage, Outbox,
-    OutboxError, Pending, Settle, as_amended, now_ms,
+    OutboxError, Pending, Placements, Retraction, Settle, now_ms, with_status,
 };
 use crate::config::Corrections;
 use crate::delivery::BoxFuture;
@@ -104,6 +104,11 @@ enum Command {
         oneshot::Sender<Result<u64, OutboxError>>,
     ),
     Purge(i64, oneshot::Sender<Result<u64, OutboxError>>),
+    Retract(
+        String,
+        Vec<Retraction>,
+        oneshot::Sender<Result<Placements, OutboxError>>,
+    ),
 }
 
 pub struct SqliteOutbox {
@@ -203,6 +208,9 @@ fn write_loop(
                 Command::Replay(_, _, reply) | Command::Purge(_, reply) => {
                     let _ = reply.send(outcome.map(|o| o.count));
                 }
+                Command::Retract(_, _, reply) => {
+                    let _ = reply.send(outcome.map(|o| o.retracted));
+                }
             }
         }
     }
@@ -212,6 +220,7 @@ fn write_loop(
 struct Applied {
     enqueued: Vec<Enqueued>,
     count: u64,
+    retracted: Placements,
 }
 
 fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
@@ -262,7 +271,28 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             if !refused.is_empty() {
                 return Err(OutboxError::CorrectionsRefused(refused));
             }
-            Ok(Applied { enqueued, count: 0 })
+            Ok(Applied {
+                enqueued,
+                ..Applied::default()
+            })
+        }
+        Command::Retract(batch_id, resources, _) => {
+            let mut retracted = Vec::with_capacity(resources.len());
+            let mut unknown = Vec::new();
+            for (index, resource) in resources.iter().enumerate() {
+                let done = retract_one(tx, batch_id, resource, now)?;
+                if done.is_empty() {
+                    unknown.push(index);
+                }
+                retracted.push(done);
+            }
+            if !unknown.is_empty() {
+                return Err(OutboxError::Unknown(unknown));
+            }
+            Ok(Applied {
+                retracted,
+                ..Applied::default()
+            })
         }
         Command::Settle(outcomes, _) => {
             for (id, settle) in outcomes {
@@ -289,8 +319,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 params![before_ms],
             )?;
             Ok(Applied {
-                enqueued: vec![],
                 count: count as u64,
+                ..Applied::default()
             })
         }
         Command::Replay(id, destination, _) => {
@@ -305,8 +335,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 params![now, id, destination],
             )?;
             Ok(Applied {
-                enqueued: vec![],
                 count: count as u64,
+                ..Applied::default()
             })
         }
     }
@@ -324,7 +354,8 @@ struct Prior {
 /// How one message is stored, decided against the destination's [`Prior`].
 struct Write {
     upsert: bool,
-    amended: bool,
+    /// The `status` the body is sent with instead of its own.
+    status: Option<&'static str>,
     disposition: Disposition,
 }
 
@@ -356,7 +387,7 @@ fn enqueue_one(
         .optional()?;
     let first = Write {
         upsert: m.upsert,
-        amended: false,
+        status: None,
         disposition: Disposition::Created,
     };
     let write = match &prior {
@@ -386,7 +417,11 @@ fn enqueue_one(
             let disposition = Disposition::parse(&disposition);
             Write {
                 upsert,
-                amended: disposition == Disposition::Amended,
+                status: match disposition {
+                    Disposition::Amended => Some("amended"),
+                    Disposition::Retracted => Some("entered-in-error"),
+                    _ => None,
+                },
                 disposition,
             }
         }
@@ -397,7 +432,7 @@ fn enqueue_one(
         Some(_) if m.resource_type == "Observation" => match m.corrections {
             Corrections::Amend => Write {
                 upsert: true,
-                amended: true,
+                status: Some("amended"),
                 disposition: Disposition::Amended,
             },
             Corrections::Reject => return Ok(None),
@@ -405,16 +440,17 @@ fn enqueue_one(
         // A changed resource without an "amended" status (a Device): brought up to date.
         Some(_) => Write {
             upsert: true,
-            amended: false,
+            status: None,
             disposition: Disposition::Updated,
         },
     };
-    let amended_body;
-    let body = if write.amended {
-        amended_body = as_amended(&m.body);
-        &amended_body
-    } else {
-        &m.body
+    let restated;
+    let body = match write.status {
+        Some(status) => {
+            restated = with_status(&m.body, status);
+            &restated
+        }
+        None => &m.body,
     };
     tx.prepare_cached(
         "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
@@ -454,6 +490,87 @@ fn enqueue_one(
         message_id,
         disposition: write.disposition,
     }))
+}
+
+/// Takes one resource back at every destination that holds a message about it.
+fn retract_one(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: &str,
+    resource: &Retraction,
+    now: i64,
+) -> Result<Vec<(String, Enqueued)>, OutboxError> {
+    struct Latest {
+        destination: String,
+        message_id: i64,
+        identifier_system: String,
+        identifier_value: String,
+        body: Vec<u8>,
+        disposition: String,
+    }
+    let latest: Vec<Latest> = tx
+        .prepare_cached(
+            "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value, m.body, m.disposition
+             FROM resource_state s JOIN messages m ON m.id = s.message_id
+             WHERE s.resource_type = ?1 AND s.logical_id = ?2 ORDER BY s.destination",
+        )?
+        .query_map(params![resource.resource_type, resource.logical_id], |row| {
+            Ok(Latest {
+                destination: row.get(0)?,
+                message_id: row.get(1)?,
+                identifier_system: row.get(2)?,
+                identifier_value: row.get(3)?,
+                body: row.get(4)?,
+                disposition: row.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut done = Vec::with_capacity(latest.len());
+    for l in latest {
+        if Disposition::parse(&l.disposition) == Disposition::Retracted {
+            done.push((
+                l.destination,
+                Enqueued {
+                    message_id: l.message_id,
+                    disposition: Disposition::Unchanged,
+                },
+            ));
+            continue;
+        }
+        // The content hash stays the device's: a resend of the retracted value changes nothing.
+        tx.prepare_cached(
+            "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?9, 'retracted')",
+        )?
+        .execute(params![
+            batch_id,
+            l.destination,
+            resource.resource_type,
+            resource.logical_id,
+            l.identifier_system,
+            l.identifier_value,
+            with_status(&l.body, "entered-in-error"),
+            now,
+            l.message_id,
+        ])?;
+        let message_id = tx.last_insert_rowid();
+        tx.prepare_cached(
+            "UPDATE resource_state SET message_id = ?4 WHERE destination = ?1 AND resource_type = ?2 AND logical_id = ?3",
+        )?
+        .execute(params![
+            l.destination,
+            resource.resource_type,
+            resource.logical_id,
+            message_id
+        ])?;
+        done.push((
+            l.destination,
+            Enqueued {
+                message_id,
+                disposition: Disposition::Retracted,
+            },
+        ));
+    }
+    Ok(done)
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
@@ -635,6 +752,26 @@ impl Outbox for SqliteOutbox {
             let count = replayed.await?;
             notifiers.iter().for_each(|n| n.notify_one());
             Ok(count)
+        })
+    }
+
+    fn retract(
+        &self,
+        batch_id: String,
+        resources: Vec<Retraction>,
+    ) -> BoxFuture<Result<Placements, OutboxError>> {
+        let notifiers: Vec<Arc<Notify>> = self
+            .notifiers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let retracted = self.write(|reply| Command::Retract(batch_id, resources, reply));
+        Box::pin(async move {
+            let retracted = retracted.await?;
+            notifiers.iter().for_each(|n| n.notify_one());
+            Ok(retracted)
         })
     }
 
@@ -1054,5 +1191,65 @@ mod tests {
             outbox.due("ehr", now_ms(), 10).await.unwrap()[0].id,
             dead[0].message_id
         );
+    }
+
+    #[tokio::test]
+    async fn a_retraction_follows_what_is_pending_and_a_resend_does_not_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let body =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":4.2}}"#;
+        let first = outbox
+            .enqueue(
+                "b1".into(),
+                vec![reading("ehr", 1, body), reading("lab", 1, body)],
+            )
+            .await
+            .unwrap();
+        let retraction = |n: usize| Retraction {
+            resource_type: "Observation".into(),
+            logical_id: format!("id{n}"),
+        };
+        match outbox
+            .retract("r0".into(), vec![retraction(1), retraction(7)])
+            .await
+        {
+            Err(OutboxError::Unknown(which)) => assert_eq!(which, [1]),
+            other => panic!("{other:?}"),
+        }
+        let done = outbox
+            .retract("r1".into(), vec![retraction(1)])
+            .await
+            .unwrap();
+        let places: Vec<(&str, &str)> = done[0]
+            .iter()
+            .map(|(d, e)| (d.as_str(), e.disposition.as_str()))
+            .collect();
+        assert_eq!(places, [("ehr", "retracted"), ("lab", "retracted")]);
+        // It waits for the original, then says entered-in-error.
+        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [first[0].message_id]
+        );
+        outbox
+            .settle(vec![(first[0].message_id, delivered())])
+            .await
+            .unwrap();
+        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let sent: serde_json::Value = serde_json::from_slice(&due[0].body).unwrap();
+        assert_eq!(sent["status"], "entered-in-error");
+        assert!(due[0].upsert);
+        // Retracting again, or resending the value, changes nothing.
+        let again = outbox
+            .retract("r2".into(), vec![retraction(1)])
+            .await
+            .unwrap();
+        assert_eq!(again[0][0].1.disposition, Disposition::Unchanged);
+        let resend = outbox
+            .enqueue("b2".into(), vec![reading("ehr", 1, body)])
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&resend), ["unchanged"]);
     }
 }
