@@ -642,12 +642,24 @@ impl Outbox for SqliteOutbox {
     fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>> {
         let destination = destination.to_owned();
         self.read(move |conn| {
+            // The covering index answers the earliest time at once; only when that time has
+            // come (so what is due waits behind a retrying predecessor) are the blocked ones
+            // looked past, row by row.
+            let earliest: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MIN(next_attempt_ms) FROM messages WHERE destination = ?1 AND state = 'pending'",
+                )?
+                .query_row(params![destination], |row| row.get(0))
+                .optional()?
+                .flatten();
+            if earliest.is_none_or(|at| at > now_ms()) {
+                return Ok(earliest);
+            }
             Ok(conn
-                .query_row(
-                    &format!("SELECT MIN(next_attempt_ms) FROM messages m WHERE destination = ?1 AND state = 'pending' AND {NOT_BLOCKED}"),
-                    params![destination],
-                    |row| row.get::<_, Option<i64>>(0),
-                )
+                .prepare_cached(&format!(
+                    "SELECT MIN(next_attempt_ms) FROM messages m WHERE destination = ?1 AND state = 'pending' AND {NOT_BLOCKED}"
+                ))?
+                .query_row(params![destination], |row| row.get::<_, Option<i64>>(0))
                 .optional()?
                 .flatten())
         })
