@@ -418,12 +418,8 @@ async fn admin_api_is_for_admins_only_and_reports_health() {
     assert_eq!(answer.status, 403);
 
     // A console whose clock runs 90 s behind, and one 10 min ahead (refused, still measured).
-    let behind = (OffsetDateTime::now_utc() - time::Duration::seconds(90))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    let ahead = (OffsetDateTime::now_utc() + time::Duration::minutes(10))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    let behind = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(90));
+    let ahead = rfc3339(OffsetDateTime::now_utc() + time::Duration::minutes(10));
     post(&pki, &gateway, &flows("CH-SK1", &[(4.0, &behind)]))
         .await
         .expect_status(202);
@@ -534,6 +530,11 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
 // === Data integrity: what the EHR holds is what the device last said, once, in order ===
 
 const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
 
 fn reader(pki: &TestPki, ehr: &RunningEhr) -> EhrReader {
     EhrReader {
@@ -684,9 +685,7 @@ async fn a_destination_that_takes_no_corrections_gets_none_and_the_device_hears_
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
         now_rfc3339(),
-        (OffsetDateTime::now_utc() - time::Duration::seconds(1))
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap(),
+        rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(1)),
     );
 
     let first = post(&pki, &gateway, &flows("CH-R1", &[(4.2, &t1)]))
@@ -735,11 +734,7 @@ async fn repeats_in_one_request_are_merged_and_contradictions_refused_naming_bot
     let (pki, ehr, _dir, gateway) = durable_gateway().await;
     let admin = pki.client(ADMIN);
     let times: Vec<String> = (0..5)
-        .map(|n| {
-            (OffsetDateTime::now_utc() - time::Duration::seconds(n))
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap()
-        })
+        .map(|n| rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(n)))
         .collect();
     // 1,000 readings, 5 distinct: a console replaying its buffer.
     let readings: Vec<(f64, &str)> = (0..1000).map(|n| (4.0, times[n % 5].as_str())).collect();
@@ -819,9 +814,7 @@ async fn per_resource_order_holds_when_an_attempt_fails() {
 
     // A run: the first state fails once; the newer one must land after it, never before.
     let run = "ORDER-1";
-    let started = (OffsetDateTime::now_utc() - time::Duration::hours(2))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    let started = rfc3339(OffsetDateTime::now_utc() - time::Duration::hours(2));
     let events = |body: Value| {
         let client = pki.client(GETINGE);
         let url = gateway.url(&format!("/v1/runs/{run}/events"));
@@ -887,9 +880,7 @@ async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
         now_rfc3339(),
-        (OffsetDateTime::now_utc() - time::Duration::seconds(1))
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap(),
+        rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(1)),
     );
     let first = post(&pki, &gateway, &flows("CH-E1", &[(4.2, &t1), (4.3, &t2)]))
         .await
@@ -928,9 +919,7 @@ async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
         .json();
     assert_eq!(again["resources"][0]["dispositions"]["ehr"], "unchanged");
     // A reading never sent: 404 naming it; a device of another vendor: 403.
-    let never = (OffsetDateTime::now_utc() - time::Duration::hours(1))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    let never = rfc3339(OffsetDateTime::now_utc() - time::Duration::hours(1));
     let outcome = pki
         .client(GETINGE)
         .post_json(&url, &retraction(&never))
