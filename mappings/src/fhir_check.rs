@@ -3,7 +3,7 @@
 //! missing required elements.
 
 use fhirbolt::model::r4::resources::{
-    CodeSystem, Device, Observation, Procedure, StructureDefinition, ValueSet,
+    CodeSystem, Device, Observation, Procedure, Provenance, StructureDefinition, ValueSet,
 };
 use fhirbolt::serde::{DeserializationConfig, DeserializationMode};
 
@@ -12,6 +12,7 @@ pub const CHECKED_TYPES: &[&str] = &[
     "Observation",
     "Procedure",
     "Device",
+    "Provenance",
     "StructureDefinition",
     "ValueSet",
     "CodeSystem",
@@ -52,6 +53,7 @@ pub fn check_resource_value(
         "Observation" => fhirbolt::json::from_json_value::<Observation>(value, strict).map(drop),
         "Procedure" => fhirbolt::json::from_json_value::<Procedure>(value, strict).map(drop),
         "Device" => fhirbolt::json::from_json_value::<Device>(value, strict).map(drop),
+        "Provenance" => fhirbolt::json::from_json_value::<Provenance>(value, strict).map(drop),
         "StructureDefinition" => {
             fhirbolt::json::from_json_value::<StructureDefinition>(value, strict).map(drop)
         }

@@ -14,6 +14,7 @@ mod datetime;
 mod fhir_check;
 mod identity;
 mod observation;
+mod provenance;
 mod reading;
 mod run;
 mod table;
@@ -29,6 +30,11 @@ pub use datetime::{DeviceTime, TimeError, TimeWindow};
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};
 pub use observation::CheckedQuantity;
+pub use provenance::{
+    DeviceAgent, GATEWAY_IDENTIFIER_SYSTEM, OPERATOR_IDENTIFIER_SYSTEM, PROVENANCE_TAG_SYSTEM,
+    ProvenanceActivity, ProvenanceSource, ProvenanceTarget, Sender, TRACKING_ID_SYSTEM,
+    VENDOR_IDENTIFIER_SYSTEM, business_key_parameter, provenance,
+};
 pub use reading::{
     DeviceContext, PatientRef, Reading, ReadingError, ReadingField, ReadingFlags, ReadingValue,
     RunLink,

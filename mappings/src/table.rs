@@ -163,6 +163,10 @@ pub struct DeviceFamily {
     pub invalid_markers: Vec<f64>,
     /// Identifier system of this manufacturer's serial numbers.
     pub serial_system: String,
+    /// What exactly maps this family: `sha256:` and the first 12 hex digits of the family file
+    /// and the unit table it converts with. Named in every Provenance, so an EHR can tell which
+    /// table made a resource after a site changed one.
+    pub version: String,
     parameters: Vec<Parameter>,
     by_name: HashMap<String, usize>,
 }
@@ -245,7 +249,8 @@ impl Mappings {
         let mut by_model: HashMap<String, usize> = HashMap::new();
         let mut family_ids: HashMap<String, String> = HashMap::new();
         for (name, text) in files.iter().filter(|(n, _)| !n.ends_with("units.toml")) {
-            let family = load_family(name, text, &units, &codes)?;
+            let mut family = load_family(name, text, &units, &codes)?;
+            family.version = table_version(text, units_text);
             if let Some(other) = family_ids.insert(family.id.clone(), name.clone()) {
                 return Err(TableError::new(
                     name,
@@ -490,6 +495,7 @@ fn load_family(
             crate::DEVICE_SERIAL_SYSTEM_PREFIX,
             manufacturer_slug
         ),
+        version: String::new(),
         id: f.id,
         manufacturer: f.manufacturer,
         display: f.display,
@@ -498,6 +504,18 @@ fn load_family(
         parameters,
         by_name,
     })
+}
+
+/// `sha256:` + 12 hex digits of the family file and the unit table together.
+fn table_version(family_text: &str, units_text: &str) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(family_text.as_bytes());
+    hasher.update([0]);
+    hasher.update(units_text.as_bytes());
+    let digest = hasher.finalize();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 #[cfg(test)]
