@@ -249,10 +249,12 @@ async fn errors_dropped_connections_and_an_outage_are_ridden_out() {
             stats["delivered"].as_u64(),
             stats["dead"].as_u64()
         ),
-        (Some(60), Some(60), Some(0)),
+        // 60 readings and one Provenance per request.
+        (Some(65), Some(65), Some(0)),
         "{queues}"
     );
     assert_eq!(store.count("Observation"), 60);
+    assert_eq!(store.count("Provenance"), 5);
     assert!(
         store
             .identifier_counts("Observation")
@@ -298,7 +300,8 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
 
     let admin = pki.client(ADMIN);
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
-    assert_eq!(queues["destinations"][0]["delivered"], 11, "{queues}");
+    // 11 readings and the request's Provenance.
+    assert_eq!(queues["destinations"][0]["delivered"], 12, "{queues}");
     assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
     assert_eq!(
         ehr.ehr.count("Observation"),
@@ -373,9 +376,10 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
             queues["destinations"][0]["delivered"].as_u64(),
             queues["destinations"][0]["dead"].as_u64()
         ),
-        (Some(12), Some(0))
+        (Some(13), Some(0))
     );
     assert_eq!(ehr.ehr.count("Observation"), 12);
+    assert_eq!(ehr.ehr.count("Provenance"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -522,8 +526,9 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
         .find(|d| d["destination"] == "registry")
         .unwrap()
         .clone();
-    assert_eq!(registry["accepted"], 12);
-    assert_eq!(registry["pending"], 12);
+    // 12 readings and their Provenance.
+    assert_eq!(registry["accepted"], 13);
+    assert_eq!(registry["pending"], 13);
     assert!(registry["oldestPendingSeconds"].as_f64().is_some());
 }
 
@@ -969,4 +974,188 @@ async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
         .expect_status(202)
         .json();
     assert_eq!(resend["resources"][0]["dispositions"]["ehr"], "unchanged");
+}
+
+/// The Provenances the EHR holds whose key (`meta.tag`) starts with `tracking_id`.
+async fn provenances_of(reader: &EhrReader, tracking_id: &str) -> Vec<Value> {
+    reader
+        .all("Provenance")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| {
+            p["meta"]["tag"][0]["code"]
+                .as_str()
+                .is_some_and(|code| code.starts_with(&format!("{tracking_id}.")))
+        })
+        .collect()
+}
+
+fn target_values(provenance: &Value) -> Vec<String> {
+    provenance["target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["identifier"]["value"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once() {
+    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let (t1, t2) = (
+        now_rfc3339(),
+        rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(1)),
+    );
+    let mut batch = flows("CH-P1", &[(4.2, &t1), (4.3, &t2)]);
+    batch["device"]["firmware"] = json!("5.1.2");
+
+    // The first answer is lost after the EHR stored the transaction: the retry must not write
+    // a second Provenance (nor a second Observation).
+    ehr.ehr.fail_next(Fault::lose_answer(), 1);
+    let first = post(&pki, &gateway, &batch).await.expect_status(202).json();
+    let tracking_id = first["trackingId"].as_str().unwrap().to_owned();
+    let identifier = |i: usize| {
+        first["resources"][i]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let created = provenances_of(&reader, &tracking_id).await;
+    assert_eq!(created.len(), 1, "{created:?}");
+    let p = &created[0];
+    assert_eq!(p["activity"]["coding"][0]["code"], "CREATE");
+    let mut targets = target_values(p);
+    targets.sort();
+    let mut expected = vec![identifier(0), identifier(1)];
+    expected.sort();
+    assert_eq!(targets, expected);
+    assert!(p["recorded"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(p["agent"][0]["type"]["coding"][0]["code"], "author");
+    assert_eq!(p["agent"][0]["who"]["identifier"]["value"], "CH-P1");
+    assert_eq!(
+        p["agent"][0]["who"]["display"],
+        "CARDIOHELP-i CH-P1, firmware 5.1.2"
+    );
+    assert_eq!(p["agent"][1]["type"]["coding"][0]["code"], "transmitter");
+    assert_eq!(p["agent"][1]["who"]["identifier"]["value"], "getinge");
+    assert!(
+        p["agent"][1]["who"]["display"]
+            .as_str()
+            .unwrap()
+            .contains("client certificate getinge")
+    );
+    assert_eq!(p["agent"][2]["type"]["coding"][0]["code"], "assembler");
+    assert!(
+        p["agent"][2]["who"]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("ecmo-gateway/")
+    );
+    let policy = p["policy"][0].as_str().unwrap();
+    assert!(
+        policy.starts_with("https://fhir.ecmo-gateway.org/mappings/getinge-cardiohelp/sha256:"),
+        "{policy}"
+    );
+    assert_eq!(p["entity"][0]["what"]["identifier"]["value"], tracking_id);
+    assert_eq!(ehr.ehr.count("Observation"), 2);
+
+    // A resend changes nothing, so it is traced by nothing new.
+    let resend = post(&pki, &gateway, &batch).await.expect_status(202).json();
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let resend_id = resend["trackingId"].as_str().unwrap();
+    assert!(provenances_of(&reader, resend_id).await.is_empty());
+
+    // A correction is traced with its reason.
+    let mut corrected = flows("CH-P1", &[(4.6, &t1)]);
+    corrected["device"]["firmware"] = json!("5.1.2");
+    let correction = post(&pki, &gateway, &corrected)
+        .await
+        .expect_status(202)
+        .json();
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let amended = provenances_of(&reader, correction["trackingId"].as_str().unwrap()).await;
+    assert_eq!(amended.len(), 1);
+    assert_eq!(amended[0]["activity"]["coding"][0]["code"], "UPDATE");
+    assert_eq!(target_values(&amended[0]), [identifier(0)]);
+    assert!(
+        amended[0]["reason"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("corrected by the device")
+    );
+
+    // A device's retraction carries the reason it gave; an operator's names the operator.
+    let retraction = json!({"device": {"serial": "CH-P1", "model": "CARDIOHELP-i"},
+        "reason": "sensor was disconnected", "readings": [{"parameter": "Flow", "time": &t1}]});
+    let by_device = pki
+        .client(GETINGE)
+        .post_json(
+            &gateway.url("/v1/observations/entered-in-error"),
+            &retraction,
+        )
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    let path = format!(
+        "/admin/v1/observations/{}/entered-in-error?reason=wrong%20patient",
+        identifier(1)
+    );
+    let by_operator = admin
+        .post_json(&gateway.admin_url(&path), &json!({}))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let device_retraction =
+        provenances_of(&reader, by_device["trackingId"].as_str().unwrap()).await;
+    assert_eq!(device_retraction.len(), 1);
+    assert_eq!(
+        device_retraction[0]["activity"]["coding"][0]["code"],
+        "NULLIFY"
+    );
+    assert_eq!(
+        device_retraction[0]["reason"][0]["text"],
+        "entered in error: taken back by the device: sensor was disconnected"
+    );
+    assert_eq!(target_values(&device_retraction[0]), [identifier(0)]);
+    let operator_retraction =
+        provenances_of(&reader, by_operator["trackingId"].as_str().unwrap()).await;
+    assert_eq!(operator_retraction.len(), 1);
+    let p = &operator_retraction[0];
+    assert_eq!(p["agent"][0]["type"]["coding"][0]["code"], "enterer");
+    assert_eq!(p["agent"][0]["who"]["identifier"]["value"], "ops-admin");
+    assert_eq!(
+        p["reason"][0]["text"],
+        "entered in error: taken back by an operator of the gateway: wrong patient"
+    );
+    assert_eq!(target_values(p), [identifier(1)]);
+
+    // Every Provenance the EHR holds is one of these four.
+    assert_eq!(ehr.ehr.count("Provenance"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_without_provenance_gets_none() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1\n",
+        "max_attempts = 1\nprovenance = false\n",
+    );
+    assert!(config.contains("provenance = false"));
+    let gateway = GatewayProcess::start(&config).unwrap();
+    post(&pki, &gateway, &flows("CH-P2", &[(4.2, &now_rfc3339())]))
+        .await
+        .expect_status(202);
+    let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(30)).await;
+    assert_eq!(queues["destinations"][0]["delivered"], 1, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 1);
+    assert_eq!(ehr.ehr.count("Provenance"), 0);
 }

@@ -127,6 +127,7 @@ impl Gateway {
                             destination: settings.name.clone(),
                             only: settings.only.clone(),
                             corrections: settings.corrections,
+                            provenance: settings.provenance,
                         });
                         let worker = DeliveryWorker::new(
                             destination,
@@ -164,6 +165,7 @@ impl Gateway {
             let stack = crate::admin::build_admin_stack(
                 admin.identities.clone(),
                 outbox.clone(),
+                handoff.clone(),
                 clocks.clone(),
             );
             tokio::spawn(serve_mtls(

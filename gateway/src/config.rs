@@ -234,6 +234,10 @@ pub struct DestinationSettings {
     /// What a corrected reading (same device, parameter and time, another value) does here.
     #[serde(default)]
     pub corrections: Corrections,
+    /// Outbox mode: a Provenance per accepted request and kind of write (device, vendor,
+    /// mapping table, gateway build, reason). Off for EHRs that refuse Provenance writes.
+    #[serde(default = "defaults::provenance")]
+    pub provenance: bool,
 }
 
 /// What the gateway does when a device sends a reading again with a different value.
@@ -306,6 +310,9 @@ mod defaults {
     }
     pub fn max_past_age() -> Duration {
         Duration::from_secs(24 * 3600)
+    }
+    pub fn provenance() -> bool {
+        true
     }
     pub fn max_bundle_entries() -> usize {
         500

@@ -33,8 +33,9 @@ pub fn full_body(bytes: impl Into<bytes::Bytes>) -> BoxBody {
         .boxed()
 }
 
-/// Installs the process-wide rustls crypto provider (aws-lc-rs). Call once at start; later
-/// calls are harmless.
+/// This build, as every Provenance names it.
+pub const GATEWAY_BUILD: &str = concat!("ecmo-gateway/", env!("CARGO_PKG_VERSION"));
+
 /// An error and its causes, `outer: inner: innermost`, for logs and refusal reasons.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -47,6 +48,8 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Installs the process-wide rustls crypto provider (aws-lc-rs). Call once at start; later
+/// calls are harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

@@ -114,9 +114,9 @@ impl ProvenanceActivity {
     /// The gateway's own reason; `None` for writes that need none.
     fn reason(self, sender: &Sender) -> Option<&'static str> {
         match (self, sender) {
-            (Self::Amend, _) => Some(
-                "corrected by the device: it sent the reading again with a different value",
-            ),
+            (Self::Amend, _) => {
+                Some("corrected by the device: it sent the reading again with a different value")
+            }
             (Self::Retract, Sender::Vendor { .. }) => {
                 Some("entered in error: taken back by the device")
             }
@@ -205,12 +205,7 @@ fn is_empty(text: &&str) -> bool {
     text.is_empty()
 }
 
-fn agent<'a>(
-    system: &'a str,
-    code: &'a str,
-    display: &'a str,
-    who: Reference<'a>,
-) -> Agent<'a> {
+fn agent<'a>(system: &'a str, code: &'a str, display: &'a str, who: Reference<'a>) -> Agent<'a> {
     Agent {
         kind: Concept {
             coding: vec![Coding {
@@ -277,7 +272,9 @@ pub fn provenance(
                     system: OPERATOR_IDENTIFIER_SYSTEM,
                     value: certificate,
                 },
-                display: Some(format!("gateway operator (admin certificate {certificate})")),
+                display: Some(format!(
+                    "gateway operator (admin certificate {certificate})"
+                )),
             },
         ),
     });
@@ -397,7 +394,12 @@ mod tests {
 
     #[test]
     fn a_provenance_names_device_sender_table_and_gateway_and_is_valid_r4() {
-        let built = provenance(&source(vendor()), "t-1", ProvenanceActivity::Create, &[TARGET]);
+        let built = provenance(
+            &source(vendor()),
+            "t-1",
+            ProvenanceActivity::Create,
+            &[TARGET],
+        );
         crate::check_resource_json("Provenance", &built.json).unwrap();
         let xml = crate::resource_to_xml(&built.json).unwrap();
         assert!(xml.starts_with(b"<Provenance xmlns=\"http://hl7.org/fhir\">"));
@@ -409,9 +411,15 @@ mod tests {
             value["agent"][0]["who"]["display"],
             "CARDIOHELP-i CH-1, firmware 5.1.2"
         );
-        assert_eq!(value["agent"][1]["type"]["coding"][0]["code"], "transmitter");
+        assert_eq!(
+            value["agent"][1]["type"]["coding"][0]["code"],
+            "transmitter"
+        );
         assert_eq!(value["agent"][1]["who"]["identifier"]["value"], "getinge");
-        assert_eq!(value["agent"][2]["who"]["identifier"]["value"], "ecmo-gateway/0.1.0");
+        assert_eq!(
+            value["agent"][2]["who"]["identifier"]["value"],
+            "ecmo-gateway/0.1.0"
+        );
         assert_eq!(
             value["policy"][0],
             "https://fhir.ecmo-gateway.org/mappings/getinge-cardiohelp/sha256:0123456789ab"
@@ -426,7 +434,12 @@ mod tests {
 
     #[test]
     fn corrections_and_retractions_carry_their_reason() {
-        let amended = provenance(&source(vendor()), "t-2", ProvenanceActivity::Amend, &[TARGET]);
+        let amended = provenance(
+            &source(vendor()),
+            "t-2",
+            ProvenanceActivity::Amend,
+            &[TARGET],
+        );
         let value: Value = serde_json::from_slice(&amended.json).unwrap();
         assert_eq!(value["activity"]["coding"][0]["code"], "UPDATE");
         assert!(

@@ -34,6 +34,9 @@ pub struct Fault {
     pub retry_after: Option<u32>,
     /// Close the connection without answering.
     pub drop_connection: bool,
+    /// Process the write, then close the connection without answering: the client cannot
+    /// know that it was stored (a lost response, the case idempotent writes are for).
+    pub lose_answer: bool,
 }
 
 impl Fault {
@@ -59,6 +62,13 @@ impl Fault {
     pub fn drop_connection() -> Self {
         Self {
             drop_connection: true,
+            ..Self::default()
+        }
+    }
+
+    pub fn lose_answer() -> Self {
+        Self {
+            lose_answer: true,
             ..Self::default()
         }
     }
@@ -267,7 +277,11 @@ impl ReferenceEhr {
                 return Ok(fault_response(status, fault.retry_after));
             }
         }
+        let lose_answer = fault.is_some_and(|f| f.lose_answer);
         let response = self.handle(request).await;
+        if lose_answer {
+            return Err(Dropped.into());
+        }
         if is_write {
             lock(&self.writes).push(WriteRecord {
                 arrived,
@@ -476,13 +490,14 @@ impl ReferenceEhr {
         }
     }
 
-    /// `identifier=system|value` and `_count`; no parameters lists everything of the type.
+    /// `identifier=system|value`, `_tag=system|code` and `_count`; no parameters lists
+    /// everything of the type.
     fn search(&self, resource_type: &str, query: &str) -> Response<BoxBody> {
         let mut identifier = None;
         let mut count = usize::MAX;
         for (key, value) in form_pairs(query) {
             match key.as_str() {
-                "identifier" => identifier = Some(value),
+                "identifier" | "_tag" => identifier = search_key(&key, value),
                 "_count" => count = value.parse().unwrap_or(usize::MAX),
                 _ => {
                     return outcome(
@@ -738,19 +753,28 @@ fn parse_resource(resource_type: &str, body: &[u8]) -> Result<Value, Refusal> {
     Ok(value)
 }
 
-/// `identifier=system|value` (percent-encoded) -> `system|value`.
+/// `identifier=system|value` (percent-encoded) -> `system|value`; `_tag=system|code` ->
+/// `_tag:system|code`, the store's index keys.
 fn identifier_condition(condition: &str) -> Result<String, Refusal> {
     form_pairs(condition)
         .into_iter()
-        .find(|(k, _)| k == "identifier")
-        .map(|(_, v)| v)
+        .find_map(|(k, v)| search_key(&k, v))
         .ok_or_else(|| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "not-supported",
-                "only identifier= conditions are supported".into(),
+                "only identifier= and _tag= conditions are supported".into(),
             )
         })
+}
+
+/// The store's index key for a token search parameter it supports.
+fn search_key(parameter: &str, value: String) -> Option<String> {
+    match parameter {
+        "identifier" => Some(value),
+        "_tag" => Some(format!("_tag:{value}")),
+        _ => None,
+    }
 }
 
 fn form_pairs(query: &str) -> Vec<(String, String)> {
@@ -813,7 +837,7 @@ fn outcome(status: StatusCode, code: &'static str, details: &str) -> Response<Bo
 }
 
 fn capability_statement() -> Value {
-    let resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient"]
+    let resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient", "Provenance"]
         .iter()
         .map(|t| {
             json!({
@@ -821,7 +845,7 @@ fn capability_statement() -> Value {
                 "interaction": [{"code": "create"}, {"code": "update"}, {"code": "read"}, {"code": "search-type"}],
                 "conditionalCreate": true,
                 "updateCreate": true,
-                "searchParam": [{"name": "identifier", "type": "token"}]
+                "searchParam": [{"name": "identifier", "type": "token"}, {"name": "_tag", "type": "token"}]
             })
         })
         .collect();

@@ -18,7 +18,7 @@ pub struct Store {
     resources: HashMap<(String, String), Stored>,
     /// Every version of every resource, oldest first (FHIR's `_history`).
     versions: HashMap<(String, String), Vec<Value>>,
-    /// (type, "system|value") -> id
+    /// (type, "system|value" or "_tag:system|code") -> id
     identifiers: HashMap<(String, String), String>,
     next_id: u64,
     next_sequence: u64,
@@ -72,6 +72,26 @@ pub fn identifier_tokens(resource: &Value) -> Vec<String> {
             ))
         })
         .collect()
+}
+
+/// Index keys of a resource: its identifier tokens, and `_tag:system|code` for each
+/// `meta.tag` (how a resource without identifiers, such as a Provenance, is found again).
+pub fn search_tokens(resource: &Value) -> Vec<String> {
+    let mut tokens = identifier_tokens(resource);
+    tokens.extend(
+        resource["meta"]["tag"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                Some(format!(
+                    "_tag:{}|{}",
+                    t["system"].as_str().unwrap_or(""),
+                    t["code"].as_str()?
+                ))
+            }),
+    );
+    tokens
 }
 
 impl Store {
@@ -172,7 +192,7 @@ impl Store {
 
     fn put_version(&mut self, resource_type: &str, id: &str, mut resource: Value, version: u64) {
         resource["meta"]["versionId"] = Value::String(version.to_string());
-        for token in identifier_tokens(&resource) {
+        for token in search_tokens(&resource) {
             self.identifiers
                 .insert((resource_type.to_owned(), token), id.to_owned());
         }

@@ -13,7 +13,7 @@
 //! | `GET /admin/v1/dead-letters/{message-id}` | one dead letter |
 //! | `POST /admin/v1/dead-letters/{message-id}/replay` | make it pending again, fresh budget |
 //! | `POST /admin/v1/dead-letters/replay[?destination=]` | replay all (of a destination) |
-//! | `POST /admin/v1/observations/{identifier}/entered-in-error` | take a reading back at every destination |
+//! | `POST /admin/v1/observations/{identifier}/entered-in-error[?reason=]` | take a reading back at every destination |
 
 pub mod client;
 
@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tower::filter::{FilterLayer, Predicate};
 use tower::{Service, ServiceBuilder};
 
+use crate::delivery::{DeliveryError, Handoff, RetractReceipt};
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::outbox::Outbox;
 use crate::outcome::{ApiError, Issue, fhir_json_response};
@@ -37,12 +38,19 @@ pub struct AdminOnly {
     identities: Arc<HashSet<String>>,
 }
 
+/// The admin certificate identity a request came with, for the Provenance of what an
+/// operator does.
+#[derive(Debug, Clone)]
+pub struct AdminIdentity(pub String);
+
 impl<B> Predicate<Request<B>> for AdminOnly {
     type Request = Request<B>;
 
-    fn check(&mut self, request: Request<B>) -> Result<Request<B>, BoxError> {
+    fn check(&mut self, mut request: Request<B>) -> Result<Request<B>, BoxError> {
         let peer = request.extensions().get::<PeerIdentity>();
-        if peer.is_some_and(|p| p.names.iter().any(|n| self.identities.contains(n))) {
+        let admin = peer.and_then(|p| p.names.iter().find(|n| self.identities.contains(*n)));
+        if let Some(admin) = admin.cloned() {
+            request.extensions_mut().insert(AdminIdentity(admin));
             return Ok(request);
         }
         let label = peer.map(PeerIdentity::label).unwrap_or("(none)");
@@ -62,6 +70,7 @@ impl<B> Predicate<Request<B>> for AdminOnly {
 pub fn build_admin_stack<B: Send + 'static>(
     identities: Vec<String>,
     outbox: Option<Arc<dyn Outbox>>,
+    handoff: Arc<dyn Handoff>,
     clocks: Arc<DeviceClocks>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
@@ -74,15 +83,21 @@ pub fn build_admin_stack<B: Send + 'static>(
         }))
         .service(tower::service_fn(move |request: Request<B>| {
             let outbox = outbox.clone();
+            let handoff = handoff.clone();
             let clocks = clocks.clone();
+            let admin = request
+                .extensions()
+                .get::<AdminIdentity>()
+                .map(|a| a.0.clone())
+                .unwrap_or_default();
             async move {
-                route(
+                let context = Context {
                     outbox,
-                    &clocks,
-                    request.method().clone(),
-                    request.uri().clone(),
-                )
-                .await
+                    handoff,
+                    clocks: &clocks,
+                    admin,
+                };
+                route(context, request.method().clone(), request.uri().clone()).await
             }
         }))
 }
@@ -120,12 +135,22 @@ fn storage(error: crate::outbox::OutboxError) -> BoxError {
     .into()
 }
 
-async fn route(
+/// What the admin routes work with.
+struct Context<'a> {
     outbox: Option<Arc<dyn Outbox>>,
-    clocks: &DeviceClocks,
+    /// Ingress's hand-off: what operators change goes the same way as what devices send.
+    handoff: Arc<dyn Handoff>,
+    clocks: &'a DeviceClocks,
+    /// The admin certificate identity of the request.
+    admin: String,
+}
+
+async fn route(
+    context: Context<'_>,
     method: Method,
     uri: http::Uri,
 ) -> Result<Response<BoxBody>, BoxError> {
+    let clocks = context.clocks;
     let path = uri.path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     if segments == ["healthz"] && method == Method::GET {
@@ -145,7 +170,7 @@ async fn route(
             &json!({"devices": clocks.snapshot()}),
         ));
     }
-    let Some(outbox) = outbox else {
+    let Some(outbox) = context.outbox else {
         if segments == ["readyz"] {
             return Ok(json_response(
                 StatusCode::OK,
@@ -231,7 +256,6 @@ async fn route(
         ) => {
             // An operator takes a reading back, by its Observation identifier value.
             let identifier = percent_encoding::percent_decode_str(identifier).decode_utf8_lossy();
-            let tracking_id = uuid::Uuid::new_v4().to_string();
             let retraction = crate::outbox::Retraction {
                 resource_type: "Observation".into(),
                 logical_id: mappings::logical_id(
@@ -239,9 +263,22 @@ async fn route(
                     &identifier,
                 ),
             };
-            match outbox.retract(tracking_id.clone(), vec![retraction]).await {
-                Ok(placed) => {
-                    let destinations: serde_json::Map<String, Value> = placed
+            let source = Arc::new(mappings::ProvenanceSource {
+                sender: mappings::Sender::Operator {
+                    certificate: context.admin,
+                },
+                devices: Vec::new(),
+                tables: Vec::new(),
+                gateway: crate::GATEWAY_BUILD,
+                received: crate::ingress::fhir_instant_now(),
+                reason: query_param(&uri, "reason").filter(|r| !r.is_empty() && r.len() <= 500),
+            });
+            match context.handoff.retract(vec![retraction], source).await {
+                Ok(RetractReceipt {
+                    tracking_id,
+                    placements,
+                }) => {
+                    let destinations: serde_json::Map<String, Value> = placements
                         .into_iter()
                         .flatten()
                         .map(|(d, e)| {
@@ -254,10 +291,14 @@ async fn route(
                         &json!({"trackingId": tracking_id, "destinations": destinations}),
                     ))
                 }
-                Err(crate::outbox::OutboxError::Unknown(_)) => Err(not_found(format!(
+                Err(DeliveryError::UnknownResources { .. }) => Err(not_found(format!(
                     "no destination was ever given Observation '{identifier}'"
                 ))),
-                Err(e) => Err(storage(e)),
+                Err(e) => Err(ApiError::one(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Issue::error("exception", e.to_string()),
+                )
+                .into()),
             }
         }
         (&Method::POST, ["admin", "v1", "dead-letters", id, "replay"]) => {

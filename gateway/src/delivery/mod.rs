@@ -43,6 +43,8 @@ pub struct OutboundBatch {
     /// For resources that change over time (a run's Procedure): how many events the state
     /// they describe includes. A state older than one already accepted is never sent after it.
     pub revision: Option<i64>,
+    /// Who sent the batch and what made its resources, for their Provenance.
+    pub source: Arc<mappings::ProvenanceSource>,
 }
 
 /// What the hand-off did with a batch.
@@ -119,8 +121,9 @@ pub trait Handoff: Send + Sync + 'static {
     fn retract(
         &self,
         resources: Vec<crate::outbox::Retraction>,
+        source: Arc<mappings::ProvenanceSource>,
     ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
-        let _ = resources;
+        let _ = (resources, source);
         Box::pin(async {
             Err(DeliveryError::Unsupported(
                 "retracting readings needs the outbox ([delivery] mode = \"outbox\"): direct delivery keeps no record of what each EHR was given".into(),

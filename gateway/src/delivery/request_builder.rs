@@ -72,13 +72,18 @@ impl RequestBuilder {
         self.write
     }
 
-    /// The search that finds a resource again: `identifier=<system>|<value>`, escaped.
+    /// The search that finds a resource again by its business key,
+    /// `identifier=<system>|<value>` (a Provenance: `_tag=`), escaped.
     pub fn identifier_query(resource: &MappedResource) -> String {
         let token = format!(
             "{}|{}",
             resource.identifier_system, resource.identifier_value
         );
-        format!("identifier={}", utf8_percent_encode(&token, QUERY_VALUE))
+        format!(
+            "{}={}",
+            mappings::business_key_parameter(resource.resource_type),
+            utf8_percent_encode(&token, QUERY_VALUE)
+        )
     }
 
     /// One request for one resource: conditional create (or conditional update for resources

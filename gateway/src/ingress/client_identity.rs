@@ -16,6 +16,8 @@ use crate::peer::PeerIdentity;
 #[derive(Debug, Clone)]
 pub struct VendorPolicy {
     pub name: String,
+    /// The certificate identity that names this vendor, for Provenance.
+    pub identity: String,
     serials: HashSet<String>,
     /// Lower-cased, as model names differ in case between consoles and configs.
     models: HashSet<String>,
@@ -40,6 +42,7 @@ impl Vendors {
             .map(|v| {
                 let policy = VendorPolicy {
                     name: v.name.clone(),
+                    identity: v.identity.clone(),
                     serials: v.serials.iter().cloned().collect(),
                     models: v.models.iter().map(|m| m.to_ascii_lowercase()).collect(),
                 };

@@ -159,6 +159,7 @@ mod tests {
             .into(),
             origins: vec!["/readings/0".into()],
             revision: None,
+            source: crate::outbox::provenance::test_source(),
         })
     }
 

@@ -128,6 +128,7 @@ mod tests {
                 .collect(),
             resources: resources.into(),
             revision: None,
+            source: crate::outbox::provenance::test_source(),
         }
     }
 

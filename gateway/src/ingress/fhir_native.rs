@@ -125,16 +125,38 @@ where
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            let (resources, origins, model) = this.prepare(&vendor, observations)?;
+            let prepared = this.prepare(&vendor, observations)?;
+            // Routing by model: the family's first model (a FHIR Device reference names none).
+            let model = prepared
+                .devices
+                .last()
+                .and_then(|(family, _)| family.models.first().cloned())
+                .unwrap_or_default();
+            let agents = prepared
+                .devices
+                .iter()
+                .map(|(family, serial)| mappings::DeviceAgent {
+                    serial_system: family.serial_system.clone(),
+                    serial: serial.clone(),
+                    model: family.display.clone(),
+                    firmware: None,
+                })
+                .collect();
+            let tables: Vec<(String, String)> = prepared
+                .devices
+                .iter()
+                .map(|(family, _)| crate::ingress::table_of(family))
+                .collect();
             Ok(Request::from_parts(
                 parts,
                 OutboundBatch {
                     request_id,
                     vendor: vendor.name.clone(),
                     model,
-                    resources: resources.into(),
-                    origins,
+                    resources: prepared.resources.into(),
+                    origins: prepared.origins,
                     revision: None,
+                    source: crate::ingress::provenance_source(Some(&vendor), agents, tables, None),
                 },
             ))
         })
@@ -301,17 +323,24 @@ fn xml_bundle_entries(xml: &[u8]) -> Result<Vec<(String, Value)>, BoxError> {
     }
 }
 
+/// The Observations of a request, checked and completed, with the devices they name.
+struct Prepared<'m> {
+    resources: Vec<MappedResource>,
+    origins: Vec<String>,
+    devices: Vec<(&'m DeviceFamily, String)>,
+}
+
 impl FhirObservations {
     /// Every Observation checked and completed; every problem of every entry at once.
     fn prepare(
         &self,
         vendor: &VendorPolicy,
         observations: Vec<(String, Value)>,
-    ) -> Result<(Vec<MappedResource>, Vec<String>, String), BoxError> {
+    ) -> Result<Prepared<'_>, BoxError> {
         let mut resources = Vec::with_capacity(observations.len());
         let mut origins = Vec::with_capacity(observations.len());
         let mut issues = Vec::new();
-        let mut model = String::new();
+        let mut devices: Vec<(&DeviceFamily, String)> = Vec::new();
         let window = TimeWindow {
             received_at: OffsetDateTime::now_utc(),
             ..self.window
@@ -320,8 +349,13 @@ impl FhirObservations {
         let mut periods: HashMap<String, ConsolePeriods> = HashMap::new();
         for (pointer, observation) in observations {
             match self.prepare_one(vendor, &pointer, observation, &window, &mut periods) {
-                Ok((resource, family_model)) => {
-                    model = family_model;
+                Ok((resource, family, serial)) => {
+                    if !devices
+                        .iter()
+                        .any(|(f, s)| f.id == family.id && *s == serial)
+                    {
+                        devices.push((family, serial));
+                    }
                     resources.push(resource);
                     origins.push(if pointer.is_empty() {
                         "/".to_owned()
@@ -341,7 +375,11 @@ impl FhirObservations {
         if !issues.is_empty() {
             return Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, issues));
         }
-        Ok((resources, origins, model))
+        Ok(Prepared {
+            resources,
+            origins,
+            devices,
+        })
     }
 
     fn prepare_one(
@@ -351,7 +389,7 @@ impl FhirObservations {
         mut observation: Value,
         window: &TimeWindow,
         periods: &mut HashMap<String, ConsolePeriods>,
-    ) -> Result<(MappedResource, String), Refusal> {
+    ) -> Result<(MappedResource, &DeviceFamily, String), Refusal> {
         let at = |field: &str| format!("{pointer}{field}");
         let invalid = |code: &'static str, field: &str, details: String| {
             Refusal::Invalid(vec![Issue::error(code, details).at(at(field))])
@@ -535,7 +573,6 @@ impl FhirObservations {
             ));
         }
         let json = serde_json::to_vec(&observation).unwrap_or_default();
-        let model = family.models.first().cloned().unwrap_or_default();
         Ok((
             MappedResource {
                 resource_type: "Observation",
@@ -548,7 +585,8 @@ impl FhirObservations {
                 json,
                 upsert: false,
             },
-            model,
+            family,
+            serial,
         ))
     }
 

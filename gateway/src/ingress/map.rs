@@ -163,15 +163,26 @@ impl Predicate<Request<Value>> for MapObservations {
         let vendor = parts
             .extensions
             .get::<Arc<crate::ingress::VendorPolicy>>()
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
+            .cloned();
+        let device = mappings::DeviceAgent {
+            serial_system: family.serial_system.clone(),
+            serial: serial.to_owned(),
+            model: model.to_owned(),
+            firmware: body["device"]["firmware"].as_str().map(str::to_owned),
+        };
         let batch = OutboundBatch {
             request_id: crate::ingress::request_id(&parts.headers),
-            vendor,
+            vendor: vendor.as_ref().map(|v| v.name.clone()).unwrap_or_default(),
             model: model.to_owned(),
             resources: resources.into(),
             origins,
             revision: None,
+            source: crate::ingress::provenance_source(
+                vendor.as_deref(),
+                vec![device],
+                [crate::ingress::table_of(family)],
+                None,
+            ),
         };
         Ok(Request::from_parts(parts, batch))
     }

@@ -46,3 +46,43 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or("-")
         .to_owned()
 }
+
+/// The Provenance facts of a request from `vendor`: who sent it (the vendor and its
+/// certificate), the devices and mapping tables (family id, version) it used, and when it
+/// arrived.
+pub fn provenance_source(
+    vendor: Option<&VendorPolicy>,
+    devices: Vec<mappings::DeviceAgent>,
+    tables: impl IntoIterator<Item = (String, String)>,
+    reason: Option<String>,
+) -> std::sync::Arc<mappings::ProvenanceSource> {
+    let mut tables: Vec<(String, String)> = tables.into_iter().collect();
+    tables.sort();
+    tables.dedup();
+    std::sync::Arc::new(mappings::ProvenanceSource {
+        sender: mappings::Sender::Vendor {
+            name: vendor.map(|v| v.name.clone()).unwrap_or_default(),
+            certificate: vendor.map(|v| v.identity.clone()).unwrap_or_default(),
+        },
+        devices,
+        tables,
+        gateway: crate::GATEWAY_BUILD,
+        received: fhir_instant_now(),
+        reason,
+    })
+}
+
+/// Now as a FHIR instant in UTC with milliseconds.
+pub fn fhir_instant_now() -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}
+
+/// A device family's mapping table as Provenance names it: (family id, version).
+pub fn table_of(family: &mappings::DeviceFamily) -> (String, String) {
+    (family.id.clone(), family.version.clone())
+}

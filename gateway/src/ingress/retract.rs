@@ -22,13 +22,15 @@ use crate::outcome::{ApiError, Issue, fhir_json_response};
 use crate::{BoxBody, BoxError};
 
 /// The Observations a request takes back.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Retractions {
     pub resources: Vec<Retraction>,
     /// The Observation identifier of each, for the answer.
     pub identifiers: Vec<String>,
     /// Where each was named in the request.
     pub origins: Vec<String>,
+    /// The device, its vendor and the reason given, for the Provenance of the retraction.
+    pub source: Arc<mappings::ProvenanceSource>,
 }
 
 #[derive(Clone)]
@@ -53,8 +55,28 @@ impl Predicate<Request<Value>> for NameRetractions {
             .into_values()
             .flatten()
             .collect();
-        let (family, serial, _) = device_of(&self.mappings, &body)?;
-        let mut named = Retractions::default();
+        let (family, serial, model) = device_of(&self.mappings, &body)?;
+        let vendor = parts
+            .extensions
+            .get::<Arc<crate::ingress::VendorPolicy>>()
+            .cloned();
+        let device = mappings::DeviceAgent {
+            serial_system: family.serial_system.clone(),
+            serial: serial.to_owned(),
+            model: model.to_owned(),
+            firmware: body["device"]["firmware"].as_str().map(str::to_owned),
+        };
+        let mut named = Retractions {
+            resources: Vec::new(),
+            identifiers: Vec::new(),
+            origins: Vec::new(),
+            source: crate::ingress::provenance_source(
+                vendor.as_deref(),
+                vec![device],
+                [crate::ingress::table_of(family)],
+                body["reason"].as_str().map(str::to_owned),
+            ),
+        };
         let readings = body["readings"]
             .as_array()
             .map(Vec::as_slice)
@@ -130,7 +152,7 @@ impl Service<Request<Retractions>> for RetractService {
         let named = request.into_body();
         Box::pin(async move {
             let count = named.resources.len();
-            match handoff.retract(named.resources).await {
+            match handoff.retract(named.resources, named.source).await {
                 Ok(receipt) => {
                     tracing::info!(%request_id, resources = count, "readings retracted");
                     let resources: Vec<Value> = named

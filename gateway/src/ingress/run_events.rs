@@ -95,6 +95,12 @@ impl Predicate<Request<Value>> for ApplyRunEvent {
             origins: vec!["/".to_owned(); applied.resources.len()],
             resources: applied.resources.into(),
             revision: Some(applied.revision),
+            source: crate::ingress::provenance_source(
+                Some(&vendor),
+                applied.devices,
+                applied.tables,
+                None,
+            ),
         };
         Ok(Request::from_parts(parts, batch))
     }

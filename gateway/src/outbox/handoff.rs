@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::config::Corrections;
 use crate::delivery::routing::RouteFilter;
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt, RetractReceipt};
-use crate::outbox::{NewMessage, Outbox, OutboxError, Retraction, content_hash};
+use crate::outbox::{NewMessage, Outbox, OutboxError, ProvenancePlan, Retraction, content_hash};
 
 fn unavailable(error: OutboxError) -> DeliveryError {
     DeliveryError::Unavailable {
@@ -16,25 +16,42 @@ fn unavailable(error: OutboxError) -> DeliveryError {
     }
 }
 
-/// A destination as the hand-off sees it: its name, what it takes, and its correction policy.
+/// A destination as the hand-off sees it: its name, what it takes, its correction policy and
+/// whether it takes Provenance.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub destination: String,
     pub only: RouteFilter,
     pub corrections: Corrections,
+    pub provenance: bool,
 }
 
 pub struct OutboxHandoff {
     outbox: Arc<dyn Outbox>,
     routes: Arc<[Route]>,
+    /// Destinations that take Provenance.
+    provenance: Arc<[String]>,
 }
 
 impl OutboxHandoff {
     pub fn new(outbox: Arc<dyn Outbox>, routes: Vec<Route>) -> Self {
+        let provenance = routes
+            .iter()
+            .filter(|r| r.provenance)
+            .map(|r| r.destination.clone())
+            .collect();
         Self {
             outbox,
             routes: routes.into(),
+            provenance,
         }
+    }
+
+    fn plan(&self, source: Arc<mappings::ProvenanceSource>) -> Option<ProvenancePlan> {
+        (!self.provenance.is_empty()).then(|| ProvenancePlan {
+            source,
+            destinations: self.provenance.clone(),
+        })
     }
 }
 
@@ -42,6 +59,7 @@ impl Handoff for OutboxHandoff {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
         let outbox = self.outbox.clone();
         let routes = self.routes.clone();
+        let plan = self.plan(batch.source.clone());
         Box::pin(async move {
             let mut messages = Vec::with_capacity(batch.resources.len() * routes.len());
             let mut placed = Vec::with_capacity(batch.resources.len());
@@ -86,7 +104,7 @@ impl Handoff for OutboxHandoff {
             }
             let tracking_id = uuid::Uuid::new_v4().to_string();
             let ids = outbox
-                .enqueue(tracking_id.clone(), messages)
+                .enqueue(tracking_id.clone(), messages, plan)
                 .await
                 .map_err(|e| match e {
                     OutboxError::CorrectionsRefused(refused) => DeliveryError::CorrectionsRefused {
@@ -117,12 +135,14 @@ impl Handoff for OutboxHandoff {
     fn retract(
         &self,
         resources: Vec<Retraction>,
+        source: Arc<mappings::ProvenanceSource>,
     ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
         let outbox = self.outbox.clone();
+        let plan = self.plan(source);
         Box::pin(async move {
             let tracking_id = uuid::Uuid::new_v4().to_string();
             let placements = outbox
-                .retract(tracking_id.clone(), resources)
+                .retract(tracking_id.clone(), resources, plan)
                 .await
                 .map_err(|e| match e {
                     OutboxError::Unknown(unknown) => DeliveryError::UnknownResources { unknown },

@@ -11,6 +11,7 @@
 //! embedded default.
 
 pub mod handoff;
+pub mod provenance;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -103,6 +104,8 @@ pub fn with_status(body: &[u8], status: &str) -> Vec<u8> {
         Err(_) => body.to_vec(),
     }
 }
+
+pub use provenance::ProvenancePlan;
 
 /// Per resource, each destination with what happened there.
 pub type Placements = Vec<Vec<(String, Enqueued)>>;
@@ -223,10 +226,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// Stores the messages durably under `batch_id`, each compared with what its destination
     /// was last given for the same resource; returns what happened to each, in order. All or
     /// nothing: a refused correction stores none of them.
+    ///
+    /// With a `provenance` plan, each destination that takes Provenance also gets, in the same
+    /// commit, one Provenance per kind of write the batch made there (see [`provenance`]).
     fn enqueue(
         &self,
         batch_id: String,
         messages: Vec<NewMessage>,
+        provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>>;
     /// Takes resources back at every destination that was given them: one message each,
     /// carrying the last content with `status = entered-in-error`, after whatever is pending
@@ -236,6 +243,7 @@ pub trait Outbox: Send + Sync + 'static {
         &self,
         batch_id: String,
         resources: Vec<Retraction>,
+        provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Placements, OutboxError>>;
     /// Up to `limit` pending messages of `destination` due at `now_ms`, oldest first, each the
     /// oldest pending one of its resource: a message waits while an earlier message about the

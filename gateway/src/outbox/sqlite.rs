@@ -15,10 +15,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     DeadLetter, DestinationStats, Disposition, Enqueued, MessageStatus, NewMessage, Outbox,
-    OutboxError, Pending, Placements, Retraction, Settle, now_ms, with_status,
+    OutboxError, Pending, Placements, ProvenancePlan, Retraction, Settle, now_ms, with_status,
 };
 use crate::config::Corrections;
 use crate::delivery::BoxFuture;
+use crate::outbox::provenance::{self, Written};
 
 /// Commands more than this many are committed in the next group.
 const MAX_GROUP: usize = 512;
@@ -95,6 +96,7 @@ enum Command {
     Enqueue(
         String,
         Vec<NewMessage>,
+        Option<ProvenancePlan>,
         oneshot::Sender<Result<Vec<Enqueued>, OutboxError>>,
     ),
     Settle(Vec<(i64, Settle)>, oneshot::Sender<Result<(), OutboxError>>),
@@ -107,6 +109,7 @@ enum Command {
     Retract(
         String,
         Vec<Retraction>,
+        Option<ProvenancePlan>,
         oneshot::Sender<Result<Placements, OutboxError>>,
     ),
 }
@@ -199,7 +202,7 @@ fn write_loop(
         // Answer only after the commit (or its failure): that is the durability promise.
         for (command, outcome) in group.into_iter().zip(result) {
             match command {
-                Command::Enqueue(_, _, reply) => {
+                Command::Enqueue(_, _, _, reply) => {
                     let _ = reply.send(outcome.map(|o| o.enqueued));
                 }
                 Command::Settle(_, reply) => {
@@ -208,7 +211,7 @@ fn write_loop(
                 Command::Replay(_, _, reply) | Command::Purge(_, reply) => {
                     let _ = reply.send(outcome.map(|o| o.count));
                 }
-                Command::Retract(_, _, reply) => {
+                Command::Retract(_, _, _, reply) => {
                     let _ = reply.send(outcome.map(|o| o.retracted));
                 }
             }
@@ -259,7 +262,7 @@ fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, 
 fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, OutboxError> {
     let now = now_ms();
     match command {
-        Command::Enqueue(batch_id, messages, _) => {
+        Command::Enqueue(batch_id, messages, plan, _) => {
             let mut enqueued = Vec::with_capacity(messages.len());
             let mut refused = Vec::new();
             for (index, message) in messages.iter().enumerate() {
@@ -271,23 +274,66 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             if !refused.is_empty() {
                 return Err(OutboxError::CorrectionsRefused(refused));
             }
+            if let Some(plan) = plan {
+                let written: Vec<Written<'_>> = messages
+                    .iter()
+                    .zip(&enqueued)
+                    .map(|(m, done)| Written {
+                        destination: &m.destination,
+                        disposition: done.disposition,
+                        resource_type: &m.resource_type,
+                        identifier_system: &m.identifier_system,
+                        identifier_value: &m.identifier_value,
+                    })
+                    .collect();
+                store_provenance(
+                    tx,
+                    batch_id,
+                    &provenance::owed(plan, batch_id, &written),
+                    now,
+                )?;
+            }
             Ok(Applied {
                 enqueued,
                 ..Applied::default()
             })
         }
-        Command::Retract(batch_id, resources, _) => {
+        Command::Retract(batch_id, resources, plan, _) => {
             let mut retracted = Vec::with_capacity(resources.len());
+            let mut targets = Vec::new();
             let mut unknown = Vec::new();
             for (index, resource) in resources.iter().enumerate() {
-                let done = retract_one(tx, batch_id, resource, now)?;
+                let (done, identifiers) = retract_one(tx, batch_id, resource, now)?;
                 if done.is_empty() {
                     unknown.push(index);
                 }
+                targets.extend(identifiers);
                 retracted.push(done);
             }
             if !unknown.is_empty() {
                 return Err(OutboxError::Unknown(unknown));
+            }
+            if let Some(plan) = plan {
+                let written: Vec<Written<'_>> = retracted
+                    .iter()
+                    .flatten()
+                    .zip(&targets)
+                    .map(
+                        |((destination, done), (resource_type, system, value))| Written {
+                            destination,
+                            disposition: done.disposition,
+                            resource_type,
+                            identifier_system: system,
+                            identifier_value: value,
+                        },
+                    )
+                    .collect();
+                store_provenance(
+                    tx,
+                    batch_id,
+                    &provenance::owed(plan, batch_id, &written),
+                    now,
+                )?;
             }
             Ok(Applied {
                 retracted,
@@ -498,7 +544,7 @@ fn retract_one(
     batch_id: &str,
     resource: &Retraction,
     now: i64,
-) -> Result<Vec<(String, Enqueued)>, OutboxError> {
+) -> Result<Retracted, OutboxError> {
     struct Latest {
         destination: String,
         message_id: i64,
@@ -525,7 +571,13 @@ fn retract_one(
         })?
         .collect::<Result<_, _>>()?;
     let mut done = Vec::with_capacity(latest.len());
+    let mut identified = Vec::with_capacity(latest.len());
     for l in latest {
+        identified.push((
+            resource.resource_type.clone(),
+            l.identifier_system.clone(),
+            l.identifier_value.clone(),
+        ));
         if Disposition::parse(&l.disposition) == Disposition::Retracted {
             done.push((
                 l.destination,
@@ -570,7 +622,40 @@ fn retract_one(
             },
         ));
     }
-    Ok(done)
+    Ok((done, identified))
+}
+
+/// A resource by type and business identifier (system, value).
+type Identified = (String, String, String);
+
+/// Per destination what a retraction did, and the resource each entry is about.
+type Retracted = (Vec<(String, Enqueued)>, Vec<Identified>);
+
+/// Stores the Provenances a write owes, as messages of the same batch: each is new (its key
+/// names the batch), so it has no predecessor and no resource state.
+fn store_provenance(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: &str,
+    owed: &[(String, mappings::MappedResource)],
+    now: i64,
+) -> Result<(), OutboxError> {
+    for (destination, resource) in owed {
+        tx.prepare_cached(
+            "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?8, NULL, 'created')",
+        )?
+        .execute(params![
+            batch_id,
+            destination,
+            resource.resource_type,
+            resource.id,
+            resource.identifier_system.as_ref(),
+            resource.identifier_value,
+            resource.json,
+            now,
+        ])?;
+    }
+    Ok(())
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
@@ -595,6 +680,7 @@ impl Outbox for SqliteOutbox {
         &self,
         batch_id: String,
         messages: Vec<NewMessage>,
+        provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>> {
         let destinations: Vec<String> = {
             let mut d: Vec<String> = messages.iter().map(|m| m.destination.clone()).collect();
@@ -603,7 +689,7 @@ impl Outbox for SqliteOutbox {
             d
         };
         let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
-        let stored = self.write(|reply| Command::Enqueue(batch_id, messages, reply));
+        let stored = self.write(|reply| Command::Enqueue(batch_id, messages, provenance, reply));
         Box::pin(async move {
             let enqueued = stored.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -771,6 +857,7 @@ impl Outbox for SqliteOutbox {
         &self,
         batch_id: String,
         resources: Vec<Retraction>,
+        provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Placements, OutboxError>> {
         let notifiers: Vec<Arc<Notify>> = self
             .notifiers
@@ -779,7 +866,8 @@ impl Outbox for SqliteOutbox {
             .values()
             .cloned()
             .collect();
-        let retracted = self.write(|reply| Command::Retract(batch_id, resources, reply));
+        let retracted =
+            self.write(|reply| Command::Retract(batch_id, resources, provenance, reply));
         Box::pin(async move {
             let retracted = retracted.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -862,7 +950,11 @@ mod tests {
         {
             let outbox = SqliteOutbox::open(&path).unwrap();
             let ids = ids(outbox
-                .enqueue("b1".into(), (0..3).map(|n| message("ehr", n)).collect())
+                .enqueue(
+                    "b1".into(),
+                    (0..3).map(|n| message("ehr", n)).collect(),
+                    None,
+                )
                 .await
                 .unwrap());
             assert_eq!(ids.len(), 3);
@@ -923,7 +1015,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
         let ids = ids(outbox
-            .enqueue("b".into(), (0..3).map(|n| message("ehr", n)).collect())
+            .enqueue(
+                "b".into(),
+                (0..3).map(|n| message("ehr", n)).collect(),
+                None,
+            )
             .await
             .unwrap());
         outbox
@@ -963,7 +1059,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
         let ids = ids(outbox
-            .enqueue("b".into(), vec![message("ehr", 1)])
+            .enqueue("b".into(), vec![message("ehr", 1)], None)
             .await
             .unwrap());
         let later = now_ms() + 60_000;
@@ -991,7 +1087,7 @@ mod tests {
             let outbox = outbox.clone();
             tasks.spawn(async move {
                 outbox
-                    .enqueue(format!("b{n}"), vec![message("ehr", n)])
+                    .enqueue(format!("b{n}"), vec![message("ehr", n)], None)
                     .await
                     .unwrap()
             });
@@ -1013,17 +1109,17 @@ mod tests {
         let corrected =
             r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":4.5}}"#;
         let first = outbox
-            .enqueue("b1".into(), vec![reading("ehr", 1, original)])
+            .enqueue("b1".into(), vec![reading("ehr", 1, original)], None)
             .await
             .unwrap();
         let again = outbox
-            .enqueue("b2".into(), vec![reading("ehr", 1, original)])
+            .enqueue("b2".into(), vec![reading("ehr", 1, original)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&again), ["unchanged"]);
         assert_eq!(again[0].message_id, first[0].message_id);
         let correction = outbox
-            .enqueue("b3".into(), vec![reading("ehr", 1, corrected)])
+            .enqueue("b3".into(), vec![reading("ehr", 1, corrected)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&correction), ["amended"]);
@@ -1070,12 +1166,12 @@ mod tests {
 
         // The corrected value sent again changes nothing; the original value again amends back.
         let resend = outbox
-            .enqueue("b4".into(), vec![reading("ehr", 1, corrected)])
+            .enqueue("b4".into(), vec![reading("ehr", 1, corrected)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&resend), ["unchanged"]);
         let back = outbox
-            .enqueue("b5".into(), vec![reading("ehr", 1, original)])
+            .enqueue("b5".into(), vec![reading("ehr", 1, original)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&back), ["amended"]);
@@ -1093,6 +1189,7 @@ mod tests {
             .enqueue(
                 "b1".into(),
                 vec![strict(1, r#"{"v":1}"#), reading("ehr", 1, r#"{"v":1}"#)],
+                None,
             )
             .await
             .unwrap();
@@ -1104,6 +1201,7 @@ mod tests {
                     reading("ehr", 1, r#"{"v":9}"#),
                     strict(1, r#"{"v":9}"#),
                 ],
+                None,
             )
             .await
             .unwrap_err();
@@ -1117,7 +1215,7 @@ mod tests {
         );
         // The identical resend is still taken.
         let again = outbox
-            .enqueue("b3".into(), vec![strict(1, r#"{"v":1}"#)])
+            .enqueue("b3".into(), vec![strict(1, r#"{"v":1}"#)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&again), ["unchanged"]);
@@ -1128,22 +1226,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
         let newer = outbox
-            .enqueue("b1".into(), vec![procedure(3, "in-progress")])
+            .enqueue("b1".into(), vec![procedure(3, "in-progress")], None)
             .await
             .unwrap();
         let older = outbox
-            .enqueue("b2".into(), vec![procedure(2, "preparation")])
+            .enqueue("b2".into(), vec![procedure(2, "preparation")], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&older), ["superseded"]);
         assert_eq!(older[0].message_id, newer[0].message_id);
         let same = outbox
-            .enqueue("b3".into(), vec![procedure(3, "in-progress")])
+            .enqueue("b3".into(), vec![procedure(3, "in-progress")], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&same), ["unchanged"]);
         let next = outbox
-            .enqueue("b4".into(), vec![procedure(4, "completed")])
+            .enqueue("b4".into(), vec![procedure(4, "completed")], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&next), ["updated"]);
@@ -1159,7 +1257,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
         let old = outbox
-            .enqueue("b1".into(), vec![procedure(1, "preparation")])
+            .enqueue("b1".into(), vec![procedure(1, "preparation")], None)
             .await
             .unwrap();
         outbox
@@ -1173,7 +1271,7 @@ mod tests {
             .await
             .unwrap();
         let new = outbox
-            .enqueue("b2".into(), vec![procedure(2, "in-progress")])
+            .enqueue("b2".into(), vec![procedure(2, "in-progress")], None)
             .await
             .unwrap();
         outbox
@@ -1185,7 +1283,7 @@ mod tests {
 
         // The latest message of a resource is replayed, and sent as it was.
         let dead = outbox
-            .enqueue("b3".into(), vec![procedure(3, "completed")])
+            .enqueue("b3".into(), vec![procedure(3, "completed")], None)
             .await
             .unwrap();
         outbox
@@ -1215,6 +1313,7 @@ mod tests {
             .enqueue(
                 "b1".into(),
                 vec![reading("ehr", 1, body), reading("lab", 1, body)],
+                None,
             )
             .await
             .unwrap();
@@ -1223,14 +1322,14 @@ mod tests {
             logical_id: format!("id{n}"),
         };
         match outbox
-            .retract("r0".into(), vec![retraction(1), retraction(7)])
+            .retract("r0".into(), vec![retraction(1), retraction(7)], None)
             .await
         {
             Err(OutboxError::Unknown(which)) => assert_eq!(which, [1]),
             other => panic!("{other:?}"),
         }
         let done = outbox
-            .retract("r1".into(), vec![retraction(1)])
+            .retract("r1".into(), vec![retraction(1)], None)
             .await
             .unwrap();
         let places: Vec<(&str, &str)> = done[0]
@@ -1254,12 +1353,12 @@ mod tests {
         assert!(due[0].upsert);
         // Retracting again, or resending the value, changes nothing.
         let again = outbox
-            .retract("r2".into(), vec![retraction(1)])
+            .retract("r2".into(), vec![retraction(1)], None)
             .await
             .unwrap();
         assert_eq!(again[0][0].1.disposition, Disposition::Unchanged);
         let resend = outbox
-            .enqueue("b2".into(), vec![reading("ehr", 1, body)])
+            .enqueue("b2".into(), vec![reading("ehr", 1, body)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&resend), ["unchanged"]);

@@ -71,6 +71,9 @@ pub struct Applied {
     pub resources: Vec<MappedResource>,
     /// The (last) console's model, for routing.
     pub model: String,
+    /// The run's consoles and the mapping tables of their families, for Provenance.
+    pub devices: Vec<mappings::DeviceAgent>,
+    pub tables: Vec<(String, String)>,
     pub status: &'static str,
     /// How many events of the run this state includes: it only grows, so the outbox can tell
     /// an older state from a newer one whatever order they reach it in.
@@ -295,6 +298,8 @@ impl RunRegistry {
         let mut view = folded.view.clone();
         let mut resources = Vec::new();
         let mut seen = Vec::new();
+        let mut devices = Vec::new();
+        let mut tables = Vec::new();
         for period in &folded.consoles {
             if seen.contains(&period.serial) {
                 continue;
@@ -312,6 +317,13 @@ impl RunRegistry {
                 ),
             };
             resources.push(mappings::device_for_console(&console).map_err(RunError::Storage)?);
+            devices.push(mappings::DeviceAgent {
+                serial_system: console.serial_system.clone(),
+                serial: console.serial.clone(),
+                model: console.model.clone(),
+                firmware: None,
+            });
+            tables.extend(family.map(crate::ingress::table_of));
             view.consoles.push(console);
         }
         resources.push(mappings::procedure_for_run(&view).map_err(RunError::Storage)?);
@@ -328,6 +340,8 @@ impl RunRegistry {
                 .unwrap_or_default(),
             status: view.status.code(),
             revision: events as i64,
+            devices,
+            tables,
         })
     }
 }
