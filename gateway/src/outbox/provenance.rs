@@ -82,8 +82,13 @@ pub(crate) fn test_source() -> Arc<ProvenanceSource> {
             name: "getinge".into(),
             certificate: "cardiohelp.getinge.example".into(),
         },
-        devices: Vec::new(),
-        tables: Vec::new(),
+        devices: vec![mappings::DeviceAgent {
+            serial_system: "https://fhir.ecmo-gateway.org/sid/device-serial/getinge".into(),
+            serial: "CH-1".into(),
+            model: "CARDIOHELP-i".into(),
+            firmware: Some("5.1.2".into()),
+        }],
+        tables: vec![("getinge-cardiohelp".into(), "sha256:0123456789ab".into())],
         gateway: crate::GATEWAY_BUILD,
         received: "2026-12-03T10:00:00.000Z".into(),
         reason: None,
@@ -134,6 +139,13 @@ mod tests {
                 )
             })
             .collect();
+        // What is built passes the official R4 JSON Schema too, not only fhirbolt.
+        let schema = crate::fhir_schema::R4Schema::for_types(&["Provenance"]).unwrap();
+        for (_, resource) in &owed {
+            let value: Value = serde_json::from_slice(&resource.json).unwrap();
+            let violations = schema.check("Provenance", &value);
+            assert!(violations.is_empty(), "{violations:?}");
+        }
         // b changed nothing; c does not take Provenance.
         assert_eq!(
             summary,
