@@ -1159,3 +1159,61 @@ async fn a_destination_without_provenance_gets_none() {
     assert_eq!(ehr.ehr.count("Observation"), 1);
     assert_eq!(ehr.ehr.count("Provenance"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_bundles_in_flight_keep_per_resource_order() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Small bundles and a slow EHR: only several bundles in flight make this quick.
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1\n",
+        "max_attempts = 1\nmax_bundle_entries = 4\nconcurrency = 4\n",
+    );
+    assert!(config.contains("concurrency = 4"));
+    ehr.ehr
+        .fail_fraction(Fault::delay(Duration::from_millis(150)), 1.0);
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+
+    // 40 readings, each then corrected twice, all accepted before much is delivered.
+    let base = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let times: Vec<String> = (0..40)
+        .map(|n| rfc3339(base + time::Duration::seconds(n)))
+        .collect();
+    let mut identifiers = Vec::new();
+    for value in [4.1, 4.2, 4.3] {
+        for chunk in times.chunks(10) {
+            let readings: Vec<(f64, &str)> = chunk.iter().map(|t| (value, t.as_str())).collect();
+            let receipt = post(&pki, &gateway, &flows("CH-W1", &readings))
+                .await
+                .expect_status(202)
+                .json();
+            if value == 4.1 {
+                identifiers.extend(
+                    receipt["resources"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r["identifier"]["value"].as_str().unwrap().to_owned()),
+                );
+            }
+        }
+    }
+    wait_until_settled(&admin, &gateway, Duration::from_secs(120)).await;
+    assert!(
+        ehr.ehr.max_concurrent_writes() > 1,
+        "bundles were sent one at a time"
+    );
+    assert!(
+        ehr.ehr.max_concurrent_writes() <= 4,
+        "the window is bounded"
+    );
+    for identifier in &identifiers {
+        let (stored, history) = stored_with_history(&reader, identifier).await;
+        assert_eq!(flow_value(&stored), 4.3, "the last value wins: {history:?}");
+        let values: Vec<f64> = history.iter().rev().map(flow_value).collect();
+        assert_eq!(values, [4.1, 4.2, 4.3], "versions in acceptance order");
+    }
+}

@@ -141,6 +141,7 @@ impl Gateway {
                                 breaker_failures: settings.breaker_failures,
                                 breaker_cooldown: settings.breaker_cooldown,
                                 breaker_max_cooldown: settings.retry_backoff_max,
+                                max_in_flight: settings.concurrency,
                             },
                         );
                         workers.spawn(worker.run(stopped.clone()));

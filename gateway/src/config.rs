@@ -208,7 +208,8 @@ pub struct DestinationSettings {
     /// Attempts per request, the first included, on 408, 429, 5xx and connection failures.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
-    /// Requests in flight to this destination at once.
+    /// Requests in flight to this destination at once; in outbox mode also the most
+    /// bundles in flight.
     #[serde(default = "defaults::destination_concurrency")]
     pub concurrency: usize,
     /// Outbox mode: how long a partial batch waits for more before it is sent.

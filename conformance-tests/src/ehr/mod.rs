@@ -101,6 +101,39 @@ pub struct ReferenceEhr {
     xml_requests: Arc<std::sync::atomic::AtomicUsize>,
     /// When set, reads (GET) need `Authorization: Bearer <token>`, as sandboxes often do.
     read_token: Arc<Mutex<Option<String>>>,
+    /// Writes being handled now, and the most seen at once.
+    concurrent_writes: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
+}
+
+/// Counts a write as in progress while it lives.
+struct WriteInProgress(
+    Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
+);
+
+impl WriteInProgress {
+    fn start(
+        counters: &Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )>,
+    ) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = counters.0.fetch_add(1, SeqCst) + 1;
+        counters.1.fetch_max(now, SeqCst);
+        Self(counters.clone())
+    }
+}
+
+impl Drop for WriteInProgress {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A reference EHR listening on a socket; stops when dropped.
@@ -127,6 +160,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ReferenceEhr {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The most writes the EHR was handling at one time.
+    pub fn max_concurrent_writes(&self) -> usize {
+        self.concurrent_writes
+            .1
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on, reads need this bearer token (401 without it).
@@ -252,6 +292,7 @@ impl ReferenceEhr {
     ) -> Result<Response<BoxBody>, BoxError> {
         let arrived = std::time::Instant::now();
         let is_write = matches!(*request.method(), Method::POST | Method::PUT);
+        let _counted = is_write.then(|| WriteInProgress::start(&self.concurrent_writes));
         let fault = if is_write {
             lock(&self.faults).pop_front().or_else(|| {
                 let mut fraction = lock(&self.fraction);

@@ -3,11 +3,13 @@
 //! is retried entry by entry, so one poisoned message is dead-lettered while the others are
 //! delivered; transient failures reschedule each message on its own budget.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mappings::MappedResource;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::config::BundleMode;
 use crate::delivery::breaker::CircuitBreaker;
@@ -28,16 +30,23 @@ pub struct WorkerSettings {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub breaker_max_cooldown: Duration,
+    /// Batches in flight at once, at most.
+    pub max_in_flight: usize,
 }
 
 /// How long a configuration error (the EHR refusing our certificate) pauses a destination.
 const MISCONFIGURED_PAUSE: Duration = Duration::from_secs(300);
 
 pub struct DeliveryWorker {
-    destination: Destination,
+    shared: Arc<Shared>,
     outbox: Arc<dyn Outbox>,
-    settings: WorkerSettings,
     breaker: CircuitBreaker,
+}
+
+/// What the worker's send tasks share.
+struct Shared {
+    destination: Destination,
+    settings: WorkerSettings,
 }
 
 /// What a send says about the destination itself.
@@ -45,6 +54,19 @@ enum Health {
     Up,
     Down { retry_after: Option<Duration> },
     Misconfigured,
+}
+
+/// What one batch's send task hands back: the outcome of every message and the health it saw.
+type Sent = (Vec<(i64, Settle)>, Health);
+
+/// What the worker waits for when it cannot start another batch now.
+enum Wake {
+    /// The window is full: a batch in flight must finish first.
+    Completion,
+    /// A pause (linger, open breaker) that new messages do not cut short.
+    After(Duration),
+    /// Nothing is due: new messages, or the next due time.
+    Idle(Duration),
 }
 
 impl DeliveryWorker {
@@ -59,81 +81,142 @@ impl DeliveryWorker {
             settings.breaker_max_cooldown,
         );
         Self {
-            destination,
+            shared: Arc::new(Shared {
+                destination,
+                settings,
+            }),
             outbox,
-            settings,
             breaker,
         }
     }
 
     /// Runs until `shutdown` turns true. Messages in flight then stay pending and are sent
     /// again after a restart (writes are idempotent).
+    ///
+    /// Up to `max_in_flight` batches are sent at once, each of messages the others do not
+    /// hold; a message waits while an earlier one about its resource is pending, in flight
+    /// included, so per-resource order holds whatever finishes first. The window opens one
+    /// batch per success and closes to one on a failure (additive increase, as TCP and
+    /// Vector's adaptive concurrency do), so a struggling EHR sees one request at a time.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let name = self.destination.name.clone();
+        let name = self.shared.destination.name.clone();
+        let settings = self.shared.settings.clone();
         let notify = self.outbox.notifier(&name);
         let mut lingered = false;
+        let mut window = 1usize;
+        let mut tasks: JoinSet<Sent> = JoinSet::new();
+        // Message ids of each task in flight, and all of them.
+        let mut owners: HashMap<tokio::task::Id, Vec<i64>> = HashMap::new();
+        let mut flying: Vec<i64> = Vec::new();
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            if let Some(wait) = self.breaker.blocked_for() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            let now = now_ms();
-            let due = match self.outbox.due(&name, now, self.settings.max_batch).await {
-                Ok(due) => due,
-                Err(error) => {
-                    tracing::error!(destination = %name, %error, "cannot read the outbox");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if due.is_empty() {
-                let wait = match self.outbox.next_due(&name).await {
-                    Ok(Some(at)) => Duration::from_millis((at - now).clamp(5, 1000) as u64),
-                    _ => Duration::from_secs(1),
-                };
-                tokio::select! {
-                    _ = notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            if due.len() < self.settings.max_batch && !self.settings.linger.is_zero() && !lingered {
-                lingered = true;
-                tokio::select! {
-                    _ = tokio::time::sleep(self.settings.linger) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            lingered = false;
-            let count = due.len();
-            let (outcomes, health) = self.deliver(due).await;
-            match health {
-                Health::Up => self.breaker.record_success(),
-                Health::Down { retry_after } => {
-                    self.breaker.record_failure();
-                    if let Some(after) = retry_after {
-                        self.breaker.open_for(after);
+            let wake = match self.breaker.blocked_for() {
+                Some(wait) if tasks.is_empty() => Wake::After(wait),
+                Some(_) => Wake::Completion,
+                None if tasks.len() >= window => Wake::Completion,
+                None => {
+                    let now = now_ms();
+                    match self
+                        .outbox
+                        .due(&name, now, settings.max_batch, &flying)
+                        .await
+                    {
+                        Err(error) => {
+                            tracing::error!(destination = %name, %error, "cannot read the outbox");
+                            Wake::After(Duration::from_secs(1))
+                        }
+                        Ok(due) if due.is_empty() => {
+                            lingered = false;
+                            match self.outbox.next_due(&name).await {
+                                Ok(Some(at)) => Wake::Idle(Duration::from_millis(
+                                    (at - now).clamp(5, 1000) as u64,
+                                )),
+                                _ => Wake::Idle(Duration::from_secs(1)),
+                            }
+                        }
+                        Ok(due)
+                            if due.len() < settings.max_batch
+                                && !settings.linger.is_zero()
+                                && !lingered
+                                && tasks.is_empty() =>
+                        {
+                            lingered = true;
+                            Wake::After(settings.linger)
+                        }
+                        Ok(due) => {
+                            lingered = false;
+                            let ids: Vec<i64> = due.iter().map(|p| p.id).collect();
+                            flying.extend_from_slice(&ids);
+                            let shared = self.shared.clone();
+                            let task = tasks.spawn(async move { shared.deliver(due).await });
+                            owners.insert(task.id(), ids);
+                            continue;
+                        }
                     }
                 }
-                Health::Misconfigured => self.breaker.open_for(MISCONFIGURED_PAUSE),
-            }
-            if let Err(error) = self.outbox.settle(outcomes).await {
-                // The messages stay pending and are sent again: harmless, writes are idempotent.
-                tracing::error!(destination = %name, %error, messages = count, "cannot record delivery outcomes");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            let (pause, listen) = match wake {
+                Wake::Completion => (None, false),
+                Wake::After(wait) => (Some(wait), false),
+                Wake::Idle(wait) => (Some(wait), true),
+            };
+            tokio::select! {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (id, sent) = match joined {
+                        Ok((id, sent)) => (id, Some(sent)),
+                        Err(error) => {
+                            tracing::error!(destination = %name, %error, "delivery task failed; its messages stay pending");
+                            (error.id(), None)
+                        }
+                    };
+                    let ids = owners.remove(&id).unwrap_or_default();
+                    match sent {
+                        Some((outcomes, health)) => {
+                            window = self.record(health, window);
+                            if let Err(error) = self.outbox.settle(outcomes).await {
+                                // The messages stay pending and are sent again: harmless,
+                                // writes are idempotent.
+                                tracing::error!(destination = %name, %error, messages = ids.len(), "cannot record delivery outcomes");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        None => window = 1,
+                    }
+                    flying.retain(|m| !ids.contains(m));
+                }
+                _ = notify.notified(), if listen => {}
+                _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
+                _ = shutdown.changed() => {}
             }
         }
     }
 
-    async fn deliver(&self, due: Vec<Pending>) -> (Vec<(i64, Settle)>, Health) {
+    /// Feeds a batch's health to the breaker; returns the new window.
+    fn record(&mut self, health: Health, window: usize) -> usize {
+        match health {
+            Health::Up => {
+                self.breaker.record_success();
+                (window + 1).min(self.shared.settings.max_in_flight.max(1))
+            }
+            Health::Down { retry_after } => {
+                self.breaker.record_failure();
+                if let Some(after) = retry_after {
+                    self.breaker.open_for(after);
+                }
+                1
+            }
+            Health::Misconfigured => {
+                self.breaker.open_for(MISCONFIGURED_PAUSE);
+                1
+            }
+        }
+    }
+}
+
+impl Shared {
+    async fn deliver(&self, due: Vec<Pending>) -> Sent {
         let name = self.destination.name.to_string();
         // (message id, attempts so far, resource); unknown types are dead-lettered at once.
         let mut resources: Vec<(i64, u32, MappedResource)> = Vec::with_capacity(due.len());

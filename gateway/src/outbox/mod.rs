@@ -249,11 +249,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// oldest pending one of its resource: a message waits while an earlier message about the
     /// same resource is pending (retrying), so per resource the destination gets them in
     /// acceptance order, and a batch never holds two messages about one resource.
+    /// Messages `in_flight` (being sent by this worker) are skipped; since they are pending,
+    /// later messages about their resources wait for them.
     fn due(
         &self,
         destination: &str,
         now_ms: i64,
         limit: usize,
+        in_flight: &[i64],
     ) -> BoxFuture<Result<Vec<Pending>, OutboxError>>;
     /// When the next pending message of `destination` becomes due, if any is pending.
     fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>>;

@@ -702,14 +702,18 @@ impl Outbox for SqliteOutbox {
         destination: &str,
         now_ms: i64,
         limit: usize,
+        in_flight: &[i64],
     ) -> BoxFuture<Result<Vec<Pending>, OutboxError>> {
         let destination = destination.to_owned();
+        // The ids as a JSON array, read by SQLite's json_each: one statement whatever their count.
+        let skip = serde_json::to_string(in_flight).unwrap_or_else(|_| "[]".into());
         self.read(move |conn| {
             let mut query = conn.prepare_cached(&format!(
                 "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts, upsert FROM messages m INDEXED BY messages_queue
-                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 AND {NOT_BLOCKED} ORDER BY id LIMIT ?3"
+                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 AND {NOT_BLOCKED}
+                   AND m.id NOT IN (SELECT value FROM json_each(?4)) ORDER BY id LIMIT ?3"
             ))?;
-            let rows = query.query_map(params![destination, now_ms, limit as i64], |row| {
+            let rows = query.query_map(params![destination, now_ms, limit as i64, skip], |row| {
                 Ok(Pending {
                     id: row.get(0)?,
                     resource_type: row.get(1)?,
@@ -989,7 +993,7 @@ mod tests {
             ),
             (3, 1, 1, 1)
         );
-        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].identifier_value, "v2");
         let dead = outbox.dead_letters(None, 10).await.unwrap();
@@ -1001,7 +1005,7 @@ mod tests {
             outbox.replay(Some(dead[0].message_id), None).await.unwrap(),
             1
         );
-        assert_eq!(outbox.due("ehr", now_ms(), 10).await.unwrap().len(), 2);
+        assert_eq!(outbox.due("ehr", now_ms(), 10, &[]).await.unwrap().len(), 2);
         let status = outbox.batch_status("b1").await.unwrap();
         assert_eq!(status[0].state, "delivered");
         assert_eq!(
@@ -1073,9 +1077,57 @@ mod tests {
             )])
             .await
             .unwrap();
-        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+        assert!(
+            outbox
+                .due("ehr", now_ms(), 10, &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
-        assert_eq!(outbox.due("ehr", later, 10).await.unwrap()[0].attempts, 1);
+        assert_eq!(
+            outbox.due("ehr", later, 10, &[]).await.unwrap()[0].attempts,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn messages_in_flight_are_skipped_and_hold_back_their_successors() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let first = ids(outbox
+            .enqueue(
+                "b1".into(),
+                (0..3).map(|n| message("ehr", n)).collect(),
+                None,
+            )
+            .await
+            .unwrap());
+        // A correction of message 0 while 0 is being sent.
+        let corrected =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":2}}"#;
+        let correction = ids(outbox
+            .enqueue("b2".into(), vec![reading("ehr", 0, corrected)], None)
+            .await
+            .unwrap());
+        let due: Vec<i64> = outbox
+            .due("ehr", now_ms(), 10, &first[..1])
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(due, first[1..], "neither 0 nor its correction");
+        // 0 delivered: the correction is next, and nothing in flight is handed out twice.
+        outbox.settle(vec![(first[0], delivered())]).await.unwrap();
+        let due: Vec<i64> = outbox
+            .due("ehr", now_ms(), 10, &first[1..])
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(due, correction);
     }
 
     #[tokio::test]
@@ -1125,7 +1177,7 @@ mod tests {
         assert_eq!(dispositions(&correction), ["amended"]);
 
         // While the original waits for a retry, the correction is not due either.
-        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1141,9 +1193,15 @@ mod tests {
             )])
             .await
             .unwrap();
-        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+        assert!(
+            outbox
+                .due("ehr", now_ms(), 10, &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
-        let due = outbox.due("ehr", later, 10).await.unwrap();
+        let due = outbox.due("ehr", later, 10, &[]).await.unwrap();
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1154,7 +1212,7 @@ mod tests {
             .unwrap();
 
         // Then the amendment: an update, with status amended.
-        let due = outbox.due("ehr", later, 10).await.unwrap();
+        let due = outbox.due("ehr", later, 10, &[]).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].id, correction[0].message_id);
         assert!(due[0].upsert);
@@ -1245,7 +1303,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dispositions(&next), ["updated"]);
-        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [newer[0].message_id]
@@ -1279,7 +1337,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outbox.replay(None, None).await.unwrap(), 0);
-        assert!(outbox.due("ehr", now_ms(), 10).await.unwrap().is_empty());
+        assert!(
+            outbox
+                .due("ehr", now_ms(), 10, &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         // The latest message of a resource is replayed, and sent as it was.
         let dead = outbox
@@ -1298,7 +1362,7 @@ mod tests {
             .unwrap();
         assert_eq!(outbox.replay(None, None).await.unwrap(), 1);
         assert_eq!(
-            outbox.due("ehr", now_ms(), 10).await.unwrap()[0].id,
+            outbox.due("ehr", now_ms(), 10, &[]).await.unwrap()[0].id,
             dead[0].message_id
         );
     }
@@ -1338,7 +1402,7 @@ mod tests {
             .collect();
         assert_eq!(places, [("ehr", "retracted"), ("lab", "retracted")]);
         // It waits for the original, then says entered-in-error.
-        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1347,7 +1411,7 @@ mod tests {
             .settle(vec![(first[0].message_id, delivered())])
             .await
             .unwrap();
-        let due = outbox.due("ehr", now_ms(), 10).await.unwrap();
+        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
         let sent: serde_json::Value = serde_json::from_slice(&due[0].body).unwrap();
         assert_eq!(sent["status"], "entered-in-error");
         assert!(due[0].upsert);
