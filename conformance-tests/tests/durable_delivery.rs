@@ -1217,3 +1217,64 @@ async fn several_bundles_in_flight_keep_per_resource_order() {
         assert_eq!(values, [4.1, 4.2, 4.3], "versions in acceptance order");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    ehr.ehr.limit_transaction_entries(8);
+    ehr.ehr.reject_identifiers_containing(":CH-S1:pump-speed:");
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = GatewayProcess::start(&durable_config(
+        &pki,
+        &ehr.base_url,
+        &dir.path().join("outbox.sqlite"),
+    ))
+    .unwrap();
+    let admin = pki.client(ADMIN);
+
+    // 50 readings and one the EHR refuses for its content, in one bundle of 52 (Provenance).
+    let base = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let mut batch = flows(
+        "CH-S1",
+        &(0..50)
+            .map(|n| (4.0, rfc3339(base + time::Duration::seconds(n))))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(v, t)| (*v, t.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    batch["readings"].as_array_mut().unwrap().push(json!(
+        {"parameter": "RPM", "value": 3500, "unit": "rpm", "time": rfc3339(base)}
+    ));
+    post(&pki, &gateway, &batch).await.expect_status(202);
+    let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
+    assert_eq!(queues["destinations"][0]["delivered"], 51, "{queues}");
+    assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 50);
+    let refused_so_far = ehr.ehr.writes().iter().filter(|w| w.status == 400).count();
+    assert!(refused_so_far > 0);
+
+    // From now on bundles fit: nothing more is refused for its size.
+    let later: Vec<String> = (50..110)
+        .map(|n| rfc3339(base + time::Duration::seconds(n)))
+        .collect();
+    let readings: Vec<(f64, &str)> = later.iter().map(|t| (4.0, t.as_str())).collect();
+    post(&pki, &gateway, &flows("CH-S1", &readings))
+        .await
+        .expect_status(202);
+    let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
+    assert_eq!(queues["destinations"][0]["delivered"], 51 + 61, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 110);
+    let writes = ehr.ehr.writes();
+    assert_eq!(
+        writes.iter().filter(|w| w.status == 400).count(),
+        refused_so_far,
+        "no bundle refused once the size was learned"
+    );
+    assert!(
+        writes.len() < 60,
+        "bundles, not a trickle of single creates: {} writes",
+        writes.len()
+    );
+}

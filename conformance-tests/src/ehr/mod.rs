@@ -101,6 +101,9 @@ pub struct ReferenceEhr {
     xml_requests: Arc<std::sync::atomic::AtomicUsize>,
     /// When set, reads (GET) need `Authorization: Bearer <token>`, as sandboxes often do.
     read_token: Arc<Mutex<Option<String>>>,
+    /// Transactions with more entries are refused with 400, as Medplum (8), HealthLake (160)
+    /// and others refuse theirs.
+    max_transaction_entries: Arc<std::sync::atomic::AtomicUsize>,
     /// Writes being handled now, and the most seen at once.
     concurrent_writes: Arc<(
         std::sync::atomic::AtomicUsize,
@@ -160,6 +163,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ReferenceEhr {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on, transactions of more than `entries` entries are refused with 400.
+    pub fn limit_transaction_entries(&self, entries: usize) {
+        self.max_transaction_entries
+            .store(entries, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The most writes the EHR was handling at one time.
@@ -593,6 +602,17 @@ impl ReferenceEhr {
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 "POST to the base takes a transaction Bundle",
+            );
+        }
+        let limit = self
+            .max_transaction_entries
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let entries = bundle["entry"].as_array().map_or(0, Vec::len);
+        if limit > 0 && entries > limit {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "too-costly",
+                &format!("a transaction may hold at most {limit} entries; this one has {entries}"),
             );
         }
         enum Op {

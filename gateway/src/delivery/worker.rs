@@ -1,10 +1,13 @@
 //! One `DeliveryWorker` per destination: takes due messages from the outbox in order, sends
-//! them as one transaction (or one by one), and settles every message. A refused transaction
-//! is retried entry by entry, so one poisoned message is dead-lettered while the others are
-//! delivered; transient failures reschedule each message on its own budget.
+//! them as transactions (or one by one), several at once, and settles every message. A
+//! refused transaction is split in halves until what is left is delivered or a single
+//! refused entry, so one poisoned message is dead-lettered while the others are delivered, and
+//! an EHR that refuses big transactions gets smaller ones from then on; transient failures
+//! reschedule each message on its own budget.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mappings::MappedResource;
@@ -47,6 +50,9 @@ pub struct DeliveryWorker {
 struct Shared {
     destination: Destination,
     settings: WorkerSettings,
+    /// Bundle size the destination takes (starts at `max_batch`; lowered when it refuses a
+    /// transaction for its size).
+    bundle_limit: AtomicUsize,
 }
 
 /// What a send says about the destination itself.
@@ -82,6 +88,7 @@ impl DeliveryWorker {
         );
         Self {
             shared: Arc::new(Shared {
+                bundle_limit: AtomicUsize::new(settings.max_batch),
                 destination,
                 settings,
             }),
@@ -120,7 +127,7 @@ impl DeliveryWorker {
                     let now = now_ms();
                     match self
                         .outbox
-                        .due(&name, now, settings.max_batch, &flying)
+                        .due(&name, now, self.shared.batch_limit(), &flying)
                         .await
                     {
                         Err(error) => {
@@ -137,7 +144,7 @@ impl DeliveryWorker {
                             }
                         }
                         Ok(due)
-                            if due.len() < settings.max_batch
+                            if due.len() < self.shared.batch_limit()
                                 && !settings.linger.is_zero()
                                 && !lingered
                                 && tasks.is_empty() =>
@@ -233,67 +240,107 @@ impl Shared {
                 )),
             }
         }
-        if resources.is_empty() {
-            return (outcomes, Health::Up);
-        }
         let builder = self.destination.request_builder();
         let client = self.destination.client();
-        if self.destination.bundle_mode() == BundleMode::Transaction && resources.len() > 1 {
-            let batch: Vec<MappedResource> = resources.iter().map(|(_, _, r)| r.clone()).collect();
-            let result = match builder.transaction(&batch) {
-                Ok(request) => {
-                    classify::transaction(&name, client.send(request).await, batch.len())
+        let transactions = self.destination.bundle_mode() == BundleMode::Transaction;
+        let mut health = Health::Up;
+        // Pieces of the batch still to send, as index ranges. A refused transaction is split
+        // in halves: a poisoned entry is found in log2(n) requests while the rest go through,
+        // and a bundle refused for its size finds the size the EHR takes.
+        // With each piece, the split it is a half of: (size of the refused parent, halves
+        // delivered so far).
+        let mut pieces: Vec<(std::ops::Range<usize>, Option<usize>)> =
+            vec![(0..resources.len(), None)];
+        let mut splits: Vec<(usize, u8)> = Vec::new();
+        while let Some((piece, split)) = pieces.pop() {
+            let part = &resources[piece.clone()];
+            if part.is_empty() {
+                continue;
+            }
+            if transactions && part.len() > 1 {
+                let batch: Vec<MappedResource> = part.iter().map(|(_, _, r)| r.clone()).collect();
+                let result = match builder.transaction(&batch) {
+                    Ok(request) => {
+                        classify::transaction(&name, client.send(request).await, batch.len())
+                    }
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(entries) => {
+                        outcomes.extend(part.iter().zip(entries).map(|((id, _, _), e)| {
+                            (
+                                *id,
+                                Settle::Delivered {
+                                    status: e.status,
+                                    location: e.location,
+                                },
+                            )
+                        }));
+                        if let Some(i) = split {
+                            splits[i].1 += 1;
+                            if splits[i].1 == 2 {
+                                // Both halves went through where the whole was refused: it
+                                // was the size, not an entry.
+                                self.learn(splits[i].0, splits[i].0.div_ceil(2));
+                            }
+                        }
+                    }
+                    Err(DeliveryError::Rejected { .. }) => {
+                        let middle = piece.start + piece.len() / 2;
+                        splits.push((piece.len(), 0));
+                        let split = Some(splits.len() - 1);
+                        pieces.push((middle..piece.end, split));
+                        pieces.push((piece.start..middle, split));
+                    }
+                    Err(error) => {
+                        health = self.health_of(&error);
+                        outcomes
+                            .extend(part.iter().map(|(id, attempts, _)| {
+                                (*id, self.reschedule(*attempts, &error))
+                            }));
+                    }
                 }
-                Err(error) => Err(error),
-            };
-            match result {
-                Ok(entries) => {
-                    outcomes.extend(resources.iter().zip(entries).map(|((id, _, _), e)| {
-                        (
-                            *id,
-                            Settle::Delivered {
-                                status: e.status,
-                                location: e.location,
-                            },
-                        )
-                    }));
-                    return (outcomes, Health::Up);
-                }
-                // One or more entries refused: find which, one by one.
-                Err(DeliveryError::Rejected { .. }) => {}
-                Err(error) => {
-                    let health = self.health_of(&error);
-                    outcomes.extend(
-                        resources
-                            .iter()
-                            .map(|(id, attempts, _)| (*id, self.reschedule(*attempts, &error))),
-                    );
-                    return (outcomes, health);
-                }
+                continue;
+            }
+            for (id, attempts, resource) in part {
+                let result = match builder.single(resource) {
+                    Ok(request) => classify::single(&name, client.send(request).await),
+                    Err(error) => Err(error),
+                };
+                let settle = match result {
+                    Ok(entry) => Settle::Delivered {
+                        status: entry.status,
+                        location: entry.location,
+                    },
+                    Err(error) => {
+                        if !matches!(error, DeliveryError::Rejected { .. }) {
+                            health = self.health_of(&error);
+                        }
+                        self.reschedule(*attempts, &error)
+                    }
+                };
+                outcomes.push((*id, settle));
             }
         }
-        // One request per message, in order.
-        let mut health = Health::Up;
-        for (id, attempts, resource) in &resources {
-            let result = match builder.single(resource) {
-                Ok(request) => classify::single(&name, client.send(request).await),
-                Err(error) => Err(error),
-            };
-            let settle = match result {
-                Ok(entry) => Settle::Delivered {
-                    status: entry.status,
-                    location: entry.location,
-                },
-                Err(error) => {
-                    if !matches!(error, DeliveryError::Rejected { .. }) {
-                        health = self.health_of(&error);
-                    }
-                    self.reschedule(*attempts, &error)
-                }
-            };
-            outcomes.push((*id, settle));
-        }
         (outcomes, health)
+    }
+
+    /// The most entries a batch gets now: the configured size, or less once the EHR has shown
+    /// that it refuses bigger transactions.
+    fn batch_limit(&self) -> usize {
+        self.bundle_limit
+            .load(Ordering::Relaxed)
+            .clamp(1, self.settings.max_batch.max(1))
+    }
+
+    /// The EHR refused a transaction of `refused` entries and took both halves, the larger
+    /// of `size`: from now on bundles hold at most `size` (for this process; configure
+    /// `max_bundle_entries` to start there).
+    fn learn(&self, refused: usize, size: usize) {
+        let before = self.bundle_limit.fetch_min(size, Ordering::Relaxed);
+        if size < before {
+            tracing::warn!(destination = %self.destination.name, refused, size, "the destination refuses bigger transactions; sending at most this many entries per bundle");
+        }
     }
 
     fn health_of(&self, error: &DeliveryError) -> Health {
