@@ -240,7 +240,37 @@ impl ReferenceEhr {
 
     /// A valid R4 resource that no business rule refuses.
     fn accept(&self, resource_type: &str, body: &[u8]) -> Result<Value, Refusal> {
-        let resource = parse_resource(resource_type, body)?;
+        let resource: Value = serde_json::from_slice(body).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "structure",
+                format!("not JSON: {e}"),
+            )
+        })?;
+        self.accept_value(resource_type, resource)
+    }
+
+    /// [`Self::accept`] for a resource already parsed (a transaction entry).
+    fn accept_value(&self, resource_type: &str, resource: Value) -> Result<Value, Refusal> {
+        if resource["resourceType"] != resource_type || resource_type.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("resourceType must be '{resource_type}'"),
+            ));
+        }
+        mappings::check_resource_value(resource_type, resource.clone()).map_err(|reason| {
+            Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "structure",
+                format!("not a valid R4 {resource_type}: {reason}"),
+            )
+        })?;
+        self.allowed(resource)
+    }
+
+    /// `resource` unless the fault plan's business rules refuse it.
+    fn allowed(&self, resource: Value) -> Result<Value, Refusal> {
         if let Some(identifier) = self.rejected(&resource) {
             return Err(Refusal::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -587,7 +617,7 @@ impl ReferenceEhr {
     /// A transaction is all or nothing: every entry is checked first, then all are applied
     /// under one lock.
     fn transaction(&self, body: &[u8]) -> Response<BoxBody> {
-        let bundle: Value = match serde_json::from_slice(body) {
+        let mut bundle: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => {
                 return outcome(
@@ -625,15 +655,21 @@ impl ReferenceEhr {
         // one resource twice is refused, as HAPI and other servers do.
         let mut identities: std::collections::HashMap<String, usize> =
             std::collections::HashMap::new();
-        for (index, entry) in bundle["entry"].as_array().into_iter().flatten().enumerate() {
-            let method = entry["request"]["method"].as_str().unwrap_or("");
-            let url = entry["request"]["url"].as_str().unwrap_or("");
+        for (index, entry) in bundle["entry"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let method = entry["request"]["method"].as_str().unwrap_or("").to_owned();
+            let method = method.as_str();
+            let url = entry["request"]["url"].as_str().unwrap_or("").to_owned();
+            let url = url.as_str();
             let resource_type = entry["resource"]["resourceType"]
                 .as_str()
                 .unwrap_or("")
                 .to_owned();
-            let raw = serde_json::to_vec(&entry["resource"]).unwrap_or_default();
-            let resource = match self.accept(&resource_type, &raw) {
+            let resource = match self.accept_value(&resource_type, entry["resource"].take()) {
                 Ok(r) => r,
                 Err(mut refusal) => {
                     refusal.details = format!("entry {index}: {}", refusal.details);
@@ -787,31 +823,6 @@ impl Refusal {
     fn response(self) -> Response<BoxBody> {
         outcome(self.status, self.code, &self.details)
     }
-}
-
-fn parse_resource(resource_type: &str, body: &[u8]) -> Result<Value, Refusal> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "structure",
-            format!("not JSON: {e}"),
-        )
-    })?;
-    if value["resourceType"] != resource_type || resource_type.is_empty() {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!("resourceType must be '{resource_type}'"),
-        ));
-    }
-    mappings::check_resource_json(resource_type, body).map_err(|reason| {
-        Refusal::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "structure",
-            format!("not a valid R4 {resource_type}: {reason}"),
-        )
-    })?;
-    Ok(value)
 }
 
 /// `identifier=system|value` (percent-encoded) -> `system|value`; `_tag=system|code` ->

@@ -16,7 +16,7 @@ pub struct Stored {
 #[derive(Debug, Default)]
 pub struct Store {
     resources: HashMap<(String, String), Stored>,
-    /// Every version of every resource, oldest first (FHIR's `_history`).
+    /// Every version but the current one of every resource, oldest first (FHIR's `_history`).
     versions: HashMap<(String, String), Vec<Value>>,
     /// (type, "system|value" or "_tag:system|code") -> id
     identifiers: HashMap<(String, String), String>,
@@ -107,10 +107,15 @@ impl Store {
     }
 
     /// Every version of a resource, oldest first.
-    pub fn history(&self, resource_type: &str, id: &str) -> &[Value] {
-        self.versions
-            .get(&(resource_type.to_owned(), id.to_owned()))
-            .map_or(&[], Vec::as_slice)
+    pub fn history(&self, resource_type: &str, id: &str) -> Vec<&Value> {
+        let key = (resource_type.to_owned(), id.to_owned());
+        let mut all: Vec<&Value> = self
+            .versions
+            .get(&key)
+            .map(|older| older.iter().collect())
+            .unwrap_or_default();
+        all.extend(self.resources.get(&key).map(|s| &s.resource));
+        all
     }
 
     /// All resources of a type, in creation order.
@@ -197,12 +202,16 @@ impl Store {
                 .insert((resource_type.to_owned(), token), id.to_owned());
         }
         let key = (resource_type.to_owned(), id.to_owned());
-        self.versions
-            .entry(key.clone())
-            .or_default()
-            .push(resource.clone());
-        let sequence = match self.resources.get(&key) {
-            Some(existing) => existing.sequence,
+        // The current version lives in `resources`; `versions` keeps only the older ones, so
+        // no write copies a resource.
+        let sequence = match self.resources.remove(&key) {
+            Some(existing) => {
+                self.versions
+                    .entry(key.clone())
+                    .or_default()
+                    .push(existing.resource);
+                existing.sequence
+            }
             None => {
                 self.next_sequence += 1;
                 self.next_sequence
