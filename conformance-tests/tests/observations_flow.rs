@@ -70,6 +70,21 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
         receipt["resources"][0]["destinations"]["ehr"],
         "201 Created"
     );
+    assert_eq!(receipt["resources"][0]["dispositions"]["ehr"], "created");
+
+    // Direct delivery keeps no record of what the EHR was given: a changed value finds the
+    // existing Observation and is not applied, and the device is told so, not left to guess.
+    let mut changed = batch.clone();
+    changed["readings"][0]["value"] = json!(4.5);
+    let again = s
+        .pki
+        .client(GETINGE)
+        .post_json(&s.observations_url(), &changed)
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    assert_eq!(again["resources"][0]["dispositions"]["ehr"], "existing");
 
     let stored = s.stored_observations().await.unwrap();
     assert_eq!(stored.len(), 6);

@@ -75,6 +75,21 @@ impl Service<Request<OutboundBatch>> for HandoffService {
     }
 }
 
+/// What direct delivery did at one destination, as far as the EHR's answer tells: without a
+/// record of what each EHR was given, a conditional create that found the identifier cannot
+/// tell a resend from a correction, so the device hears `existing` (a corrected value was not
+/// applied; the outbox applies corrections) rather than nothing.
+fn direct_disposition(
+    entry: &crate::delivery::response::EntryOutcome,
+    upsert: bool,
+) -> &'static str {
+    match (entry.created(), upsert) {
+        (true, _) => "created",
+        (false, true) => "updated",
+        (false, false) => "existing",
+    }
+}
+
 fn receipt_json(
     request_id: &str,
     resources: &[mappings::MappedResource],
@@ -87,11 +102,22 @@ fn receipt_json(
             let mut per_destination = serde_json::Map::new();
             match receipt {
                 Receipt::Delivered { destinations } => {
+                    let mut dispositions = serde_json::Map::new();
                     for destination in destinations {
                         if let Some(entry) = destination.entries.get(index) {
                             per_destination.insert(destination.destination.clone(), json!(entry.status));
+                            dispositions.insert(
+                                destination.destination.clone(),
+                                json!(direct_disposition(entry, resource.upsert)),
+                            );
                         }
                     }
+                    json!({
+                        "resourceType": resource.resource_type,
+                        "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
+                        "destinations": per_destination,
+                        "dispositions": dispositions,
+                    })
                 }
                 Receipt::Accepted { messages, .. } => {
                     let mut dispositions = serde_json::Map::new();
@@ -102,19 +128,14 @@ fn receipt_json(
                             json!(enqueued.disposition.as_str()),
                         );
                     }
-                    return json!({
+                    json!({
                         "resourceType": resource.resource_type,
                         "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
                         "messages": per_destination,
                         "dispositions": dispositions,
-                    });
+                    })
                 }
             }
-            json!({
-                "resourceType": resource.resource_type,
-                "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
-                "destinations": per_destination,
-            })
         })
         .collect();
     match receipt {
