@@ -1,6 +1,6 @@
 //! What the scenarios must cover, and what they miss: every parameter entry of every mapping
 //! table, every run event type of the ingest API, and every class of error a client can
-//! provoke. A gap fails the build (`tests/scenarios.rs`).
+//! provoke. A gap fails the build (`tests/suite/scenarios.rs`).
 
 use std::collections::BTreeSet;
 

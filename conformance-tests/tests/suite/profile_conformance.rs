@@ -17,7 +17,7 @@ async fn a_mapping_that_breaks_a_profile_never_reaches_the_ehr() {
     let tables = tempfile::tempdir().unwrap();
     std::fs::write(
         tables.path().join("units.toml"),
-        include_str!("../../mappings/tables/units.toml"),
+        include_str!("../../../mappings/tables/units.toml"),
     )
     .unwrap();
     std::fs::write(

@@ -240,7 +240,7 @@ async fn schema_is_served_as_checked() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.headers["content-type"], "application/schema+json");
     let on_disk: Value = serde_json::from_str(include_str!(
-        "../../profiles/schemas/observation-batch.schema.json"
+        "../../../profiles/schemas/observation-batch.schema.json"
     ))
     .unwrap();
     assert_eq!(answer.json(), on_disk);

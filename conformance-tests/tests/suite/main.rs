@@ -1,0 +1,14 @@
+//! The conformance suite's integration tests, one module per area, in one test binary: every
+//! binary links the whole FHIR model, so one binary builds and links once.
+//!
+//! Run one area with `cargo test -p conformance-tests --test suite <module>::`.
+
+mod bad_payloads;
+mod certificates;
+mod durable_delivery;
+mod ecmo_runs;
+mod ehr_failures;
+mod observations_flow;
+mod profile_conformance;
+mod scenarios;
+mod xml_destinations;
