@@ -38,6 +38,19 @@ struct Args {
     /// Console cycles per batch (12 readings each).
     #[arg(long, default_value_t = 4)]
     cycles_per_batch: usize,
+    /// A last phase against an EHR like a real one far away: this much latency per write
+    /// (0 skips the phase) ...
+    #[arg(long, default_value_t = 100)]
+    slow_ehr_latency_ms: u64,
+    /// ... and a limit on transaction entries (as Medplum's 8); the gateway must find it.
+    #[arg(long, default_value_t = 8)]
+    slow_ehr_max_entries: usize,
+    /// Batches each client sends in that phase.
+    #[arg(long, default_value_t = 10)]
+    slow_batches_per_client: usize,
+    /// The destination's `concurrency` in that phase: what a far EHR needs to be drained fast.
+    #[arg(long, default_value_t = 32)]
+    slow_ehr_concurrency: usize,
 }
 
 struct Phase {
@@ -343,6 +356,102 @@ async fn main() -> Result<(), gateway::BoxError> {
     println!(
         "EHR now holds {} Observations",
         ehr.ehr.count("Observation")
+    );
+    drop(durable);
+    if args.slow_ehr_latency_ms > 0 {
+        slow_ehr_phase(&args, &pki).await?;
+    }
+    Ok(())
+}
+
+/// Outbox delivery to a far, strict EHR: every write delayed, transactions limited in size.
+async fn slow_ehr_phase(args: &Args, pki: &TestPki) -> Result<(), gateway::BoxError> {
+    let ehr = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse()?)
+        .await?;
+    ehr.ehr.fail_fraction(
+        conformance_tests::ehr::Fault::delay(Duration::from_millis(args.slow_ehr_latency_ms)),
+        1.0,
+    );
+    ehr.ehr.limit_transaction_entries(args.slow_ehr_max_entries);
+    let outbox_dir = tempfile::tempdir()?;
+    let gateway = GatewayProcess::start(
+        &with_outbox(
+            &gateway_config(
+                pki,
+                &ehr.base_url,
+                WriteStyle::TRANSACTION_CONDITIONAL,
+                "gateway-client",
+            ),
+            &outbox_dir.path().join("outbox.sqlite"),
+        )
+        .replace("max_body_bytes = 262144", "max_body_bytes = 4194304")
+        .replace(
+            "max_attempts = 1\n",
+            &format!(
+                "max_attempts = 1\nconcurrency = {}\n",
+                args.slow_ehr_concurrency
+            ),
+        ),
+    )?;
+    let bodies = vendor_bodies(
+        3000,
+        args.clients,
+        args.cycles_per_batch,
+        args.slow_batches_per_client,
+    );
+    let vendors: Vec<_> = (0..args.clients).map(|_| pki.client(GETINGE)).collect();
+    let started = Instant::now();
+    let accepted = run_phase(
+        vendors,
+        gateway.url("/v1/observations").into(),
+        bodies,
+        "application/json",
+        args.seconds,
+    )
+    .await;
+    let admin = pki.client(ADMIN);
+    let (queues, drained) = loop {
+        let queues = admin
+            .get(&gateway.admin_url("/admin/v1/queues"))
+            .await?
+            .json();
+        if queues["destinations"][0]["pending"] == 0
+            || started.elapsed() > Duration::from_secs(args.seconds * 4)
+        {
+            break (queues, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    accepted.print("outbox 202, far EHR");
+    println!(
+        "far EHR ({} ms per write, at most {} entries per transaction, concurrency {}): {} of {} messages delivered in {:.2} s = {:.0} readings/s; most writes in flight at once: {}",
+        args.slow_ehr_latency_ms,
+        args.slow_ehr_max_entries,
+        args.slow_ehr_concurrency,
+        queues["destinations"][0]["delivered"],
+        queues["destinations"][0]["accepted"],
+        drained.as_secs_f64(),
+        queues["destinations"][0]["delivered"]
+            .as_f64()
+            .unwrap_or(0.0)
+            * (accepted.readings as f64 / (accepted.readings + accepted.requests).max(1) as f64)
+            / drained.as_secs_f64(),
+        ehr.ehr.max_concurrent_writes(),
+    );
+    let writes = ehr.ehr.writes();
+    let mut per_second = vec![0usize; drained.as_secs() as usize + 1];
+    for w in &writes {
+        let at = w.arrived.saturating_duration_since(started).as_secs() as usize;
+        if let Some(n) = per_second.get_mut(at) {
+            *n += 1;
+        }
+    }
+    println!(
+        "far EHR: {} writes, {} refused as too big; writes per second: {:?}",
+        writes.len(),
+        writes.iter().filter(|w| w.status == 400).count(),
+        per_second
     );
     Ok(())
 }

@@ -62,8 +62,9 @@ enum Health {
     Misconfigured,
 }
 
-/// What one batch's send task hands back: the outcome of every message and the health it saw.
-type Sent = (Vec<(i64, Settle)>, Health);
+/// What one batch's send task hands back: the health it saw and whether its outcomes were
+/// recorded.
+type Sent = (Health, Result<(), crate::outbox::OutboxError>);
 
 /// What the worker waits for when it cannot start another batch now.
 enum Wake {
@@ -157,7 +158,13 @@ impl DeliveryWorker {
                             let ids: Vec<i64> = due.iter().map(|p| p.id).collect();
                             flying.extend_from_slice(&ids);
                             let shared = self.shared.clone();
-                            let task = tasks.spawn(async move { shared.deliver(due).await });
+                            let outbox = self.outbox.clone();
+                            // Each task settles its own messages: settles of bundles that
+                            // finish together share one group commit (fsync).
+                            let task = tasks.spawn(async move {
+                                let (outcomes, health) = shared.deliver(due).await;
+                                (health, outbox.settle(outcomes).await)
+                            });
                             owners.insert(task.id(), ids);
                             continue;
                         }
@@ -180,13 +187,13 @@ impl DeliveryWorker {
                     };
                     let ids = owners.remove(&id).unwrap_or_default();
                     match sent {
-                        Some((outcomes, health)) => {
+                        Some((health, settled)) => {
                             window = self.record(health, window);
-                            if let Err(error) = self.outbox.settle(outcomes).await {
+                            if let Err(error) = settled {
                                 // The messages stay pending and are sent again: harmless,
                                 // writes are idempotent.
                                 tracing::error!(destination = %name, %error, messages = ids.len(), "cannot record delivery outcomes");
-                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                window = 1;
                             }
                         }
                         None => window = 1,
@@ -223,7 +230,7 @@ impl DeliveryWorker {
 }
 
 impl Shared {
-    async fn deliver(&self, due: Vec<Pending>) -> Sent {
+    async fn deliver(&self, due: Vec<Pending>) -> (Vec<(i64, Settle)>, Health) {
         let name = self.destination.name.to_string();
         // (message id, attempts so far, resource); unknown types are dead-lettered at once.
         let mut resources: Vec<(i64, u32, MappedResource)> = Vec::with_capacity(due.len());
@@ -255,6 +262,11 @@ impl Shared {
         while let Some((piece, split)) = pieces.pop() {
             let part = &resources[piece.clone()];
             if part.is_empty() {
+                continue;
+            }
+            // Bigger than what the EHR has since been found to take: left pending, unsettled,
+            // so the worker sends it again as bundles of the right size, several at once.
+            if transactions && part.len() > self.batch_limit() {
                 continue;
             }
             if transactions && part.len() > 1 {
