@@ -314,19 +314,7 @@ async fn main() -> Result<(), gateway::BoxError> {
         args.seconds,
     )
     .await;
-    let admin = pki.client(ADMIN);
-    let (queues, drained) = loop {
-        let queues = admin
-            .get(&durable.admin_url("/admin/v1/queues"))
-            .await?
-            .json();
-        if queues["destinations"][0]["pending"] == 0
-            || started.elapsed() > Duration::from_secs(args.seconds * 4)
-        {
-            break (queues, started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (queues, drained) = drain(&pki, &durable, started, args.seconds * 4).await?;
 
     baseline.print("EHR direct");
     through.print("gateway");
@@ -362,6 +350,29 @@ async fn main() -> Result<(), gateway::BoxError> {
         slow_ehr_phase(&args, &pki).await?;
     }
     Ok(())
+}
+
+/// Polls the admin API until nothing is pending (or `limit_seconds` since `started` have
+/// passed); the last queue stats and the time since `started`.
+async fn drain(
+    pki: &TestPki,
+    gateway: &GatewayProcess,
+    started: Instant,
+    limit_seconds: u64,
+) -> Result<(Value, Duration), gateway::BoxError> {
+    let admin = pki.client(ADMIN);
+    loop {
+        let queues = admin
+            .get(&gateway.admin_url("/admin/v1/queues"))
+            .await?
+            .json();
+        if queues["destinations"][0]["pending"] == 0
+            || started.elapsed() > Duration::from_secs(limit_seconds)
+        {
+            return Ok((queues, started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Outbox delivery to a far, strict EHR: every write delayed, transactions limited in size.
@@ -410,19 +421,7 @@ async fn slow_ehr_phase(args: &Args, pki: &TestPki) -> Result<(), gateway::BoxEr
         args.seconds,
     )
     .await;
-    let admin = pki.client(ADMIN);
-    let (queues, drained) = loop {
-        let queues = admin
-            .get(&gateway.admin_url("/admin/v1/queues"))
-            .await?
-            .json();
-        if queues["destinations"][0]["pending"] == 0
-            || started.elapsed() > Duration::from_secs(args.seconds * 4)
-        {
-            break (queues, started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (queues, drained) = drain(pki, &gateway, started, args.seconds * 4).await?;
     accepted.print("outbox 202, far EHR");
     println!(
         "far EHR ({} ms per write, at most {} entries per transaction, concurrency {}): {} of {} messages delivered in {:.2} s = {:.0} readings/s; most writes in flight at once: {}",

@@ -164,12 +164,6 @@ impl Predicate<Request<Value>> for MapObservations {
             .extensions
             .get::<Arc<crate::ingress::VendorPolicy>>()
             .cloned();
-        let device = mappings::DeviceAgent {
-            serial_system: family.serial_system.clone(),
-            serial: serial.to_owned(),
-            model: model.to_owned(),
-            firmware: body["device"]["firmware"].as_str().map(str::to_owned),
-        };
         let batch = OutboundBatch {
             request_id: crate::ingress::request_id(&parts.headers),
             vendor: vendor.as_ref().map(|v| v.name.clone()).unwrap_or_default(),
@@ -177,15 +171,34 @@ impl Predicate<Request<Value>> for MapObservations {
             resources: resources.into(),
             origins,
             revision: None,
-            source: crate::ingress::provenance_source(
-                vendor.as_deref(),
-                vec![device],
-                [crate::ingress::table_of(family)],
-                None,
-            ),
+            source: device_source(vendor.as_deref(), family, &body, None),
         };
         Ok(Request::from_parts(parts, batch))
     }
+}
+
+/// The Provenance facts of a request that names one device (`body.device`, read by
+/// [`device_of`]): its serial, model and firmware, its family's table, and the sender.
+pub(crate) fn device_source(
+    vendor: Option<&crate::ingress::VendorPolicy>,
+    family: &mappings::DeviceFamily,
+    body: &Value,
+    reason: Option<String>,
+) -> Arc<mappings::ProvenanceSource> {
+    let device = &body["device"];
+    let text = |field: &str| device[field].as_str().map(str::to_owned);
+    let agent = mappings::DeviceAgent {
+        serial_system: family.serial_system.clone(),
+        serial: text("serial").unwrap_or_default(),
+        model: text("model").unwrap_or_default(),
+        firmware: text("firmware"),
+    };
+    crate::ingress::provenance_source(
+        vendor,
+        vec![agent],
+        [crate::ingress::table_of(family)],
+        reason,
+    )
 }
 
 /// The batch's device and its mapping table: one rule for every request that names a device.

@@ -15,7 +15,7 @@ use tower::Service;
 use tower::filter::{FilterLayer, Predicate};
 
 use crate::delivery::{BoxFuture, Handoff};
-use crate::ingress::map::device_of;
+use crate::ingress::map::{device_of, device_source};
 use crate::ingress::validate::ReadingIssues;
 use crate::outbox::Retraction;
 use crate::outcome::{ApiError, Issue, fhir_json_response};
@@ -55,25 +55,19 @@ impl Predicate<Request<Value>> for NameRetractions {
             .into_values()
             .flatten()
             .collect();
-        let (family, serial, model) = device_of(&self.mappings, &body)?;
+        let (family, serial, _) = device_of(&self.mappings, &body)?;
         let vendor = parts
             .extensions
             .get::<Arc<crate::ingress::VendorPolicy>>()
             .cloned();
-        let device = mappings::DeviceAgent {
-            serial_system: family.serial_system.clone(),
-            serial: serial.to_owned(),
-            model: model.to_owned(),
-            firmware: body["device"]["firmware"].as_str().map(str::to_owned),
-        };
         let mut named = Retractions {
             resources: Vec::new(),
             identifiers: Vec::new(),
             origins: Vec::new(),
-            source: crate::ingress::provenance_source(
+            source: device_source(
                 vendor.as_deref(),
-                vec![device],
-                [crate::ingress::table_of(family)],
+                family,
+                &body,
                 body["reason"].as_str().map(str::to_owned),
             ),
         };
