@@ -498,24 +498,22 @@ fn enqueue_one(
         }
         None => &m.body,
     };
-    tx.prepare_cached(
-        "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
-    )?
-    .execute(params![
-        batch_id,
-        m.destination,
-        m.resource_type,
-        m.logical_id,
-        m.identifier_system,
-        m.identifier_value,
-        body,
-        write.upsert,
+    let message_id = insert_message(
+        tx,
+        &MessageRow {
+            batch_id,
+            destination: &m.destination,
+            resource_type: &m.resource_type,
+            logical_id: &m.logical_id,
+            identifier_system: &m.identifier_system,
+            identifier_value: &m.identifier_value,
+            body,
+            upsert: write.upsert,
+            predecessor: prior.as_ref().map(|p| p.message_id),
+            disposition: write.disposition,
+        },
         now,
-        prior.as_ref().map(|p| p.message_id),
-        write.disposition.as_str(),
-    ])?;
-    let message_id = tx.last_insert_rowid();
+    )?;
     tx.prepare_cached(
         "INSERT INTO resource_state (destination, resource_type, logical_id, content_hash, revision, message_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -589,22 +587,22 @@ fn retract_one(
             continue;
         }
         // The content hash stays the device's: a resend of the retracted value changes nothing.
-        tx.prepare_cached(
-            "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8, ?9, 'retracted')",
-        )?
-        .execute(params![
-            batch_id,
-            l.destination,
-            resource.resource_type,
-            resource.logical_id,
-            l.identifier_system,
-            l.identifier_value,
-            with_status(&l.body, "entered-in-error"),
+        let message_id = insert_message(
+            tx,
+            &MessageRow {
+                batch_id,
+                destination: &l.destination,
+                resource_type: &resource.resource_type,
+                logical_id: &resource.logical_id,
+                identifier_system: &l.identifier_system,
+                identifier_value: &l.identifier_value,
+                body: &with_status(&l.body, "entered-in-error"),
+                upsert: true,
+                predecessor: Some(l.message_id),
+                disposition: Disposition::Retracted,
+            },
             now,
-            l.message_id,
-        ])?;
-        let message_id = tx.last_insert_rowid();
+        )?;
         tx.prepare_cached(
             "UPDATE resource_state SET message_id = ?4 WHERE destination = ?1 AND resource_type = ?2 AND logical_id = ?3",
         )?
@@ -640,22 +638,65 @@ fn store_provenance(
     now: i64,
 ) -> Result<(), OutboxError> {
     for (destination, resource) in owed {
-        tx.prepare_cached(
-            "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?8, NULL, 'created')",
-        )?
-        .execute(params![
-            batch_id,
-            destination,
-            resource.resource_type,
-            resource.id,
-            resource.identifier_system.as_ref(),
-            resource.identifier_value,
-            resource.json,
+        insert_message(
+            tx,
+            &MessageRow {
+                batch_id,
+                destination,
+                resource_type: resource.resource_type,
+                logical_id: &resource.id,
+                identifier_system: &resource.identifier_system,
+                identifier_value: &resource.identifier_value,
+                body: &resource.json,
+                upsert: false,
+                predecessor: None,
+                disposition: Disposition::Created,
+            },
             now,
-        ])?;
+        )?;
     }
     Ok(())
+}
+
+/// One message as stored, due at once.
+struct MessageRow<'a> {
+    batch_id: &'a str,
+    destination: &'a str,
+    resource_type: &'a str,
+    logical_id: &'a str,
+    identifier_system: &'a str,
+    identifier_value: &'a str,
+    body: &'a [u8],
+    upsert: bool,
+    /// The message before it about the same resource at the same destination.
+    predecessor: Option<i64>,
+    disposition: Disposition,
+}
+
+/// Stores `row` as a pending message due at `now`; its id.
+fn insert_message(
+    tx: &rusqlite::Transaction<'_>,
+    row: &MessageRow<'_>,
+    now: i64,
+) -> Result<i64, OutboxError> {
+    tx.prepare_cached(
+        "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        row.batch_id,
+        row.destination,
+        row.resource_type,
+        row.logical_id,
+        row.identifier_system,
+        row.identifier_value,
+        row.body,
+        row.upsert,
+        now,
+        row.predecessor,
+        row.disposition.as_str(),
+    ])?;
+    Ok(tx.last_insert_rowid())
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
