@@ -83,11 +83,13 @@ impl Gateway {
             ),
             None => None,
         };
+        let conformance = crate::ingress::conformance::ConformanceRules::embedded()
+            .map_err(StartError::Profiles)?;
+        conformance
+            .prove_tables(&mappings)
+            .map_err(StartError::Profiles)?;
         Ok(Self {
-            conformance: Arc::new(
-                crate::ingress::conformance::ConformanceRules::embedded()
-                    .map_err(StartError::Profiles)?,
-            ),
+            conformance: Arc::new(conformance),
             admin_tls,
             schemas: Schemas::embedded()?,
             mappings: Arc::new(mappings),

@@ -14,9 +14,11 @@ mod datetime;
 mod fhir_check;
 mod identity;
 mod observation;
+mod observation_json;
 mod provenance;
 mod reading;
 mod run;
+mod shapes;
 mod table;
 mod validate;
 mod xml;
@@ -43,6 +45,7 @@ pub use run::{
     AgeGroup, CannulaView, ComplicationView, ConsoleView, RUN_IDENTIFIER_SYSTEM, RunStatus,
     RunView, SegmentView, device_for_console, procedure_for_run, procedure_for_segment,
 };
+pub use shapes::ShapeSample;
 pub use table::{DeviceFamily, Mappings, Parameter, ParameterKind, TableError, UnitRule};
 pub use validate::{ProfileIssue, ProfileValidator};
 pub use xml::{XML_TYPES, resource_from_xml, resource_to_xml, resource_value_to_xml};

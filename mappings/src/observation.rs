@@ -1,18 +1,21 @@
-//! Readings to FHIR R4 Observations (fhirbolt's typed model), serialized once here.
-
-use fhirbolt::model::r4::resources::{Observation, ObservationEffective, ObservationValue};
-use fhirbolt::model::r4::types::{CodeableConcept, Coding, Identifier, Meta, Quantity, Reference};
+//! Readings to FHIR R4 Observations through the device family's table. The JSON is written
+//! from borrowed parts ([`crate::observation_json`]); fhirbolt's typed model builds the same
+//! resource in tests, which prove the two identical byte for byte.
 
 use crate::datetime::DeviceTime;
 use crate::identity::{logical_id, observation_identifier};
+use crate::observation_json::{self, ObservationParts, ValueJson};
 use crate::reading::{DeviceContext, Reading, ReadingError, ReadingFlags, ReadingValue};
 use crate::table::{DeviceFamily, Mappings, Parameter, ParameterKind};
-use crate::{ECMO_CODE_SYSTEM, MappedResource, OBSERVATION_IDENTIFIER_SYSTEM, UCUM};
+use crate::{MappedResource, OBSERVATION_IDENTIFIER_SYSTEM};
 
-const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
-const SNOMED: &str = "http://snomed.info/sct";
-const DATA_ABSENT_REASON: &str = "http://terminology.hl7.org/CodeSystem/data-absent-reason";
-const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+/// The interpretation flags, in the order the Observation lists them.
+const INTERPRETATION_FLAGS: [(ReadingFlags, &str); 4] = [
+    (ReadingFlags::QUESTIONABLE, "questionable"),
+    (ReadingFlags::CALIBRATING, "calibrating"),
+    (ReadingFlags::IN_ALARM, "in-alarm"),
+    (ReadingFlags::ALARMS_INHIBITED, "alarms-inhibited"),
+];
 
 /// What the Observation's value turns out to be once the table has been applied.
 enum MappedValue<'a> {
@@ -53,10 +56,9 @@ impl Mappings {
             &parameter.code,
             &time.compact_utc(),
         );
-        let observation =
-            self.observation(device, parameter, reading, &time, value, &identifier_value);
-        let json = fhirbolt::json::to_vec(&observation, None)
-            .map_err(|e| ReadingError::Build(e.to_string()))?;
+        let json = self
+            .render_observation(device, parameter, reading, &time, &value, &identifier_value)
+            .map_err(ReadingError::Build)?;
         Ok(MappedResource {
             resource_type: "Observation",
             id: logical_id(OBSERVATION_IDENTIFIER_SYSTEM, &identifier_value),
@@ -67,8 +69,74 @@ impl Mappings {
         })
     }
 
-    fn observation(
+    fn render_observation(
         &self,
+        device: &DeviceContext<'_>,
+        parameter: &Parameter,
+        reading: &Reading<'_>,
+        time: &DeviceTime<'_>,
+        value: &MappedValue<'_>,
+        identifier_value: &str,
+    ) -> Result<Vec<u8>, String> {
+        let family = device.family;
+        let mut flags = [("", ""); INTERPRETATION_FLAGS.len()];
+        let mut flagged = 0;
+        for (flag, code) in INTERPRETATION_FLAGS {
+            if reading.flags.contains(flag) {
+                flags[flagged] = (code, self.codes().display(code).unwrap_or(code));
+                flagged += 1;
+            }
+        }
+        let device_display = format!("{} {}", family.manufacturer, device.model);
+        observation_json::render(&ObservationParts {
+            identifier_value,
+            test_data: reading.flags.contains(ReadingFlags::TEST_DATA),
+            run_id: reading.run.map(|run| run.run_id),
+            patient: reading
+                .run
+                .map(|run| run.patient)
+                .or(device.patient)
+                .map(|p| (p.system, p.value)),
+            code: &parameter.code_json,
+            effective: time.text,
+            value: match value {
+                MappedValue::Quantity {
+                    decimal,
+                    ucum,
+                    display,
+                } => ValueJson::Quantity {
+                    decimal,
+                    ucum,
+                    display,
+                },
+                MappedValue::Boolean(b) => ValueJson::Boolean(*b),
+                MappedValue::Absent => ValueJson::Absent,
+            },
+            interpretation: &flags[..flagged],
+            serial_system: &family.serial_system,
+            serial: device.serial,
+            device_display: &device_display,
+        })
+    }
+}
+
+/// fhirbolt's typed model of the same Observation: the reference the rendered JSON is proven
+/// against.
+#[cfg(test)]
+mod model {
+    use fhirbolt::model::r4::resources::{Observation, ObservationEffective, ObservationValue};
+    use fhirbolt::model::r4::types::{CodeableConcept, Identifier, Meta, Quantity, Reference};
+
+    use super::{INTERPRETATION_FLAGS, MappedValue, coding_of};
+    use crate::datetime::DeviceTime;
+    use crate::observation_json::{ACT_REASON, DATA_ABSENT_REASON, OBSERVATION_CATEGORY, SNOMED};
+    use crate::reading::{DeviceContext, Reading, ReadingFlags};
+    use crate::table::{Mappings, Parameter};
+    use crate::{ECMO_CODE_SYSTEM, OBSERVATION_IDENTIFIER_SYSTEM, UCUM};
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn observation(
+        mappings: &Mappings,
         device: &DeviceContext<'_>,
         parameter: &Parameter,
         reading: &Reading<'_>,
@@ -89,14 +157,9 @@ impl Mappings {
         }
 
         let mut interpretation = Vec::new();
-        for (flag, code) in [
-            (ReadingFlags::QUESTIONABLE, "questionable"),
-            (ReadingFlags::CALIBRATING, "calibrating"),
-            (ReadingFlags::IN_ALARM, "in-alarm"),
-            (ReadingFlags::ALARMS_INHIBITED, "alarms-inhibited"),
-        ] {
+        for (flag, code) in INTERPRETATION_FLAGS {
             if flags.contains(flag) {
-                let display = self.codes().display(code).unwrap_or(code);
+                let display = mappings.codes().display(code).unwrap_or(code);
                 interpretation.push(CodeableConcept {
                     coding: vec![coding_of(ECMO_CODE_SYSTEM, code, display)],
                     ..Default::default()
@@ -260,7 +323,12 @@ impl DeviceFamily {
     }
 }
 
-pub(crate) fn coding_of(system: &str, code: &str, display: &str) -> Coding {
+pub(crate) fn coding_of(
+    system: &str,
+    code: &str,
+    display: &str,
+) -> fhirbolt::model::r4::types::Coding {
+    use fhirbolt::model::r4::types::Coding;
     Coding {
         system: Some(system.into()),
         code: Some(code.into()),
@@ -364,6 +432,46 @@ fn map_value<'p>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ECMO_CODE_SYSTEM, UCUM};
+
+    /// For every shape the tables build, the rendered JSON is fhirbolt's, byte for byte (so
+    /// content hashes of what the outbox already holds stay the same), and fhirbolt's strict
+    /// parser takes it back.
+    #[test]
+    fn the_rendered_json_is_fhirbolts_for_every_shape() {
+        let m = Mappings::embedded().unwrap();
+        let mut shapes = 0;
+        for family in m.families() {
+            for parameter in family.parameters() {
+                for input in crate::shapes::inputs(family, parameter) {
+                    crate::shapes::with_reading(family, parameter, &input, |context, reading| {
+                        let rendered = m.map_reading(context, reading).unwrap();
+                        let time = DeviceTime::parse(reading.time).unwrap();
+                        let value = map_value(parameter, reading, &family.invalid_markers).unwrap();
+                        let model = model::observation(
+                            &m,
+                            context,
+                            parameter,
+                            reading,
+                            &time,
+                            value,
+                            &rendered.identifier_value,
+                        );
+                        let expected = fhirbolt::json::to_vec(&model, None).unwrap();
+                        assert_eq!(
+                            String::from_utf8_lossy(&rendered.json),
+                            String::from_utf8_lossy(&expected),
+                            "{}",
+                            input.shape
+                        );
+                        crate::check_resource_json("Observation", &rendered.json).unwrap();
+                    });
+                    shapes += 1;
+                }
+            }
+        }
+        assert!(shapes > 50, "{shapes} shapes");
+    }
     use crate::reading::PatientRef;
     use time::macros::datetime;
 

@@ -57,6 +57,11 @@ impl ReadingFlags {
         self.0 |= other.0;
     }
 
+    /// Both sets of flags.
+    pub const fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }

@@ -151,6 +151,8 @@ pub struct Parameter {
     pub kind: ParameterKind,
     /// Standard codings (SNOMED CT, LOINC, MDC) whose meaning matches: (system, code, display).
     pub codings: Vec<(String, String, String)>,
+    /// The Observation's `code` built from the above, rendered once at load.
+    pub code_json: crate::observation_json::PreRendered,
 }
 
 /// A device family (one mapping file): a manufacturer's console or monitor line.
@@ -482,6 +484,7 @@ fn load_family(
             }
         }
         parameters.push(Parameter {
+            code_json: crate::observation_json::parameter_code(&p.code, &display, &codings),
             vendor: p.vendor,
             code: p.code,
             display,

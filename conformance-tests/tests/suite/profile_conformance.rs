@@ -1,14 +1,13 @@
-//! Nothing invalid ever leaves: a mapping change that makes the gateway build a resource
-//! breaking its own profile is caught before anything is queued, the request is answered with
-//! the rule and the path, the EHR receives nothing, and the failure is counted.
+//! Nothing invalid ever leaves: a mapping change that makes the gateway build an Observation
+//! breaking its own profile keeps the gateway from starting (every shape a table builds is
+//! checked at load), naming the table entry, the rule and the path.
 
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, Scenario, WriteStyle, gateway_config, now_rfc3339,
+    GatewayProcess, Scenario, WriteStyle, gateway_binary, gateway_config,
 };
-use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_mapping_that_breaks_a_profile_never_reaches_the_ehr() {
+async fn a_mapping_that_breaks_a_profile_keeps_the_gateway_from_starting() {
     let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
         .await
         .unwrap();
@@ -31,46 +30,28 @@ async fn a_mapping_that_breaks_a_profile_never_reaches_the_ehr() {
         WriteStyle::TRANSACTION_CONDITIONAL,
         "gateway-client",
     ) + &format!("\n[mappings]\ndir = \"{}\"\n", tables.path().display());
-    let gateway = GatewayProcess::start(&config).unwrap();
-    let batch = json!({
-        "device": {"serial": "CH-1", "model": "CARDIOHELP-i"},
-        "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-P"},
-        "readings": [{"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": now_rfc3339()}]
-    });
-    let answer = s
-        .pki
-        .client(GETINGE)
-        .post_json(&gateway.url("/v1/observations"), &batch)
-        .await
-        .unwrap()
-        .expect_status(500);
-    let outcome = answer.json();
-    let issue = outcome["issue"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["code"] == "invariant")
-        .expect("a rule issue");
-    assert_eq!(issue["expression"][0], "Observation.code");
-    assert!(
-        issue["details"]["text"]
-            .as_str()
-            .unwrap()
-            .contains("required binding"),
-        "{issue}"
-    );
+    // Every shape a table builds is checked when it is loaded, so such a table never serves.
+    let refused = GatewayProcess::start(&config)
+        .err()
+        .expect("the gateway refuses to start")
+        .to_string();
+    for named in [
+        "getinge-cardiohelp/Flow",
+        "required binding",
+        "Observation.code",
+    ] {
+        assert!(refused.contains(named), "{named}: {refused}");
+    }
+    // And the integration team finds out before a restart: check-config says the same.
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+    let checked = std::process::Command::new(gateway_binary().unwrap())
+        .args(["check-config", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert_eq!(checked.status.code(), Some(78), "EX_CONFIG");
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(said.contains("getinge-cardiohelp/Flow"), "{said}");
     assert_eq!(s.ehr.ehr.count("Observation"), 0, "nothing invalid leaves");
-    let counted = s
-        .pki
-        .client(ADMIN)
-        .get(&gateway.admin_url("/admin/v1/validation"))
-        .await
-        .unwrap()
-        .expect_status(200);
-    assert_eq!(counted.json()["failures"], 1);
-    assert!(
-        gateway.wait_for_log("breaks a profile rule"),
-        "{}",
-        gateway.log_text()
-    );
 }

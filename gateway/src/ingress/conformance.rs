@@ -33,6 +33,38 @@ impl ConformanceRules {
         })
     }
 
+    /// Checks every shape of Observation the tables build ([`mappings::Mappings::shape_samples`]),
+    /// once when they are loaded. A reading becomes the Observation of its shape with only
+    /// schema-checked text filled in, so readings are not re-checked one by one at run time;
+    /// a table that would build a broken resource keeps the gateway from starting instead.
+    /// The number of shapes checked.
+    pub fn prove_tables(&self, mappings: &mappings::Mappings) -> Result<usize, String> {
+        let samples = mappings
+            .shape_samples()
+            .map_err(|e| format!("a table refuses its own sample {e}"))?;
+        let mut broken = Vec::new();
+        for sample in &samples {
+            let resource = &sample.resource;
+            let value = serde_json::from_slice(&resource.json).map_err(|e| e.to_string())?;
+            for issue in self.issues(resource.resource_type, value) {
+                broken.push(format!(
+                    "{}: {} ({})",
+                    sample.shape,
+                    issue.details,
+                    issue.expression.unwrap_or_default()
+                ));
+            }
+        }
+        if broken.is_empty() {
+            Ok(samples.len())
+        } else {
+            Err(format!(
+                "the mapping tables build resources that break the profiles: {}",
+                broken.join("; ")
+            ))
+        }
+    }
+
     /// Every rule `resource` breaks: the R4 JSON Schema, our profiles, fhirbolt's strict model.
     /// Paths are FHIRPath-like (`Observation.code.coding[0]`).
     pub fn issues(&self, resource_type: &str, resource: serde_json::Value) -> Vec<Issue> {
@@ -185,6 +217,83 @@ mod tests {
                 .iter()
                 .any(|i| i.details.contains("required binding"))
         );
+    }
+
+    #[test]
+    fn every_shape_the_embedded_tables_build_is_valid() {
+        let rules = ConformanceRules::embedded().unwrap();
+        let shapes = rules
+            .prove_tables(&mappings::Mappings::embedded().unwrap())
+            .unwrap();
+        assert!(shapes > 50, "{shapes}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// What fills a shape in (schema-checked serials, patient identifiers, times in any
+        /// offset, the device's digits) never breaks it: the reason readings are not re-checked.
+        #[test]
+        fn filled_in_shapes_stay_valid(
+            serial in "[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+            patient in "\\PC([^\\r\\n]{0,60}\\PC)?",
+            digits in 0u32..=80_000,
+            scale in 0usize..=4,
+            ago in 0i64..3600,
+            offset_minutes in -14i32 * 60..=14 * 60,
+            boolean in proptest::bool::ANY,
+        ) {
+            // What the ingest schema lets through, as a vendor would send it.
+            let batch = serde_json::json!({
+                "patient": {"system": "urn:oid:1.2.3.4", "value": patient},
+                "device": {"serial": serial, "model": "CARDIOHELP-i"},
+                "readings": [{"parameter": "Bubble", "value": false, "time": "2026-11-21T10:15:00Z"}],
+            });
+            let schemas = crate::validation::Schemas::embedded().unwrap();
+            proptest::prop_assume!(schemas.get("observation-batch").unwrap().check(&batch).is_empty());
+            let rules = shared_rules();
+            let m = mappings::Mappings::embedded().unwrap();
+            let family = m.family_for_model("CARDIOHELP-i").unwrap();
+            let now = time::OffsetDateTime::now_utc();
+            let offset = time::UtcOffset::from_whole_seconds(offset_minutes * 60).unwrap();
+            let at = (now - time::Duration::seconds(ago))
+                .to_offset(offset)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            let flow = format!("{:.*}", scale, f64::from(digits) / 10_000.0);
+            let context = mappings::DeviceContext {
+                family,
+                serial: &serial,
+                model: "CARDIOHELP-i",
+                patient: Some(mappings::PatientRef { system: "urn:oid:1.2.3.4", value: &patient }),
+                window: mappings::TimeWindow {
+                    received_at: now,
+                    max_future_skew: time::Duration::minutes(5),
+                    max_past_age: time::Duration::hours(24),
+                },
+            };
+            for (parameter, value, unit) in [
+                ("Flow", mappings::ReadingValue::Number(&flow), Some("L/min")),
+                ("Bubble", mappings::ReadingValue::Boolean(boolean), None),
+            ] {
+                let reading = mappings::Reading {
+                    parameter,
+                    value,
+                    unit,
+                    time: &at,
+                    flags: mappings::ReadingFlags::default(),
+                    run: None,
+                };
+                let resource = m.map_reading(&context, &reading).unwrap();
+                let value = serde_json::from_slice(&resource.json).unwrap();
+                let issues = rules.issues("Observation", value);
+                proptest::prop_assert!(issues.is_empty(), "{issues:?}");
+            }
+        }
+    }
+
+    fn shared_rules() -> &'static ConformanceRules {
+        static RULES: std::sync::OnceLock<ConformanceRules> = std::sync::OnceLock::new();
+        RULES.get_or_init(|| ConformanceRules::embedded().unwrap())
     }
 
     #[test]

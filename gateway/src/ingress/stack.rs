@@ -98,7 +98,8 @@ where
             clocks.clone(),
         ))
         .layer(duplicates::layer())
-        .layer(conformance::layer(conformance_rules.clone()))
+        // No per-resource conformance check: every shape the tables build was checked when
+        // they were loaded (`ConformanceRules::prove_tables`).
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/fhir/Observation and /v1/fhir/Bundle, after routing.
