@@ -92,10 +92,11 @@ struct Meta<'a> {
     security: Option<[Coding<'a>; 1]>,
 }
 
+/// An identifier (system and value): how every reference the gateway writes names its target.
 #[derive(Serialize)]
-struct Identifier<'a> {
-    system: &'a str,
-    value: &'a str,
+pub(crate) struct Identifier<'a> {
+    pub system: &'a str,
+    pub value: &'a str,
 }
 
 #[derive(Serialize)]

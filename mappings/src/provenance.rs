@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+use crate::observation_json::Identifier;
 use crate::{CANONICAL_BASE, MappedResource, logical_id};
 
 /// `meta.tag` system of the Provenance's idempotency key.
@@ -171,12 +172,6 @@ struct Concept<'a> {
     coding: Vec<Coding<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Identifier<'a> {
-    system: &'a str,
-    value: &'a str,
 }
 
 #[derive(Serialize)]
