@@ -2,6 +2,7 @@
 //! harness that runs the real gateway binary against it over mutual TLS on 127.0.0.1, a
 //! simulated ECMO console and an HTTPS client with client certificates.
 
+pub mod ceiling;
 pub mod client;
 pub mod console;
 pub mod ehr;

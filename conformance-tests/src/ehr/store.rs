@@ -20,6 +20,11 @@ pub struct Store {
     versions: HashMap<(String, String), Vec<Value>>,
     /// (type, "system|value" or "_tag:system|code") -> id
     identifiers: HashMap<(String, String), String>,
+    /// Resources per type, kept as they are created: counting never walks the store.
+    counts: HashMap<String, usize>,
+    /// Keep identifiers, versions and counts but not the resources (the benchmark's EHR, which
+    /// takes millions of them).
+    pub forget_bodies: bool,
     next_id: u64,
     next_sequence: u64,
 }
@@ -131,10 +136,7 @@ impl Store {
     }
 
     pub fn count(&self, resource_type: &str) -> usize {
-        self.resources
-            .keys()
-            .filter(|(t, _)| t == resource_type)
-            .count()
+        self.counts.get(resource_type).copied().unwrap_or(0)
     }
 
     /// Create, or, with `if_none_exist`, return the existing match.
@@ -201,6 +203,9 @@ impl Store {
             self.identifiers
                 .insert((resource_type.to_owned(), token), id.to_owned());
         }
+        if self.forget_bodies {
+            resource = Value::Null;
+        }
         let key = (resource_type.to_owned(), id.to_owned());
         // The current version lives in `resources`; `versions` keeps only the older ones, so
         // no write copies a resource.
@@ -213,6 +218,7 @@ impl Store {
                 existing.sequence
             }
             None => {
+                *self.counts.entry(resource_type.to_owned()).or_default() += 1;
                 self.next_sequence += 1;
                 self.next_sequence
             }
