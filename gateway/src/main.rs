@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc, whose frees, consolidations and arena locks were about a
+/// tenth of the gateway's CPU in the profile of a batch load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ECMO device data in over mutual TLS, FHIR R4 out to hospital EHRs.
 #[derive(Parser)]
 #[command(version, about)]

@@ -69,6 +69,9 @@ struct Args {
     /// Runs of every phase; figures are the medians.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Only the gateway's phases, no ceilings (to profile it; the table then has no ratios).
+    #[arg(long)]
+    gateway_only: bool,
     /// A memory soak at the sustained rate for this long (0 skips it).
     #[arg(long, default_value_t = 0)]
     soak_seconds: u64,
@@ -718,8 +721,10 @@ async fn main() -> Result<(), BoxError> {
         &outbox_dir.path().join("outbox.sqlite"),
         "",
     )?;
-    let ceilings = [CeilingKind::Bare, CeilingKind::Parse, CeilingKind::Fsync]
+    let kinds = [CeilingKind::Bare, CeilingKind::Parse, CeilingKind::Fsync];
+    let ceilings = kinds
         .into_iter()
+        .filter(|_| !args.gateway_only)
         .map(|kind| Ok((kind, CeilingProcess::start(kind, pki.as_ref())?)))
         .collect::<Result<Vec<_>, BoxError>>()?;
 
@@ -750,6 +755,8 @@ async fn main() -> Result<(), BoxError> {
     let accepted: Accepted = Arc::default();
     let mut results: BTreeMap<(usize, Workload), Vec<Measured>> = BTreeMap::new();
     let mut deliveries: Vec<Delivery> = Vec::new();
+    // After each of the gateway's phases of the first run: RSS then, and the peak so far.
+    let mut memory: Vec<(String, Option<f64>, Option<u64>)> = Vec::new();
     for run in 0..args.repeat {
         for workload in Workload::ALL {
             // One set of requests per workload and run: the ceilings get the same bodies as the
@@ -794,6 +801,13 @@ async fn main() -> Result<(), BoxError> {
                     )
                     .await;
                 }
+                if is_gateway && run == 0 {
+                    memory.push((
+                        workload.label(&args),
+                        rss_mib(gateway.pid()),
+                        gateway.peak_rss_kib(),
+                    ));
+                }
                 results.entry((index, workload)).or_default().push(measured);
             }
         }
@@ -810,7 +824,7 @@ async fn main() -> Result<(), BoxError> {
     for workload in Workload::ALL {
         for (index, (name, _, _)) in servers.iter().enumerate() {
             let row = Row::of(&results[&(index, workload)]);
-            let ratios = if index == gateway_index {
+            let ratios = if index == gateway_index && !args.gateway_only {
                 let ceiling = Row::of(&results[&(fsync_index, workload)]);
                 (
                     format!("{:.3}", row.req_s / ceiling.req_s),
@@ -880,6 +894,11 @@ async fn main() -> Result<(), BoxError> {
 
     let (sustained, sustained_delivery) =
         sustained_phase(&args, &pki, &ehr, &gateway, &accepted).await;
+    memory.push((
+        "sustained, open loop".into(),
+        rss_mib(gateway.pid()),
+        gateway.peak_rss_kib(),
+    ));
     let far = far_ehr_phase(&args, &pki).await?;
 
     println!("\n## Delivery to the reference EHR\n");
@@ -944,6 +963,17 @@ async fn main() -> Result<(), BoxError> {
         gateway.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
         fmt(rss_mib(gateway.pid()).unwrap_or(f64::NAN), 1),
     );
+    let phases: Vec<String> = memory
+        .iter()
+        .map(|(phase, now, peak)| {
+            format!(
+                "{phase}: {} MiB (peak so far {} MiB)",
+                fmt(now.unwrap_or(f64::NAN), 1),
+                fmt(peak.map_or(f64::NAN, |k| k as f64 / 1024.0), 1)
+            )
+        })
+        .collect();
+    println!("After each phase: {}.", phases.join("; "));
     if args.soak_seconds > 0 {
         soak(&args, &pki, &gateway, &accepted).await;
     }
