@@ -4,6 +4,7 @@
 //! Run one area with `cargo test -p conformance-tests --test suite <module>::`.
 
 mod bad_payloads;
+mod bench_ceilings;
 mod certificates;
 mod durable_delivery;
 mod ecmo_runs;
