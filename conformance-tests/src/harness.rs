@@ -206,6 +206,20 @@ pub fn with_outbox(config: &str, outbox: &Path) -> String {
         .replace("max_attempts = 3\n", "max_attempts = 1\nlinger = \"5ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nretry_backoff_max = \"2s\"\n")
 }
 
+/// The gateway of [`gateway_config`] writing transactions with conditional creates through the
+/// durable outbox in `outbox`, as most tests and tools run it.
+pub fn durable_config(certs: impl AsRef<Path>, ehr_url: &str, outbox: &Path) -> String {
+    with_outbox(
+        &gateway_config(
+            certs,
+            ehr_url,
+            WriteStyle::TRANSACTION_CONDITIONAL,
+            "gateway-client",
+        ),
+        outbox,
+    )
+}
+
 /// The `gateway` binary: `GATEWAY_BIN` if set, else the workspace's own, built (or found up to
 /// date) by cargo once per test process, so a stale binary in a reused target directory is
 /// never what gets tested.

@@ -22,9 +22,7 @@ use conformance_tests::ceiling::{self, CeilingKind};
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
-use conformance_tests::harness::{
-    GETINGE, GatewayProcess, TestPki, WriteStyle, gateway_config, with_outbox,
-};
+use conformance_tests::harness::{GETINGE, GatewayProcess, TestPki, durable_config};
 use gateway::BoxError;
 use gateway::config::{FhirFormat, WriteMode};
 use gateway::delivery::request_builder::RequestBuilder;
@@ -586,17 +584,21 @@ fn delivery_of(samples: &[Sample], load_ended: Instant) -> Delivery {
     }
 }
 
-/// Waits until the EHR holds what was accepted (or `limit` passed), then stops the sampler.
-async fn drained(
-    sampler: tokio::task::JoinHandle<Vec<Sample>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+/// Runs `load` while sampling delivery to `ehr`, then waits until the EHR holds what was
+/// accepted (or `limit` passed).
+async fn with_delivery(
     ehr: &ReferenceEhr,
-    accepted_total: u64,
-    held_before: u64,
+    accepted: &Accepted,
     limit: Duration,
-) -> Vec<Sample> {
-    let deadline = Instant::now() + limit;
-    while (ehr.count("Observation") as u64) < held_before + accepted_total
+    load: impl std::future::Future<Output = Measured>,
+) -> (Measured, Delivery) {
+    let held_before = ehr.count("Observation") as u64;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_delivery(ehr, accepted, stop.clone());
+    let measured = load.await;
+    let load_ended = Instant::now();
+    let deadline = load_ended + limit;
+    while (ehr.count("Observation") as u64) < held_before + measured.readings as u64
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -604,7 +606,8 @@ async fn drained(
     // One more sample after the last delivery.
     tokio::time::sleep(Duration::from_millis(20)).await;
     stop.store(true, Ordering::Relaxed);
-    sampler.await.unwrap_or_default()
+    let samples = sampler.await.unwrap_or_default();
+    (measured, delivery_of(&samples, load_ended))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -679,15 +682,7 @@ fn start_gateway(
     outbox: &std::path::Path,
     tune: &str,
 ) -> Result<GatewayProcess, BoxError> {
-    let config = with_outbox(
-        &gateway_config(
-            pki,
-            ehr_url,
-            WriteStyle::TRANSACTION_CONDITIONAL,
-            "gateway-client",
-        ),
-        outbox,
-    )
+    let config = durable_config(pki, ehr_url, outbox)
     // The harness's test settings (fast retries, one attempt) would not be a fair figure.
     .replace(
         "max_attempts = 1\nlinger = \"5ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nretry_backoff_max = \"2s\"\n",
@@ -769,38 +764,23 @@ async fn main() -> Result<(), BoxError> {
             );
             for (index, (_, target, cycle)) in servers.iter().enumerate() {
                 let is_gateway = !cycle;
-                let watch = is_gateway && workload == Workload::Batches;
-                let held_before = ehr.ehr.count("Observation") as u64;
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let sampler = watch.then(|| sample_delivery(&ehr.ehr, &accepted, stop.clone()));
-                let measured =
-                    run_workload(target, workload, jobs.clone(), &args, *cycle, &accepted).await;
-                let load_ended = Instant::now();
-                if let Some(sampler) = sampler {
-                    let samples = drained(
-                        sampler,
-                        stop,
+                let load = run_workload(target, workload, jobs.clone(), &args, *cycle, &accepted);
+                let measured = if is_gateway {
+                    // Every phase waits for delivery, so the next one starts on an empty queue.
+                    let (measured, delivery) = with_delivery(
                         &ehr.ehr,
-                        measured.readings as u64,
-                        held_before,
+                        &accepted,
                         Duration::from_secs(args.seconds * 12),
+                        load,
                     )
                     .await;
-                    deliveries.push(delivery_of(&samples, load_ended));
-                } else if is_gateway {
-                    // The next phase starts on an empty queue.
-                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let sampler = sample_delivery(&ehr.ehr, &accepted, stop.clone());
-                    drained(
-                        sampler,
-                        stop,
-                        &ehr.ehr,
-                        measured.readings as u64,
-                        held_before,
-                        Duration::from_secs(args.seconds * 12),
-                    )
-                    .await;
-                }
+                    if workload == Workload::Batches {
+                        deliveries.push(delivery);
+                    }
+                    measured
+                } else {
+                    load.await
+                };
                 if is_gateway && run == 0 {
                     memory.push((
                         workload.label(&args),
@@ -1003,21 +983,13 @@ async fn sustained_phase(
         pid: Some(gateway.pid()),
         clients: mtls_clients(pki, GETINGE, args.clients),
     });
-    let held_before = ehr.ehr.count("Observation") as u64;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = sample_delivery(&ehr.ehr, accepted, stop.clone());
-    let measured = open_loop(&target, flat, batches_per_second, accepted).await;
-    let load_ended = Instant::now();
-    let samples = drained(
-        sampler,
-        stop,
+    with_delivery(
         &ehr.ehr,
-        measured.readings as u64,
-        held_before,
+        accepted,
         Duration::from_secs(args.seconds * 12),
+        open_loop(&target, flat, batches_per_second, accepted),
     )
-    .await;
-    (measured, delivery_of(&samples, load_ended))
+    .await
 }
 
 /// Outbox delivery to a far, strict EHR: every write delayed, transactions limited in size.
@@ -1053,20 +1025,13 @@ async fn far_ehr_phase(args: &Args, pki: &TestPki) -> Result<(Measured, Delivery
         batches.div_ceil(args.clients),
     );
     let accepted: Accepted = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = sample_delivery(&ehr.ehr, &accepted, stop.clone());
-    let measured = closed_loop(&target, &jobs, args.seconds * 4, false, &accepted).await;
-    let load_ended = Instant::now();
-    let samples = drained(
-        sampler,
-        stop,
+    Ok(with_delivery(
         &ehr.ehr,
-        measured.readings as u64,
-        0,
+        &accepted,
         Duration::from_secs(args.seconds * 24),
+        closed_loop(&target, &jobs, args.seconds * 4, false, &accepted),
     )
-    .await;
-    Ok((measured, delivery_of(&samples, load_ended)))
+    .await)
 }
 
 /// The sustained load for `soak_seconds`, the gateway's resident memory after every 10 s.

@@ -10,9 +10,7 @@ use clap::Parser;
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::ReferenceEhr;
-use conformance_tests::harness::{
-    EhrReader, GatewayProcess, WriteStyle, gateway_config, with_outbox,
-};
+use conformance_tests::harness::{EhrReader, GatewayProcess, durable_config};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -69,15 +67,7 @@ async fn main() -> Result<(), gateway::BoxError> {
     let _ = std::fs::remove_file(&outbox);
     let config = format!(
         "# Written by ecmo-demo; every key is explained in gateway/gateway.example.toml.\n{}",
-        with_outbox(
-            &gateway_config(
-                &dir,
-                &running_ehr.base_url,
-                WriteStyle::TRANSACTION_CONDITIONAL,
-                "gateway-client"
-            ),
-            &outbox
-        )
+        durable_config(&dir, &running_ehr.base_url, &outbox)
     );
     std::fs::write(p("gateway.toml"), &config)?;
     let gateway = GatewayProcess::start(&config)?;

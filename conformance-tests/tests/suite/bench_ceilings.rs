@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use conformance_tests::ceiling::{self, CeilingKind};
+use conformance_tests::client::Answer;
 use conformance_tests::harness::{GETINGE, TestPki};
 use http::Method;
 
@@ -19,31 +20,35 @@ async fn start(kind: CeilingKind, pki: &TestPki, dir: &std::path::Path) -> Strin
     format!("https://{}/v1/observations", rx.await.unwrap())
 }
 
+/// POSTs `body` as JSON as the Getinge vendor would.
+async fn post(pki: &TestPki, url: &str, body: &'static [u8]) -> Answer {
+    pki.client(GETINGE)
+        .send(
+            Method::POST,
+            url,
+            Some("application/json"),
+            Bytes::from_static(body),
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_fsync_ceiling_parses_and_writes_what_it_accepts() {
     let pki = TestPki::generate().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = start(CeilingKind::Fsync, &pki, dir.path()).await;
-    let vendor = pki.client(GETINGE);
-    let body = Bytes::from_static(br#"{"device": {"serial": "CH-1"}, "readings": [1.50]}"#);
-    vendor
-        .send(Method::POST, &url, Some("application/json"), body)
-        .await
-        .unwrap()
-        .expect_status(202);
+    post(
+        &pki,
+        &url,
+        br#"{"device": {"serial": "CH-1"}, "readings": [1.50]}"#,
+    )
+    .await
+    .expect_status(202);
     // Parsed and serialized again (arbitrary precision keeps 1.50), written before the answer.
     let written = std::fs::read_to_string(dir.path().join("ceiling.log")).unwrap();
     assert_eq!(written, r#"{"device":{"serial":"CH-1"},"readings":[1.50]}"#);
-    let refused = vendor
-        .send(
-            Method::POST,
-            &url,
-            Some("application/json"),
-            Bytes::from_static(b"{not json"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(refused.status.as_u16(), 400);
+    post(&pki, &url, b"{not json").await.expect_status(400);
 }
 
 #[tokio::test]
@@ -51,16 +56,7 @@ async fn the_bare_ceiling_answers_without_reading_into_the_body_and_refuses_stra
     let pki = TestPki::generate().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = start(CeilingKind::Bare, &pki, dir.path()).await;
-    pki.client(GETINGE)
-        .send(
-            Method::POST,
-            &url,
-            Some("application/json"),
-            Bytes::from_static(b"{not json"),
-        )
-        .await
-        .unwrap()
-        .expect_status(202);
+    post(&pki, &url, b"{not json").await.expect_status(202);
     // The same mutual TLS as the gateway: no client certificate, no answer.
     let anonymous = conformance_tests::client::MtlsClient::new(&pki.path("ca.pem"), None).unwrap();
     assert!(anonymous.get(&url).await.is_err());

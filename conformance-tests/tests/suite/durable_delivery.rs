@@ -6,15 +6,13 @@
 //! and per resource the EHR gets the versions in acceptance order even when an attempt fails.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, WriteStyle, gateway_config,
-    now_rfc3339, with_outbox,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, durable_config, now_rfc3339,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -24,18 +22,6 @@ async fn start_ehr(pki: &TestPki) -> RunningEhr {
         .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()
-}
-
-fn durable_config(pki: &TestPki, ehr_url: &str, outbox: &Path) -> String {
-    with_outbox(
-        &gateway_config(
-            pki,
-            ehr_url,
-            WriteStyle::TRANSACTION_CONDITIONAL,
-            "gateway-client",
-        ),
-        outbox,
-    )
 }
 
 /// A test PKI, a reference EHR and the gateway on an outbox in a temporary directory.

@@ -9,9 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
-use conformance_tests::harness::{
-    EhrReader, GatewayProcess, TestPki, WriteStyle, gateway_config, with_outbox,
-};
+use conformance_tests::harness::{EhrReader, GatewayProcess, TestPki, durable_config};
 use conformance_tests::suite::coverage::{ERROR_CLASSES, gaps};
 use conformance_tests::suite::report::{Totals, junit_xml, markdown_summary};
 use conformance_tests::suite::runner::{Runner, Target, identities_from_dir, not_passed};
@@ -56,15 +54,7 @@ async fn systems() -> (TestPki, RunningEhr, GatewayProcess) {
         .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let config = with_outbox(
-        &gateway_config(
-            &pki,
-            &ehr.base_url,
-            WriteStyle::TRANSACTION_CONDITIONAL,
-            "gateway-client",
-        ),
-        &pki.path("outbox.sqlite"),
-    );
+    let config = durable_config(&pki, &ehr.base_url, &pki.path("outbox.sqlite"));
     let gateway = GatewayProcess::start(&config).unwrap();
     (pki, ehr, gateway)
 }
