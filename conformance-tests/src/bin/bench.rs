@@ -140,6 +140,21 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The outbox's database file and its write-ahead log now, in MiB (the log's size shows
+/// whether checkpoints let it start again from its beginning under load).
+fn outbox_files_mib(outbox: &std::path::Path) -> String {
+    let mib = |suffix: &str| {
+        let mut name = outbox.as_os_str().to_owned();
+        name.push(suffix);
+        std::fs::metadata(&name).map_or(0.0, |m| m.len() as f64 / 1024.0 / 1024.0)
+    };
+    format!(
+        "outbox {} MiB + WAL {} MiB",
+        fmt(mib(""), 1),
+        fmt(mib("-wal"), 1)
+    )
+}
+
 /// Resident memory of `pid` now (`VmRSS`), in MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -710,12 +725,8 @@ async fn main() -> Result<(), BoxError> {
         .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse()?)
         .await?;
     let outbox_dir = tempfile::tempdir()?;
-    let gateway = start_gateway(
-        &pki,
-        &ehr.base_url,
-        &outbox_dir.path().join("outbox.sqlite"),
-        "",
-    )?;
+    let outbox = outbox_dir.path().join("outbox.sqlite");
+    let gateway = start_gateway(&pki, &ehr.base_url, &outbox, "")?;
     let kinds = [CeilingKind::Bare, CeilingKind::Parse, CeilingKind::Fsync];
     let ceilings = kinds
         .into_iter()
@@ -751,7 +762,7 @@ async fn main() -> Result<(), BoxError> {
     let mut results: BTreeMap<(usize, Workload), Vec<Measured>> = BTreeMap::new();
     let mut deliveries: Vec<Delivery> = Vec::new();
     // After each of the gateway's phases of the first run: RSS then, and the peak so far.
-    let mut memory: Vec<(String, Option<f64>, Option<u64>)> = Vec::new();
+    let mut memory: Vec<(String, Option<f64>, Option<u64>, String)> = Vec::new();
     for run in 0..args.repeat {
         for workload in Workload::ALL {
             // One set of requests per workload and run: the ceilings get the same bodies as the
@@ -786,6 +797,7 @@ async fn main() -> Result<(), BoxError> {
                         workload.label(&args),
                         rss_mib(gateway.pid()),
                         gateway.peak_rss_kib(),
+                        outbox_files_mib(&outbox),
                     ));
                 }
                 results.entry((index, workload)).or_default().push(measured);
@@ -878,6 +890,7 @@ async fn main() -> Result<(), BoxError> {
         "sustained, open loop".into(),
         rss_mib(gateway.pid()),
         gateway.peak_rss_kib(),
+        outbox_files_mib(&outbox),
     ));
     let far = far_ehr_phase(&args, &pki).await?;
 
@@ -945,9 +958,9 @@ async fn main() -> Result<(), BoxError> {
     );
     let phases: Vec<String> = memory
         .iter()
-        .map(|(phase, now, peak)| {
+        .map(|(phase, now, peak, files)| {
             format!(
-                "{phase}: {} MiB (peak so far {} MiB)",
+                "{phase}: {} MiB (peak so far {} MiB), {files}",
                 fmt(now.unwrap_or(f64::NAN), 1),
                 fmt(peak.map_or(f64::NAN, |k| k as f64 / 1024.0), 1)
             )

@@ -256,13 +256,7 @@ async fn route(
         ) => {
             // An operator takes a reading back, by its Observation identifier value.
             let identifier = percent_encoding::percent_decode_str(identifier).decode_utf8_lossy();
-            let retraction = crate::outbox::Retraction {
-                resource_type: "Observation".into(),
-                logical_id: mappings::logical_id(
-                    mappings::OBSERVATION_IDENTIFIER_SYSTEM,
-                    &identifier,
-                ),
-            };
+            let retraction = crate::outbox::Retraction::observation(identifier.to_string());
             let source = Arc::new(mappings::ProvenanceSource {
                 sender: mappings::Sender::Operator {
                     certificate: context.admin,

@@ -5,7 +5,7 @@
 //! an EHR that refuses big transactions gets smaller ones from then on; transient failures
 //! reschedule each message on its own budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -62,9 +62,9 @@ enum Health {
     Misconfigured,
 }
 
-/// What one batch's send task hands back: the health it saw and whether its outcomes were
-/// recorded.
-type Sent = (Health, Result<(), crate::outbox::OutboxError>);
+/// What one batch's send task hands back: the health it saw, whether its outcomes were
+/// recorded, and the lowest of its messages still pending (to be sent again).
+type Sent = (Health, Result<(), crate::outbox::OutboxError>, Option<i64>);
 
 /// What the worker waits for when it cannot start another batch now.
 enum Wake {
@@ -115,10 +115,17 @@ impl DeliveryWorker {
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         // Message ids of each task in flight, and all of them.
         let mut owners: HashMap<tokio::task::Id, Vec<i64>> = HashMap::new();
-        let mut flying: Vec<i64> = Vec::new();
+        let mut flying: HashSet<i64> = HashSet::new();
+        // Every pending message before this id is in flight (see `Outbox::due`).
+        let mut from = 0;
+        let mut rewinds = self.outbox.rewinds();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if self.outbox.rewinds() != rewinds {
+                rewinds = self.outbox.rewinds();
+                from = 0;
             }
             let wake = match self.breaker.blocked_for() {
                 Some(wait) if tasks.is_empty() => Wake::After(wait),
@@ -128,14 +135,15 @@ impl DeliveryWorker {
                     let now = now_ms();
                     match self
                         .outbox
-                        .due(&name, now, self.shared.batch_limit(), &flying)
+                        .due(&name, now, self.shared.batch_limit(), &flying, from)
                         .await
                     {
                         Err(error) => {
                             tracing::error!(destination = %name, %error, "cannot read the outbox");
                             Wake::After(Duration::from_secs(1))
                         }
-                        Ok(due) if due.is_empty() => {
+                        Ok(due) if due.messages.is_empty() => {
+                            from = due.resume_from;
                             lingered = false;
                             match self.outbox.next_due(&name).await {
                                 Ok(Some(at)) => Wake::Idle(Duration::from_millis(
@@ -144,8 +152,9 @@ impl DeliveryWorker {
                                 _ => Wake::Idle(Duration::from_secs(1)),
                             }
                         }
+                        // Not taken, so `from` stays where it was.
                         Ok(due)
-                            if due.len() < self.shared.batch_limit()
+                            if due.messages.len() < self.shared.batch_limit()
                                 && !settings.linger.is_zero()
                                 && !lingered
                                 && tasks.is_empty() =>
@@ -155,15 +164,29 @@ impl DeliveryWorker {
                         }
                         Ok(due) => {
                             lingered = false;
+                            from = due.resume_from;
+                            let due = due.messages;
                             let ids: Vec<i64> = due.iter().map(|p| p.id).collect();
-                            flying.extend_from_slice(&ids);
+                            flying.extend(&ids);
                             let shared = self.shared.clone();
                             let outbox = self.outbox.clone();
+                            let sent = ids.clone();
                             // Each task settles its own messages: settles of bundles that
                             // finish together share one group commit (fsync).
                             let task = tasks.spawn(async move {
                                 let (outcomes, health) = shared.deliver(due).await;
-                                (health, outbox.settle(outcomes).await)
+                                let done: HashSet<i64> = outcomes
+                                    .iter()
+                                    .filter(|(_, settle)| settle.is_final())
+                                    .map(|(id, _)| *id)
+                                    .collect();
+                                let settled = outbox.settle(outcomes).await;
+                                let pending = sent.into_iter();
+                                let lowest_pending = match settled {
+                                    Ok(()) => pending.filter(|id| !done.contains(id)).min(),
+                                    Err(_) => pending.min(),
+                                };
+                                (health, settled, lowest_pending)
                             });
                             owners.insert(task.id(), ids);
                             continue;
@@ -186,8 +209,16 @@ impl DeliveryWorker {
                         }
                     };
                     let ids = owners.remove(&id).unwrap_or_default();
+                    // Messages pending again and no longer in flight: looked at again.
+                    let lowest_pending = match &sent {
+                        Some((_, _, lowest)) => *lowest,
+                        None => ids.iter().copied().min(),
+                    };
+                    if let Some(lowest) = lowest_pending {
+                        from = from.min(lowest);
+                    }
                     match sent {
-                        Some((health, settled)) => {
+                        Some((health, settled, _)) => {
                             window = self.record(health, window);
                             if let Err(error) = settled {
                                 // The messages stay pending and are sent again: harmless,
@@ -198,7 +229,9 @@ impl DeliveryWorker {
                         }
                         None => window = 1,
                     }
-                    flying.retain(|m| !ids.contains(m));
+                    for message in &ids {
+                        flying.remove(message);
+                    }
                 }
                 _ = notify.notified(), if listen => {}
                 _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}

@@ -102,13 +102,9 @@ impl Predicate<Request<Value>> for NameRetractions {
                 &parameter.code,
                 &time.compact_utc(),
             );
-            named.resources.push(Retraction {
-                resource_type: "Observation".into(),
-                logical_id: mappings::logical_id(
-                    mappings::OBSERVATION_IDENTIFIER_SYSTEM,
-                    &identifier,
-                ),
-            });
+            named
+                .resources
+                .push(Retraction::observation(identifier.clone()));
             named.identifiers.push(identifier);
             named.origins.push(format!("/readings/{index}"));
         }

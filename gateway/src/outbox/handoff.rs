@@ -102,7 +102,7 @@ impl Handoff for OutboxHandoff {
                     });
                 }
             }
-            let tracking_id = uuid::Uuid::new_v4().to_string();
+            let tracking_id = new_tracking_id();
             let ids = outbox
                 .enqueue(tracking_id.clone(), messages, plan)
                 .await
@@ -140,7 +140,7 @@ impl Handoff for OutboxHandoff {
         let outbox = self.outbox.clone();
         let plan = self.plan(source);
         Box::pin(async move {
-            let tracking_id = uuid::Uuid::new_v4().to_string();
+            let tracking_id = new_tracking_id();
             let placements = outbox
                 .retract(tracking_id.clone(), resources, plan)
                 .await
@@ -154,4 +154,10 @@ impl Handoff for OutboxHandoff {
             })
         })
     }
+}
+
+/// A batch's tracking id: a UUID whose leading bits are the time (version 7), so the outbox's
+/// index of batches grows at its end instead of taking a write at a random page per request.
+fn new_tracking_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }

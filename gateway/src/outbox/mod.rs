@@ -110,11 +110,40 @@ pub use provenance::ProvenancePlan;
 /// Per resource, each destination with what happened there.
 pub type Placements = Vec<Vec<(String, Enqueued)>>;
 
-/// A resource to take back, by its type and logical id.
+/// A resource to take back, by its type, logical id and business identifier value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retraction {
     pub resource_type: String,
     pub logical_id: String,
+    pub identifier_value: String,
+}
+
+impl Retraction {
+    /// The reading whose Observation identifier value is `identifier_value`.
+    pub fn observation(identifier_value: String) -> Self {
+        Self {
+            resource_type: "Observation".into(),
+            logical_id: mappings::logical_id(
+                mappings::OBSERVATION_IDENTIFIER_SYSTEM,
+                &identifier_value,
+            ),
+            identifier_value,
+        }
+    }
+}
+
+/// Where a resource sits in the stores keyed by resource: an Observation by the device time
+/// that ends its identifier value (see [`mappings::observation_identifier`]), everything else
+/// at the start. New readings carry the latest times, so their rows are appended to a few
+/// pages instead of written at random across the whole table (its logical id is a hash): that
+/// is what a commit writes to disk, and to the log, per reading.
+pub fn time_key<'a>(resource_type: &str, identifier_value: &'a str) -> &'a str {
+    match resource_type {
+        "Observation" => identifier_value
+            .rsplit_once(':')
+            .map_or(identifier_value, |(_, time)| time),
+        _ => "",
+    }
 }
 
 impl From<rusqlite::Error> for OutboxError {
@@ -156,6 +185,15 @@ pub struct Pending {
     pub attempts: u32,
 }
 
+/// What [`Outbox::due`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Due {
+    pub messages: Vec<Pending>,
+    /// Where the next call may start: every pending message before it is one of those in
+    /// flight or one of `messages`, until one of them is pending again without being in flight.
+    pub resume_from: i64,
+}
+
 /// How a delivery attempt ended for one message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settle {
@@ -174,6 +212,13 @@ pub enum Settle {
         /// The EHR's OperationOutcome, as JSON.
         outcome: Option<String>,
     },
+}
+
+impl Settle {
+    /// Delivered or dead: the message is no longer pending.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Delivered { .. } | Self::Dead { .. })
+    }
 }
 
 /// Where one message stands, for the tracking-id lookup.
@@ -251,13 +296,22 @@ pub trait Outbox: Send + Sync + 'static {
     /// acceptance order, and a batch never holds two messages about one resource.
     /// Messages `in_flight` (being sent by this worker) are skipped; since they are pending,
     /// later messages about their resources wait for them.
+    ///
+    /// Only messages from id `from` on are looked at: the caller promises that every pending
+    /// message before it is in flight, and passes on [`Due::resume_from`], so a destination
+    /// with many messages in flight is not walked from its oldest one on every call.
     fn due(
         &self,
         destination: &str,
         now_ms: i64,
         limit: usize,
-        in_flight: &[i64],
-    ) -> BoxFuture<Result<Vec<Pending>, OutboxError>>;
+        in_flight: &std::collections::HashSet<i64>,
+        from: i64,
+    ) -> BoxFuture<Result<Due, OutboxError>>;
+    /// Counts the changes that made messages pending again behind a worker's
+    /// [`Due::resume_from`] (replays of dead letters): a worker that sees it change looks
+    /// from the start again.
+    fn rewinds(&self) -> u64;
     /// When the next pending message of `destination` becomes due, if any is pending.
     fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>>;
     /// Records outcomes, durably, in one commit.

@@ -14,8 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    DeadLetter, DestinationStats, Disposition, Enqueued, MessageStatus, NewMessage, Outbox,
-    OutboxError, Pending, Placements, ProvenancePlan, Retraction, Settle, now_ms, with_status,
+    DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NewMessage, Outbox,
+    OutboxError, Pending, Placements, ProvenancePlan, Retraction, Settle, now_ms, time_key,
+    with_status,
 };
 use crate::config::Corrections;
 use crate::delivery::BoxFuture;
@@ -31,28 +32,34 @@ const NOT_BLOCKED: &str = "(m.predecessor IS NULL OR NOT EXISTS (SELECT 1 FROM m
 /// subquery: the same as a LEFT JOIN, which SQLite planned again on every use).
 const PRIOR: &str =
     "SELECT content_hash, revision, message_id, (SELECT state FROM messages WHERE id = message_id)
-             FROM resource_state WHERE destination = ?1 AND resource_type = ?2 AND logical_id = ?3";
+             FROM resource_state
+             WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4";
 
-/// Stores one message, due at once.
-const INSERT_MESSAGE: &str = "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, body, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)";
+/// Stores one message, due at once (its body goes to `message_bodies`).
+const INSERT_MESSAGE: &str = "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)";
+
+/// Stores one message's body.
+const INSERT_BODY: &str = "INSERT INTO message_bodies (message_id, body) VALUES (?1, ?2)";
 
 /// Records what a destination is now being given for a resource.
-const UPSERT_STATE: &str = "INSERT INTO resource_state (destination, resource_type, logical_id, content_hash, revision, message_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (destination, resource_type, logical_id) DO UPDATE SET
+const UPSERT_STATE: &str = "INSERT INTO resource_state (resource_type, time_key, logical_id, destination, content_hash, revision, message_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (resource_type, time_key, logical_id, destination) DO UPDATE SET
              content_hash = excluded.content_hash,
              revision = COALESCE(excluded.revision, revision),
              message_id = excluded.message_id";
 
-/// A destination's due messages in acceptance order, read only as far as needed (the index
-/// gives that order, so nothing is sorted): a bound `LIMIT` would make SQLite plan the statement
-/// again on every call.
+/// A destination's pending messages from an id on in acceptance order, each with whether it
+/// is due, read only as far as needed (the index gives that order, so nothing is sorted): a
+/// bound `LIMIT` would make SQLite plan the statement again on every call. Bodies are read
+/// apart, only for the messages taken.
 static DUE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT id, resource_type, logical_id, identifier_system, identifier_value, body, attempts, upsert
+        "SELECT id, next_attempt_ms <= ?2 AND {NOT_BLOCKED}, resource_type, logical_id,
+                identifier_system, identifier_value, attempts, upsert
          FROM messages m INDEXED BY messages_queue
-         WHERE destination = ?1 AND state = 'pending' AND next_attempt_ms <= ?2 AND {NOT_BLOCKED}
+         WHERE destination = ?1 AND state = 'pending' AND id >= ?3
          ORDER BY id"
     )
 });
@@ -74,18 +81,67 @@ const ADDED_COLUMNS: [(&str, &str); 2] = [
     ("disposition", "TEXT NOT NULL DEFAULT 'created'"),
 ];
 
-fn migrate(conn: &Connection) -> Result<(), OutboxError> {
-    let mut query = conn.prepare("SELECT name FROM pragma_table_info('messages')")?;
-    let present: Vec<String> = query
-        .query_map([], |row| row.get(0))?
+fn columns(conn: &Connection, table: &str) -> Result<Vec<String>, OutboxError> {
+    let mut query = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let present = query
+        .query_map([table], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
+    Ok(present)
+}
+
+/// Brings an outbox file written by an earlier release to [`SCHEMA`], in one transaction.
+fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
+    let present = columns(conn, "messages")?;
+    let tx = conn.transaction()?;
     for (column, definition) in ADDED_COLUMNS {
         if !present.iter().any(|p| p == column) {
-            conn.execute_batch(&format!(
+            tx.execute_batch(&format!(
                 "ALTER TABLE messages ADD COLUMN {column} {definition}"
             ))?;
         }
     }
+    if present.iter().any(|p| p == "body") {
+        tx.execute_batch(
+            "INSERT INTO message_bodies (message_id, body) SELECT id, body FROM messages;
+             ALTER TABLE messages DROP COLUMN body;",
+        )?;
+    }
+    if !columns(&tx, "resource_state")?
+        .iter()
+        .any(|c| c == "time_key")
+    {
+        // Keyed by destination and logical id before: each row is keyed again by the time of
+        // its latest message (the only rows without one are of messages purged after delivery,
+        // which no release before this one did; they sort with the untimed resources).
+        tx.execute_batch("ALTER TABLE resource_state RENAME TO resource_state_by_destination")?;
+        tx.execute_batch(SCHEMA)?;
+        {
+            let mut old = tx.prepare(
+                "SELECT s.resource_type, s.logical_id, s.destination, s.content_hash, s.revision,
+                        s.message_id, m.identifier_value
+                 FROM resource_state_by_destination s LEFT JOIN messages m ON m.id = s.message_id",
+            )?;
+            let mut insert = tx.prepare(UPSERT_STATE)?;
+            let mut rows = old.query([])?;
+            while let Some(row) = rows.next()? {
+                let resource_type: String = row.get(0)?;
+                let identifier_value: Option<String> = row.get(6)?;
+                insert.execute(params![
+                    resource_type,
+                    identifier_value
+                        .as_deref()
+                        .map_or("", |value| time_key(&resource_type, value)),
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                    row.get::<_, Option<i64>>(4)?,
+                    row.get::<_, i64>(5)?,
+                ])?;
+            }
+        }
+        tx.execute_batch("DROP TABLE resource_state_by_destination")?;
+    }
+    tx.commit()?;
     Ok(())
 }
 
@@ -98,7 +154,6 @@ CREATE TABLE IF NOT EXISTS messages (
     logical_id TEXT NOT NULL,
     identifier_system TEXT NOT NULL,
     identifier_value TEXT NOT NULL,
-    body BLOB NOT NULL,
     upsert INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -115,16 +170,24 @@ CREATE TABLE IF NOT EXISTS messages (
     -- created, updated or amended
     disposition TEXT NOT NULL DEFAULT 'created'
 );
+-- The FHIR of each message, apart from the row that settling rewrites, so that a settle
+-- writes a few small rows per page rather than each body again.
+CREATE TABLE IF NOT EXISTS message_bodies (
+    message_id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+);
 -- What each destination was last given for each resource: tells a resend (same content, a
 -- no-op) from a correction (other content) and an older state of a run from a newer one.
+-- Keyed first by time (outbox::time_key), so new readings are appended in key order.
 CREATE TABLE IF NOT EXISTS resource_state (
-    destination TEXT NOT NULL,
     resource_type TEXT NOT NULL,
+    time_key TEXT NOT NULL,
     logical_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
     content_hash BLOB NOT NULL,
     revision INTEGER,
     message_id INTEGER NOT NULL,
-    PRIMARY KEY (destination, resource_type, logical_id)
+    PRIMARY KEY (resource_type, time_key, logical_id, destination)
 ) WITHOUT ROWID;
 -- `due` walks a destination's pending messages in acceptance order (no sort of the backlog);
 -- `next_due` finds the earliest retry time.
@@ -158,6 +221,7 @@ enum Command {
 pub struct SqliteOutbox {
     writer: mpsc::UnboundedSender<Command>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    rewinds: Arc<std::sync::atomic::AtomicU64>,
     reader: Arc<Mutex<Connection>>,
     notifiers: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -169,11 +233,16 @@ const CACHE_KIB: i64 = 16 * 1024;
 /// WAL length (in frames) that wakes the checkpointer.
 const CHECKPOINT_PAGES: std::ffi::c_int = 4096;
 
+/// What a WAL that grew past [`CHECKPOINT_PAGES`] (a burst, a long read that held the
+/// checkpoints back) is cut back to once it starts again, in bytes.
+const WAL_KEPT_BYTES: i64 = 2 * CHECKPOINT_PAGES as i64 * 4096;
+
 fn open(path: &Path) -> Result<Connection, OutboxError> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEPT_BYTES)?;
     // Savepoint journals stay in memory: one per command of a group commit.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -182,13 +251,77 @@ fn open(path: &Path) -> Result<Connection, OutboxError> {
 }
 
 /// Copies the WAL back into the database file on its own thread and connection, so that the
-/// writer (and every request waiting for its fsync) never waits for a checkpoint.
-fn checkpoint_loop(conn: Connection, wake: std::sync::mpsc::Receiver<()>) {
+/// writer (and every request waiting for its fsync) does not wait for checkpoints.
+///
+/// Passive checkpoints copy beside the writer; each pass copies what was committed during the
+/// one before, and once one catches up, the next commit writes the WAL from its start again.
+/// Under writes that never pause they never catch up, and the WAL would grow by everything
+/// written (every commit then writing to new file pages): once it is twice its usual length, a
+/// restart checkpoint holds the writer back for the last frames. Not after every pass: that
+/// measured slower (more 503s, a higher p99).
+fn checkpoint_loop(conn: Connection, wake: std::sync::mpsc::Receiver<()>, gate: &RestartGate) {
     while wake.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "outbox checkpoint failed; the next one will retry");
+        if checkpoint(&conn, "PASSIVE").is_some_and(|frames| frames >= 2 * CHECKPOINT_PAGES) {
+            gate.hold();
+            checkpoint(&conn, "RESTART");
+            gate.release();
         }
     }
+}
+
+/// Runs one checkpoint; the WAL's length in frames then.
+fn checkpoint(conn: &Connection, mode: &str) -> Option<std::ffi::c_int> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+        row.get(1)
+    })
+    .inspect_err(
+        |e| tracing::warn!(error = %e, "outbox checkpoint failed; the next one will retry"),
+    )
+    .ok()
+}
+
+/// Lets a restart checkpoint take the write lock between two group commits: the writer takes
+/// it again at once when commands are queued, and SQLite's locks are not fair.
+#[derive(Default)]
+struct RestartGate {
+    held: std::sync::atomic::AtomicBool,
+    lock: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl RestartGate {
+    fn hold(&self) {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.held.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn release(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::Release);
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.released.notify_all();
+    }
+
+    /// Called by the writer between commits: waits while a restart is under way (bounded, so a
+    /// stuck checkpoint cannot stop the writes).
+    fn pass(&self) {
+        if !self.held.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .released
+            .wait_timeout_while(held, std::time::Duration::from_secs(1), |held| *held);
+    }
+}
+
+/// Waits for the write lock in short sleeps (SQLite's own back-off sleeps up to 100 ms at a
+/// time, which would be the latency of every request behind it), up to 5 s in all.
+fn busy_briefly(retries: std::ffi::c_int) -> bool {
+    if retries >= 25_000 {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_micros(200));
+    true
 }
 
 impl SqliteOutbox {
@@ -198,12 +331,15 @@ impl SqliteOutbox {
             std::fs::create_dir_all(dir)
                 .map_err(|e| OutboxError::Storage(format!("{}: {e}", dir.display())))?;
         }
-        let writer_conn = open(path)?;
+        let mut writer_conn = open(path)?;
+        writer_conn.busy_handler(Some(busy_briefly))?;
         writer_conn.execute_batch(SCHEMA)?;
-        migrate(&writer_conn)?;
+        migrate(&mut writer_conn)?;
         // The checkpointer does what SQLite's automatic checkpoint would do inside a commit.
-        let mut writer_conn = writer_conn;
-        let checkpointer = open(path)?;
+        let mut checkpointer = open(path)?;
+        checkpointer.busy_handler(Some(busy_briefly))?;
+        let gate = Arc::new(RestartGate::default());
+        let writer_gate = gate.clone();
         let reader = open(path)?;
         let (writer, commands) = mpsc::unbounded_channel();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -219,15 +355,16 @@ impl SqliteOutbox {
         }))?;
         std::thread::Builder::new()
             .name("outbox-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, wake))
+            .spawn(move || checkpoint_loop(checkpointer, wake, &gate))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || write_loop(writer_conn, commands, &counter))
+            .spawn(move || write_loop(writer_conn, commands, &counter, &writer_gate))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         Ok(Arc::new(Self {
             writer,
             commits,
+            rewinds: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             notifiers: Mutex::new(HashMap::new()),
         }))
@@ -266,8 +403,10 @@ fn write_loop(
     mut conn: Connection,
     mut commands: mpsc::UnboundedReceiver<Command>,
     commits: &std::sync::atomic::AtomicU64,
+    gate: &RestartGate,
 ) {
     while let Some(first) = commands.blocking_recv() {
+        gate.pass();
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match commands.try_recv() {
@@ -310,7 +449,9 @@ fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, 
             .map(|_| Err(OutboxError::Storage(e.to_string())))
             .collect()
     };
-    let tx = match conn.transaction() {
+    // Immediate: the write lock is taken (waiting out a restart checkpoint) before anything is
+    // read, as a read transaction cannot wait to become a write one.
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
@@ -442,6 +583,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             Ok(Applied::default())
         }
         Command::Purge(before_ms, _) => {
+            tx.execute(
+                "DELETE FROM message_bodies WHERE message_id IN
+                     (SELECT id FROM messages WHERE state = 'delivered' AND settled_ms < ?1)",
+                params![before_ms],
+            )?;
             let count = tx.execute(
                 "DELETE FROM messages WHERE state = 'delivered' AND settled_ms < ?1",
                 params![before_ms],
@@ -454,16 +600,44 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
         Command::Replay(id, destination, _) => {
             // Only the latest message about a resource: replaying an older one would take the
             // destination back to a state it has moved on from.
-            let count = tx.execute(
-                "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?1, settled_ms = NULL
-                 WHERE state = 'dead' AND (?2 IS NULL OR id = ?2) AND (?3 IS NULL OR destination = ?3)
-                   AND NOT EXISTS (SELECT 1 FROM resource_state s WHERE s.destination = messages.destination
-                       AND s.resource_type = messages.resource_type AND s.logical_id = messages.logical_id
-                       AND s.message_id != messages.id)",
-                params![now, id, destination],
-            )?;
+            let dead: Vec<(i64, String, String, String, String)> = tx
+                .prepare_cached(
+                    "SELECT id, resource_type, identifier_value, logical_id, destination FROM messages
+                     WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR destination = ?2)",
+                )?
+                .query_map(params![id, destination], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut count = 0;
+            for (id, resource_type, identifier_value, logical_id, destination) in dead {
+                let latest: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT message_id FROM resource_state
+                         WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
+                    )?
+                    .query_row(
+                        params![
+                            resource_type,
+                            time_key(&resource_type, &identifier_value),
+                            logical_id,
+                            destination
+                        ],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if latest.is_some_and(|latest| latest != id) {
+                    continue;
+                }
+                count += tx
+                    .prepare_cached(
+                        "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?2, settled_ms = NULL
+                         WHERE id = ?1",
+                    )?
+                    .execute(params![id, now])? as u64;
+            }
             Ok(Applied {
-                count: count as u64,
+                count,
                 ..Applied::default()
             })
         }
@@ -495,10 +669,11 @@ fn enqueue_one(
     m: &NewMessage,
     now: i64,
 ) -> Result<Option<Enqueued>, OutboxError> {
+    let time_key = time_key(&m.resource_type, &m.identifier_value);
     let prior = tx
         .prepare_cached(PRIOR)?
         .query_row(
-            params![m.destination, m.resource_type, m.logical_id],
+            params![m.resource_type, time_key, m.logical_id, m.destination],
             |row| {
                 Ok(Prior {
                     content_hash: row.get(0)?,
@@ -593,9 +768,10 @@ fn enqueue_one(
         now,
     )?;
     tx.prepare_cached(UPSERT_STATE)?.execute(params![
-        m.destination,
         m.resource_type,
+        time_key,
         m.logical_id,
+        m.destination,
         &m.content_hash[..],
         m.revision,
         message_id
@@ -621,22 +797,28 @@ fn retract_one(
         body: Vec<u8>,
         disposition: String,
     }
+    let time_key = time_key(&resource.resource_type, &resource.identifier_value);
     let latest: Vec<Latest> = tx
         .prepare_cached(
-            "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value, m.body, m.disposition
+            "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value,
+                    (SELECT body FROM message_bodies WHERE message_id = m.id), m.disposition
              FROM resource_state s JOIN messages m ON m.id = s.message_id
-             WHERE s.resource_type = ?1 AND s.logical_id = ?2 ORDER BY s.destination",
+             WHERE s.resource_type = ?1 AND s.time_key = ?2 AND s.logical_id = ?3
+             ORDER BY s.destination",
         )?
-        .query_map(params![resource.resource_type, resource.logical_id], |row| {
-            Ok(Latest {
-                destination: row.get(0)?,
-                message_id: row.get(1)?,
-                identifier_system: row.get(2)?,
-                identifier_value: row.get(3)?,
-                body: row.get(4)?,
-                disposition: row.get(5)?,
-            })
-        })?
+        .query_map(
+            params![resource.resource_type, time_key, resource.logical_id],
+            |row| {
+                Ok(Latest {
+                    destination: row.get(0)?,
+                    message_id: row.get(1)?,
+                    identifier_system: row.get(2)?,
+                    identifier_value: row.get(3)?,
+                    body: row.get(4)?,
+                    disposition: row.get(5)?,
+                })
+            },
+        )?
         .collect::<Result<_, _>>()?;
     let mut done = Vec::with_capacity(latest.len());
     let mut identified = Vec::with_capacity(latest.len());
@@ -674,12 +856,14 @@ fn retract_one(
             now,
         )?;
         tx.prepare_cached(
-            "UPDATE resource_state SET message_id = ?4 WHERE destination = ?1 AND resource_type = ?2 AND logical_id = ?3",
+            "UPDATE resource_state SET message_id = ?5
+             WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
         )?
         .execute(params![
-            l.destination,
             resource.resource_type,
+            time_key,
             resource.logical_id,
+            l.destination,
             message_id
         ])?;
         done.push((
@@ -756,13 +940,15 @@ fn insert_message(
         row.logical_id,
         row.identifier_system,
         row.identifier_value,
-        row.body,
         row.upsert,
         now,
         row.predecessor,
         row.disposition.as_str(),
     ])?;
-    Ok(tx.last_insert_rowid())
+    let id = tx.last_insert_rowid();
+    tx.prepare_cached(INSERT_BODY)?
+        .execute(params![id, row.body])?;
+    Ok(id)
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
@@ -809,37 +995,58 @@ impl Outbox for SqliteOutbox {
         destination: &str,
         now_ms: i64,
         limit: usize,
-        in_flight: &[i64],
-    ) -> BoxFuture<Result<Vec<Pending>, OutboxError>> {
+        in_flight: &std::collections::HashSet<i64>,
+        from: i64,
+    ) -> BoxFuture<Result<Due, OutboxError>> {
         let destination = destination.to_owned();
-        let in_flight: std::collections::HashSet<i64> = in_flight.iter().copied().collect();
+        // Those in flight past `from` are skipped here: filtering them in SQL (a table-valued
+        // function over a bound list) re-planned the statement on every call.
+        let in_flight = in_flight.clone();
         self.read(move |conn| {
-            // Those in flight are skipped here, before their other columns are read: filtering
-            // them in SQL (a table-valued function over a bound list) re-planned the statement
-            // on every call.
-            let mut due = conn.prepare_cached(&DUE)?;
-            let pending = due
-                .query_map(params![destination, now_ms], |row| {
+            let mut messages = Vec::new();
+            // The first message passed over because it is not due (or waits for another).
+            let mut parked = None;
+            let mut examined = from - 1;
+            {
+                let mut due = conn.prepare_cached(&DUE)?;
+                let mut rows = due.query(params![destination, now_ms, from])?;
+                while messages.len() < limit {
+                    let Some(row) = rows.next()? else { break };
                     let id = row.get(0)?;
+                    examined = id;
                     if in_flight.contains(&id) {
-                        return Ok(None);
+                        continue;
                     }
-                    Ok(Some(Pending {
+                    if !row.get::<_, bool>(1)? {
+                        parked.get_or_insert(id);
+                        continue;
+                    }
+                    messages.push(Pending {
                         id,
-                        resource_type: row.get(1)?,
-                        logical_id: row.get(2)?,
-                        identifier_system: row.get(3)?,
-                        identifier_value: row.get(4)?,
-                        body: row.get(5)?,
+                        resource_type: row.get(2)?,
+                        logical_id: row.get(3)?,
+                        identifier_system: row.get(4)?,
+                        identifier_value: row.get(5)?,
+                        body: Vec::new(),
                         attempts: row.get(6)?,
                         upsert: row.get(7)?,
-                    }))
-                })?
-                .filter_map(Result::transpose)
-                .take(limit)
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(pending)
+                    });
+                }
+            }
+            let mut body =
+                conn.prepare_cached("SELECT body FROM message_bodies WHERE message_id = ?1")?;
+            for message in &mut messages {
+                message.body = body.query_row([message.id], |row| row.get(0))?;
+            }
+            Ok(Due {
+                messages,
+                resume_from: parked.unwrap_or(examined + 1),
+            })
         })
+    }
+
+    fn rewinds(&self) -> u64 {
+        self.rewinds.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>> {
@@ -959,8 +1166,12 @@ impl Outbox for SqliteOutbox {
             .cloned()
             .collect();
         let replayed = self.write(|reply| Command::Replay(message_id, destination, reply));
+        let rewinds = self.rewinds.clone();
         Box::pin(async move {
             let count = replayed.await?;
+            if count > 0 {
+                rewinds.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
             notifiers.iter().for_each(|n| n.notify_one());
             Ok(count)
         })
@@ -1073,6 +1284,7 @@ mod tests {
         for (name, conn, sql) in [
             ("PRIOR", &writer, PRIOR),
             ("INSERT_MESSAGE", &writer, INSERT_MESSAGE),
+            ("INSERT_BODY", &writer, INSERT_BODY),
             ("UPSERT_STATE", &writer, UPSERT_STATE),
         ] {
             let statement = conn.prepare_cached(sql).unwrap();
@@ -1082,6 +1294,132 @@ mod tests {
                 "{name} was planned again"
             );
         }
+    }
+
+    /// The schema of the releases before bodies got their own table and the resource state
+    /// its time key.
+    const SCHEMA_BEFORE_TIME_KEYS: &str = "
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, batch_id TEXT NOT NULL,
+            destination TEXT NOT NULL, resource_type TEXT NOT NULL, logical_id TEXT NOT NULL,
+            identifier_system TEXT NOT NULL, identifier_value TEXT NOT NULL, body BLOB NOT NULL,
+            upsert INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_ms INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL, settled_ms INTEGER, status_line TEXT, location TEXT,
+            last_error TEXT, outcome TEXT, predecessor INTEGER,
+            disposition TEXT NOT NULL DEFAULT 'created');
+        CREATE TABLE resource_state (
+            destination TEXT NOT NULL, resource_type TEXT NOT NULL, logical_id TEXT NOT NULL,
+            content_hash BLOB NOT NULL, revision INTEGER, message_id INTEGER NOT NULL,
+            PRIMARY KEY (destination, resource_type, logical_id)) WITHOUT ROWID;
+        CREATE INDEX messages_queue ON messages(destination, state, id);
+        CREATE INDEX messages_due ON messages(destination, state, next_attempt_ms);
+        CREATE INDEX messages_batch ON messages(batch_id);";
+
+    #[tokio::test]
+    async fn an_outbox_of_the_earlier_schema_keeps_its_messages_and_what_each_destination_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        let body = r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":1}}"#;
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA_BEFORE_TIME_KEYS).unwrap();
+            old.execute(
+                "INSERT INTO messages (batch_id, destination, resource_type, logical_id,
+                     identifier_system, identifier_value, body, next_attempt_ms, created_ms)
+                 VALUES ('b0', 'ehr', 'Observation', 'id1', 's', 'dev:CH-1:flow:20261121T101500.000Z', ?1, 0, 0)",
+                params![body.as_bytes()],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO resource_state (destination, resource_type, logical_id, content_hash, message_id)
+                 VALUES ('ehr', 'Observation', 'id1', ?1, 1)",
+                params![&super::super::content_hash(body.as_bytes())[..]],
+            )
+            .unwrap();
+        }
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].body, body.as_bytes());
+        let same = NewMessage {
+            identifier_value: "dev:CH-1:flow:20261121T101500.000Z".into(),
+            ..reading("ehr", 1, body)
+        };
+        let resent = outbox
+            .enqueue("b1".into(), vec![same.clone()], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&resent), ["unchanged"]);
+        let changed = NewMessage {
+            body: body.replace("1}", "2}").into_bytes(),
+            content_hash: super::super::content_hash(body.replace("1}", "2}").as_bytes()),
+            ..same
+        };
+        let corrected = outbox
+            .enqueue("b2".into(), vec![changed], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&corrected), ["amended"]);
+        // The correction waits for the message it corrects.
+        let due = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(due.iter().map(|p| p.id).collect::<Vec<_>>(), [1]);
+    }
+
+    /// Under writes that never pause, the WAL stays bounded: the checkpoints catch up with the
+    /// writer and the WAL starts again from its beginning, cut back to `WAL_KEPT_BYTES` (a WAL
+    /// that grows by everything written makes every commit write to new file pages).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_write_ahead_log_starts_again_under_writes_that_never_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite");
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let wal = dir.path().join("outbox.sqlite-wal");
+        let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+        let written_bytes = 5 * CHECKPOINT_PAGES as usize * 4096;
+        let (writers, batches, per_batch) = (16, 20, written_bytes / (16 * 20 * body.len()) + 1);
+        let largest = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let (outbox, body, wal, largest) =
+                    (outbox.clone(), body.clone(), wal.clone(), largest.clone());
+                tokio::spawn(async move {
+                    for b in 0..batches {
+                        let messages = (0..per_batch)
+                            .map(|n| reading("ehr", (w * batches + b) * per_batch + n, &body))
+                            .collect();
+                        outbox
+                            .enqueue(format!("b{w}-{b}"), messages, None)
+                            .await
+                            .unwrap();
+                        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+                        largest.fetch_max(size, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let largest = largest.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            largest < written_bytes as u64 * 3 / 5,
+            "the WAL grew to {largest} bytes for {written_bytes} written"
+        );
+        let pending: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(pending as usize, writers * batches * per_batch);
+    }
+
+    /// The messages of "ehr" due at `now`, looked for from the start.
+    async fn due_at(outbox: &SqliteOutbox, now: i64, in_flight: &[i64]) -> Vec<Pending> {
+        outbox
+            .due("ehr", now, 10, &in_flight.iter().copied().collect(), 0)
+            .await
+            .unwrap()
+            .messages
     }
 
     fn ids(enqueued: Vec<Enqueued>) -> Vec<i64> {
@@ -1141,7 +1479,7 @@ mod tests {
             ),
             (3, 1, 1, 1)
         );
-        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].identifier_value, "v2");
         let dead = outbox.dead_letters(None, 10).await.unwrap();
@@ -1153,7 +1491,7 @@ mod tests {
             outbox.replay(Some(dead[0].message_id), None).await.unwrap(),
             1
         );
-        assert_eq!(outbox.due("ehr", now_ms(), 10, &[]).await.unwrap().len(), 2);
+        assert_eq!(due_at(&outbox, now_ms(), &[]).await.len(), 2);
         let status = outbox.batch_status("b1").await.unwrap();
         assert_eq!(status[0].state, "delivered");
         assert_eq!(
@@ -1225,18 +1563,65 @@ mod tests {
             )])
             .await
             .unwrap();
-        assert!(
-            outbox
-                .due("ehr", now_ms(), 10, &[])
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(due_at(&outbox, now_ms(), &[]).await.is_empty());
         assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
-        assert_eq!(
-            outbox.due("ehr", later, 10, &[]).await.unwrap()[0].attempts,
-            1
-        );
+        assert_eq!(due_at(&outbox, later, &[]).await[0].attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn due_resumes_after_what_is_in_flight_and_from_what_it_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let sent = ids(outbox
+            .enqueue(
+                "b1".into(),
+                (0..5).map(|n| message("ehr", n)).collect(),
+                None,
+            )
+            .await
+            .unwrap());
+        let ids_of = |due: &Due| due.messages.iter().map(|p| p.id).collect::<Vec<_>>();
+        let mut flying = std::collections::HashSet::new();
+        let first = outbox.due("ehr", now_ms(), 2, &flying, 0).await.unwrap();
+        assert_eq!(ids_of(&first), sent[..2]);
+        assert_eq!(first.resume_from, sent[1] + 1);
+        flying.extend(&sent[..2]);
+        let rest = outbox
+            .due("ehr", now_ms(), 10, &flying, first.resume_from)
+            .await
+            .unwrap();
+        assert_eq!(ids_of(&rest), sent[2..]);
+        assert_eq!(rest.resume_from, sent[4] + 1);
+        // Nothing new: the next call starts where this one ended.
+        flying.extend(&sent[2..]);
+        let none = outbox
+            .due("ehr", now_ms(), 10, &flying, rest.resume_from)
+            .await
+            .unwrap();
+        assert!(none.messages.is_empty());
+        assert_eq!(none.resume_from, rest.resume_from);
+        // The third is to be retried later: passed over, and the next call starts from it.
+        let later = now_ms() + 60_000;
+        outbox
+            .settle(vec![(
+                sent[2],
+                Settle::Retry {
+                    at_ms: later,
+                    error: "503".into(),
+                },
+            )])
+            .await
+            .unwrap();
+        flying.remove(&sent[2]);
+        let waiting = outbox.due("ehr", now_ms(), 10, &flying, 0).await.unwrap();
+        assert!(waiting.messages.is_empty());
+        assert_eq!(waiting.resume_from, sent[2]);
+        let due = outbox
+            .due("ehr", later, 10, &flying, waiting.resume_from)
+            .await
+            .unwrap();
+        assert_eq!(ids_of(&due), [sent[2]]);
+        assert_eq!(due.messages[0].body, message("ehr", 2).body);
     }
 
     #[tokio::test]
@@ -1258,20 +1643,16 @@ mod tests {
             .enqueue("b2".into(), vec![reading("ehr", 0, corrected)], None)
             .await
             .unwrap());
-        let due: Vec<i64> = outbox
-            .due("ehr", now_ms(), 10, &first[..1])
+        let due: Vec<i64> = due_at(&outbox, now_ms(), &first[..1])
             .await
-            .unwrap()
             .iter()
             .map(|p| p.id)
             .collect();
         assert_eq!(due, first[1..], "neither 0 nor its correction");
         // 0 delivered: the correction is next, and nothing in flight is handed out twice.
         outbox.settle(vec![(first[0], delivered())]).await.unwrap();
-        let due: Vec<i64> = outbox
-            .due("ehr", now_ms(), 10, &first[1..])
+        let due: Vec<i64> = due_at(&outbox, now_ms(), &first[1..])
             .await
-            .unwrap()
             .iter()
             .map(|p| p.id)
             .collect();
@@ -1325,7 +1706,7 @@ mod tests {
         assert_eq!(dispositions(&correction), ["amended"]);
 
         // While the original waits for a retry, the correction is not due either.
-        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1341,15 +1722,9 @@ mod tests {
             )])
             .await
             .unwrap();
-        assert!(
-            outbox
-                .due("ehr", now_ms(), 10, &[])
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(due_at(&outbox, now_ms(), &[]).await.is_empty());
         assert_eq!(outbox.next_due("ehr").await.unwrap(), Some(later));
-        let due = outbox.due("ehr", later, 10, &[]).await.unwrap();
+        let due = due_at(&outbox, later, &[]).await;
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1360,7 +1735,7 @@ mod tests {
             .unwrap();
 
         // Then the amendment: an update, with status amended.
-        let due = outbox.due("ehr", later, 10, &[]).await.unwrap();
+        let due = due_at(&outbox, later, &[]).await;
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].id, correction[0].message_id);
         assert!(due[0].upsert);
@@ -1451,7 +1826,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dispositions(&next), ["updated"]);
-        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [newer[0].message_id]
@@ -1485,13 +1860,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outbox.replay(None, None).await.unwrap(), 0);
-        assert!(
-            outbox
-                .due("ehr", now_ms(), 10, &[])
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(due_at(&outbox, now_ms(), &[]).await.is_empty());
 
         // The latest message of a resource is replayed, and sent as it was.
         let dead = outbox
@@ -1510,7 +1879,7 @@ mod tests {
             .unwrap();
         assert_eq!(outbox.replay(None, None).await.unwrap(), 1);
         assert_eq!(
-            outbox.due("ehr", now_ms(), 10, &[]).await.unwrap()[0].id,
+            due_at(&outbox, now_ms(), &[]).await[0].id,
             dead[0].message_id
         );
     }
@@ -1532,6 +1901,7 @@ mod tests {
         let retraction = |n: usize| Retraction {
             resource_type: "Observation".into(),
             logical_id: format!("id{n}"),
+            identifier_value: format!("v{n}"),
         };
         match outbox
             .retract("r0".into(), vec![retraction(1), retraction(7)], None)
@@ -1550,7 +1920,7 @@ mod tests {
             .collect();
         assert_eq!(places, [("ehr", "retracted"), ("lab", "retracted")]);
         // It waits for the original, then says entered-in-error.
-        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
         assert_eq!(
             due.iter().map(|p| p.id).collect::<Vec<_>>(),
             [first[0].message_id]
@@ -1559,7 +1929,7 @@ mod tests {
             .settle(vec![(first[0].message_id, delivered())])
             .await
             .unwrap();
-        let due = outbox.due("ehr", now_ms(), 10, &[]).await.unwrap();
+        let due = due_at(&outbox, now_ms(), &[]).await;
         let sent: serde_json::Value = serde_json::from_slice(&due[0].body).unwrap();
         assert_eq!(sent["status"], "entered-in-error");
         assert!(due[0].upsert);
