@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     far_ehr_readings: usize,
     /// ... and the destination's `concurrency` for it.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     far_ehr_concurrency: usize,
     /// Runs of every phase; figures are the medians.
     #[arg(long, default_value_t = 1)]

@@ -58,7 +58,7 @@ static DUE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT id, next_attempt_ms <= ?2 AND {NOT_BLOCKED}, resource_type, logical_id,
                 identifier_system, identifier_value, attempts, upsert
-         FROM messages m INDEXED BY messages_queue
+         FROM messages m INDEXED BY messages_pending
          WHERE destination = ?1 AND state = 'pending' AND id >= ?3
          ORDER BY id"
     )
@@ -93,6 +93,8 @@ fn columns(conn: &Connection, table: &str) -> Result<Vec<String>, OutboxError> {
 fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
     let present = columns(conn, "messages")?;
     let tx = conn.transaction()?;
+    // Indexes over every message by state, replaced by the partial ones.
+    tx.execute_batch("DROP INDEX IF EXISTS messages_queue; DROP INDEX IF EXISTS messages_due;")?;
     for (column, definition) in ADDED_COLUMNS {
         if !present.iter().any(|p| p == column) {
             tx.execute_batch(&format!(
@@ -190,9 +192,13 @@ CREATE TABLE IF NOT EXISTS resource_state (
     PRIMARY KEY (resource_type, time_key, logical_id, destination)
 ) WITHOUT ROWID;
 -- `due` walks a destination's pending messages in acceptance order (no sort of the backlog);
--- `next_due` finds the earliest retry time.
-CREATE INDEX IF NOT EXISTS messages_queue ON messages(destination, state, id);
-CREATE INDEX IF NOT EXISTS messages_due ON messages(destination, state, next_attempt_ms);
+-- `next_due` finds the earliest retry time; dead letters are listed by destination. Partial:
+-- a settled message leaves the pending indexes instead of moving to another part of them,
+-- and delivered messages are in none.
+CREATE INDEX IF NOT EXISTS messages_pending ON messages(destination, id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS messages_pending_due ON messages(destination, next_attempt_ms)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS messages_dead ON messages(id) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 ";
 
@@ -602,8 +608,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             // destination back to a state it has moved on from.
             let dead: Vec<(i64, String, String, String, String)> = tx
                 .prepare_cached(
-                    "SELECT id, resource_type, identifier_value, logical_id, destination FROM messages
-                     WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR destination = ?2)",
+                    "SELECT id, resource_type, identifier_value, logical_id, destination
+                     FROM messages INDEXED BY messages_dead WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR destination = ?2)",
                 )?
                 .query_map(params![id, destination], |row| {
                     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
@@ -968,6 +974,14 @@ fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
 
 const DEAD_COLUMNS: &str = "id, batch_id, destination, resource_type, identifier_system, identifier_value, attempts, last_error, outcome, created_ms";
 
+/// Dead letters (of one destination or all), oldest first, read from their own index.
+static DEAD_LETTERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {DEAD_COLUMNS} FROM messages INDEXED BY messages_dead
+         WHERE state = 'dead' AND (?1 IS NULL OR destination = ?1) ORDER BY id LIMIT ?2"
+    )
+});
+
 impl Outbox for SqliteOutbox {
     fn enqueue(
         &self,
@@ -1130,9 +1144,7 @@ impl Outbox for SqliteOutbox {
     ) -> BoxFuture<Result<Vec<DeadLetter>, OutboxError>> {
         let destination = destination.map(str::to_owned);
         self.read(move |conn| {
-            let mut query = conn.prepare_cached(&format!(
-                "SELECT {DEAD_COLUMNS} FROM messages WHERE state = 'dead' AND (?1 IS NULL OR destination = ?1) ORDER BY id LIMIT ?2"
-            ))?;
+            let mut query = conn.prepare_cached(&DEAD_LETTERS)?;
             let rows = query.query_map(params![destination, limit as i64], dead_letter_of)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -1292,6 +1304,31 @@ mod tests {
                 statement.get_status(rusqlite::StatementStatus::RePrepare),
                 0,
                 "{name} was planned again"
+            );
+        }
+    }
+
+    /// The queries of delivery and of the admin API read the partial indexes, not the table.
+    #[test]
+    fn delivery_and_dead_letter_queries_use_the_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("outbox.sqlite")).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        for (sql, index) in [
+            (DUE.as_str(), "messages_pending"),
+            (EARLIEST_DUE, "COVERING INDEX messages_pending_due"),
+            (DEAD_LETTERS.as_str(), "messages_dead"),
+        ] {
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            // Unbound parameters are NULL: the plan does not depend on them.
+            let mut rows = explain.raw_query();
+            let mut plan: Vec<String> = Vec::new();
+            while let Some(row) = rows.next().unwrap() {
+                plan.push(row.get(3).unwrap());
+            }
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{sql}: {plan:?}"
             );
         }
     }
