@@ -24,6 +24,20 @@ const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The longest `reason` a retraction may give, as its schema says (in characters): an
+/// operator's retraction through the admin API takes the same.
+pub fn retraction_reason_max_chars() -> usize {
+    static MAX: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        EMBEDDED
+            .iter()
+            .find(|(name, _)| *name == "reading-retraction")
+            .and_then(|(_, source)| serde_json::from_str::<Value>(source).ok())
+            .and_then(|schema| schema["properties"]["reason"]["maxLength"].as_u64())
+            .map_or(500, |max| max as usize)
+    });
+    *MAX
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("schema '{name}': {reason}")]
 pub struct SchemaError {

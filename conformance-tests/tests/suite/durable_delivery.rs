@@ -926,8 +926,32 @@ async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
         .unwrap();
     assert_eq!(foreign.status, 403);
 
-    // An operator takes the second back through the admin API.
+    // An operator takes the second back through the admin API; a reason longer than the
+    // retraction schema allows is refused, naming it, and takes nothing back.
     let path = format!("/admin/v1/observations/{}/entered-in-error", identifier(1));
+    let too_long = admin
+        .post_json(
+            &gateway.admin_url(&format!("{path}?reason={}", "x".repeat(501))),
+            &json!({}),
+        )
+        .await
+        .unwrap()
+        .expect_status(400)
+        .json();
+    assert_eq!(
+        too_long["issue"][0]["expression"][0], "reason",
+        "{too_long}"
+    );
+    let bad_limit = admin
+        .get(&gateway.admin_url("/admin/v1/dead-letters?limit=many"))
+        .await
+        .unwrap()
+        .expect_status(400)
+        .json();
+    assert_eq!(
+        bad_limit["issue"][0]["expression"][0], "limit",
+        "{bad_limit}"
+    );
     let by_operator = admin
         .post_json(&gateway.admin_url(&path), &json!({}))
         .await

@@ -123,6 +123,15 @@ fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
     })
 }
 
+/// 400 for a query parameter, named in the OperationOutcome.
+fn bad_query(parameter: &str, why: String) -> BoxError {
+    ApiError::one(
+        StatusCode::BAD_REQUEST,
+        Issue::error("value", why).at(parameter),
+    )
+    .into()
+}
+
 fn not_found(what: String) -> BoxError {
     ApiError::one(StatusCode::NOT_FOUND, Issue::error("not-found", what)).into()
 }
@@ -215,9 +224,12 @@ async fn route(
         }
         (&Method::GET, ["admin", "v1", "dead-letters"]) => {
             let destination = query_param(&uri, "destination");
-            let limit = query_param(&uri, "limit")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(100);
+            let limit = match query_param(&uri, "limit") {
+                None => 100,
+                Some(limit) => limit.parse().map_err(|_| {
+                    bad_query("limit", format!("limit '{limit}' is not a whole number"))
+                })?,
+            };
             let dead = outbox
                 .dead_letters(destination.as_deref(), limit)
                 .await
@@ -256,6 +268,16 @@ async fn route(
         ) => {
             // An operator takes a reading back, by its Observation identifier value.
             let identifier = percent_encoding::percent_decode_str(identifier).decode_utf8_lossy();
+            let reason = query_param(&uri, "reason");
+            let longest = crate::validation::retraction_reason_max_chars();
+            if let Some(reason) = &reason
+                && (reason.is_empty() || reason.chars().count() > longest)
+            {
+                return Err(bad_query(
+                    "reason",
+                    format!("reason must be 1 to {longest} characters"),
+                ));
+            }
             let retraction = crate::outbox::Retraction::observation(identifier.to_string());
             let source = Arc::new(mappings::ProvenanceSource {
                 sender: mappings::Sender::Operator {
@@ -265,7 +287,7 @@ async fn route(
                 tables: Vec::new(),
                 gateway: crate::GATEWAY_BUILD,
                 received: crate::ingress::fhir_instant_now(),
-                reason: query_param(&uri, "reason").filter(|r| !r.is_empty() && r.len() <= 500),
+                reason,
             });
             match context.handoff.retract(vec![retraction], source).await {
                 Ok(RetractReceipt {
