@@ -143,6 +143,7 @@ impl Gateway {
                                 breaker_failures: settings.breaker_failures,
                                 breaker_cooldown: settings.breaker_cooldown,
                                 breaker_max_cooldown: settings.retry_backoff_max,
+                                retry_after_max: settings.retry_after_max,
                                 max_in_flight: settings.concurrency,
                             },
                         );

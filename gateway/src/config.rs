@@ -221,6 +221,10 @@ pub struct DestinationSettings {
     /// Outbox mode: longest wait between two attempts of a message.
     #[serde(default = "defaults::retry_backoff_max", with = "humantime_serde")]
     pub retry_backoff_max: Duration,
+    /// Longest `Retry-After` of this EHR that is honoured; a longer one counts as this long,
+    /// so a misconfigured or hostile EHR cannot stop delivery for days.
+    #[serde(default = "defaults::retry_after_max", with = "humantime_serde")]
+    pub retry_after_max: Duration,
     /// Failed sends in a row that open the circuit breaker.
     #[serde(default = "defaults::breaker_failures")]
     pub breaker_failures: u32,
@@ -343,6 +347,9 @@ mod defaults {
         20
     }
     pub fn retry_backoff_max() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn retry_after_max() -> Duration {
         Duration::from_secs(300)
     }
     pub fn breaker_failures() -> u32 {

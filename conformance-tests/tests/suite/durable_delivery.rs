@@ -1150,6 +1150,33 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
     assert_eq!(ehr.ehr.count("Provenance"), 4);
 }
 
+/// An EHR's `Retry-After` is honoured up to the destination's `retry_after_max`: one asking
+/// for 136 years (u32::MAX seconds) neither pauses the destination nor postpones the message
+/// for that long.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ehr_asking_to_wait_for_years_is_waited_for_at_most_retry_after_max() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1
+",
+        "max_attempts = 1
+retry_after_max = \"1s\"\n",
+    );
+    assert!(config.contains("retry_after_max = \"1s\""));
+    ehr.ehr
+        .fail_next(Fault::status(503).retry_after(u32::MAX), 1);
+    let gateway = GatewayProcess::start(&config).unwrap();
+    post(&pki, &gateway, &flows("CH-RA", &[(4.2, &now_rfc3339())]))
+        .await
+        .expect_status(202);
+    let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(20)).await;
+    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    assert_eq!(queues["destinations"][0]["pending"], 0, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_without_provenance_gets_none() {
     let pki = TestPki::generate().unwrap();

@@ -57,28 +57,39 @@ pub mod classify {
             reason: format!("transaction-response {why}"),
             retry_after: None,
         };
-        if is_xml(&response) {
-            let entries =
-                xml_transaction_response(response.body()).map_err(|why| malformed(&why))?;
-            if entries.len() != sent {
-                return Err(malformed("does not answer every entry"));
-            }
-            return Ok(entries);
+        let entries = if is_xml(&response) {
+            xml_transaction_response(response.body())
+        } else {
+            json_transaction_response(response.body())
         }
-        let bundle: Value =
-            serde_json::from_slice(response.body()).map_err(|_| malformed("is not JSON"))?;
-        let entries = bundle["entry"]
-            .as_array()
-            .ok_or_else(|| malformed("has no entries"))?;
-        if bundle["resourceType"] != "Bundle" || entries.len() != sent {
+        .map_err(|why| malformed(&why))?;
+        if entries.len() != sent {
             return Err(malformed("does not answer every entry"));
         }
+        // A transaction's entries succeed together or not at all, and each says how
+        // (`response.status` is required): an entry without a 2xx status is an answer that
+        // cannot be trusted, so none is taken as delivered (sending again is harmless).
+        if let Some(index) = entries.iter().position(|e| !e.status.starts_with('2')) {
+            return Err(malformed(&format!(
+                "entry {index} has no 2xx status ('{}')",
+                entries[index].status
+            )));
+        }
+        Ok(entries)
+    }
+
+    fn json_transaction_response(body: &[u8]) -> Result<Vec<EntryOutcome>, String> {
+        let bundle: Value = serde_json::from_slice(body).map_err(|_| "is not JSON".to_owned())?;
+        if bundle["resourceType"] != "Bundle" {
+            return Err("is not a Bundle".into());
+        }
+        let entries = bundle["entry"].as_array().ok_or("has no entries")?;
         Ok(entries
             .iter()
             .map(|entry| EntryOutcome {
                 status: entry["response"]["status"]
                     .as_str()
-                    .unwrap_or("200")
+                    .unwrap_or_default()
                     .to_owned(),
                 location: entry["response"]["location"].as_str().map(str::to_owned),
             })
@@ -158,7 +169,7 @@ pub mod classify {
             let depth = path.len();
             if depth == 1 && name == "entry" {
                 entries.push(EntryOutcome {
-                    status: "200".into(),
+                    status: String::new(),
                     location: None,
                 });
             }
@@ -275,6 +286,36 @@ mod tests {
             Some("Observation/9/_history/1")
         );
         assert!(classify::transaction("ehr", answer(200, body), 2).is_err());
+    }
+
+    #[test]
+    fn a_transaction_entry_without_a_success_status_is_not_taken_as_delivered() {
+        for entry in [
+            r#"{"response":{"location":"Observation/9/_history/1"}}"#,
+            r#"{"response":{"status":"400 Bad Request"}}"#,
+            r#"{}"#,
+        ] {
+            let body = format!(
+                r#"{{"resourceType":"Bundle","type":"transaction-response","entry":[{{"response":{{"status":"201 Created"}}}},{entry}]}}"#
+            );
+            match classify::transaction("ehr", answer(200, &body), 2) {
+                Err(DeliveryError::Unavailable { reason, .. }) => {
+                    assert!(reason.contains("entry 1"), "{reason}")
+                }
+                other => panic!("{entry}: {other:?}"),
+            }
+        }
+        let mut xml = http::Response::new(bytes::Bytes::from_static(
+            br#"<Bundle xmlns="http://hl7.org/fhir"><type value="transaction-response"/><entry><response><location value="Observation/1/_history/1"/></response></entry></Bundle>"#,
+        ));
+        xml.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/fhir+xml"),
+        );
+        assert!(matches!(
+            classify::transaction("ehr", Ok(xml), 1),
+            Err(DeliveryError::Unavailable { .. })
+        ));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct WorkerSettings {
     pub breaker_max_cooldown: Duration,
     /// Batches in flight at once, at most.
     pub max_in_flight: usize,
+    /// Longest `Retry-After` of the EHR honoured.
+    pub retry_after_max: Duration,
 }
 
 /// How long a configuration error (the EHR refusing our certificate) pauses a destination.
@@ -388,6 +390,13 @@ impl Shared {
         }
     }
 
+    /// The EHR's `Retry-After` (seconds) as waited for: at most `retry_after_max`.
+    fn honoured(&self, retry_after: Option<u32>) -> Option<Duration> {
+        retry_after.map(|seconds| {
+            Duration::from_secs(u64::from(seconds)).min(self.settings.retry_after_max)
+        })
+    }
+
     fn health_of(&self, error: &DeliveryError) -> Health {
         match error {
             DeliveryError::Rejected { .. }
@@ -396,7 +405,7 @@ impl Shared {
             | DeliveryError::UnknownResources { .. }
             | DeliveryError::Unsupported(_) => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
-                retry_after: retry_after.map(|s| Duration::from_secs(u64::from(s))),
+                retry_after: self.honoured(*retry_after),
             },
             DeliveryError::Misconfigured {
                 destination,
@@ -448,8 +457,7 @@ impl Shared {
                     self.settings.backoff_base,
                     self.settings.backoff_max,
                 );
-                let after =
-                    retry_after.map_or(Duration::ZERO, |s| Duration::from_secs(u64::from(s)));
+                let after = self.honoured(*retry_after).unwrap_or_default();
                 Settle::Retry {
                     at_ms: now + backoff.max(after).as_millis() as i64,
                     error: reason.clone(),
