@@ -174,29 +174,44 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match gateway::app::Gateway::from_config_file(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("error: {error}");
-                ExitCode::from(EX_CONFIG)
-            }
-        },
-        Command::Serve { config } => {
-            let gateway = match gateway::app::Gateway::from_config_file(&config) {
-                Ok(gateway) => gateway,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    return ExitCode::from(EX_CONFIG);
-                }
-            };
+        Command::CheckConfig { config } => {
+            // Built as `serve` builds it, in a runtime: some layers (a rate limit's buffer)
+            // start a task when they are made.
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     eprintln!("error: cannot start the runtime: {error}");
                     return ExitCode::FAILURE;
+                }
+            };
+            let _context = runtime.enter();
+            match gateway::app::Gateway::from_config_file(&config) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            }
+        }
+        Command::Serve { config } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("error: cannot start the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Inside the runtime: some layers (a rate limit's buffer) start a task when made.
+            let gateway = match runtime
+                .block_on(async { gateway::app::Gateway::from_config_file(&config) })
+            {
+                Ok(gateway) => gateway,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(EX_CONFIG);
                 }
             };
             match runtime.block_on(gateway.serve(gateway::app::shutdown_signal())) {

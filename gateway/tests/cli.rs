@@ -61,6 +61,23 @@ client_key = "gateway-client.key"
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // A destination's rate limit (a layer that starts a task when made) is checked too.
+    let limited = dir.path().join("limited.toml");
+    std::fs::write(
+        &limited,
+        std::fs::read_to_string(&config).unwrap() + "rate_limit = 50\n",
+    )
+    .unwrap();
+    let ok = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&limited)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     // A mapping directory with a broken table stops start-up, naming file, entry and reason.
     let tables = dir.path().join("tables");

@@ -1150,6 +1150,25 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
     assert_eq!(ehr.ehr.count("Provenance"), 4);
 }
 
+/// A destination with a rate limit starts (its limiter is made inside the runtime) and
+/// delivers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_destination_starts_and_delivers() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        .replace("max_attempts = 1\n", "max_attempts = 1\nrate_limit = 50\n");
+    assert!(config.contains("rate_limit = 50"));
+    let gateway = GatewayProcess::start(&config).unwrap();
+    post(&pki, &gateway, &flows("CH-RL", &[(4.2, &now_rfc3339())]))
+        .await
+        .expect_status(202);
+    let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(20)).await;
+    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 1);
+}
+
 /// An EHR's `Retry-After` is honoured up to the destination's `retry_after_max`: one asking
 /// for 136 years (u32::MAX seconds) neither pauses the destination nor postpones the message
 /// for that long.
