@@ -147,6 +147,25 @@ async fn ehr_down_is_503_and_nothing_is_claimed() {
             .unwrap()
             .contains("unavailable")
     );
+    // The EHR being down is the operator's warning, not an error of the gateway (the trace
+    // of the answer reaches the log just after the answer itself).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = gateway.log_text();
+        if log.contains("response failed") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let traced: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("response failed"))
+        .collect();
+    assert!(
+        !traced.is_empty() && traced.iter().all(|l| l.contains(" WARN ")),
+        "{log}"
+    );
+    assert!(!log.contains(" ERROR "), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,8 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::delivery::Handoff;
 use crate::ingress::client_identity::Vendors;
@@ -135,7 +136,10 @@ where
     ServiceBuilder::new()
         .map_response(box_body)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx answered on purpose (shed at the request limit, an EHR or the outbox
+        // unavailable) is a warning: the vendor is told to resend. The unexpected ones are
+        // logged as errors where they are rescued.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside the rescue, so that refusals are negotiated too.
         .layer(negotiate::layer())
