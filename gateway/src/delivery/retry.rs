@@ -3,12 +3,18 @@
 //! Retried: 408, 429, 500, 502, 503, 504, timeouts and connection failures, with exponential
 //! backoff and jitter (tower's), or after the EHR's `Retry-After` when it gives one. Never
 //! retried: other statuses, and TLS failures, which are configuration errors.
+//!
+//! Retries of one destination share a budget (tower's, with linkerd's defaults: a fifth of
+//! the requests of the last 10 s plus 10 a second), so an EHR that fails everything gets
+//! about one request per request sent, not `max_attempts` of each.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode, header};
 use tower::retry::Policy;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 
 use crate::BoxError;
@@ -18,14 +24,27 @@ use crate::delivery::client::{EhrRequest, EhrResponse};
 /// the EHR's value is passed back instead.
 pub const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// One per destination; each request works on a clone (its own attempts, the shared budget).
 #[derive(Clone)]
 pub struct EhrRetryPolicy {
     attempts_left: u32,
     backoff: ExponentialBackoff,
+    budget: Arc<TpsBudget>,
+    max_attempts: u32,
 }
 
 impl EhrRetryPolicy {
     pub fn new(max_attempts: u32) -> Result<Self, tower::retry::backoff::InvalidBackoff> {
+        Self::with_budget(
+            max_attempts,
+            TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        )
+    }
+
+    pub fn with_budget(
+        max_attempts: u32,
+        budget: TpsBudget,
+    ) -> Result<Self, tower::retry::backoff::InvalidBackoff> {
         let backoff = ExponentialBackoffMaker::new(
             Duration::from_millis(50),
             Duration::from_secs(2),
@@ -36,6 +55,8 @@ impl EhrRetryPolicy {
         Ok(Self {
             attempts_left: max_attempts,
             backoff,
+            budget: Arc::new(budget),
+            max_attempts,
         })
     }
 }
@@ -84,6 +105,10 @@ impl Policy<EhrRequest, EhrResponse, BoxError> for EhrRetryPolicy {
         _request: &mut EhrRequest,
         result: &mut Result<EhrResponse, BoxError>,
     ) -> Option<Self::Future> {
+        // Asked after every attempt; after the first, the request pays into the budget.
+        if self.attempts_left == self.max_attempts {
+            self.budget.deposit();
+        }
         if self.attempts_left <= 1 {
             return None;
         }
@@ -99,6 +124,9 @@ impl Policy<EhrRequest, EhrResponse, BoxError> for EhrRetryPolicy {
             Err(error) if tls_failure(error.as_ref()).is_some() => return None,
             Err(_) => None,
         };
+        if !self.budget.withdraw() {
+            return None;
+        }
         self.attempts_left -= 1;
         Some(match wait {
             Some(wait) => tokio::time::sleep(wait),
@@ -194,6 +222,20 @@ mod tests {
             .service(svc);
         assert_eq!(svc.oneshot(request()).await.unwrap().status(), 503);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_of_a_destination_stop_when_its_budget_is_spent() {
+        let (calls, svc) = scripted(&[(503, None)]);
+        // A reserve of 2 retries and nothing earned by requests.
+        let policy =
+            EhrRetryPolicy::with_budget(3, TpsBudget::new(Duration::from_secs(1), 2, 0.0)).unwrap();
+        let svc = ServiceBuilder::new().retry(policy).service(svc);
+        for _ in 0..5 {
+            assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 503);
+        }
+        // 5 requests and 2 retries, where 3 attempts each would have made 15.
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
     }
 
     #[test]
