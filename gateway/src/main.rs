@@ -86,6 +86,14 @@ enum DeliveriesCommand {
 /// sysexits' EX_CONFIG: the configuration is wrong, restarting will not help.
 const EX_CONFIG: u8 = 78;
 
+/// The async runtime, or the exit code of a process that cannot start one.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|error| {
+        eprintln!("error: cannot start the runtime: {error}");
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -150,12 +158,9 @@ fn main() -> ExitCode {
                     ),
                 ),
             };
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(gateway::admin::client::call(
                 &admin_url, method, &path, &ca, &cert, &key,
@@ -177,12 +182,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => {
             // Built as `serve` builds it, in a runtime: some layers (a rate limit's buffer)
             // start a task when they are made.
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("error: cannot start the runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let _context = runtime.enter();
             match gateway::app::Gateway::from_config_file(&config) {
@@ -197,12 +199,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve { config } => {
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("error: cannot start the runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             // Inside the runtime: some layers (a rate limit's buffer) start a task when made.
             let gateway = match runtime

@@ -4,6 +4,20 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gateway");
 
+/// `gateway check-config` accepts `config`.
+fn assert_config_ok(config: &std::path::Path) {
+    let ok = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
 #[test]
 fn certs_init_then_check_config_with_a_broken_file_exits_78() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,16 +65,7 @@ client_key = "gateway-client.key"
 "#,
     )
     .unwrap();
-    let ok = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_config_ok(&config);
     // A destination's rate limit (a layer that starts a task when made) is checked too.
     let limited = dir.path().join("limited.toml");
     std::fs::write(
@@ -68,16 +73,7 @@ client_key = "gateway-client.key"
         std::fs::read_to_string(&config).unwrap() + "rate_limit = 50\n",
     )
     .unwrap();
-    let ok = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&limited)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_config_ok(&limited);
 
     // A mapping directory with a broken table stops start-up, naming file, entry and reason.
     let tables = dir.path().join("tables");

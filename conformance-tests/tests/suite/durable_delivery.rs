@@ -26,15 +26,22 @@ async fn start_ehr(pki: &TestPki) -> RunningEhr {
 
 /// A test PKI, a reference EHR and the gateway on an outbox in a temporary directory.
 async fn durable_gateway() -> (TestPki, RunningEhr, tempfile::TempDir, GatewayProcess) {
+    durable_gateway_with("").await
+}
+
+/// [`durable_gateway`] with `settings` (TOML lines) added to its destination.
+async fn durable_gateway_with(
+    settings: &str,
+) -> (TestPki, RunningEhr, tempfile::TempDir, GatewayProcess) {
     let pki = TestPki::generate().unwrap();
     let ehr = start_ehr(&pki).await;
     let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&durable_config(
-        &pki,
-        &ehr.base_url,
-        &dir.path().join("outbox.sqlite"),
-    ))
-    .unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1\n",
+        &format!("max_attempts = 1\n{settings}"),
+    );
+    assert!(config.contains(settings));
+    let gateway = GatewayProcess::start(&config).unwrap();
     (pki, ehr, dir, gateway)
 }
 
@@ -664,14 +671,7 @@ async fn a_corrected_reading_amends_the_ehr_and_a_resend_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_takes_no_corrections_gets_none_and_the_device_hears_409() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
-        "max_attempts = 1\n",
-        "max_attempts = 1\ncorrections = \"reject\"\n",
-    );
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let (pki, ehr, _dir, gateway) = durable_gateway_with("corrections = \"reject\"\n").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
@@ -1154,13 +1154,7 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
 /// delivers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rate_limited_destination_starts_and_delivers() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
-        .replace("max_attempts = 1\n", "max_attempts = 1\nrate_limit = 50\n");
-    assert!(config.contains("rate_limit = 50"));
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let (pki, ehr, _dir, gateway) = durable_gateway_with("rate_limit = 50\n").await;
     post(&pki, &gateway, &flows("CH-RL", &[(4.2, &now_rfc3339())]))
         .await
         .expect_status(202);
@@ -1174,19 +1168,9 @@ async fn a_rate_limited_destination_starts_and_delivers() {
 /// for that long.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ehr_asking_to_wait_for_years_is_waited_for_at_most_retry_after_max() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
-        "max_attempts = 1
-",
-        "max_attempts = 1
-retry_after_max = \"1s\"\n",
-    );
-    assert!(config.contains("retry_after_max = \"1s\""));
+    let (pki, ehr, _dir, gateway) = durable_gateway_with("retry_after_max = \"1s\"\n").await;
     ehr.ehr
         .fail_next(Fault::status(503).retry_after(u32::MAX), 1);
-    let gateway = GatewayProcess::start(&config).unwrap();
     post(&pki, &gateway, &flows("CH-RA", &[(4.2, &now_rfc3339())]))
         .await
         .expect_status(202);
@@ -1198,15 +1182,7 @@ retry_after_max = \"1s\"\n",
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_without_provenance_gets_none() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
-        "max_attempts = 1\n",
-        "max_attempts = 1\nprovenance = false\n",
-    );
-    assert!(config.contains("provenance = false"));
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let (pki, ehr, _dir, gateway) = durable_gateway_with("provenance = false\n").await;
     post(&pki, &gateway, &flows("CH-P2", &[(4.2, &now_rfc3339())]))
         .await
         .expect_status(202);
@@ -1218,18 +1194,11 @@ async fn a_destination_without_provenance_gets_none() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn several_bundles_in_flight_keep_per_resource_order() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
     // Small bundles and a slow EHR: only several bundles in flight make this quick.
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
-        "max_attempts = 1\n",
-        "max_attempts = 1\nmax_bundle_entries = 4\nconcurrency = 4\n",
-    );
-    assert!(config.contains("concurrency = 4"));
+    let (pki, ehr, _dir, gateway) =
+        durable_gateway_with("max_bundle_entries = 4\nconcurrency = 4\n").await;
     ehr.ehr
         .fail_fraction(Fault::delay(Duration::from_millis(150)), 1.0);
-    let gateway = GatewayProcess::start(&config).unwrap();
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
 

@@ -125,8 +125,9 @@ impl DeliveryWorker {
             if *shutdown.borrow() {
                 break;
             }
-            if self.outbox.rewinds() != rewinds {
-                rewinds = self.outbox.rewinds();
+            let rewound = self.outbox.rewinds();
+            if rewound != rewinds {
+                rewinds = rewound;
                 from = 0;
             }
             let wake = match self.breaker.blocked_for() {

@@ -292,30 +292,24 @@ fn checkpoint(conn: &Connection, mode: &str) -> Option<std::ffi::c_int> {
 /// it again at once when commands are queued, and SQLite's locks are not fair.
 #[derive(Default)]
 struct RestartGate {
-    held: std::sync::atomic::AtomicBool,
-    lock: Mutex<bool>,
+    held: Mutex<bool>,
     released: std::sync::Condvar,
 }
 
 impl RestartGate {
     fn hold(&self) {
-        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.held.store(true, std::sync::atomic::Ordering::Release);
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = true;
     }
 
     fn release(&self) {
-        self.held.store(false, std::sync::atomic::Ordering::Release);
-        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = false;
         self.released.notify_all();
     }
 
     /// Called by the writer between commits: waits while a restart is under way (bounded, so a
     /// stuck checkpoint cannot stop the writes).
     fn pass(&self) {
-        if !self.held.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self
             .released
             .wait_timeout_while(held, std::time::Duration::from_secs(1), |held| *held);
@@ -619,11 +613,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 .collect::<Result<_, _>>()?;
             let mut count = 0;
             for (id, resource_type, identifier_value, logical_id, destination) in dead {
+                // What the destination was last given for the resource: its message id.
                 let latest: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT message_id FROM resource_state
-                         WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
-                    )?
+                    .prepare_cached(PRIOR)?
                     .query_row(
                         params![
                             resource_type,
@@ -631,7 +623,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                             logical_id,
                             destination
                         ],
-                        |row| row.get(0),
+                        |row| row.get(2),
                     )
                     .optional()?;
                 if latest.is_some_and(|latest| latest != id) {
@@ -1015,9 +1007,11 @@ impl Outbox for SqliteOutbox {
         from: i64,
     ) -> BoxFuture<Result<Due, OutboxError>> {
         let destination = destination.to_owned();
-        // Those in flight past `from` are skipped here: filtering them in SQL (a table-valued
-        // function over a bound list) re-planned the statement on every call.
-        let in_flight = in_flight.clone();
+        // Those in flight past `from` (the only ones the scan can meet) are skipped here:
+        // filtering them in SQL (a table-valued function over a bound list) re-planned the
+        // statement on every call.
+        let in_flight: std::collections::HashSet<i64> =
+            in_flight.iter().copied().filter(|id| *id >= from).collect();
         self.read(move |conn| {
             let mut messages = Vec::new();
             // The first message passed over because it is not due (or waits for another).
