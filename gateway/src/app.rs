@@ -14,6 +14,7 @@ use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::{IngressParts, IngressSettings, Vendors, build_stack};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
+use crate::outbox::retention::RetentionPolicy;
 use crate::outbox::sqlite::SqliteOutbox;
 use crate::server::{ServeOptions, serve_mtls};
 use crate::validation::Schemas;
@@ -149,6 +150,18 @@ impl Gateway {
                         );
                         workers.spawn(worker.run(stopped.clone()));
                     }
+                    let delivery = &self.config.delivery;
+                    let readings = &self.config.readings;
+                    let retention = RetentionPolicy::new(
+                        delivery.keep_delivered,
+                        delivery.keep_dead,
+                        readings.max_past_age + readings.max_future_skew,
+                    );
+                    workers.spawn(crate::outbox::retention::run(
+                        outbox.clone(),
+                        retention,
+                        stopped.clone(),
+                    ));
                     (
                         Arc::new(OutboxHandoff::new(outbox.clone(), routes)),
                         Some(outbox),

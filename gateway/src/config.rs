@@ -125,10 +125,15 @@ pub struct DeliverySettings {
     /// The outbox file (SQLite); relative to the config file.
     #[serde(default = "defaults::outbox")]
     pub outbox: PathBuf,
-    /// How long delivered messages stay in the outbox for status look-ups (pending and dead
-    /// messages are kept until settled or replayed).
+    /// How long delivered messages stay in the outbox for status look-ups; a delivered
+    /// reading stays at least as long as a correction of it can be accepted
+    /// (`max_past_age` + `max_future_skew`). Pending messages are kept until delivered.
     #[serde(default = "defaults::keep_delivered", with = "humantime_serde")]
     pub keep_delivered: Duration,
+    /// How long dead letters stay for an operator to replay them; then they are deleted (each
+    /// deletion is logged as a warning with the count).
+    #[serde(default = "defaults::keep_dead", with = "humantime_serde")]
+    pub keep_dead: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -137,6 +142,7 @@ impl Default for DeliverySettings {
             mode: DeliveryMode::default(),
             outbox: defaults::outbox(),
             keep_delivered: defaults::keep_delivered(),
+            keep_dead: defaults::keep_dead(),
         }
     }
 }
@@ -339,6 +345,9 @@ mod defaults {
     }
     pub fn keep_delivered() -> Duration {
         Duration::from_secs(7 * 24 * 3600)
+    }
+    pub fn keep_dead() -> Duration {
+        Duration::from_secs(30 * 24 * 3600)
     }
     pub fn linger() -> Duration {
         Duration::from_millis(20)

@@ -1303,3 +1303,111 @@ async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes(
         writes.len()
     );
 }
+
+/// Retention runs on its own: once dead letters and delivered messages are past keeping, the
+/// admin API knows them no more; a dead letter's reading sent again is then a new message that
+/// reaches the EHR (not taken for one it already holds).
+#[tokio::test(flavor = "multi_thread")]
+async fn delivered_messages_and_dead_letters_are_deleted_after_their_keeping_time() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    ehr.ehr.reject_identifiers_containing(":pump-speed:");
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        .replace(
+            "max_past_age = \"30d\"",
+            "max_past_age = \"10s\"\nmax_future_skew = \"1s\"",
+        )
+        .replace(
+            "mode = \"outbox\"",
+            "mode = \"outbox\"\nkeep_delivered = \"1s\"\nkeep_dead = \"1s\"",
+        );
+    assert!(config.contains("keep_dead = \"1s\""));
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let admin = pki.client(ADMIN);
+    let batch = SimulatedCardiohelp::new("CH-0042", 5).next_batch(OffsetDateTime::now_utc());
+    let receipt = pki
+        .client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    let tracking_id = receipt["trackingId"].as_str().unwrap().to_owned();
+    let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation"), 11);
+
+    // The dead letter goes after keep_dead (a pass a second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dead = admin
+            .get(&gateway.admin_url("/admin/v1/dead-letters"))
+            .await
+            .unwrap()
+            .expect_status(200)
+            .json();
+        if dead["deadLetters"] == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still kept: {dead}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gateway
+            .log_text()
+            .contains("dead letters past keep_dead deleted"),
+        "the deletion of undelivered data is logged"
+    );
+
+    // The refused reading, sent again once the EHR takes it (within max_past_age): delivered.
+    ehr.ehr.clear_rejections();
+    let mut again = batch.clone();
+    again["readings"] = Value::Array(
+        batch["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["parameter"] == "RPM")
+            .cloned()
+            .collect(),
+    );
+    assert_eq!(again["readings"].as_array().unwrap().len(), 1, "{batch}");
+    pki.client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &again)
+        .await
+        .unwrap()
+        .expect_status(202);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    assert_eq!(ehr.ehr.count("Observation"), 12);
+
+    // Delivered messages stay for the correction window (10 s + 1 s), then go.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = admin
+            .get(&gateway.admin_url(&format!("/admin/v1/deliveries/{tracking_id}")))
+            .await
+            .unwrap();
+        if status.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still kept: {}",
+            String::from_utf8_lossy(&status.body)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let queues = admin
+        .get(&gateway.admin_url("/admin/v1/queues"))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    // At most the resend (its reading and Provenance) is left, settled seconds later.
+    assert!(
+        queues["destinations"][0]["accepted"].as_u64().unwrap() <= 2,
+        "{queues}"
+    );
+    assert_eq!(ehr.ehr.count("Observation"), 12, "nothing sent twice");
+}

@@ -12,6 +12,7 @@
 
 pub mod handoff;
 pub mod provenance;
+pub mod retention;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -334,11 +335,33 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> BoxFuture<Result<u64, OutboxError>>;
     /// Wakes `destination`'s worker when new messages arrive.
     fn notifier(&self, destination: &str) -> std::sync::Arc<tokio::sync::Notify>;
-    /// Forgets delivered messages settled before `before_ms` (pending and dead ones are kept
-    /// whatever their age). Returns how many.
-    fn purge_delivered(&self, before_ms: i64) -> BoxFuture<Result<u64, OutboxError>>;
+    /// Deletes what `retention` says is past keeping (never a pending message) and gives the
+    /// space back to the file system, a bounded amount of work at a time so that accepting and
+    /// delivering go on meanwhile.
+    fn purge(&self, retention: Retention) -> BoxFuture<Result<Purged, OutboxError>>;
     /// Durable commits (fsyncs) so far: with group commit, fewer than the writes they hold.
     fn commits(&self) -> u64;
+}
+
+/// The cut-off times of one retention pass (milliseconds since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Delivered messages settled before this are forgotten. A delivered reading is forgotten
+    /// with what its destination was given for it, so the caller keeps it at least as long as
+    /// a correction of it can still be accepted (`max_past_age` + `max_future_skew`).
+    pub delivered_before_ms: i64,
+    /// Dead letters settled before this are deleted, and what their destinations were said to
+    /// hold for them with them (a resend is then a new message, not taken for a duplicate).
+    pub dead_before_ms: i64,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub delivered: u64,
+    pub dead: u64,
+    /// File pages given back to the file system.
+    pub pages_freed: u64,
 }
 
 pub fn now_ms() -> i64 {

@@ -15,8 +15,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NewMessage, Outbox,
-    OutboxError, Pending, Placements, ProvenancePlan, Retraction, Settle, now_ms, time_key,
-    with_status,
+    OutboxError, Pending, Placements, ProvenancePlan, Purged, Retention, Retraction, Settle,
+    now_ms, time_key, with_status,
 };
 use crate::config::Corrections;
 use crate::delivery::BoxFuture;
@@ -24,6 +24,13 @@ use crate::outbox::provenance::{self, Written};
 
 /// Commands more than this many are committed in the next group.
 const MAX_GROUP: usize = 512;
+
+/// Messages one retention command deletes: a bounded share of one group commit, so the
+/// requests committed beside it do not wait long.
+const PURGE_CHUNK: u64 = 2000;
+
+/// Free pages one vacuum command gives back (8 MiB).
+const VACUUM_PAGES: u64 = 2048;
 
 /// A message is due only when no earlier message about its resource is still pending.
 const NOT_BLOCKED: &str = "(m.predecessor IS NULL OR NOT EXISTS (SELECT 1 FROM messages p WHERE p.id = m.predecessor AND p.state = 'pending'))";
@@ -199,6 +206,8 @@ CREATE INDEX IF NOT EXISTS messages_pending ON messages(destination, id) WHERE s
 CREATE INDEX IF NOT EXISTS messages_pending_due ON messages(destination, next_attempt_ms)
     WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS messages_dead ON messages(id) WHERE state = 'dead';
+-- The retention schedule finds the delivered messages past keeping without a scan.
+CREATE INDEX IF NOT EXISTS messages_delivered ON messages(settled_ms) WHERE state = 'delivered';
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 ";
 
@@ -215,7 +224,10 @@ enum Command {
         Option<String>,
         oneshot::Sender<Result<u64, OutboxError>>,
     ),
-    Purge(i64, oneshot::Sender<Result<u64, OutboxError>>),
+    /// Deletes up to [`PURGE_CHUNK`] messages past keeping.
+    Purge(Retention, oneshot::Sender<Result<Purged, OutboxError>>),
+    /// Gives up to [`VACUUM_PAGES`] free pages back; answers how many, and how many are left.
+    Vacuum(oneshot::Sender<Result<(u64, u64), OutboxError>>),
     Retract(
         String,
         Vec<Retraction>,
@@ -256,6 +268,19 @@ fn open(path: &Path) -> Result<Connection, OutboxError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
+}
+
+/// Lets retention give freed pages back to the file system. SQLite changes the vacuum mode of a
+/// file that has tables only by rebuilding it, so a file from an earlier release is rebuilt
+/// once, at start, before any other connection is open.
+fn ensure_incremental_vacuum(conn: &Connection) -> Result<(), OutboxError> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    if mode != INCREMENTAL {
+        tracing::info!("rebuilding the outbox file once so that retention can shrink it");
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
 }
 
 /// Copies the WAL back into the database file on its own thread and connection, so that the
@@ -335,8 +360,11 @@ impl SqliteOutbox {
         }
         let mut writer_conn = open(path)?;
         writer_conn.busy_handler(Some(busy_briefly))?;
+        // Takes effect for a new file (before its first table); an older one is rebuilt below.
+        writer_conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         writer_conn.execute_batch(SCHEMA)?;
         migrate(&mut writer_conn)?;
+        ensure_incremental_vacuum(&writer_conn)?;
         // The checkpointer does what SQLite's automatic checkpoint would do inside a commit.
         let mut checkpointer = open(path)?;
         checkpointer.busy_handler(Some(busy_briefly))?;
@@ -347,6 +375,7 @@ impl SqliteOutbox {
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = commits.clone();
         let (wake_checkpointer, wake) = std::sync::mpsc::sync_channel(1);
+        let after_vacuum = wake_checkpointer.clone();
         // Called after each commit with the WAL's length; replaces the automatic checkpoint.
         writer_conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
             if pages >= CHECKPOINT_PAGES {
@@ -361,7 +390,7 @@ impl SqliteOutbox {
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || write_loop(writer_conn, commands, &counter, &writer_gate))
+            .spawn(move || write_loop(writer_conn, commands, &counter, &writer_gate, &after_vacuum))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         Ok(Arc::new(Self {
             writer,
@@ -391,12 +420,20 @@ impl SqliteOutbox {
         &self,
         command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
     ) -> BoxFuture<Result<T, OutboxError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.writer.send(command(tx));
-        Box::pin(async move {
-            sent.map_err(|_| OutboxError::Closed)?;
-            rx.await.map_err(|_| OutboxError::Closed)?
-        })
+        Box::pin(send(&self.writer, command))
+    }
+}
+
+/// Hands `command` to the writer thread; resolves once the commit that holds it is durable.
+fn send<T: Send + 'static>(
+    writer: &mpsc::UnboundedSender<Command>,
+    command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
+) -> impl std::future::Future<Output = Result<T, OutboxError>> + Send + 'static {
+    let (tx, rx) = oneshot::channel();
+    let sent = writer.send(command(tx));
+    async move {
+        sent.map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
     }
 }
 
@@ -406,6 +443,7 @@ fn write_loop(
     mut commands: mpsc::UnboundedReceiver<Command>,
     commits: &std::sync::atomic::AtomicU64,
     gate: &RestartGate,
+    wake_checkpointer: &std::sync::mpsc::SyncSender<()>,
 ) {
     while let Some(first) = commands.blocking_recv() {
         gate.pass();
@@ -418,6 +456,11 @@ fn write_loop(
         }
         let result = apply_group(&mut conn, &group);
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if group.iter().any(|c| matches!(c, Command::Vacuum(_))) {
+            // The file shrinks when a checkpoint has copied the vacuum back, which the WAL's
+            // length alone would not ask for.
+            let _ = wake_checkpointer.try_send(());
+        }
         // Answer only after the commit (or its failure): that is the durability promise.
         for (command, outcome) in group.into_iter().zip(result) {
             match command {
@@ -427,8 +470,14 @@ fn write_loop(
                 Command::Settle(_, reply) => {
                     let _ = reply.send(outcome.map(|_| ()));
                 }
-                Command::Replay(_, _, reply) | Command::Purge(_, reply) => {
+                Command::Replay(_, _, reply) => {
                     let _ = reply.send(outcome.map(|o| o.count));
+                }
+                Command::Purge(_, reply) => {
+                    let _ = reply.send(outcome.map(|o| o.purged));
+                }
+                Command::Vacuum(reply) => {
+                    let _ = reply.send(outcome.map(|o| (o.purged.pages_freed, o.count)));
                 }
                 Command::Retract(_, _, _, reply) => {
                     let _ = reply.send(outcome.map(|o| o.retracted));
@@ -443,6 +492,7 @@ struct Applied {
     enqueued: Vec<Enqueued>,
     count: u64,
     retracted: Placements,
+    purged: Purged,
 }
 
 fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
@@ -584,18 +634,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             }
             Ok(Applied::default())
         }
-        Command::Purge(before_ms, _) => {
-            tx.execute(
-                "DELETE FROM message_bodies WHERE message_id IN
-                     (SELECT id FROM messages WHERE state = 'delivered' AND settled_ms < ?1)",
-                params![before_ms],
-            )?;
-            let count = tx.execute(
-                "DELETE FROM messages WHERE state = 'delivered' AND settled_ms < ?1",
-                params![before_ms],
-            )?;
+        Command::Purge(retention, _) => Ok(Applied {
+            purged: purge(tx, retention)?,
+            ..Applied::default()
+        }),
+        Command::Vacuum(_) => {
+            let free = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<u64> {
+                tx.query_row("PRAGMA freelist_count", [], |row| row.get::<_, i64>(0))
+                    .map(|pages| pages as u64)
+            };
+            let before = free(tx)?;
+            tx.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
+            let left = free(tx)?;
             Ok(Applied {
-                count: count as u64,
+                count: left,
+                purged: Purged {
+                    pages_freed: before - left,
+                    ..Purged::default()
+                },
                 ..Applied::default()
             })
         }
@@ -663,6 +719,69 @@ struct Write {
 
 /// Stores one message unless it changes nothing; `None` when its destination refuses the
 /// correction it is.
+/// Deletes up to [`PURGE_CHUNK`] messages past keeping: delivered ones first, then dead
+/// letters. A delivered reading goes with what its destination was given for it (readings
+/// are many; runs and devices are few and keep theirs, for the order of their updates); a
+/// dead letter goes with it for every resource, or a resend of the same content would be
+/// taken for one already delivered.
+fn purge(tx: &rusqlite::Transaction<'_>, retention: &Retention) -> Result<Purged, OutboxError> {
+    type Row = (i64, String, String, String, String);
+    let row = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+        ))
+    };
+    let delivered: Vec<Row> = tx
+        .prepare_cached(&format!(
+            "SELECT id, resource_type, identifier_value, logical_id, destination
+             FROM messages INDEXED BY messages_delivered
+             WHERE state = 'delivered' AND settled_ms < ?1 LIMIT {PURGE_CHUNK}"
+        ))?
+        .query_map(params![retention.delivered_before_ms], row)?
+        .collect::<Result<_, _>>()?;
+    let room = PURGE_CHUNK - delivered.len() as u64;
+    let dead: Vec<Row> = tx
+        .prepare_cached(
+            "SELECT id, resource_type, identifier_value, logical_id, destination
+             FROM messages INDEXED BY messages_dead
+             WHERE state = 'dead' AND settled_ms < ?1 LIMIT ?2",
+        )?
+        .query_map(params![retention.dead_before_ms, room as i64], row)?
+        .collect::<Result<_, _>>()?;
+    let mut forget_state = tx.prepare_cached(
+        "DELETE FROM resource_state WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3
+             AND destination = ?4 AND message_id = ?5",
+    )?;
+    let mut delete_body = tx.prepare_cached("DELETE FROM message_bodies WHERE message_id = ?1")?;
+    let mut delete_message = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+    for (is_dead, (id, resource_type, identifier_value, logical_id, destination)) in delivered
+        .iter()
+        .map(|m| (false, m))
+        .chain(dead.iter().map(|m| (true, m)))
+    {
+        if is_dead || resource_type == "Observation" {
+            forget_state.execute(params![
+                resource_type,
+                time_key(resource_type, identifier_value),
+                logical_id,
+                destination,
+                id
+            ])?;
+        }
+        delete_body.execute(params![id])?;
+        delete_message.execute(params![id])?;
+    }
+    Ok(Purged {
+        delivered: delivered.len() as u64,
+        dead: dead.len() as u64,
+        pages_freed: 0,
+    })
+}
+
 fn enqueue_one(
     tx: &rusqlite::Transaction<'_>,
     batch_id: &str,
@@ -1207,8 +1326,27 @@ impl Outbox for SqliteOutbox {
         })
     }
 
-    fn purge_delivered(&self, before_ms: i64) -> BoxFuture<Result<u64, OutboxError>> {
-        self.write(|reply| Command::Purge(before_ms, reply))
+    fn purge(&self, retention: Retention) -> BoxFuture<Result<Purged, OutboxError>> {
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            let mut purged = Purged::default();
+            loop {
+                let chunk = send(&writer, |reply| Command::Purge(retention, reply)).await?;
+                purged.delivered += chunk.delivered;
+                purged.dead += chunk.dead;
+                if chunk.delivered + chunk.dead < PURGE_CHUNK {
+                    break;
+                }
+            }
+            loop {
+                let (freed, left) = send(&writer, Command::Vacuum).await?;
+                purged.pages_freed += freed;
+                if left == 0 || freed == 0 {
+                    break;
+                }
+            }
+            Ok(purged)
+        })
     }
 
     fn commits(&self) -> u64 {
@@ -1533,8 +1671,15 @@ mod tests {
         );
     }
 
+    fn retention(delivered_before_ms: i64, dead_before_ms: i64) -> Retention {
+        Retention {
+            delivered_before_ms,
+            dead_before_ms,
+        }
+    }
+
     #[tokio::test]
-    async fn purge_forgets_only_old_delivered_messages() {
+    async fn purge_forgets_only_messages_past_keeping() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
         let ids = ids(outbox
@@ -1564,17 +1709,146 @@ mod tests {
             ])
             .await
             .unwrap();
-        assert_eq!(
-            outbox.purge_delivered(now_ms() - 60_000).await.unwrap(),
-            0,
-            "not old enough"
-        );
-        assert_eq!(outbox.purge_delivered(now_ms() + 1).await.unwrap(), 1);
+        let past = now_ms() - 60_000;
+        let future = now_ms() + 1000;
+        let none = outbox.purge(retention(past, past)).await.unwrap();
+        assert_eq!((none.delivered, none.dead), (0, 0), "not old enough");
+        let delivered = outbox.purge(retention(future, past)).await.unwrap();
+        assert_eq!((delivered.delivered, delivered.dead), (1, 0));
         let stats = outbox.stats().await.unwrap();
         assert_eq!(
             (stats[0].accepted, stats[0].dead, stats[0].pending),
             (2, 1, 1)
         );
+        // The pending message is kept whatever the cut-offs.
+        let dead = outbox.purge(retention(future, future)).await.unwrap();
+        assert_eq!((dead.delivered, dead.dead), (0, 1));
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            (stats[0].accepted, stats[0].dead, stats[0].pending),
+            (1, 0, 1)
+        );
+    }
+
+    /// What a destination was given goes with a purged reading or dead letter: the same
+    /// reading again is a new message (a dead letter's content was never delivered; taking it
+    /// for a resend would drop it in silence), while a run's state stays known.
+    #[tokio::test]
+    async fn purge_forgets_what_was_given_with_readings_and_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let first = ids(outbox
+            .enqueue(
+                "b1".into(),
+                vec![
+                    message("ehr", 0),
+                    message("ehr", 1),
+                    procedure(1, "in-progress"),
+                ],
+                None,
+            )
+            .await
+            .unwrap());
+        let delivered = Settle::Delivered {
+            status: "201".into(),
+            location: None,
+        };
+        outbox
+            .settle(vec![
+                (first[0], delivered.clone()),
+                (
+                    first[1],
+                    Settle::Dead {
+                        error: "422".into(),
+                        outcome: None,
+                    },
+                ),
+                (first[2], delivered),
+            ])
+            .await
+            .unwrap();
+        let later = now_ms() + 1000;
+        let purged = outbox.purge(retention(later, later)).await.unwrap();
+        assert_eq!((purged.delivered, purged.dead), (2, 1));
+        let again = outbox
+            .enqueue(
+                "b2".into(),
+                vec![
+                    message("ehr", 0),
+                    message("ehr", 1),
+                    procedure(1, "in-progress"),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        let dispositions: Vec<Disposition> = again.iter().map(|e| e.disposition).collect();
+        assert_eq!(
+            dispositions,
+            [
+                Disposition::Created,
+                Disposition::Created,
+                Disposition::Unchanged
+            ]
+        );
+    }
+
+    /// Retention gives the space back: after the purge and a checkpoint the file is smaller.
+    #[tokio::test]
+    async fn purge_shrinks_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let body = format!(
+            r#"{{"resourceType":"Observation","status":"final","note":"{}"}}"#,
+            "x".repeat(2000)
+        );
+        let mut all = Vec::new();
+        for batch in 0..20 {
+            let enqueued = outbox
+                .enqueue(
+                    format!("b{batch}"),
+                    (0..100)
+                        .map(|n| reading("ehr", batch * 100 + n, &body))
+                        .collect(),
+                    None,
+                )
+                .await
+                .unwrap();
+            all.extend(ids(enqueued));
+        }
+        outbox
+            .settle(
+                all.iter()
+                    .map(|&id| {
+                        (
+                            id,
+                            Settle::Delivered {
+                                status: "201".into(),
+                                location: None,
+                            },
+                        )
+                    })
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        let file_size = || {
+            // What a checkpoint leaves in the database file (the test's own connection, as
+            // the checkpointer may be mid-pass).
+            let conn = Connection::open(&path).unwrap();
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap();
+            std::fs::metadata(&path).unwrap().len()
+        };
+        let full = file_size();
+        assert!(full > 4_000_000, "{full} bytes");
+        let later = now_ms() + 1000;
+        let purged = outbox.purge(retention(later, later)).await.unwrap();
+        assert_eq!(purged.delivered, 2000);
+        assert!(purged.pages_freed > 900, "{purged:?}");
+        let shrunk = file_size();
+        assert!(shrunk < full / 4, "{full} -> {shrunk} bytes");
     }
 
     #[tokio::test]
