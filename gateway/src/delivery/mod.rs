@@ -100,6 +100,10 @@ pub enum DeliveryError {
     /// Resources to retract that were never accepted (by index in the request).
     #[error("{} resource(s) were never accepted", unknown.len())]
     UnknownResources { unknown: Vec<usize> },
+    /// The gateway has no room for more right now (its outbox queue is full): nothing was
+    /// accepted, and the same batch may be sent again shortly.
+    #[error("the gateway is busy")]
+    Busy,
     /// What this delivery mode cannot do.
     #[error("{0}")]
     Unsupported(String),

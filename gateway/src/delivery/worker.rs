@@ -404,7 +404,8 @@ impl Shared {
             | DeliveryError::Unroutable { .. }
             | DeliveryError::CorrectionsRefused { .. }
             | DeliveryError::UnknownResources { .. }
-            | DeliveryError::Unsupported(_) => Health::Up,
+            | DeliveryError::Unsupported(_)
+            | DeliveryError::Busy => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
                 retry_after: self.honoured(*retry_after),
             },
@@ -437,6 +438,11 @@ impl Shared {
             | DeliveryError::Unsupported(_) => Settle::Dead {
                 error: error.to_string(),
                 outcome: None,
+            },
+            // The gateway's own queue, not the EHR: tried again soon, no attempt spent.
+            DeliveryError::Busy => Settle::Postpone {
+                at_ms: now + 1000,
+                error: error.to_string(),
             },
             DeliveryError::Misconfigured { reason, .. } => Settle::Postpone {
                 at_ms: now + MISCONFIGURED_PAUSE.as_millis() as i64,

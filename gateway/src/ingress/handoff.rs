@@ -16,6 +16,9 @@ use crate::{BoxBody, BoxError};
 /// Seconds a vendor is told to wait when a destination is down and said nothing better.
 const RETRY_AFTER_UNAVAILABLE: u32 = 30;
 
+/// Seconds a vendor is told to wait when the outbox queue is full (a burst: it drains fast).
+const RETRY_AFTER_BUSY: u32 = 1;
+
 #[derive(Clone)]
 pub struct HandoffService {
     handoff: Arc<dyn Handoff>,
@@ -172,6 +175,14 @@ pub fn refusal(
                 })
                 .collect(),
         ),
+        DeliveryError::Busy => ApiError::one(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "throttled",
+                "the gateway has more to store than it has room for right now; nothing of this request was accepted, resend it after Retry-After",
+            ),
+        )
+        .retry_after(RETRY_AFTER_BUSY),
         DeliveryError::Unsupported(reason) => ApiError::one(
             StatusCode::NOT_IMPLEMENTED,
             Issue::error("not-supported", reason),
@@ -260,5 +271,17 @@ pub fn refusal(
                 ),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_outbox_queue_is_a_503_with_retry_after() {
+        let response = refusal(DeliveryError::Busy, &[], &[]).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
     }
 }

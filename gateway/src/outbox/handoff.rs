@@ -113,6 +113,7 @@ impl Handoff for OutboxHandoff {
                             .map(|(message, destination)| (resource_of[message], destination))
                             .collect(),
                     },
+                    OutboxError::Busy => DeliveryError::Busy,
                     other => unavailable(other),
                 })?;
             let mut ids = ids.into_iter();
@@ -146,6 +147,7 @@ impl Handoff for OutboxHandoff {
                 .await
                 .map_err(|e| match e {
                     OutboxError::Unknown(unknown) => DeliveryError::UnknownResources { unknown },
+                    OutboxError::Busy => DeliveryError::Busy,
                     other => unavailable(other),
                 })?;
             Ok(RetractReceipt {

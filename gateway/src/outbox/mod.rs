@@ -25,6 +25,10 @@ pub enum OutboxError {
     Storage(String),
     #[error("the outbox is shut down")]
     Closed,
+    /// More writes are queued than the writer has room for: nothing was stored. The sender is
+    /// asked to come back shortly rather than the queue (and memory) growing without bound.
+    #[error("the outbox has more writes queued than it has room for")]
+    Busy,
     /// Corrections refused by destinations whose policy is `corrections = "reject"`: the
     /// messages (by index in the enqueue) and their destinations. Nothing was stored.
     #[error("{} correction(s) refused by destination policy", .0.len())]

@@ -25,6 +25,11 @@ use crate::outbox::provenance::{self, Written};
 /// Commands more than this many are committed in the next group.
 const MAX_GROUP: usize = 512;
 
+/// Commands queued for the writer at most. Requests are bounded upstream too (the request
+/// limit), but this is the bound that holds whatever sends: a request that finds it full gets
+/// 503 with Retry-After, the delivery workers and retention wait for room.
+const WRITER_QUEUE: usize = 1024;
+
 /// Messages one retention command deletes: a bounded share of one group commit, so the
 /// requests committed beside it do not wait long.
 const PURGE_CHUNK: u64 = 2000;
@@ -237,7 +242,7 @@ enum Command {
 }
 
 pub struct SqliteOutbox {
-    writer: mpsc::UnboundedSender<Command>,
+    writer: mpsc::Sender<Command>,
     commits: Arc<std::sync::atomic::AtomicU64>,
     rewinds: Arc<std::sync::atomic::AtomicU64>,
     reader: Arc<Mutex<Connection>>,
@@ -354,6 +359,11 @@ fn busy_briefly(retries: std::ffi::c_int) -> bool {
 impl SqliteOutbox {
     /// Opens (or creates) the outbox file; pending messages from before a crash are kept.
     pub fn open(path: &Path) -> Result<Arc<Self>, OutboxError> {
+        Self::open_with_queue(path, WRITER_QUEUE)
+    }
+
+    /// [`Self::open`] with room for `queue` commands waiting for the writer.
+    fn open_with_queue(path: &Path, queue: usize) -> Result<Arc<Self>, OutboxError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| OutboxError::Storage(format!("{}: {e}", dir.display())))?;
@@ -371,7 +381,7 @@ impl SqliteOutbox {
         let gate = Arc::new(RestartGate::default());
         let writer_gate = gate.clone();
         let reader = open(path)?;
-        let (writer, commands) = mpsc::unbounded_channel();
+        let (writer, commands) = mpsc::channel(queue);
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = commits.clone();
         let (wake_checkpointer, wake) = std::sync::mpsc::sync_channel(1);
@@ -416,23 +426,46 @@ impl SqliteOutbox {
         })
     }
 
+    /// Hands a write that a vendor waits for to the writer, or refuses it at once with
+    /// [`OutboxError::Busy`] when the queue is full.
+    fn write_or_refuse<T: Send + 'static>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
+    ) -> BoxFuture<Result<T, OutboxError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.writer.try_send(command(tx));
+        Box::pin(async move {
+            sent.map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => OutboxError::Busy,
+                mpsc::error::TrySendError::Closed(_) => OutboxError::Closed,
+            })?;
+            rx.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+
+    /// Hands a write of the gateway's own (settling, replay, retention) to the writer, waiting
+    /// for room in the queue.
     fn write<T: Send + 'static>(
         &self,
         command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
     ) -> BoxFuture<Result<T, OutboxError>> {
-        Box::pin(send(&self.writer, command))
+        Box::pin(send(self.writer.clone(), command))
     }
 }
 
-/// Hands `command` to the writer thread; resolves once the commit that holds it is durable.
+/// Hands `command` to the writer thread once it has room; resolves once the commit that holds
+/// it is durable.
 fn send<T: Send + 'static>(
-    writer: &mpsc::UnboundedSender<Command>,
+    writer: mpsc::Sender<Command>,
     command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
 ) -> impl std::future::Future<Output = Result<T, OutboxError>> + Send + 'static {
     let (tx, rx) = oneshot::channel();
-    let sent = writer.send(command(tx));
+    let command = command(tx);
     async move {
-        sent.map_err(|_| OutboxError::Closed)?;
+        writer
+            .send(command)
+            .await
+            .map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 }
@@ -440,7 +473,7 @@ fn send<T: Send + 'static>(
 /// The writer thread: take one command, then everything already queued, commit once.
 fn write_loop(
     mut conn: Connection,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::Receiver<Command>,
     commits: &std::sync::atomic::AtomicU64,
     gate: &RestartGate,
     wake_checkpointer: &std::sync::mpsc::SyncSender<()>,
@@ -1109,7 +1142,8 @@ impl Outbox for SqliteOutbox {
             d
         };
         let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
-        let stored = self.write(|reply| Command::Enqueue(batch_id, messages, provenance, reply));
+        let stored =
+            self.write_or_refuse(|reply| Command::Enqueue(batch_id, messages, provenance, reply));
         Box::pin(async move {
             let enqueued = stored.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -1318,7 +1352,7 @@ impl Outbox for SqliteOutbox {
             .cloned()
             .collect();
         let retracted =
-            self.write(|reply| Command::Retract(batch_id, resources, provenance, reply));
+            self.write_or_refuse(|reply| Command::Retract(batch_id, resources, provenance, reply));
         Box::pin(async move {
             let retracted = retracted.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -1331,7 +1365,7 @@ impl Outbox for SqliteOutbox {
         Box::pin(async move {
             let mut purged = Purged::default();
             loop {
-                let chunk = send(&writer, |reply| Command::Purge(retention, reply)).await?;
+                let chunk = send(writer.clone(), |reply| Command::Purge(retention, reply)).await?;
                 purged.delivered += chunk.delivered;
                 purged.dead += chunk.dead;
                 if chunk.delivered + chunk.dead < PURGE_CHUNK {
@@ -1339,7 +1373,7 @@ impl Outbox for SqliteOutbox {
                 }
             }
             loop {
-                let (freed, left) = send(&writer, Command::Vacuum).await?;
+                let (freed, left) = send(writer.clone(), Command::Vacuum).await?;
                 purged.pages_freed += freed;
                 if left == 0 || freed == 0 {
                     break;
@@ -1668,6 +1702,43 @@ mod tests {
         assert_eq!(
             status[0].location.as_deref(),
             Some("Observation/1/_history/1")
+        );
+    }
+
+    /// A writer held back (here by another connection's write lock, as a slow disk would) lets
+    /// its queue fill to the bound; the next request is refused at once with `Busy` and
+    /// nothing of it is stored, while what was queued is committed once the writer goes on.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_full_writer_queue_refuses_requests_and_keeps_what_it_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let outbox = SqliteOutbox::open_with_queue(&path, 4).unwrap();
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut queued = Vec::new();
+        let mut refused = None;
+        for n in 0..20 {
+            // The writer takes the first command off the queue and waits for the lock.
+            let mut enqueue = outbox.enqueue(format!("b{n}"), vec![message("ehr", n)], None);
+            match tokio::time::timeout(std::time::Duration::from_millis(30), &mut enqueue).await {
+                Ok(Err(OutboxError::Busy)) => {
+                    refused = Some(n);
+                    break;
+                }
+                Ok(other) => panic!("{n}: {:?}", other.map(|_| ())),
+                Err(_) => queued.push(enqueue),
+            }
+        }
+        let refused = refused.expect("the queue has a bound");
+        assert!((4..=6).contains(&refused), "refused at {refused}");
+        blocker.execute_batch("COMMIT").unwrap();
+        for enqueue in queued {
+            enqueue.await.unwrap();
+        }
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            stats[0].accepted, refused as u64,
+            "the refused one is not stored"
         );
     }
 
