@@ -27,6 +27,17 @@ impl VendorPolicy {
     pub fn may_post_for(&self, serial: &str, model: &str) -> bool {
         self.serials.contains(serial) || self.models.contains(&model.to_ascii_lowercase())
     }
+
+    /// A vendor of `models`, for unit tests of what vendors may do.
+    #[cfg(test)]
+    pub fn of_models(name: &str, models: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            identity: name.into(),
+            serials: HashSet::new(),
+            models: models.iter().map(|m| m.to_ascii_lowercase()).collect(),
+        }
+    }
 }
 
 /// All vendors by certificate identity. Built once; shared by every connection.

@@ -28,6 +28,7 @@ pub struct Folded {
     pub consoles: Vec<ConsolePeriod>,
 }
 
+#[derive(Clone)]
 struct Builder {
     run_id: String,
     status: RunStatus,
@@ -50,35 +51,84 @@ struct Builder {
 }
 
 pub fn fold(run_id: &str, events: &[RunEvent]) -> Result<Folded, Conflict> {
+    progress(run_id, events)?.folded()
+}
+
+/// A run folded as far as its latest event in time order: an event timed after every other
+/// (the usual case) is folded onto it alone, not the whole run again.
+#[derive(Clone)]
+pub struct Progress {
+    builder: Builder,
+    /// The order key (time, event id) of the latest event folded.
+    last: Option<(OffsetDateTime, String)>,
+}
+
+impl Progress {
+    fn new(run_id: &str) -> Self {
+        Self {
+            builder: Builder::new(run_id),
+            last: None,
+        }
+    }
+
+    /// Whether `event` comes after every event folded so far, so [`Self::then`] applies.
+    pub fn is_followed_by(&self, event: &RunEvent) -> bool {
+        self.last
+            .as_ref()
+            .is_none_or(|(at, id)| (event.at, &event.event_id) > (*at, id))
+    }
+
+    /// This progress with `event`, which [`Self::is_followed_by`] it, folded on.
+    pub fn then(&self, event: &RunEvent) -> Result<Self, Conflict> {
+        debug_assert!(self.is_followed_by(event));
+        let mut next = self.clone();
+        next.builder.apply(event)?;
+        next.last = Some((event.at, event.event_id.clone()));
+        Ok(next)
+    }
+
+    /// The run as of this progress.
+    pub fn folded(&self) -> Result<Folded, Conflict> {
+        self.builder.clone().finish()
+    }
+}
+
+/// Folds `events` (in any order) from the start.
+pub fn progress(run_id: &str, events: &[RunEvent]) -> Result<Progress, Conflict> {
     let mut ordered: Vec<&RunEvent> = events.iter().collect();
     ordered.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.event_id.cmp(&b.event_id)));
-    let mut b = Builder {
-        run_id: run_id.to_owned(),
-        status: RunStatus::Preparation,
-        patient: None,
-        encounter: None,
-        birth_date: None,
-        initial_mode: None,
-        mode: None,
-        support_type: None,
-        indications: vec![],
-        cannulas: vec![],
-        consoles: vec![],
-        start: None,
-        created: None,
-        end: None,
-        complications: vec![],
-        outcome: None,
-        segments: vec![],
-        mode_count: 0,
-    };
+    let mut progress = Progress::new(run_id);
     for event in ordered {
-        b.apply(event)?;
+        progress.builder.apply(event)?;
+        progress.last = Some((event.at, event.event_id.clone()));
     }
-    b.finish()
+    Ok(progress)
 }
 
 impl Builder {
+    fn new(run_id: &str) -> Self {
+        Self {
+            run_id: run_id.to_owned(),
+            status: RunStatus::Preparation,
+            patient: None,
+            encounter: None,
+            birth_date: None,
+            initial_mode: None,
+            mode: None,
+            support_type: None,
+            indications: vec![],
+            cannulas: vec![],
+            consoles: vec![],
+            start: None,
+            created: None,
+            end: None,
+            complications: vec![],
+            outcome: None,
+            segments: vec![],
+            mode_count: 0,
+        }
+    }
+
     fn conflict(&self, event: &RunEvent, why: impl std::fmt::Display) -> Conflict {
         Conflict(format!(
             "event '{}' ({}) at {}: {why}",

@@ -5,6 +5,10 @@
 //! Events are kept in SQLite (`[runs] store`), each run's state is folded from its events in
 //! time order ([`fold`]), and the consoles' periods form an index that the reading path
 //! consults. A restart reloads and refolds everything, so the association survives it.
+//!
+//! In memory each run keeps its folded state and the hashes of its events, not the events: an
+//! event timed after the run's latest is folded onto the state, an earlier one (rare) refolds
+//! the run from the store. The store's fsync is waited for outside the index's lock.
 
 pub mod event;
 pub mod fold;
@@ -36,6 +40,10 @@ pub enum RunError {
     /// The run store cannot be written (503).
     #[error("run store: {0}")]
     Storage(String),
+    /// The run's resources cannot be built: the gateway's mapping tables, not the event, are
+    /// at fault (500).
+    #[error("building the run's resources: {0}")]
+    Mapping(String),
 }
 
 impl From<rusqlite::Error> for RunError {
@@ -86,11 +94,17 @@ struct Period {
     until: Option<OffsetDateTime>,
 }
 
+/// One run as the registry keeps it.
+struct Run {
+    progress: fold::Progress,
+    folded: Folded,
+    /// Event id -> hash of the body as received, to tell a resend from a reuse of the id.
+    received: HashMap<String, [u8; 16]>,
+}
+
 #[derive(Default)]
 struct State {
-    /// Events per run, with the body as received (to recognise a resend).
-    events: HashMap<String, Vec<(RunEvent, String)>>,
-    folded: HashMap<String, Folded>,
+    runs: HashMap<String, Run>,
     /// Console serial -> the periods it spent in runs.
     consoles: HashMap<String, Vec<Period>>,
 }
@@ -100,7 +114,7 @@ impl State {
         for periods in self.consoles.values_mut() {
             periods.retain(|p| p.run.run_id != run_id);
         }
-        let Some(folded) = self.folded.get(run_id) else {
+        let Some(folded) = self.runs.get(run_id).map(|run| &run.folded) else {
             return;
         };
         let run = Arc::new(RunAssociation {
@@ -146,12 +160,13 @@ impl RunRegistry {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS run_events (
                 run_id TEXT NOT NULL, event_id TEXT NOT NULL, body TEXT NOT NULL, received_ms INTEGER NOT NULL,
                 PRIMARY KEY (run_id, event_id))",
         )?;
-        let mut state = State::default();
+        let mut stored: HashMap<String, Vec<(RunEvent, [u8; 16])>> = HashMap::new();
         {
             let mut query =
                 conn.prepare("SELECT run_id, body FROM run_events ORDER BY received_ms, rowid")?;
@@ -160,24 +175,17 @@ impl RunRegistry {
             })?;
             for row in rows {
                 let (run_id, body) = row?;
-                let parsed = serde_json::from_str::<Value>(&body)
-                    .ok()
-                    .and_then(|v| event::parse(&v));
-                match parsed {
-                    Some(event) => state.events.entry(run_id).or_default().push((event, body)),
+                match parse_stored(&body) {
+                    Some(event) => stored.entry(run_id).or_default().push(event),
                     None => tracing::error!(%run_id, "stored run event cannot be read; skipped"),
                 }
             }
         }
-        let run_ids: Vec<String> = state.events.keys().cloned().collect();
-        for run_id in run_ids {
-            let events: Vec<RunEvent> = state.events[&run_id]
-                .iter()
-                .map(|(e, _)| e.clone())
-                .collect();
-            match fold::fold(&run_id, &events) {
-                Ok(folded) => {
-                    state.folded.insert(run_id.clone(), folded);
+        let mut state = State::default();
+        for (run_id, events) in stored {
+            match Run::fold(&run_id, events) {
+                Ok(run) => {
+                    state.runs.insert(run_id.clone(), run);
                     state.index(&run_id);
                 }
                 Err(error) => tracing::error!(%run_id, %error, "stored run does not fold"),
@@ -206,7 +214,8 @@ impl RunRegistry {
     }
 
     /// Applies one event to run `run_id`: checks it against the run and every other run,
-    /// stores it durably, and returns the resources that now describe the run.
+    /// stores it durably, and returns the resources that now describe the run. Blocking (it
+    /// waits for the store's fsync): called off the async workers.
     pub fn apply(
         &self,
         run_id: &str,
@@ -216,33 +225,94 @@ impl RunRegistry {
         let event = event::parse(body)
             .ok_or_else(|| RunError::Invalid("the event lacks what its type needs".into()))?;
         let raw = serde_json::to_string(body).map_err(|e| RunError::Invalid(e.to_string()))?;
-        // One event at a time: the checks below and the write must see the same state.
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        let known = state
-            .events
-            .get(run_id)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        if let Some((_, previous)) = known.iter().find(|(e, _)| e.event_id == event.event_id) {
-            if *previous != raw {
-                return Err(Conflict(format!(
-                    "event id '{}' was already used with other content",
-                    event.event_id
-                ))
-                .into());
+        let hash = crate::outbox::content_hash(raw.as_bytes());
+        let reused = || {
+            RunError::from(Conflict(format!(
+                "event id '{}' was already used with other content",
+                event.event_id
+            )))
+        };
+        // One event at a time, in turn for the store's connection: the checks below and the
+        // write see the same runs. The index is only read meanwhile, so readings go on.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let next = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            match state.runs.get(run_id) {
+                Some(run) => {
+                    if let Some(previous) = run.received.get(&event.event_id) {
+                        if *previous != hash {
+                            return Err(reused());
+                        }
+                        // A resend: nothing changes; the same resources go out again.
+                        self.authorize(&run.folded, vendor)?;
+                        return self.outputs(&run.folded, run.received.len());
+                    }
+                    run.progress
+                        .is_followed_by(&event)
+                        .then(|| (run.progress.clone(), run.received.len()))
+                }
+                None => None,
             }
-            // A resend: nothing changes; the same resources go out again (harmless).
-            let folded = state
-                .folded
-                .get(run_id)
-                .ok_or_else(|| RunError::Storage("run state missing".into()))?;
-            self.authorize(folded, vendor)?;
-            return self.outputs(folded, known.len());
-        }
-        let mut events: Vec<RunEvent> = known.iter().map(|(e, _)| e.clone()).collect();
-        events.push(event.clone());
-        let folded = fold::fold(run_id, &events)?;
+        };
+        let (progress, received) = match next {
+            Some((progress, count)) => (progress.then(&event)?, Err(count)),
+            // Timed before the run's latest event (or a run the registry could not fold at
+            // start): folded again from what the store holds.
+            None => {
+                let mut events = stored_events(&conn, run_id)?;
+                if let Some((_, previous)) =
+                    events.iter().find(|(e, _)| e.event_id == event.event_id)
+                {
+                    if *previous != hash {
+                        return Err(reused());
+                    }
+                } else {
+                    events.push((event.clone(), hash));
+                }
+                let run = Run::fold(run_id, events)?;
+                (run.progress, Ok(run.received))
+            }
+        };
+        let folded = progress.folded()?;
         self.authorize(&folded, vendor)?;
+        self.check_consoles_free(run_id, &folded)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO run_events (run_id, event_id, body, received_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![run_id, event.event_id, raw, crate::outbox::now_ms()],
+        )?;
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let events = match received {
+            Err(count) => {
+                let run = state
+                    .runs
+                    .get_mut(run_id)
+                    .ok_or_else(|| RunError::Storage("run state missing".into()))?;
+                run.received.insert(event.event_id.clone(), hash);
+                run.progress = progress;
+                run.folded = folded.clone();
+                count + 1
+            }
+            Ok(received) => {
+                let count = received.len();
+                state.runs.insert(
+                    run_id.to_owned(),
+                    Run {
+                        progress,
+                        folded: folded.clone(),
+                        received,
+                    },
+                );
+                count
+            }
+        };
+        state.index(run_id);
+        drop(state);
+        self.outputs(&folded, events)
+    }
+
+    /// A console serves one run at a time: `folded`'s consoles in no other run's periods.
+    fn check_consoles_free(&self, run_id: &str, folded: &Folded) -> Result<(), RunError> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         for period in &folded.consoles {
             let busy = state
                 .consoles
@@ -262,22 +332,7 @@ impl RunRegistry {
                 .into());
             }
         }
-        self.conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .execute(
-                "INSERT INTO run_events (run_id, event_id, body, received_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![run_id, event.event_id, raw, crate::outbox::now_ms()],
-            )?;
-        state
-            .events
-            .entry(run_id.to_owned())
-            .or_default()
-            .push((event, raw));
-        state.folded.insert(run_id.to_owned(), folded);
-        state.index(run_id);
-        let folded = &state.folded[run_id];
-        self.outputs(folded, state.events[run_id].len())
+        Ok(())
     }
 
     fn authorize(&self, folded: &Folded, vendor: &VendorPolicy) -> Result<(), RunError> {
@@ -316,7 +371,7 @@ impl RunRegistry {
                     |f| f.serial_system.clone(),
                 ),
             };
-            resources.push(mappings::device_for_console(&console).map_err(RunError::Storage)?);
+            resources.push(mappings::device_for_console(&console).map_err(RunError::Mapping)?);
             devices.push(mappings::DeviceAgent {
                 serial_system: console.serial_system.clone(),
                 serial: console.serial.clone(),
@@ -326,10 +381,10 @@ impl RunRegistry {
             tables.extend(family.map(crate::ingress::table_of));
             view.consoles.push(console);
         }
-        resources.push(mappings::procedure_for_run(&view).map_err(RunError::Storage)?);
+        resources.push(mappings::procedure_for_run(&view).map_err(RunError::Mapping)?);
         for segment in &view.segments {
             resources
-                .push(mappings::procedure_for_segment(&view, segment).map_err(RunError::Storage)?);
+                .push(mappings::procedure_for_segment(&view, segment).map_err(RunError::Mapping)?);
         }
         Ok(Applied {
             resources,
@@ -343,5 +398,156 @@ impl RunRegistry {
             devices,
             tables,
         })
+    }
+}
+
+impl Run {
+    /// A run folded from its stored events (any order).
+    fn fold(run_id: &str, events: Vec<(RunEvent, [u8; 16])>) -> Result<Self, Conflict> {
+        let (events, hashes): (Vec<RunEvent>, Vec<[u8; 16]>) = events.into_iter().unzip();
+        let progress = fold::progress(run_id, &events)?;
+        let folded = progress.folded()?;
+        let received = events.into_iter().map(|e| e.event_id).zip(hashes).collect();
+        Ok(Self {
+            progress,
+            folded,
+            received,
+        })
+    }
+}
+
+/// An event as stored, with the hash of its body.
+fn parse_stored(body: &str) -> Option<(RunEvent, [u8; 16])> {
+    let value = serde_json::from_str::<Value>(body).ok()?;
+    Some((
+        event::parse(&value)?,
+        crate::outbox::content_hash(body.as_bytes()),
+    ))
+}
+
+/// The events the store holds for `run_id`.
+fn stored_events(conn: &Connection, run_id: &str) -> Result<Vec<(RunEvent, [u8; 16])>, RunError> {
+    let mut query = conn.prepare_cached("SELECT body FROM run_events WHERE run_id = ?1")?;
+    let bodies = query
+        .query_map([run_id], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(bodies
+        .iter()
+        .filter_map(|body| parse_stored(body))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn registry(path: &Path) -> Arc<RunRegistry> {
+        RunRegistry::open(path, Arc::new(Mappings::embedded().unwrap())).unwrap()
+    }
+
+    fn getinge() -> VendorPolicy {
+        VendorPolicy::of_models("getinge", &["CARDIOHELP-i"])
+    }
+
+    fn started(serial: &str) -> Value {
+        json!({"eventId": "s", "type": "started", "time": "2026-11-20T08:00:00Z",
+               "patient": {"system": "urn:x", "value": "P"}, "mode": "vv",
+               "console": {"serial": serial, "model": "CARDIOHELP-i"}})
+    }
+
+    fn later_events() -> Vec<Value> {
+        vec![
+            json!({"eventId": "m", "type": "mode-changed", "time": "2026-11-20T10:00:00Z", "mode": "vva"}),
+            json!({"eventId": "c", "type": "complication", "time": "2026-11-20T12:00:00Z", "complication": {"code": "1386000"}}),
+            json!({"eventId": "e", "type": "ended", "time": "2026-11-21T08:00:00Z", "reason": "recovered", "alive": true}),
+        ]
+    }
+
+    /// Events folded onto the run one at a time, an early one arriving last (refolded from
+    /// the store), give the run that folding them all in time order gives, and so does a
+    /// restart; a resend changes nothing and a reused id is a conflict.
+    #[test]
+    fn events_in_any_order_and_a_restart_give_the_same_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.sqlite");
+        let runs = registry(&path);
+        let vendor = getinge();
+        let [mode, complication, end] = <[Value; 3]>::try_from(later_events()).unwrap();
+        for (n, event) in [
+            started("C1"),
+            mode.clone(),
+            end.clone(),
+            complication.clone(),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let applied = runs.apply("R", event, &vendor).unwrap();
+            assert_eq!(applied.revision, n as i64 + 1);
+        }
+        let all: Vec<RunEvent> = [started("C1"), mode, complication.clone(), end]
+            .iter()
+            .map(|e| event::parse(e).unwrap())
+            .collect();
+        let expected = fold::fold("R", &all).unwrap();
+        let folded = |runs: &RunRegistry| {
+            let state = runs.state.read().unwrap();
+            state.runs["R"].folded.clone()
+        };
+        assert_eq!(folded(&runs), expected);
+        assert_eq!(expected.view.segments.len(), 2);
+
+        let resend = runs.apply("R", &complication, &getinge()).unwrap();
+        assert_eq!(resend.revision, 4, "a resend is not a new event");
+        let mut reused = complication;
+        reused["complication"]["code"] = json!("0000");
+        assert!(matches!(
+            runs.apply("R", &reused, &vendor),
+            Err(RunError::Conflict(_))
+        ));
+        drop(runs);
+
+        let reopened = registry(&path);
+        assert_eq!(folded(&reopened), expected);
+        let at = time::macros::datetime!(2026-11-20 09:00 UTC);
+        assert_eq!(reopened.console_periods("C1").at(at).unwrap().run_id, "R");
+    }
+
+    /// While an event waits for the store (here another connection holds its write lock, as
+    /// a slow disk would hold the fsync), readings still find their runs: the index is not
+    /// locked across the write. Once the write goes through, the new run is in the index.
+    #[test]
+    fn readings_find_their_runs_while_an_event_waits_for_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.sqlite");
+        let runs = registry(&path);
+        runs.apply("R1", &started("C1"), &getinge()).unwrap();
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let writer = {
+            let runs = runs.clone();
+            std::thread::spawn(move || runs.apply("R2", &started("C2"), &getinge()).map(drop))
+        };
+        let at = time::macros::datetime!(2026-11-20 09:00 UTC);
+        let (found, read) = std::sync::mpsc::channel();
+        let reader = {
+            let runs = runs.clone();
+            std::thread::spawn(move || {
+                let _ = found.send(runs.console_periods("C1").at(at).map(|r| r.run_id.clone()));
+            })
+        };
+        let seen = read
+            .recv_timeout(std::time::Duration::from_secs(4))
+            .expect("the index is locked while an event waits for the store");
+        assert_eq!(seen.as_deref(), Some("R1"));
+        assert!(
+            runs.console_periods("C2").at(at).is_none(),
+            "not yet durable"
+        );
+        blocker.execute_batch("COMMIT").unwrap();
+        writer.join().unwrap().unwrap();
+        reader.join().unwrap();
+        assert_eq!(runs.console_periods("C2").at(at).unwrap().run_id, "R2");
     }
 }
