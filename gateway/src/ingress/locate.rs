@@ -91,7 +91,9 @@ mod tests {
     #[tokio::test]
     async fn refusals_of_xml_bodies_say_where() {
         let (value, positions) = parse(
-            b"<observationBatch>\n  <device serial=\"CH 1\" model=\"M\"/>\n</observationBatch>",
+            &bytes::Bytes::from_static(
+                b"<observationBatch>\n  <device serial=\"CH 1\" model=\"M\"/>\n</observationBatch>",
+            ),
             IngestDocument::ObservationBatch,
         )
         .unwrap();

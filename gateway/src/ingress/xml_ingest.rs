@@ -13,6 +13,8 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, XmlVersion};
 use serde_json::{Map, Number, Value};
@@ -60,25 +62,29 @@ const ELEMENTS: &[(&str, &str, &str, bool, bool)] = &[
     ("addedCannula", "site", "site", false, false),
 ];
 
-/// Where each part of the document was (JSON pointer -> line, column), for error answers.
+/// Where each part of the document was (JSON pointer -> byte offset), for error answers. Line
+/// and column are counted only for the part an error names: counting them for every element
+/// would take time quadratic in the document's size.
 #[derive(Debug, Clone, Default)]
 pub struct XmlPositions {
-    by_pointer: HashMap<String, (usize, usize)>,
+    body: Bytes,
+    by_pointer: HashMap<String, usize>,
 }
 
 impl XmlPositions {
-    /// The position of `pointer`, or of its nearest ancestor that has one.
+    /// The line and column of `pointer`, or of its nearest ancestor that has a position.
     pub fn find(&self, pointer: &str) -> Option<(usize, usize)> {
         let mut p = pointer;
-        loop {
-            if let Some(pos) = self.by_pointer.get(p) {
-                return Some(*pos);
+        let offset = loop {
+            if let Some(offset) = self.by_pointer.get(p) {
+                break *offset;
             }
             match p.rfind('/') {
-                Some(0) | None => return self.by_pointer.get("").copied(),
+                Some(0) | None => break *self.by_pointer.get("")?,
                 Some(i) => p = &p[..i],
             }
-        }
+        };
+        Some(line_column(&self.body, offset))
     }
 }
 
@@ -102,7 +108,7 @@ struct Frame {
 }
 
 /// Parses `body` as the `document` endpoint's XML into the JSON the JSON API would take.
-pub fn parse(body: &[u8], document: IngestDocument) -> Result<(Value, XmlPositions), XmlError> {
+pub fn parse(body: &Bytes, document: IngestDocument) -> Result<(Value, XmlPositions), XmlError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         let (line, column) = line_column(body, e.valid_up_to());
         XmlError {
@@ -111,9 +117,8 @@ pub fn parse(body: &[u8], document: IngestDocument) -> Result<(Value, XmlPositio
             column,
         }
     })?;
-    let at = |offset: u64| line_column(body, offset as usize);
     let fail = |reason: String, offset: u64| {
-        let (line, column) = at(offset);
+        let (line, column) = line_column(body, offset as usize);
         XmlError {
             reason,
             line,
@@ -124,7 +129,10 @@ pub fn parse(body: &[u8], document: IngestDocument) -> Result<(Value, XmlPositio
     let config = reader.config_mut();
     config.trim_text(true);
     config.check_end_names = true;
-    let mut positions = XmlPositions::default();
+    let mut positions = XmlPositions {
+        body: body.clone(),
+        by_pointer: HashMap::new(),
+    };
     let mut stack: Vec<Frame> = Vec::new();
     let mut root: Option<Value> = None;
     loop {
@@ -209,7 +217,7 @@ pub fn parse(body: &[u8], document: IngestDocument) -> Result<(Value, XmlPositio
                         (key, repeated, scalar, pointer)
                     }
                 };
-                let position = at(offset);
+                let position = offset as usize;
                 positions.by_pointer.insert(pointer.clone(), position);
                 let object = attributes(start, &name, &pointer, position, &mut positions)
                     .map_err(|reason| fail(reason, offset))?;
@@ -287,7 +295,7 @@ fn attributes(
     start: &BytesStart<'_>,
     element: &str,
     pointer: &str,
-    position: (usize, usize),
+    position: usize,
     positions: &mut XmlPositions,
 ) -> Result<Map<String, Value>, String> {
     let mut object = Map::new();
@@ -340,6 +348,8 @@ fn typed(element: &str, key: &str, text: &str) -> Value {
 /// 1-based line and column (in characters) of a byte offset.
 fn line_column(body: &[u8], offset: usize) -> (usize, usize) {
     let before = &body[..offset.min(body.len())];
+    #[cfg(test)]
+    tests::SCANNED.with(|n| n.set(n.get() + before.len()));
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let line_start = before
         .iter()
@@ -357,8 +367,36 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    thread_local! {
+        /// Bytes [`line_column`] has looked at on this thread.
+        pub static SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Work linear in the document: a valid one with 20,000 elements costs no line counting
+    /// at all (it cost a scan from the start per element, quadratic), and an error's position
+    /// one scan up to it.
+    #[test]
+    fn positions_are_counted_only_for_an_error() {
+        let readings: String = (0..20_000)
+            .map(|n| {
+                format!(
+                    "<reading parameter=\"Flow\" value=\"{n}\" time=\"2026-11-21T10:00:00Z\"/>\n"
+                )
+            })
+            .collect();
+        let xml = format!("<observationBatch>\n{readings}</observationBatch>");
+        SCANNED.with(|n| n.set(0));
+        let (_, positions) = batch(&xml).unwrap();
+        assert_eq!(SCANNED.with(|n| n.get()), 0);
+        assert_eq!(positions.find("/readings/19999/value"), Some((20_001, 1)));
+        assert!(SCANNED.with(|n| n.get()) <= xml.len());
+    }
+
     fn batch(xml: &str) -> Result<(Value, XmlPositions), XmlError> {
-        parse(xml.as_bytes(), IngestDocument::ObservationBatch)
+        parse(
+            &Bytes::copy_from_slice(xml.as_bytes()),
+            IngestDocument::ObservationBatch,
+        )
     }
 
     #[test]
@@ -397,14 +435,14 @@ mod tests {
     #[test]
     fn run_events_with_lists_and_single_cannula() {
         let (value, _) = parse(
-            br#"<runEvent eventId="s" type="started" time="2026-11-21T10:00:00Z" mode="vv" alive="true">
+            &Bytes::from_static(br#"<runEvent eventId="s" type="started" time="2026-11-21T10:00:00Z" mode="vv" alive="true">
   <patient system="urn:oid:1" value="M"/>
   <indication code="67782005"/>
   <cannula id="d" role="drainage" laterality="left"><site code="83419000"/></cannula>
   <cannula id="r" role="return"><site code="12123001" display="internal jugular vein"/></cannula>
   <addedCannula id="a" role="return"><site code="7657000"/></addedCannula>
   <console serial="CH-1" model="CARDIOHELP-i"/>
-</runEvent>"#,
+</runEvent>"#),
             IngestDocument::RunEvent,
         )
         .unwrap();
@@ -445,7 +483,8 @@ mod tests {
             (b"<?php echo 1 ?><observationBatch/>", "processing instructions", 1),
         ];
         for (xml, needle, line) in cases {
-            let error = parse(xml, IngestDocument::ObservationBatch).unwrap_err();
+            let error =
+                parse(&Bytes::from_static(xml), IngestDocument::ObservationBatch).unwrap_err();
             assert!(error.reason.contains(needle), "{needle}: {error}");
             assert_eq!(error.line, *line, "{needle}: {error}");
         }
