@@ -113,7 +113,17 @@ where
             if super::rescue::is_body_too_large(e.as_ref()) {
                 super::rescue::too_large().into()
             } else {
-                e
+                // The client broke off (or its connection did): its fault, not the
+                // gateway's, and nobody is left to read a 500.
+                tracing::debug!(error = %e, "request body broke off");
+                ApiError::one(
+                    StatusCode::BAD_REQUEST,
+                    Issue::error(
+                        "incomplete",
+                        "the request body could not be read to its end (the connection closed or broke); nothing was accepted",
+                    ),
+                )
+                .into()
             }
         })?
         .to_bytes())
@@ -230,6 +240,34 @@ mod tests {
         let api = error.downcast_ref::<ApiError>().unwrap();
         assert_eq!(api.status, StatusCode::BAD_REQUEST);
         assert!(api.issues[0].location.is_some(), "{:?}", api.issues);
+    }
+
+    /// A body that breaks off after its first bytes, as a client that goes away leaves it.
+    struct BrokenBody(bool);
+
+    impl Body for BrokenBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            let first = !std::mem::replace(&mut self.0, true);
+            std::task::Poll::Ready(Some(if first {
+                Ok(http_body::Frame::data(Bytes::from_static(b"{\"device\"")))
+            } else {
+                Err(std::io::ErrorKind::ConnectionReset.into())
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_400_not_500() {
+        let error = read_body(BrokenBody(false)).await.unwrap_err();
+        let api = error.downcast_ref::<ApiError>().expect("a typed refusal");
+        assert_eq!(api.status, StatusCode::BAD_REQUEST);
+        assert_eq!(api.issues[0].code, "incomplete");
     }
 
     #[tokio::test]
