@@ -1411,3 +1411,73 @@ async fn delivered_messages_and_dead_letters_are_deleted_after_their_keeping_tim
     );
     assert_eq!(ehr.ehr.count("Observation"), 12, "nothing sent twice");
 }
+
+/// The documented example, every setting in it (the commented-out ones too) set as written
+/// there, starts and delivers: to the main EHR everything, to the registry (PUT, only Getinge
+/// CARDIOHELP-i Observations) the readings and their Provenance. Only addresses and file places are changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_example_with_every_setting_starts_and_delivers() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let registry = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let example = std::fs::read_to_string(workspace.join("gateway/gateway.example.toml")).unwrap();
+    let place = |p: &std::path::Path| p.display().to_string();
+    let config = example
+        .replace("\"../certs/dev/", &format!("\"{}/", place(pki.as_ref())))
+        .replace(
+            "\"../data/outbox.sqlite\"",
+            &format!("\"{}\"", place(&dir.path().join("outbox.sqlite"))),
+        )
+        .replace(
+            "\"../data/runs.sqlite\"",
+            &format!("\"{}\"", place(&dir.path().join("runs.sqlite"))),
+        )
+        .replace(
+            "# dir = \"mappings/tables\"",
+            &format!("dir = \"{}\"", place(&workspace.join("mappings/tables"))),
+        )
+        .replace("# rate_limit = 50", "rate_limit = 50")
+        .replace("0.0.0.0:8443", "127.0.0.1:0")
+        .replace("127.0.0.1:9444", "127.0.0.1:0")
+        .replace("https://127.0.0.1:9443/fhir", &ehr.base_url)
+        .replace("https://127.0.0.1:9543/fhir", &registry.base_url);
+    let commented_settings: Vec<&str> = config
+        .lines()
+        .filter(|line| {
+            line.strip_prefix("# ").is_some_and(|rest| {
+                rest.split_once(" = ").is_some_and(|(key, _)| {
+                    !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+            })
+        })
+        .collect();
+    assert_eq!(
+        commented_settings,
+        Vec::<&str>::new(),
+        "every setting is set"
+    );
+    assert!(!config.contains("../"), "every place is the test's");
+
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let batch = SimulatedCardiohelp::new("CH-0042", 5).next_batch(OffsetDateTime::now_utc());
+    pki.client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(202);
+    let admin = pki.client(ADMIN);
+    let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    for destination in queues["destinations"].as_array().unwrap() {
+        assert_eq!(destination["dead"], 0, "{queues}");
+    }
+    assert_eq!(ehr.ehr.count("Observation"), 12);
+    assert_eq!(ehr.ehr.count("Provenance"), 1);
+    assert_eq!(registry.ehr.count("Observation"), 12);
+    // Its own Provenance of what it was given (provenance defaults to on), no Device.
+    assert_eq!(registry.ehr.count("Provenance"), 1);
+    assert_eq!(registry.ehr.count("Device"), 0, "only Observations");
+}
