@@ -141,4 +141,8 @@ impl MtlsClient {
     pub async fn get(&self, url: &str) -> Result<Answer, BoxError> {
         self.send(Method::GET, url, None, Bytes::new()).await
     }
+
+    pub async fn delete(&self, url: &str) -> Result<Answer, BoxError> {
+        self.send(Method::DELETE, url, None, Bytes::new()).await
+    }
 }

@@ -30,6 +30,8 @@ pub const UNCONFIGURED: &str = "vendor-unconfigured";
 pub const EXPIRED: &str = "vendor-expired";
 /// Issued by a CA the gateway does not trust, with a configured vendor's name.
 pub const FOREIGN: &str = "vendor-foreign";
+/// A Getinge certificate from the test CA that the CA's revocation list (`ca.crl.pem`) names.
+pub const REVOKED: &str = "vendor-revoked";
 /// The operators' admin certificate.
 pub const ADMIN: &str = "admin";
 /// A gateway client certificate from the foreign CA (an EHR will refuse it).
@@ -67,6 +69,10 @@ impl TestPki {
         expired.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
         let expired = ca.issue(&expired)?;
         write(EXPIRED, &expired.cert_pem, &expired.key_pem)?;
+        // A Getinge certificate its CA has revoked, on `ca.crl.pem`.
+        let revoked = ca.issue(&LeafSpec::new("getinge", Usage::Client))?;
+        write(REVOKED, &revoked.cert_pem, &revoked.key_pem)?;
+        std::fs::write(dir.path().join("ca.crl.pem"), ca.crl(&[&revoked.serial])?)?;
         Ok(Self { dir })
     }
 
@@ -92,6 +98,7 @@ impl TestPki {
             &self.path("server.pem"),
             &self.path("server.key"),
             &[self.path(client_ca)],
+            &[],
         )
         .expect("test certificates load")
     }

@@ -231,12 +231,18 @@ fn whole_stack(c: &mut Criterion, body: &[u8], mappings: Arc<Mappings>, schemas:
             max_future_skew: Duration::from_secs(300),
             max_past_age: Duration::from_secs(24 * 3600),
         },
-        Vendors::new(&[VendorSettings {
-            name: "getinge".into(),
-            identity: "getinge".into(),
-            serials: vec![],
-            models: vec!["CARDIOHELP-i".into()],
-        }]),
+        Vendors::new(
+            &[VendorSettings {
+                name: "getinge".into(),
+                identity: "getinge".into(),
+                serials: vec![],
+                models: vec!["CARDIOHELP-i".into()],
+                ..VendorSettings::default()
+            }],
+            &[],
+            None,
+        )
+        .unwrap(),
         IngressParts {
             mappings,
             schemas,
@@ -255,9 +261,9 @@ fn whole_stack(c: &mut Criterion, body: &[u8], mappings: Arc<Mappings>, schemas:
                 .header("content-type", "application/json")
                 .body(Full::new(body.clone()))
                 .unwrap();
-            request.extensions_mut().insert(PeerIdentity {
-                names: vec!["getinge".to_owned()].into(),
-            });
+            request
+                .extensions_mut()
+                .insert(PeerIdentity::named(&["getinge"]));
             runtime.block_on(async {
                 let response = stack.clone().oneshot(request).await.unwrap();
                 assert_eq!(response.status(), 200);

@@ -16,6 +16,7 @@ use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
 use crate::outbox::retention::RetentionPolicy;
 use crate::outbox::sqlite::SqliteOutbox;
+use crate::revocations::RevokedCertificates;
 use crate::server::{ServeOptions, serve_mtls};
 use crate::validation::Schemas;
 
@@ -39,6 +40,8 @@ pub enum StartError {
     Profiles(String),
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
+    #[error("revoked certificates: {0}")]
+    Revocations(#[from] crate::revocations::RevocationError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -55,6 +58,8 @@ pub struct Gateway {
     destinations: Vec<Destination>,
     admin_tls: Option<Arc<rustls::ServerConfig>>,
     conformance: Arc<crate::ingress::conformance::ConformanceRules>,
+    vendors: Vendors,
+    revoked: Arc<RevokedCertificates>,
 }
 
 impl Gateway {
@@ -67,11 +72,15 @@ impl Gateway {
             Some(dir) => Mappings::load_dir(dir)?,
             None => Mappings::embedded()?,
         };
+        let vendor_crls = crate::tls::load_crls(&config.server.vendor_crl)?;
         let tls = crate::tls::server_config(
             &config.server.cert,
             &config.server.key,
             &config.server.vendor_ca,
+            &vendor_crls,
         )?;
+        let revoked = Arc::new(RevokedCertificates::open(&config.server.revocations)?);
+        let vendors = Vendors::new(&config.vendors, &vendor_crls, Some(revoked.clone()))?;
         let destinations = config
             .destinations
             .iter()
@@ -79,7 +88,10 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()?;
         let admin_tls = match &config.admin {
             Some(admin) => Some(
-                crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca)
+                crate::tls::load_crls(&admin.crl)
+                    .and_then(|crls| {
+                        crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca, &crls)
+                    })
                     .map_err(StartError::AdminTls)?,
             ),
             None => None,
@@ -97,6 +109,8 @@ impl Gateway {
             tls,
             destinations,
             config,
+            vendors,
+            revoked,
         })
     }
 
@@ -170,6 +184,7 @@ impl Gateway {
             };
 
         let clocks = Arc::new(DeviceClocks::default());
+        tokio::spawn(crate::cert_expiry::warn_daily(self.config.clone()));
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
             let admin_listener =
                 TcpListener::bind(admin.listen)
@@ -181,9 +196,13 @@ impl Gateway {
             let admin_addr = admin_listener.local_addr().unwrap_or(admin.listen);
             let stack = crate::admin::build_admin_stack(
                 admin.identities.clone(),
-                outbox.clone(),
-                handoff.clone(),
-                clocks.clone(),
+                crate::admin::AdminParts {
+                    outbox: outbox.clone(),
+                    handoff: handoff.clone(),
+                    clocks: clocks.clone(),
+                    revoked: self.revoked.clone(),
+                    config: Arc::new(self.config.clone()),
+                },
             );
             tokio::spawn(serve_mtls(
                 admin_listener,
@@ -206,7 +225,7 @@ impl Gateway {
         };
         let stack = build_stack(
             settings,
-            Vendors::new(&self.config.vendors),
+            self.vendors,
             IngressParts {
                 mappings: self.mappings.clone(),
                 schemas: self.schemas.clone(),

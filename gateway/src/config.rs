@@ -53,8 +53,17 @@ pub struct ServerSettings {
     /// PEM certificate chain and key the gateway presents to vendors.
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// PEM CA certificates; a vendor's client certificate must chain to one of them.
+    /// PEM CA certificates; a vendor's client certificate must chain to one of them (and to
+    /// its own vendor's `ca`, where one is set).
     pub vendor_ca: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM or DER) of the vendor CAs: a revoked certificate
+    /// fails the handshake.
+    #[serde(default)]
+    pub vendor_crl: Vec<PathBuf>,
+    /// Where certificates revoked through the admin API are kept (they are refused at once,
+    /// on every connection); relative to the config file.
+    #[serde(default = "defaults::revocations")]
+    pub revocations: PathBuf,
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
@@ -166,13 +175,16 @@ pub struct AdminSettings {
     pub key: PathBuf,
     /// CA certificates admin client certificates must chain to.
     pub client_ca: Vec<PathBuf>,
+    /// Revocation lists (PEM or DER) of the admin CAs.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
     /// Certificate names (CN or SAN) that hold the admin role; any other certificate, a
     /// vendor's included, gets 403.
     pub identities: Vec<String>,
 }
 
 /// A device vendor: who its certificate says it is, and which devices it may post for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VendorSettings {
     pub name: String,
@@ -184,6 +196,14 @@ pub struct VendorSettings {
     /// Device models this vendor may post for, whatever the serial.
     #[serde(default)]
     pub models: Vec<String>,
+    /// The CA(s), among `server.vendor_ca`, this vendor's certificates must chain to: a
+    /// certificate with the right name from another vendor's CA is refused. Empty: any.
+    #[serde(default)]
+    pub ca: Vec<PathBuf>,
+    /// SHA-256 fingerprints (hex, `:` separators allowed) of the only certificates this
+    /// vendor may use. Empty: any certificate with its identity (and from its CA).
+    #[serde(default)]
+    pub fingerprints: Vec<String>,
 }
 
 /// An EHR FHIR endpoint the gateway writes to.
@@ -346,6 +366,9 @@ mod defaults {
     pub fn keep_delivered() -> Duration {
         Duration::from_secs(7 * 24 * 3600)
     }
+    pub fn revocations() -> std::path::PathBuf {
+        "revoked-certificates.json".into()
+    }
     pub fn keep_dead() -> Duration {
         Duration::from_secs(30 * 24 * 3600)
     }
@@ -396,6 +419,11 @@ impl Config {
         fix(&mut self.server.cert);
         fix(&mut self.server.key);
         self.server.vendor_ca.iter_mut().for_each(fix);
+        self.server.vendor_crl.iter_mut().for_each(fix);
+        fix(&mut self.server.revocations);
+        for v in &mut self.vendors {
+            v.ca.iter_mut().for_each(fix);
+        }
         if let Some(dir) = &mut self.mappings.dir {
             fix(dir);
         }
@@ -405,6 +433,7 @@ impl Config {
             fix(&mut admin.cert);
             fix(&mut admin.key);
             admin.client_ca.iter_mut().for_each(fix);
+            admin.crl.iter_mut().for_each(fix);
         }
         for d in &mut self.destinations {
             d.ca.iter_mut().for_each(fix);
@@ -436,6 +465,23 @@ impl Config {
                 return Err(format!(
                     "vendors '{other}' and '{}' share the certificate identity '{}'",
                     v.name, v.identity
+                ));
+            }
+            if let Some(bad) = v
+                .fingerprints
+                .iter()
+                .find(|f| crate::revocations::parse_fingerprint(f).is_none())
+            {
+                return Err(format!(
+                    "vendor '{}': fingerprint '{bad}' is not a SHA-256 fingerprint (64 hex digits)",
+                    v.name
+                ));
+            }
+            if let Some(ca) = v.ca.iter().find(|ca| !self.server.vendor_ca.contains(ca)) {
+                return Err(format!(
+                    "vendor '{}': ca '{}' is not in server.vendor_ca, so the handshake would refuse its certificates",
+                    v.name,
+                    ca.display()
                 ));
             }
             if v.serials.is_empty() && v.models.is_empty() {

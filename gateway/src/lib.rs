@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cert_expiry;
 pub mod certs;
 pub mod config;
 pub mod delivery;
@@ -13,6 +14,7 @@ pub mod ingress;
 pub mod outbox;
 pub mod outcome;
 pub mod peer;
+pub mod revocations;
 pub mod runs;
 pub mod server;
 pub mod tls;

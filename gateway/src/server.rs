@@ -155,8 +155,7 @@ async fn handshake(
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(PeerIdentity::from_certificate);
+        .and_then(PeerIdentity::from_chain);
     match peer {
         Some(peer) => Some((tls, peer)),
         None => {

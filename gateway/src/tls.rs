@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,14 +54,56 @@ pub fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server side: a client certificate chained to one of `client_cas` is required; no
-/// certificate, an unknown issuer or an expired certificate fails the handshake.
+/// Certificate revocation lists, PEM (`X509 CRL` blocks) or DER, one or more per file.
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut crls = Vec::new();
+    for path in paths {
+        let pem_err = |reason: String| TlsError::Pem {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| pem_err(e.to_string()))?;
+        let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        if pem.is_empty() {
+            // Not PEM: a DER CRL starts with a SEQUENCE.
+            if bytes.first() != Some(&0x30) {
+                return Err(pem_err("no X509 CRL block and not a DER CRL".into()));
+            }
+            crls.push(CertificateRevocationListDer::from(bytes));
+        } else {
+            crls.extend(pem);
+        }
+    }
+    Ok(crls)
+}
+
+/// Accepts client certificates that chain to `cas` and are on none of `crls` (an unknown
+/// issuer, an expired or a revoked certificate is refused). A CA without a list among `crls`
+/// is not checked for revocations (lists are configured per CA, not for all of them).
+pub fn client_verifier(
+    cas: &[PathBuf],
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    Ok(WebPkiClientVerifier::builder(Arc::new(load_roots(cas)?))
+        .with_crls(crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .build()?)
+}
+
+/// Server side: a client certificate chained to one of `client_cas` and on none of `crls` is
+/// required; no certificate, an unknown issuer, an expired or a revoked certificate fails the
+/// handshake.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_cas: &[PathBuf],
+    crls: &[CertificateRevocationListDer<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder(Arc::new(load_roots(client_cas)?)).build()?;
+    let verifier = client_verifier(client_cas, crls)?;
     let mut config = ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)?;

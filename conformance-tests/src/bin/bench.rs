@@ -452,6 +452,7 @@ async fn serve_ceiling(kind: CeilingKind, certs: PathBuf) -> Result<(), BoxError
         &certs.join("server.pem"),
         &certs.join("server.key"),
         &[certs.join("ca.pem")],
+        &[],
     )?;
     let dir = tempfile::tempdir()?;
     ceiling::serve(kind, tls, "127.0.0.1:0".parse()?, dir.path(), |addr| {

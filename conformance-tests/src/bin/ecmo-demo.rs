@@ -49,7 +49,7 @@ async fn main() -> Result<(), gateway::BoxError> {
     }
 
     println!("== 2. Reference EHR (FHIR R4, mutual TLS, in-memory)");
-    let tls = gateway::tls::server_config(&p("server.pem"), &p("server.key"), &[p("ca.pem")])?;
+    let tls = gateway::tls::server_config(&p("server.pem"), &p("server.key"), &[p("ca.pem")], &[])?;
     let ehr = ReferenceEhr::new();
     let running_ehr = match ehr
         .clone()

@@ -30,7 +30,7 @@ async fn main() -> Result<(), gateway::BoxError> {
         .init();
     gateway::install_crypto_provider();
     let args = Args::parse();
-    let tls = gateway::tls::server_config(&args.cert, &args.key, &[args.client_ca])?;
+    let tls = gateway::tls::server_config(&args.cert, &args.key, &[args.client_ca], &[])?;
     let running = ReferenceEhr::new().start(tls, args.listen).await?;
     println!("reference EHR at {}", running.base_url);
     gateway::app::shutdown_signal().await;

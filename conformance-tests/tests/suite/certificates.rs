@@ -101,3 +101,133 @@ async fn vendor_may_only_post_for_its_own_devices() {
     }
     assert_eq!(s.ehr.ehr.count("Observation"), 0);
 }
+
+/// Trust bound per vendor: with two CAs trusted, a certificate with Getinge's name from the
+/// other CA is not Getinge (403); a certificate on the CA's revocation list fails the
+/// handshake; an operator revokes Getinge's own certificate through the admin API and its next
+/// request is refused, on the connection it already has, without a restart; taking the
+/// revocation back lets it in again. The admin API lists the configured certificates' expiry.
+#[tokio::test(flavor = "multi_thread")]
+async fn trust_is_bound_per_vendor_and_a_certificate_is_revoked_without_a_restart() {
+    use conformance_tests::ehr::ReferenceEhr;
+    use conformance_tests::harness::{ADMIN, GatewayProcess, REVOKED, TestPki, durable_config};
+
+    let pki = TestPki::generate().unwrap();
+    let ehr = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| pki.path(f).display().to_string();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        .replace(
+            &format!("vendor_ca = [\"{}\"]", p("ca.pem")),
+            &format!(
+                "vendor_ca = [\"{}\", \"{}\"]\nvendor_crl = [\"{}\"]\nrevocations = \"{}\"",
+                p("ca.pem"),
+                p("foreign-ca.pem"),
+                p("ca.crl.pem"),
+                dir.path().join("revoked.json").display()
+            ),
+        )
+        .replace(
+            "identity = \"getinge\"\n",
+            &format!("identity = \"getinge\"\nca = [\"{}\"]\n", p("ca.pem")),
+        );
+    assert!(config.contains("vendor_crl"), "{config}");
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let url = gateway.url("/v1/observations");
+    let body = batch("CH-1", "CARDIOHELP-i");
+
+    // Getinge's name, the other trusted CA: not Getinge.
+    let foreign = pki
+        .client(FOREIGN)
+        .post_json(&url, &body)
+        .await
+        .unwrap()
+        .expect_status(403)
+        .json();
+    let words = foreign["issue"][0]["details"]["text"].as_str().unwrap();
+    assert!(words.contains("not issued by that vendor's CA"), "{words}");
+    // On the CA's revocation list: no handshake.
+    assert!(
+        pki.client(REVOKED).post_json(&url, &body).await.is_err(),
+        "a certificate on the CRL got through"
+    );
+
+    let getinge = pki.client(GETINGE);
+    getinge
+        .post_json(&url, &body)
+        .await
+        .unwrap()
+        .expect_status(202);
+    let pem = std::fs::read_to_string(pki.path(&format!("{GETINGE}.pem"))).unwrap();
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    };
+    let sha256: String = sha256_hex(der.as_ref());
+    let admin = pki.client(ADMIN);
+    admin
+        .post_json(
+            &gateway.admin_url(&format!(
+                "/admin/v1/revoked-certificates/{sha256}?reason=console%20stolen"
+            )),
+            &json!({}),
+        )
+        .await
+        .unwrap()
+        .expect_status(201);
+    let refused = getinge
+        .post_json(&url, &body)
+        .await
+        .unwrap()
+        .expect_status(403)
+        .json();
+    assert!(
+        refused["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{refused}"
+    );
+    let listed = admin
+        .get(&gateway.admin_url("/admin/v1/revoked-certificates"))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    assert_eq!(listed["revoked"][0]["sha256"], sha256.as_str());
+    assert_eq!(listed["revoked"][0]["reason"], "console stolen");
+    assert_eq!(listed["revoked"][0]["revokedBy"], "ops-admin");
+
+    admin
+        .delete(&gateway.admin_url(&format!("/admin/v1/revoked-certificates/{sha256}")))
+        .await
+        .unwrap()
+        .expect_status(200);
+    getinge
+        .post_json(&url, &body)
+        .await
+        .unwrap()
+        .expect_status(202);
+
+    let certificates = admin
+        .get(&gateway.admin_url("/admin/v1/certificates"))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    let listed = certificates["certificates"].as_array().unwrap();
+    assert!(
+        listed.iter().any(|c| c["role"] == "server"
+            && c["expiring"] == false
+            && c["daysLeft"].as_i64() > Some(80)),
+        "{certificates}"
+    );
+    assert!(listed.iter().any(|c| c["role"] == "vendor CA"));
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    gateway::revocations::hex(&gateway::revocations::fingerprint(der))
+}

@@ -1433,6 +1433,10 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             &format!("\"{}\"", place(&dir.path().join("outbox.sqlite"))),
         )
         .replace(
+            "\"../data/revoked-certificates.json\"",
+            &format!("\"{}\"", place(&dir.path().join("revoked.json"))),
+        )
+        .replace(
             "\"../data/runs.sqlite\"",
             &format!("\"{}\"", place(&dir.path().join("runs.sqlite"))),
         )

@@ -14,6 +14,10 @@
 //! | `POST /admin/v1/dead-letters/{message-id}/replay` | make it pending again, fresh budget |
 //! | `POST /admin/v1/dead-letters/replay[?destination=]` | replay all (of a destination) |
 //! | `POST /admin/v1/observations/{identifier}/entered-in-error[?reason=]` | take a reading back at every destination |
+//! | `GET /admin/v1/certificates` | every configured certificate with its expiry (`expiring` within 30 days) |
+//! | `GET /admin/v1/revoked-certificates` | client certificates revoked at the gateway |
+//! | `POST /admin/v1/revoked-certificates/{sha256}[?reason=]` | revoke one: refused from its next request on |
+//! | `DELETE /admin/v1/revoked-certificates/{sha256}` | take a revocation back |
 
 pub mod client;
 
@@ -30,6 +34,7 @@ use crate::ingress::device_clocks::DeviceClocks;
 use crate::outbox::Outbox;
 use crate::outcome::{ApiError, Issue, fhir_json_response};
 use crate::peer::PeerIdentity;
+use crate::revocations::{RevokedCertificates, hex, parse_fingerprint};
 use crate::{BoxBody, BoxError, full_body};
 
 /// Lets only admin certificates through.
@@ -66,12 +71,22 @@ impl<B> Predicate<Request<B>> for AdminOnly {
     }
 }
 
+/// What the admin routes reach into.
+#[derive(Clone)]
+pub struct AdminParts {
+    pub outbox: Option<Arc<dyn Outbox>>,
+    /// Ingress's hand-off: what operators change goes the same way as what devices send.
+    pub handoff: Arc<dyn Handoff>,
+    pub clocks: Arc<DeviceClocks>,
+    pub revoked: Arc<RevokedCertificates>,
+    /// For the certificate inventory.
+    pub config: Arc<crate::config::Config>,
+}
+
 /// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
 pub fn build_admin_stack<B: Send + 'static>(
     identities: Vec<String>,
-    outbox: Option<Arc<dyn Outbox>>,
-    handoff: Arc<dyn Handoff>,
-    clocks: Arc<DeviceClocks>,
+    parts: AdminParts,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
 + Send
@@ -82,9 +97,7 @@ pub fn build_admin_stack<B: Send + 'static>(
             identities: Arc::new(identities.into_iter().collect()),
         }))
         .service(tower::service_fn(move |request: Request<B>| {
-            let outbox = outbox.clone();
-            let handoff = handoff.clone();
-            let clocks = clocks.clone();
+            let parts = parts.clone();
             let admin = request
                 .extensions()
                 .get::<AdminIdentity>()
@@ -92,9 +105,11 @@ pub fn build_admin_stack<B: Send + 'static>(
                 .unwrap_or_default();
             async move {
                 let context = Context {
-                    outbox,
-                    handoff,
-                    clocks: &clocks,
+                    outbox: parts.outbox,
+                    handoff: parts.handoff,
+                    clocks: &parts.clocks,
+                    revoked: parts.revoked,
+                    config: parts.config,
                     admin,
                 };
                 route(context, request.method().clone(), request.uri().clone()).await
@@ -144,12 +159,87 @@ fn storage(error: crate::outbox::OutboxError) -> BoxError {
     .into()
 }
 
+/// The certificate routes: the inventory and the revocations (`None`: not one of them).
+async fn certificates(
+    context: &Context<'_>,
+    method: &Method,
+    uri: &http::Uri,
+    segments: &[&str],
+) -> Result<Option<Response<BoxBody>>, BoxError> {
+    let revoked = context.revoked.clone();
+    let response = match (method, segments) {
+        (&Method::GET, ["admin", "v1", "certificates"]) => json_response(
+            StatusCode::OK,
+            &json!({
+                "warnBeforeDays": crate::cert_expiry::WARN_BEFORE_DAYS,
+                "certificates": crate::cert_expiry::inventory(&context.config, crate::outbox::now_ms() / 1000),
+            }),
+        ),
+        (&Method::GET, ["admin", "v1", "revoked-certificates"]) => {
+            json_response(StatusCode::OK, &json!({"revoked": revoked.list()}))
+        }
+        (&Method::POST | &Method::DELETE, ["admin", "v1", "revoked-certificates", sha256]) => {
+            let fingerprint = parse_fingerprint(sha256).ok_or_else(|| {
+                bad_query(
+                    "sha256",
+                    format!("'{sha256}' is not a SHA-256 fingerprint (64 hex digits, ':' allowed)"),
+                )
+            })?;
+            let reason =
+                query_param(uri, "reason").unwrap_or_else(|| "revoked by an operator".into());
+            let admin = context.admin.clone();
+            let revoke = *method == Method::POST;
+            // A file write and fsync: on a blocking thread.
+            let changed = tokio::task::spawn_blocking(move || {
+                if revoke {
+                    revoked.revoke(fingerprint, &reason, &admin)
+                } else {
+                    revoked.restore(&fingerprint)
+                }
+            })
+            .await
+            .map_err(|e| BoxError::from(e.to_string()))?
+            .map_err(|e| {
+                BoxError::from(ApiError::one(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Issue::error("exception", e.to_string()),
+                ))
+            })?;
+            let sha256 = hex(&fingerprint);
+            match (revoke, changed) {
+                (true, _) => {
+                    tracing::warn!(%sha256, admin = %context.admin, "client certificate revoked");
+                    json_response(
+                        if changed {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        },
+                        &json!({"sha256": sha256, "revoked": true}),
+                    )
+                }
+                (false, true) => {
+                    tracing::warn!(%sha256, admin = %context.admin, "certificate revocation taken back");
+                    json_response(StatusCode::OK, &json!({"sha256": sha256, "revoked": false}))
+                }
+                (false, false) => {
+                    return Err(not_found(format!("certificate {sha256} is not revoked")));
+                }
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(response))
+}
+
 /// What the admin routes work with.
 struct Context<'a> {
     outbox: Option<Arc<dyn Outbox>>,
     /// Ingress's hand-off: what operators change goes the same way as what devices send.
     handoff: Arc<dyn Handoff>,
     clocks: &'a DeviceClocks,
+    revoked: Arc<RevokedCertificates>,
+    config: Arc<crate::config::Config>,
     /// The admin certificate identity of the request.
     admin: String,
 }
@@ -178,6 +268,9 @@ async fn route(
             StatusCode::OK,
             &json!({"devices": clocks.snapshot()}),
         ));
+    }
+    if let Some(response) = certificates(&context, &method, &uri, &segments).await? {
+        return Ok(response);
     }
     let Some(outbox) = context.outbox else {
         if segments == ["readyz"] {

@@ -60,15 +60,19 @@ mod tests {
     use serde_json::json;
 
     fn request(serial: &str, model: &str) -> Request<Value> {
-        let vendors = Vendors::new(&[VendorSettings {
-            name: "getinge".into(),
-            identity: "getinge".into(),
-            serials: vec!["CH-1".into()],
-            models: vec![],
-        }]);
-        let peer = PeerIdentity {
-            names: vec!["getinge".to_owned()].into(),
-        };
+        let vendors = Vendors::new(
+            &[VendorSettings {
+                name: "getinge".into(),
+                identity: "getinge".into(),
+                serials: vec!["CH-1".into()],
+                models: vec![],
+                ..VendorSettings::default()
+            }],
+            &[],
+            None,
+        )
+        .unwrap();
+        let peer = PeerIdentity::named(&["getinge"]);
         let mut request = Request::new(json!({"device": {"serial": serial, "model": model}}));
         request
             .extensions_mut()

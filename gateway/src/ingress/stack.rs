@@ -230,12 +230,18 @@ mod tests {
             max_future_skew: Duration::from_secs(300),
             max_past_age: Duration::from_secs(24 * 3600),
         };
-        let vendors = Vendors::new(&[VendorSettings {
-            name: "getinge".into(),
-            identity: "getinge".into(),
-            serials: vec![],
-            models: vec!["CARDIOHELP-i".into()],
-        }]);
+        let vendors = Vendors::new(
+            &[VendorSettings {
+                name: "getinge".into(),
+                identity: "getinge".into(),
+                serials: vec![],
+                models: vec!["CARDIOHELP-i".into()],
+                ..VendorSettings::default()
+            }],
+            &[],
+            None,
+        )
+        .unwrap();
         let mappings = Arc::new(Mappings::embedded().unwrap());
         // The registry's file outlives the test process' interest in it: a temp dir per stack.
         let dir = tempfile::tempdir().unwrap().keep();
@@ -261,9 +267,9 @@ mod tests {
             .body(Full::new(Bytes::from(body)))
             .unwrap();
         if let Some(name) = peer {
-            request.extensions_mut().insert(PeerIdentity {
-                names: vec![name.to_owned()].into(),
-            });
+            request
+                .extensions_mut()
+                .insert(PeerIdentity::named(&[name]));
         }
         request
     }
