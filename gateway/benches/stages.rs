@@ -228,6 +228,7 @@ fn whole_stack(c: &mut Criterion, body: &[u8], mappings: Arc<Mappings>, schemas:
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             max_concurrent_requests: 64,
+            max_concurrent_requests_per_vendor: 64,
             max_future_skew: Duration::from_secs(300),
             max_past_age: Duration::from_secs(24 * 3600),
         },

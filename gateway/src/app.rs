@@ -220,6 +220,7 @@ impl Gateway {
             request_timeout: server.request_timeout,
             max_body_bytes: server.max_body_bytes,
             max_concurrent_requests: server.max_concurrent_requests,
+            max_concurrent_requests_per_vendor: server.vendor_share(),
             max_future_skew: self.config.readings.max_future_skew,
             max_past_age: self.config.readings.max_past_age,
         };

@@ -74,8 +74,20 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     #[serde(default = "defaults::max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Requests one vendor may have in progress at once, so that one busy vendor cannot take
+    /// every slot of `max_concurrent_requests`; half of it when absent.
+    #[serde(default)]
+    pub max_concurrent_requests_per_vendor: Option<usize>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+}
+
+impl ServerSettings {
+    /// Requests one vendor may have in progress: as configured, else half of the request limit.
+    pub fn vendor_share(&self) -> usize {
+        self.max_concurrent_requests_per_vendor
+            .unwrap_or((self.max_concurrent_requests / 2).max(1))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -451,6 +463,9 @@ impl Config {
             return Err(
                 "server.max_body_bytes and server.max_concurrent_requests must be > 0".into(),
             );
+        }
+        if self.server.max_concurrent_requests_per_vendor == Some(0) {
+            return Err("server.max_concurrent_requests_per_vendor must be > 0".into());
         }
         if self.vendors.is_empty() {
             return Err("no [[vendor]]: nobody could post".into());

@@ -1445,6 +1445,10 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             &format!("dir = \"{}\"", place(&workspace.join("mappings/tables"))),
         )
         .replace("# rate_limit = 50", "rate_limit = 50")
+        .replace(
+            "# max_concurrent_requests_per_vendor = 128",
+            "max_concurrent_requests_per_vendor = 128",
+        )
         .replace("0.0.0.0:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9444", "127.0.0.1:0")
         .replace("https://127.0.0.1:9443/fhir", &ehr.base_url)

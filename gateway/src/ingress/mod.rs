@@ -33,6 +33,7 @@ pub mod run_events;
 pub mod schemas;
 pub mod stack;
 pub mod validate;
+pub mod vendor_share;
 pub mod xml_ingest;
 
 pub use client_identity::{VendorPolicy, Vendors};

@@ -26,7 +26,7 @@ use crate::ingress::router::Router;
 use crate::ingress::xml_ingest::IngestDocument;
 use crate::ingress::{
     authorize, client_identity, conformance, decode, duplicates, fhir_native, locate, map,
-    negotiate, rescue, retract, run_events, validate,
+    negotiate, rescue, retract, run_events, validate, vendor_share,
 };
 use crate::runs::RunRegistry;
 use crate::validation::Schemas;
@@ -38,6 +38,7 @@ pub struct IngressSettings {
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
+    pub max_concurrent_requests_per_vendor: usize,
     pub max_future_skew: Duration,
     pub max_past_age: Duration,
 }
@@ -153,6 +154,10 @@ where
             settings.max_concurrent_requests,
         ))
         .layer(client_identity::layer(vendors))
+        // Inside the global limit: a vendor over its share gives its global slot back at once.
+        .layer(vendor_share::layer(
+            settings.max_concurrent_requests_per_vendor,
+        ))
         .service(Router::new(
             BoxCloneSyncService::new(observations),
             BoxCloneSyncService::new(run_events),
@@ -227,6 +232,7 @@ mod tests {
             request_timeout,
             max_body_bytes: 4096,
             max_concurrent_requests,
+            max_concurrent_requests_per_vendor: max_concurrent_requests,
             max_future_skew: Duration::from_secs(300),
             max_past_age: Duration::from_secs(24 * 3600),
         };
