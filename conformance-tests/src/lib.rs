@@ -7,5 +7,6 @@ pub mod client;
 pub mod console;
 pub mod ehr;
 pub mod fhir_xml;
+pub mod fuzz_seeds;
 pub mod harness;
 pub mod suite;

@@ -10,6 +10,8 @@ pub mod certs;
 pub mod config;
 pub mod delivery;
 pub mod fhir_schema;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod ingress;
 pub mod outbox;
 pub mod outcome;

@@ -227,6 +227,12 @@ impl Mappings {
             }
         }
         files.sort();
+        Self::from_files(files)
+    }
+
+    /// Tables from (file name, text) pairs, as [`Mappings::load_dir`] reads them: the one
+    /// whose name ends in `units.toml` is the unit table, the others device families.
+    pub fn from_files(files: Vec<(String, String)>) -> Result<Self, TableError> {
         Self::from_sources(files, CodeSystemCodes::embedded())
     }
 

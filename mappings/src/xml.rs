@@ -74,6 +74,9 @@ fn without_declaration(mut xml: Vec<u8>) -> Vec<u8> {
 /// A FHIR XML resource of `resource_type` read strictly (unknown elements, wrong types and
 /// broken structure are errors) and returned as FHIR JSON.
 pub fn resource_from_xml(resource_type: &str, xml: &[u8]) -> Result<Value, String> {
+    // fhirbolt unwraps namespace names as UTF-8 (a panic on other bytes): refuse them first.
+    let text = std::str::from_utf8(xml).map_err(|e| format!("the XML is not UTF-8: {e}"))?;
+    screen_tags(text)?;
     match resource_type {
         "Observation" => back::<Observation>(xml),
         "Procedure" => back::<Procedure>(xml),
@@ -81,6 +84,49 @@ pub fn resource_from_xml(resource_type: &str, xml: &[u8]) -> Result<Value, Strin
         "Provenance" => back::<Provenance>(xml),
         "OperationOutcome" => back::<OperationOutcome>(xml),
         other => Err(format!("no XML reader for {other}")),
+    }
+}
+
+/// The most attributes a FHIR XML element is let carry (`value`, `id`, `url`, `xmlns` and a
+/// narrative's XHTML attributes need far fewer).
+pub const MAX_ATTRIBUTES_PER_ELEMENT: usize = 16;
+/// The most namespace declarations one element is let carry.
+pub const MAX_NAMESPACE_DECLARATIONS_PER_ELEMENT: usize = 4;
+
+/// fhirbolt reads XML with quick-xml 0.25, whose duplicate-attribute check is quadratic in
+/// the attributes of a tag (RUSTSEC-2026-0194) and whose namespace resolver allocates for
+/// every declaration without bound (RUSTSEC-2026-0195). A pass with the current quick-xml
+/// (linear, no resolver) refuses such tags before fhirbolt sees them.
+fn screen_tags(xml: &str) -> Result<(), String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(tag) | Event::Empty(tag)) => {
+                let (mut attributes, mut namespaces) = (0, 0);
+                for attribute in tag.attributes().with_checks(false) {
+                    let attribute =
+                        attribute.map_err(|e| format!("the XML is not well-formed: {e}"))?;
+                    attributes += 1;
+                    let key = attribute.key.as_ref();
+                    if key == "xmlns" || key.starts_with("xmlns:") {
+                        namespaces += 1;
+                    }
+                    if attributes > MAX_ATTRIBUTES_PER_ELEMENT
+                        || namespaces > MAX_NAMESPACE_DECLARATIONS_PER_ELEMENT
+                    {
+                        let name = tag.name().as_ref().to_owned();
+                        return Err(format!(
+                            "element <{name}> has more than {MAX_ATTRIBUTES_PER_ELEMENT} attributes \
+                             or {MAX_NAMESPACE_DECLARATIONS_PER_ELEMENT} namespace declarations"
+                        ));
+                    }
+                }
+            }
+            Ok(Event::Eof) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("the XML is not well-formed: {e}")),
+        }
     }
 }
 
@@ -96,6 +142,35 @@ fn back<T: DeserializeResourceOwned + SerializeResource>(xml: &[u8]) -> Result<V
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_namespace_that_is_not_utf8_is_refused_not_a_panic() {
+        let xml = b"<Observation xmlns=\"http://hl7.org/fhir\xff\"><status value=\"final\"/></Observation>";
+        let refused = resource_from_xml("Observation", xml).unwrap_err();
+        assert!(refused.contains("not UTF-8"), "{refused}");
+    }
+
+    #[test]
+    fn an_element_with_many_attributes_or_namespaces_never_reaches_fhirbolt() {
+        let attributes: String = (0..100_000).map(|i| format!(" a{i}=\"x\"")).collect();
+        let xml = format!(
+            r#"<Observation xmlns="http://hl7.org/fhir"><status{attributes}/></Observation>"#
+        );
+        let refused = resource_from_xml("Observation", xml.as_bytes()).unwrap_err();
+        assert!(
+            refused.contains("<status> has more than 16 attributes"),
+            "{refused}"
+        );
+
+        let namespaces: String = (0..5)
+            .map(|i| format!(" xmlns:n{i}=\"urn:x{i}\""))
+            .collect();
+        let xml = format!(
+            r#"<Observation xmlns="http://hl7.org/fhir"{namespaces}><status value="final"/></Observation>"#
+        );
+        let refused = resource_from_xml("Observation", xml.as_bytes()).unwrap_err();
+        assert!(refused.contains("namespace declarations"), "{refused}");
+    }
 
     #[test]
     fn observation_round_trips_through_xml() {

@@ -18,6 +18,7 @@ pub mod runner;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
@@ -88,6 +89,40 @@ pub struct RequestSpec {
     /// `latin1`: `text` is sent in ISO-8859-1 rather than UTF-8 (wrongly encoded input).
     #[serde(default)]
     pub encoding: Option<String>,
+}
+
+impl RequestSpec {
+    /// The body as sent and its content type (`application/json` by default when there is a
+    /// body).
+    pub fn body(&self) -> Result<(Bytes, Option<&str>), String> {
+        let (body, default_type) = if let Some(json) = &self.json {
+            (
+                Bytes::from(serde_json::to_vec(json).unwrap_or_default()),
+                true,
+            )
+        } else if let Some(text) = &self.text {
+            match self.encoding.as_deref() {
+                None | Some("utf-8") => (Bytes::from(text.clone()), true),
+                Some("latin1") => (
+                    // Every char below U+0100 is its own ISO-8859-1 byte.
+                    text.chars()
+                        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+                        .collect(),
+                    true,
+                ),
+                Some(other) => return Err(format!("unknown encoding {other}")),
+            }
+        } else if let Some(repeat) = &self.repeat {
+            (Bytes::from(repeat.text.repeat(repeat.times)), true)
+        } else {
+            (Bytes::new(), false)
+        };
+        let content_type = self
+            .content_type
+            .as_deref()
+            .or(default_type.then_some("application/json"));
+        Ok((body, content_type))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::Method;
 use mappings::ProfileValidator;
 use serde_json::Value;
@@ -157,32 +156,10 @@ impl Runner {
         let Ok(method) = Method::from_bytes(request.method.as_bytes()) else {
             return Verdict::Failed(format!("bad method {}", request.method));
         };
-        let (body, default_type) = if let Some(json) = &request.json {
-            (
-                Bytes::from(serde_json::to_vec(json).unwrap_or_default()),
-                true,
-            )
-        } else if let Some(text) = &request.text {
-            match request.encoding.as_deref() {
-                None | Some("utf-8") => (Bytes::from(text.clone()), true),
-                Some("latin1") => (
-                    // Every char below U+0100 is its own ISO-8859-1 byte.
-                    text.chars()
-                        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
-                        .collect(),
-                    true,
-                ),
-                Some(other) => return Verdict::Failed(format!("unknown encoding {other}")),
-            }
-        } else if let Some(repeat) = &request.repeat {
-            (Bytes::from(repeat.text.repeat(repeat.times)), true)
-        } else {
-            (Bytes::new(), false)
+        let (body, content_type) = match request.body() {
+            Ok(body) => body,
+            Err(reason) => return Verdict::Failed(reason),
         };
-        let content_type = request
-            .content_type
-            .as_deref()
-            .or(default_type.then_some("application/json"));
         let url = format!(
             "{}{}",
             self.target.gateway_url.trim_end_matches('/'),

@@ -9,6 +9,7 @@ mod certificates;
 mod durable_delivery;
 mod ecmo_runs;
 mod ehr_failures;
+mod fuzz_smoke;
 mod observations_flow;
 mod profile_conformance;
 mod scenarios;

@@ -1,0 +1,429 @@
+//! Fuzz targets: every parser that faces the network or a config file, fed arbitrary bytes.
+//!
+//! Each target drives the real code path, the whole ingress stack for request bodies (routing,
+//! decoding, schema check, mapping, profile check), and panics on what the gateway promises
+//! never to do: a 5xx or a panic for bad input, a refusal that is not an OperationOutcome, or
+//! an accepted resource that its own profile check refuses. `gateway/fuzz` runs them under
+//! libFuzzer (`cargo fuzz`); the conformance suite replays the seed corpus, mutations of it and
+//! every recorded crash on each test run.
+//!
+//! Compiled only with the `fuzzing` feature (or in tests): nothing here is part of the service.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use mappings::Mappings;
+use serde_json::Value;
+use tower::{Service, ServiceExt};
+
+use crate::config::{Config, VendorSettings};
+use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt};
+use crate::ingress::client_identity::Vendors;
+use crate::ingress::conformance::ConformanceRules;
+use crate::ingress::stack::{IngressParts, IngressSettings, build_stack};
+use crate::peer::PeerIdentity;
+use crate::runs::RunRegistry;
+use crate::validation::Schemas;
+use crate::{BoxBody, BoxError};
+
+/// The fuzz targets, by the name `cargo fuzz run` and the corpus directories use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A readings batch in JSON, `POST /v1/observations`.
+    ObservationsJson,
+    /// A readings batch in XML, `POST /v1/observations`.
+    ObservationsXml,
+    /// FHIR-native input: the first byte picks `Observation` or `Bundle`, JSON or XML; the
+    /// rest is the body.
+    FhirNative,
+    /// Run events for one run, in JSON or XML, separated by [`EVENT_SEPARATOR`], each posted
+    /// in turn to a fresh run store.
+    RunEvents,
+    /// Mapping tables: `units.toml`, then device family tables, separated by
+    /// [`FILE_SEPARATOR`]; what loads must pass the load-time profile proof or be refused.
+    MappingTables,
+    /// The gateway's TOML config.
+    Config,
+}
+
+/// Between run events in a [`Target::RunEvents`] input.
+pub const EVENT_SEPARATOR: &[u8] = b"\n%%\n";
+/// Between files in a [`Target::MappingTables`] input.
+pub const FILE_SEPARATOR: &[u8] = b"\n#%%\n";
+/// The run every [`Target::RunEvents`] input is posted to.
+pub const FUZZ_RUN: &str = "RUN-1";
+/// The vendor every request comes from: it may post for every mapped model.
+pub const FUZZ_VENDOR: &str = "fuzz-vendor";
+
+impl Target {
+    pub const ALL: [Target; 6] = [
+        Target::ObservationsJson,
+        Target::ObservationsXml,
+        Target::FhirNative,
+        Target::RunEvents,
+        Target::MappingTables,
+        Target::Config,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::ObservationsJson => "observations_json",
+            Target::ObservationsXml => "observations_xml",
+            Target::FhirNative => "fhir_native",
+            Target::RunEvents => "run_events",
+            Target::MappingTables => "mapping_tables",
+            Target::Config => "config",
+        }
+    }
+
+    /// Runs one input; panics on a broken promise. The statuses of the requests it made, in
+    /// order (none for the file parsers).
+    pub fn run(self, data: &[u8]) -> Vec<http::StatusCode> {
+        match self {
+            Target::ObservationsJson => post_one("/v1/observations", "application/json", data),
+            Target::ObservationsXml => post_one("/v1/observations", "application/xml", data),
+            Target::FhirNative => fhir_native(data),
+            Target::RunEvents => run_events(data),
+            Target::MappingTables => {
+                mapping_tables(data);
+                vec![]
+            }
+            Target::Config => {
+                config(data);
+                vec![]
+            }
+        }
+    }
+}
+
+/// The `FhirNative` variants the first input byte picks from, as (path, content type).
+pub const FHIR_NATIVE_VARIANTS: [(&str, &str); 4] = [
+    ("/v1/fhir/Observation", "application/fhir+json"),
+    ("/v1/fhir/Bundle", "application/fhir+json"),
+    ("/v1/fhir/Observation", "application/fhir+xml"),
+    ("/v1/fhir/Bundle", "application/fhir+xml"),
+];
+
+/// What every input shares, built once per process: the tables, schemas and profile rules
+/// load in milliseconds, but not in the microseconds one input may take.
+struct Shared {
+    runtime: tokio::runtime::Runtime,
+    mappings: Arc<Mappings>,
+    schemas: Schemas,
+    conformance: Arc<ConformanceRules>,
+    vendors: Vendors,
+    /// For readings: their path only reads the run store, so one serves every input.
+    readings_runs: Arc<RunRegistry>,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        crate::install_crypto_provider();
+        let mappings = Arc::new(Mappings::embedded().expect("embedded mapping tables"));
+        let conformance =
+            Arc::new(ConformanceRules::embedded().expect("embedded conformance rules"));
+        let models: Vec<String> = mappings.models().into_iter().map(str::to_owned).collect();
+        let vendors = Vendors::new(
+            &[VendorSettings {
+                name: FUZZ_VENDOR.into(),
+                identity: FUZZ_VENDOR.into(),
+                models,
+                ..VendorSettings::default()
+            }],
+            &[],
+            None,
+        )
+        .expect("the fuzz vendor");
+        Shared {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+            readings_runs: fresh_run_store(&mappings),
+            mappings,
+            schemas: Schemas::embedded().expect("embedded schemas"),
+            conformance,
+            vendors,
+        }
+    })
+}
+
+/// An empty run store in memory: a run-event input starts from nothing, so a crash found
+/// replays alone.
+fn fresh_run_store(mappings: &Arc<Mappings>) -> Arc<RunRegistry> {
+    RunRegistry::open(Path::new(":memory:"), mappings.clone()).expect("an in-memory run store")
+}
+
+/// Accepts every batch at once, after checking each resource against the gateway's own
+/// profiles: an input that maps to an invalid resource is a finding.
+struct CheckingHandoff {
+    conformance: Arc<ConformanceRules>,
+}
+
+impl Handoff for CheckingHandoff {
+    fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
+        for resource in batch.resources.iter() {
+            let value: Value = serde_json::from_slice(&resource.json)
+                .unwrap_or_else(|e| panic!("a mapped {} is not JSON: {e}", resource.resource_type));
+            let issues = self.conformance.issues(resource.resource_type, value);
+            assert!(
+                issues.is_empty(),
+                "an accepted input mapped to a {} its profile refuses: {issues:?}",
+                resource.resource_type
+            );
+        }
+        Box::pin(async {
+            Ok(Receipt::Delivered {
+                destinations: vec![],
+            })
+        })
+    }
+}
+
+fn stack(
+    runs: Arc<RunRegistry>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<BoxBody>,
+    Error = BoxError,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    let shared = shared();
+    let settings = IngressSettings {
+        request_timeout: Duration::from_secs(60),
+        max_body_bytes: 1 << 20,
+        max_concurrent_requests: 4,
+        max_concurrent_requests_per_vendor: 4,
+        max_future_skew: Duration::from_secs(300),
+        // Seeds carry fixed times; every reading's age is taken, so mapping is reached.
+        max_past_age: Duration::from_secs(100 * 365 * 24 * 3600),
+    };
+    build_stack::<Full<Bytes>>(
+        settings,
+        shared.vendors.clone(),
+        IngressParts {
+            mappings: shared.mappings.clone(),
+            schemas: shared.schemas.clone(),
+            runs,
+            conformance: shared.conformance.clone(),
+            clocks: Arc::default(),
+        },
+        Arc::new(CheckingHandoff {
+            conformance: shared.conformance.clone(),
+        }),
+    )
+}
+
+fn post<S>(stack: &mut S, path: &str, content_type: &str, body: &[u8]) -> http::StatusCode
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<BoxBody>, Error = BoxError>,
+{
+    let mut request = Request::post(path)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("a request");
+    request
+        .extensions_mut()
+        .insert(PeerIdentity::named(&[FUZZ_VENDOR]));
+    let response = shared().runtime.block_on(async {
+        let response = stack
+            .ready()
+            .await
+            .expect("the stack is ready")
+            .call(request)
+            .await
+            .expect("the stack answers every request");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a response body")
+            .to_bytes();
+        (status, content_type, body)
+    });
+    let status = response.0;
+    check_response(path, response);
+    status
+}
+
+/// A 2xx, or a 4xx that is an OperationOutcome with at least one issue; never a 5xx.
+fn check_response(path: &str, (status, content_type, body): (http::StatusCode, String, Bytes)) {
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !status.is_server_error(),
+        "{path}: bad input got {status}: {text}"
+    );
+    if status.is_success() {
+        return;
+    }
+    assert!(status.is_client_error(), "{path}: unexpected {status}");
+    if content_type.contains("xml") {
+        assert!(
+            text.contains("<OperationOutcome") && text.contains("<issue>"),
+            "{path}: {status} without an OperationOutcome: {text}"
+        );
+    } else {
+        let outcome: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{path}: {status} body is not JSON ({e}): {text}"));
+        assert_eq!(
+            outcome["resourceType"], "OperationOutcome",
+            "{path}: {status} without an OperationOutcome: {text}"
+        );
+        assert!(
+            outcome["issue"].as_array().is_some_and(|i| !i.is_empty()),
+            "{path}: {status} OperationOutcome without issues: {text}"
+        );
+    }
+}
+
+type ReadingsStack =
+    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<BoxBody>, BoxError>;
+
+thread_local! {
+    /// The readings path keeps no state between requests that changes an answer (the device
+    /// clocks only record), so one stack serves every input of this thread.
+    static READINGS_STACK: std::cell::RefCell<Option<ReadingsStack>> = const { std::cell::RefCell::new(None) };
+}
+
+fn post_one(path: &str, content_type: &str, body: &[u8]) -> Vec<http::StatusCode> {
+    let mut stack = READINGS_STACK.with_borrow_mut(|cached| {
+        cached
+            .get_or_insert_with(|| ReadingsStack::new(stack(shared().readings_runs.clone())))
+            .clone()
+    });
+    vec![post(&mut stack, path, content_type, body)]
+}
+
+fn fhir_native(data: &[u8]) -> Vec<http::StatusCode> {
+    let Some((&selector, body)) = data.split_first() else {
+        return vec![];
+    };
+    let (path, content_type) = FHIR_NATIVE_VARIANTS[usize::from(selector) % 4];
+    post_one(path, content_type, body)
+}
+
+/// Splits `data` at every `separator`.
+fn split<'a>(data: &'a [u8], separator: &[u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = data;
+    while let Some(at) = rest.windows(separator.len()).position(|w| w == separator) {
+        parts.push(&rest[..at]);
+        rest = &rest[at + separator.len()..];
+    }
+    parts.push(rest);
+    parts
+}
+
+fn run_events(data: &[u8]) -> Vec<http::StatusCode> {
+    let mut stack = stack(fresh_run_store(&shared().mappings));
+    let path = format!("/v1/runs/{FUZZ_RUN}/events");
+    // A run has a handful of events; more only repeats the same paths slower.
+    let mut statuses = Vec::new();
+    for event in split(data, EVENT_SEPARATOR).into_iter().take(16) {
+        let xml = event.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'<');
+        let content_type = if xml {
+            "application/xml"
+        } else {
+            "application/json"
+        };
+        statuses.push(post(&mut stack, &path, content_type, event));
+    }
+    statuses
+}
+
+fn mapping_tables(data: &[u8]) {
+    let files: Vec<(String, String)> = split(data, FILE_SEPARATOR)
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let name = if i == 0 {
+                "units.toml".to_owned()
+            } else {
+                format!("family-{i}.toml")
+            };
+            (name, String::from_utf8_lossy(text).into_owned())
+        })
+        .collect();
+    // Either refused with a reason, or loaded and then proved (or refused) by the profiles,
+    // as at start; a panic in either is the finding.
+    if let Ok(tables) = Mappings::from_files(files) {
+        let _ = shared().conformance.prove_tables(&tables);
+    }
+}
+
+fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = Config::parse(text, Path::new("/etc/ecmo-gateway/gateway.toml"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_reading_is_taken_and_garbage_refused_cleanly() {
+        let statuses = Target::ObservationsJson.run(
+            br#"{"patient":{"system":"urn:oid:1.2.36.146.595.217.0.1","value":"MRN-F1"},
+                 "device":{"serial":"CH-F1","model":"CARDIOHELP-i"},
+                 "readings":[{"parameter":"Flow","value":4.2,"unit":"L/min","time":"2026-06-01T12:00:00Z"}]}"#,
+        );
+        assert_eq!(statuses, vec![http::StatusCode::OK]);
+        for target in Target::ALL {
+            for garbage in [&b""[..], b"\xff\xfe{<", b"{}"] {
+                let statuses = target.run(garbage);
+                assert!(statuses.iter().all(|s| s.is_client_error()), "{statuses:?}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "without an OperationOutcome")]
+    fn a_refusal_that_is_not_an_outcome_is_a_finding() {
+        check_response(
+            "/v1/observations",
+            (
+                http::StatusCode::BAD_REQUEST,
+                "text/plain".into(),
+                Bytes::from_static(b"{\"resourceType\":\"Bundle\"}"),
+            ),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "bad input got 500")]
+    fn a_server_error_is_a_finding() {
+        check_response(
+            "/v1/observations",
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "application/json".into(),
+                Bytes::new(),
+            ),
+        );
+    }
+
+    #[test]
+    fn split_keeps_empty_parts() {
+        assert_eq!(
+            split(b"a\n%%\n\n%%\nb", EVENT_SEPARATOR),
+            vec![&b"a"[..], &b""[..], &b"b"[..]]
+        );
+    }
+}
