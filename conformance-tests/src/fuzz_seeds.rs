@@ -129,13 +129,8 @@ pub fn seeds() -> Result<Vec<Seed>, gateway::BoxError> {
         data: all.join(FILE_SEPARATOR),
     });
 
-    seeds.push(Seed {
-        target: Target::Config,
-        name: "gateway.example.toml".into(),
-        data: std::fs::read(repo_dir().join("gateway/gateway.example.toml"))?,
-    });
-    // The example with its commented-out settings set, as the documented-example test does.
     let example = std::fs::read_to_string(repo_dir().join("gateway/gateway.example.toml"))?;
+    // The example as shipped, and with every commented-out `key = value` line set.
     let uncommented: String = example
         .lines()
         .map(|l| match l.strip_prefix("# ") {
@@ -144,6 +139,11 @@ pub fn seeds() -> Result<Vec<Seed>, gateway::BoxError> {
         })
         .collect::<Vec<_>>()
         .join("\n");
+    seeds.push(Seed {
+        target: Target::Config,
+        name: "gateway.example.toml".into(),
+        data: example.into_bytes(),
+    });
     seeds.push(Seed {
         target: Target::Config,
         name: "gateway.example-every-setting.toml".into(),
