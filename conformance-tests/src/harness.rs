@@ -73,6 +73,10 @@ impl TestPki {
         let revoked = ca.issue(&LeafSpec::new("getinge", Usage::Client))?;
         write(REVOKED, &revoked.cert_pem, &revoked.key_pem)?;
         std::fs::write(dir.path().join("ca.crl.pem"), ca.crl(&[&revoked.serial])?)?;
+        write_private(
+            &dir.path().join(gateway::certs::SMART_KEY),
+            &gateway::certs::smart_signing_key()?,
+        )?;
         Ok(Self { dir })
     }
 
@@ -101,6 +105,25 @@ impl TestPki {
             &[],
         )
         .expect("test certificates load")
+    }
+
+    /// The reference EHR's server TLS for bearer-token clients (see
+    /// [`crate::ehr::tls_certificate_optional`]).
+    pub fn ehr_tls_certificate_optional(&self, client_ca: &str) -> Arc<rustls::ServerConfig> {
+        crate::ehr::tls_certificate_optional(
+            &self.path("server.pem"),
+            &self.path("server.key"),
+            &self.path(client_ca),
+        )
+        .expect("test certificates load")
+    }
+
+    /// Writes a SMART signing key (PKCS#8 PEM, EC P-384) as `stem`.key and returns its path.
+    pub fn smart_key(&self, stem: &str) -> PathBuf {
+        let path = self.path(&format!("{stem}.key"));
+        write_private(&path, &gateway::certs::smart_signing_key().expect("key"))
+            .expect("key written");
+        path
     }
 }
 

@@ -130,6 +130,11 @@ impl Gateway {
             let _ = stopped.wait_for(|s| *s).await;
         };
 
+        let smart: Arc<[_]> = self
+            .destinations
+            .iter()
+            .filter_map(|d| Some((d.name.to_string(), d.tokens()?)))
+            .collect();
         let mut workers = tokio::task::JoinSet::new();
         let (handoff, outbox): (Arc<dyn Handoff>, Option<Arc<dyn Outbox>>) =
             match self.config.delivery.mode {
@@ -202,6 +207,7 @@ impl Gateway {
                     clocks: clocks.clone(),
                     revoked: self.revoked.clone(),
                     config: Arc::new(self.config.clone()),
+                    smart,
                 },
             );
             tokio::spawn(serve_mtls(

@@ -47,10 +47,12 @@ fn files(config: &Config) -> Vec<(String, &Path)> {
         );
     }
     for d in &config.destinations {
-        files.push((
-            format!("destination '{}' client", d.name),
-            d.client_cert.as_path(),
-        ));
+        if let Some(client_cert) = &d.client_cert {
+            files.push((
+                format!("destination '{}' client", d.name),
+                client_cert.as_path(),
+            ));
+        }
         files.extend(
             d.ca.iter()
                 .map(|p| (format!("destination '{}' CA", d.name), p.as_path())),

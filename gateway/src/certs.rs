@@ -204,7 +204,18 @@ pub fn init_dir(dir: &Path) -> Result<Vec<PathBuf>, CertsError> {
         let vendor = ca.issue(&LeafSpec::new(identity, Usage::Client))?;
         write(stem, &vendor.cert_pem, &vendor.key_pem)?;
     }
+    let smart = dir.join(SMART_KEY);
+    write_private(&smart, &smart_signing_key()?).map_err(io(&smart))?;
+    written.push(smart);
     Ok(written)
+}
+
+/// The gateway's SMART Backend Services signing key in a test PKI directory.
+pub const SMART_KEY: &str = "gateway-smart.key";
+
+/// A new SMART client-assertion signing key: EC P-384 (ES384), PKCS#8 PEM.
+pub fn smart_signing_key() -> Result<String, CertsError> {
+    Ok(rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?.serialize_pem())
 }
 
 /// Private keys are readable by their owner only.
@@ -229,7 +240,8 @@ mod tests {
         crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let files = init_dir(dir.path()).unwrap();
-        assert_eq!(files.len(), 2 * (4 + VENDORS.len()));
+        assert_eq!(files.len(), 2 * (4 + VENDORS.len()) + 1);
+        crate::delivery::smart::keys::SigningKey::load(&dir.path().join(SMART_KEY)).unwrap();
         let d = dir.path();
         crate::tls::server_config(
             &d.join("server.pem"),
@@ -240,8 +252,7 @@ mod tests {
         .unwrap();
         crate::tls::client_config(
             &[d.join("ca.pem")],
-            &d.join("gateway-client.pem"),
-            &d.join("gateway-client.key"),
+            Some((&d.join("gateway-client.pem"), &d.join("gateway-client.key"))),
         )
         .unwrap();
         #[cfg(unix)]

@@ -227,9 +227,13 @@ pub struct DestinationSettings {
     pub base_url: String,
     /// PEM CA certificates the EHR's server certificate must chain to.
     pub ca: Vec<PathBuf>,
-    /// The gateway's client certificate chain and key for this EHR.
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
+    /// The gateway's client certificate chain and key for this EHR (mutual TLS); both or
+    /// neither. Without them the EHR must take a SMART bearer token (`[destination.smart]`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// SMART Backend Services: a bearer token from the EHR's authorization server on every
+    /// request (with or without the client certificate).
+    pub smart: Option<SmartSettings>,
     #[serde(default)]
     pub write: WriteMode,
     #[serde(default)]
@@ -281,6 +285,29 @@ pub struct DestinationSettings {
     /// mapping table, gateway build, reason). Off for EHRs that refuse Provenance writes.
     #[serde(default = "defaults::provenance")]
     pub provenance: bool,
+}
+
+/// SMART Backend Services (SMART App Launch 2.x): `client_credentials` with a client assertion
+/// JWT signed by the gateway's own key (`private_key_jwt`), whose public half the EHR holds as
+/// a registered JWKS (`gateway jwks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmartSettings {
+    /// The client id the EHR registered for the gateway.
+    pub client_id: String,
+    /// The token endpoint; when absent it is read from the EHR's
+    /// `{base_url}/.well-known/smart-configuration`.
+    pub token_url: Option<String>,
+    /// Scopes asked for, in SMART v1 (`system/Observation.write`) or v2
+    /// (`system/Observation.cu`) syntax, as registered for the client.
+    pub scopes: Vec<String>,
+    /// PKCS#8 PEM private keys, EC P-384 (ES384) or RSA (RS384). The first signs; all are
+    /// published in the JWKS, so a new key can be registered before it takes over (rotation).
+    pub keys: Vec<PathBuf>,
+    /// A token is renewed when it has less than this left, so no request goes out with one that
+    /// expires on the way.
+    #[serde(default = "defaults::renew_before", with = "humantime_serde")]
+    pub renew_before: Duration,
 }
 
 /// What the gateway does when a device sends a reading again with a different value.
@@ -402,6 +429,39 @@ mod defaults {
     pub fn breaker_cooldown() -> Duration {
         Duration::from_secs(2)
     }
+    pub fn renew_before() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+impl SmartSettings {
+    fn check(&self) -> Result<(), String> {
+        if self.client_id.trim().is_empty() {
+            return Err("client_id must not be empty".into());
+        }
+        if self.keys.is_empty() {
+            return Err("keys must name at least one private key file".into());
+        }
+        if let Some(url) = &self.token_url {
+            let uri: http::Uri = url.parse().map_err(|e| format!("token_url: {e}"))?;
+            if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                return Err("token_url must be an https:// URL".into());
+            }
+        }
+        if self.scopes.is_empty() {
+            return Err(
+                "scopes must name what the gateway writes, e.g. \"system/Observation.cu\"".into(),
+            );
+        }
+        if let Some(bad) = self.scopes.iter().find(|s| {
+            !s.starts_with("system/") || s.contains(char::is_whitespace) || !s.contains('.')
+        }) {
+            return Err(format!(
+                "scope '{bad}' is not a system scope (system/<Type>.<permissions>, e.g. system/Observation.cu or system/Observation.write)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -454,8 +514,11 @@ impl Config {
         }
         for d in &mut self.destinations {
             d.ca.iter_mut().for_each(fix);
-            fix(&mut d.client_cert);
-            fix(&mut d.client_key);
+            d.client_cert.iter_mut().for_each(fix);
+            d.client_key.iter_mut().for_each(fix);
+            if let Some(smart) = &mut d.smart {
+                smart.keys.iter_mut().for_each(fix);
+            }
         }
     }
 
@@ -540,7 +603,7 @@ impl Config {
                 .map_err(|e| format!("destination '{}': base_url: {e}", d.name))?;
             if uri.scheme_str() != Some("https") || uri.host().is_none() {
                 return Err(format!(
-                    "destination '{}': base_url must be an https:// URL (mutual TLS is required)",
+                    "destination '{}': base_url must be an https:// URL",
                     d.name
                 ));
             }
@@ -549,6 +612,26 @@ impl Config {
                     "destination '{}': ca must name at least one CA file",
                     d.name
                 ));
+            }
+            match (&d.client_cert, &d.client_key, &d.smart) {
+                (Some(_), None, _) | (None, Some(_), _) => {
+                    return Err(format!(
+                        "destination '{}': client_cert and client_key go together",
+                        d.name
+                    ));
+                }
+                (None, None, None) => {
+                    return Err(format!(
+                        "destination '{}': neither a client certificate (client_cert, client_key) nor SMART credentials ([destination.smart]): the EHR could not tell the gateway from anybody",
+                        d.name
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(smart) = &d.smart {
+                smart
+                    .check()
+                    .map_err(|why| format!("destination '{}': smart: {why}", d.name))?;
             }
             if d.max_attempts == 0
                 || d.concurrency == 0
@@ -588,6 +671,26 @@ ca = ["ca.pem"]
 client_cert = "client.pem"
 client_key = "client.key"
 "#;
+
+    const SMART: &str = r#"
+[destination.smart]
+client_id = "ecmo-gateway"
+token_url = "https://ehr/token"
+scopes = ["system/Observation.cu"]
+keys = ["smart.pem"]
+"#;
+
+    #[test]
+    fn smart_without_a_client_certificate_is_a_destination() {
+        let text = format!("{MINIMAL}{SMART}")
+            .replace("client_key = \"client.key\"\n", "")
+            .replace("client_cert = \"client.pem\"\n", "");
+        let c = load(&text).unwrap();
+        let smart = c.destinations[0].smart.as_ref().unwrap();
+        assert!(smart.keys[0].is_absolute(), "key paths resolved");
+        assert_eq!(smart.renew_before, Duration::from_secs(60));
+        assert!(c.destinations[0].client_cert.is_none());
+    }
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -633,6 +736,34 @@ client_key = "client.key"
                     .replace("request_timeout", "x")
                     .replace("[server]", "[server]\nrequest_timeout = \"soon\""),
                 "request_timeout",
+            ),
+            (
+                MINIMAL.replace("client_key = \"client.key\"\n", ""),
+                "client_cert and client_key go together",
+            ),
+            (
+                MINIMAL
+                    .replace("client_key = \"client.key\"\n", "")
+                    .replace("client_cert = \"client.pem\"\n", ""),
+                "neither a client certificate",
+            ),
+            (
+                format!("{MINIMAL}{SMART}")
+                    .replace("scopes = [\"system/Observation.cu\"]", "scopes = []"),
+                "smart: scopes must name",
+            ),
+            (
+                format!("{MINIMAL}{SMART}")
+                    .replace("system/Observation.cu", "patient/Observation.rs"),
+                "is not a system scope",
+            ),
+            (
+                format!("{MINIMAL}{SMART}").replace("keys = [\"smart.pem\"]", "keys = []"),
+                "keys must name",
+            ),
+            (
+                format!("{MINIMAL}{SMART}").replace("https://ehr/token", "http://ehr/token"),
+                "token_url must be an https:// URL",
             ),
         ];
         for (text, expected) in cases {

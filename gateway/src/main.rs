@@ -47,6 +47,15 @@ enum Command {
         #[command(subcommand)]
         command: DeliveriesCommand,
     },
+    /// Print the JWKS of the gateway's SMART signing keys (every key of every SMART
+    /// destination), to register the gateway as a Backend Services client at an EHR.
+    Jwks {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Test certificates (never for production: use the hospital's PKI).
     Certs {
         #[command(subcommand)]
@@ -176,6 +185,27 @@ fn main() -> ExitCode {
                 Err(error) => {
                     eprintln!("error: {error}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Jwks { config, out } => {
+            let jwks = gateway::config::Config::load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| gateway::delivery::smart::keys::jwks(&c).map_err(|e| e.to_string()))
+                .and_then(|jwks| serde_json::to_string_pretty(&jwks).map_err(|e| e.to_string()));
+            let written = jwks.and_then(|text| match &out {
+                Some(path) => std::fs::write(path, text + "\n")
+                    .map_err(|e| format!("{}: {e}", path.display())),
+                None => {
+                    println!("{text}");
+                    Ok(())
+                }
+            });
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::from(EX_CONFIG)
                 }
             }
         }

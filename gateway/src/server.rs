@@ -31,6 +31,11 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long in-flight requests may take to finish after shutdown is asked for.
     pub drain_timeout: Duration,
+    /// Serve connections that brought no client certificate (their requests carry no
+    /// [`PeerIdentity`]). Only a server whose TLS config lets such clients finish the
+    /// handshake sees them: the reference EHR taking bearer tokens alone. The gateway's
+    /// listeners require certificates and leave this off.
+    pub anonymous_clients: bool,
 }
 
 impl Default for ServeOptions {
@@ -40,6 +45,7 @@ impl Default for ServeOptions {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
             drain_timeout: Duration::from_secs(10),
+            anonymous_clients: false,
         }
     }
 }
@@ -98,14 +104,18 @@ pub async fn serve_mtls<S>(
         let http = http.clone();
         let watcher = graceful.watcher();
         let handshake_timeout = options.handshake_timeout;
+        let anonymous_clients = options.anonymous_clients;
         tokio::spawn(async move {
             let _permit = permit;
-            let Some((tls, peer)) = handshake(&acceptor, tcp, remote, handshake_timeout).await
+            let Some((tls, peer)) =
+                handshake(&acceptor, tcp, remote, handshake_timeout, anonymous_clients).await
             else {
                 return;
             };
             let service = service.map_request(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(peer.clone());
+                if let Some(peer) = &peer {
+                    request.extensions_mut().insert(peer.clone());
+                }
                 request
             });
             let connection = http
@@ -134,9 +144,10 @@ async fn handshake(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     timeout: Duration,
+    anonymous_clients: bool,
 ) -> Option<(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    PeerIdentity,
+    Option<PeerIdentity>,
 )> {
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -151,13 +162,12 @@ async fn handshake(
             return None;
         }
     };
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(PeerIdentity::from_chain);
-    match peer {
-        Some(peer) => Some((tls, peer)),
+    let chain = tls.get_ref().1.peer_certificates();
+    if chain.is_none() && anonymous_clients {
+        return Some((tls, None));
+    }
+    match chain.and_then(PeerIdentity::from_chain) {
+        Some(peer) => Some((tls, Some(peer))),
         None => {
             tracing::info!(%remote, "client certificate has no readable subject; closing");
             None

@@ -112,13 +112,15 @@ pub fn server_config(
 }
 
 /// Client side: the peer's certificate must chain to `server_cas` (no system roots: an EHR is
-/// on the hospital's PKI), and we present our own certificate.
+/// on the hospital's PKI), and we present our own certificate when one is given (an EHR that
+/// takes only bearer tokens gets none).
 pub fn client_config(
     server_cas: &[PathBuf],
-    cert: &Path,
-    key: &Path,
+    identity: Option<(&Path, &Path)>,
 ) -> Result<ClientConfig, TlsError> {
-    Ok(ClientConfig::builder()
-        .with_root_certificates(load_roots(server_cas)?)
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)?)
+    let builder = ClientConfig::builder().with_root_certificates(load_roots(server_cas)?);
+    Ok(match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    })
 }

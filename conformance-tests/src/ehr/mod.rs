@@ -6,6 +6,7 @@
 //!
 //! A small fault plan lets tests make it refuse or fail the next writes.
 
+pub mod smart;
 pub mod store;
 
 use std::collections::VecDeque;
@@ -107,6 +108,11 @@ pub struct ReferenceEhr {
     /// Set by the benchmark only: resources are stored without the R4 structure check, so
     /// that the EHR is not what limits a delivery figure. The suite always checks.
     skip_structure_check: Arc<std::sync::atomic::AtomicBool>,
+    /// SMART Backend Services: once a client is registered, every FHIR request but
+    /// `metadata` and the SMART configuration needs a bearer token from `/auth/token`.
+    smart: Arc<Mutex<Option<smart::SmartAuthority>>>,
+    /// `https://<address>` once listening (the token endpoint's `aud` is built from it).
+    origin: Arc<Mutex<Option<String>>>,
     /// Writes being handled now, and the most seen at once.
     concurrent_writes: Arc<(
         std::sync::atomic::AtomicUsize,
@@ -191,6 +197,22 @@ impl ReferenceEhr {
         self.concurrent_writes
             .1
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Registers a SMART Backend Services client; from now on every FHIR request needs a
+    /// bearer token issued to a registered client, with a scope for what it does.
+    pub fn register_smart_client(&self, client: smart::RegisteredClient) {
+        let origin = lock(&self.origin).clone().unwrap_or_default();
+        lock(&self.smart)
+            .get_or_insert_with(|| smart::SmartAuthority::new(token_url(&origin)))
+            .register(client);
+    }
+
+    /// The SMART authorization server's state (panics if no client was registered).
+    pub fn smart<T>(&self, f: impl FnOnce(&mut smart::SmartAuthority) -> T) -> T {
+        f(lock(&self.smart)
+            .as_mut()
+            .expect("register_smart_client first"))
     }
 
     /// From now on, reads need this bearer token (401 without it).
@@ -321,6 +343,11 @@ impl ReferenceEhr {
     ) -> std::io::Result<RunningEhr> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let origin = format!("https://{addr}");
+        if let Some(smart) = lock(&self.smart).as_mut() {
+            smart.token_url = token_url(&origin);
+        }
+        *lock(&self.origin) = Some(origin);
         let (stop, stopped) = oneshot::channel::<()>();
         let ehr = self.clone();
         let service = tower::service_fn(move |request: Request<Incoming>| {
@@ -331,7 +358,12 @@ impl ReferenceEhr {
             listener,
             tls,
             service,
-            ServeOptions::default(),
+            ServeOptions {
+                // Whether a client certificate is required is the TLS config's choice: an EHR
+                // that takes bearer tokens alone serves clients without one.
+                anonymous_clients: true,
+                ..ServeOptions::default()
+            },
             async move {
                 let _ = stopped.await;
             },
@@ -351,6 +383,9 @@ impl ReferenceEhr {
         request: Request<Incoming>,
     ) -> Result<Response<BoxBody>, BoxError> {
         let arrived = std::time::Instant::now();
+        if request.uri().path() == TOKEN_PATH {
+            return Ok(self.token_endpoint(request).await);
+        }
         let is_write = matches!(*request.method(), Method::POST | Method::PUT);
         let _counted = is_write.then(|| WriteInProgress::start(&self.concurrent_writes));
         let fault = if is_write {
@@ -446,12 +481,150 @@ impl ReferenceEhr {
         } else {
             body
         };
+        if let Some(denied) = self.bearer_check(&parts, &segments, &body) {
+            return denied;
+        }
         let response = self.dispatch(&parts, &segments, query, &body);
         if xml_out {
             as_xml(response).await
         } else {
             response
         }
+    }
+
+    /// The token endpoint: a form POST, answered with a token or an OAuth error.
+    async fn token_endpoint<B>(&self, request: Request<B>) -> Response<BoxBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let oauth = |status: u16, body: &Value| {
+            let mut response = fhir_json_response(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                body,
+            );
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            response
+        };
+        let form_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if request.method() != Method::POST || !form_type {
+            return oauth(
+                400,
+                &json!({"error": "invalid_request", "error_description": "POST a form (application/x-www-form-urlencoded)"}),
+            );
+        }
+        let body = match request.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return oauth(
+                    400,
+                    &json!({"error": "invalid_request", "error_description": e.to_string()}),
+                );
+            }
+        };
+        let form = form_pairs(&String::from_utf8_lossy(&body).replace('+', " "));
+        let mut smart = lock(&self.smart);
+        let Some(authority) = smart.as_mut() else {
+            return oauth(
+                400,
+                &json!({"error": "invalid_client", "error_description": "no client is registered"}),
+            );
+        };
+        match authority.token_request(&form) {
+            Ok(token) => oauth(200, &token),
+            Err(refusal) => oauth(refusal.status, &refusal.body()),
+        }
+    }
+
+    /// With SMART on, the answer to a request whose token does not allow it.
+    fn bearer_check(
+        &self,
+        parts: &http::request::Parts,
+        segments: &[&str],
+        body: &Bytes,
+    ) -> Option<Response<BoxBody>> {
+        if matches!(
+            segments,
+            ["metadata"] | [".well-known", "smart-configuration"]
+        ) {
+            return None;
+        }
+        let smart = lock(&self.smart);
+        let authority = smart.as_ref()?;
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let interactions: Vec<(String, char)> = match (&parts.method, segments) {
+            (&Method::POST, []) => serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|bundle| bundle["entry"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|entry| {
+                    let request = &entry["request"];
+                    let url = request["url"].as_str().unwrap_or_default();
+                    let resource_type = url.split(['/', '?']).next().unwrap_or_default();
+                    let interaction = match request["method"].as_str() {
+                        Some("POST") => 'c',
+                        Some("PUT") => 'u',
+                        Some("GET") => 'r',
+                        _ => 'd',
+                    };
+                    (resource_type.to_owned(), interaction)
+                })
+                .collect(),
+            (method, [resource_type, rest @ ..]) => {
+                let interaction = match (method, rest) {
+                    (&Method::POST, _) => 'c',
+                    (&Method::PUT, _) => 'u',
+                    (_, []) => 's',
+                    _ => 'r',
+                };
+                vec![((*resource_type).to_owned(), interaction)]
+            }
+            _ => vec![(String::new(), 'r')],
+        };
+        // A transaction with no entries still needs a valid token.
+        let checks = if interactions.is_empty() {
+            vec![(String::new(), 'c')]
+        } else {
+            interactions
+        };
+        for (resource_type, interaction) in checks {
+            let denied = match authority.authorize(authorization, &resource_type, interaction) {
+                Ok(()) => continue,
+                Err(denied) => denied,
+            };
+            let (status, error, text) = match denied {
+                smart::AccessDenied::InvalidToken(why) => {
+                    (StatusCode::UNAUTHORIZED, "invalid_token", why.to_owned())
+                }
+                smart::AccessDenied::InsufficientScope(why) => {
+                    (StatusCode::FORBIDDEN, "insufficient_scope", why)
+                }
+            };
+            let mut response = outcome(status, "security", &text);
+            if let Ok(value) = http::HeaderValue::try_from(format!("Bearer error=\"{error}\"")) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+            return Some(response);
+        }
+        None
     }
 
     fn dispatch(
@@ -464,6 +637,24 @@ impl ReferenceEhr {
         match (&parts.method, segments) {
             (&Method::GET, ["metadata"]) => {
                 fhir_json_response(StatusCode::OK, &capability_statement())
+            }
+            (&Method::GET, [".well-known", "smart-configuration"]) => {
+                match lock(&self.smart).as_ref() {
+                    Some(authority) => {
+                        let mut response =
+                            fhir_json_response(StatusCode::OK, &authority.configuration());
+                        response.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        response
+                    }
+                    None => outcome(
+                        StatusCode::NOT_FOUND,
+                        "not-found",
+                        "this EHR does not offer SMART Backend Services",
+                    ),
+                }
             }
             (&Method::POST, []) => self.transaction(body),
             (&Method::POST, [resource_type]) => {
@@ -868,6 +1059,35 @@ fn search_key(parameter: &str, value: String) -> Option<String> {
         "_tag" => Some(format!("_tag:{value}")),
         _ => None,
     }
+}
+
+/// Server TLS for an EHR that takes bearer tokens: a client certificate chained to
+/// `client_ca` is checked when one comes, and a client without one is let in (its requests
+/// then need a SMART token).
+pub fn tls_certificate_optional(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+    let roots = gateway::tls::load_roots(&[client_ca.to_owned()])?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            gateway::tls::load_certs(cert)?,
+            gateway::tls::load_key(key)?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Where the token endpoint listens (outside the FHIR base, as authorization servers do).
+const TOKEN_PATH: &str = "/auth/token";
+
+fn token_url(origin: &str) -> String {
+    format!("{origin}{TOKEN_PATH}")
 }
 
 fn form_pairs(query: &str) -> Vec<(String, String)> {

@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
+use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
     ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, durable_config, now_rfc3339,
 };
+use gateway::delivery::smart::keys::SigningKeys;
+use jsonwebtoken::jwk::JwkSet;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -1414,12 +1417,37 @@ async fn delivered_messages_and_dead_letters_are_deleted_after_their_keeping_tim
 
 /// The documented example, every setting in it (the commented-out ones too) set as written
 /// there, starts and delivers: to the main EHR everything, to the registry (PUT, only Getinge
-/// CARDIOHELP-i Observations) the readings and their Provenance. Only addresses and file places are changed.
+/// CARDIOHELP-i Observations) the readings and their Provenance, to the hospital EHR through a
+/// SMART token. Only addresses and file places are changed.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_documented_example_with_every_setting_starts_and_delivers() {
     let pki = TestPki::generate().unwrap();
     let ehr = start_ehr(&pki).await;
     let registry = start_ehr(&pki).await;
+    // The SMART destination: bearer tokens alone, the gateway registered with its key.
+    let hospital = ReferenceEhr::new()
+        .start(
+            pki.ehr_tls_certificate_optional("ca.pem"),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let smart_key = SigningKeys::load(&[pki.path(gateway::certs::SMART_KEY)]).unwrap();
+    hospital.ehr.register_smart_client(RegisteredClient {
+        client_id: "ecmo-gateway".into(),
+        jwks: JwkSet {
+            keys: smart_key.public_keys().cloned().collect(),
+        },
+        scopes: [
+            "system/Observation.cu",
+            "system/Procedure.cu",
+            "system/Device.cu",
+            "system/Provenance.c",
+        ]
+        .map(String::from)
+        .to_vec(),
+    });
+    let token_url = hospital.ehr.smart(|s| s.token_url.clone());
     let dir = tempfile::tempdir().unwrap();
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1452,7 +1480,12 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         .replace("0.0.0.0:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9444", "127.0.0.1:0")
         .replace("https://127.0.0.1:9443/fhir", &ehr.base_url)
-        .replace("https://127.0.0.1:9543/fhir", &registry.base_url);
+        .replace("https://127.0.0.1:9543/fhir", &registry.base_url)
+        .replace(
+            "# token_url = \"https://127.0.0.1:9643/auth/token\"",
+            &format!("token_url = \"{token_url}\""),
+        )
+        .replace("https://127.0.0.1:9643/fhir", &hospital.base_url);
     let commented_settings: Vec<&str> = config
         .lines()
         .filter(|line| {
@@ -1488,4 +1521,7 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     // Its own Provenance of what it was given (provenance defaults to on), no Device.
     assert_eq!(registry.ehr.count("Provenance"), 1);
     assert_eq!(registry.ehr.count("Device"), 0, "only Observations");
+    assert_eq!(hospital.ehr.count("Observation"), 12);
+    assert_eq!(hospital.ehr.count("Provenance"), 1);
+    assert_eq!(hospital.ehr.smart(|s| s.issued), 1);
 }

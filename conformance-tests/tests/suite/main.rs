@@ -13,4 +13,5 @@ mod fuzz_smoke;
 mod observations_flow;
 mod profile_conformance;
 mod scenarios;
+mod smart_backend_services;
 mod xml_destinations;

@@ -19,7 +19,7 @@ pub async fn call(
     cert: &Path,
     key: &Path,
 ) -> Result<(u16, String), BoxError> {
-    let tls = crate::tls::client_config(&[ca.to_owned()], cert, key)?;
+    let tls = crate::tls::client_config(&[ca.to_owned()], Some((cert, key)))?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

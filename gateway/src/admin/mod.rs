@@ -18,6 +18,8 @@
 //! | `GET /admin/v1/revoked-certificates` | client certificates revoked at the gateway |
 //! | `POST /admin/v1/revoked-certificates/{sha256}[?reason=]` | revoke one: refused from its next request on |
 //! | `DELETE /admin/v1/revoked-certificates/{sha256}` | take a revocation back |
+//! | `GET /admin/v1/smart` | per SMART destination: client, token endpoint, key, token state, last refusal (never a token) |
+//! | `GET /admin/v1/jwks` | the public keys of the gateway's SMART clients, to register at the EHR |
 
 pub mod client;
 
@@ -79,8 +81,10 @@ pub struct AdminParts {
     pub handoff: Arc<dyn Handoff>,
     pub clocks: Arc<DeviceClocks>,
     pub revoked: Arc<RevokedCertificates>,
-    /// For the certificate inventory.
+    /// For the certificate inventory and the JWKS.
     pub config: Arc<crate::config::Config>,
+    /// The token sources of SMART destinations, by destination name.
+    pub smart: Arc<[(String, Arc<crate::delivery::smart::TokenSource>)]>,
 }
 
 /// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
@@ -110,6 +114,7 @@ pub fn build_admin_stack<B: Send + 'static>(
                     clocks: &parts.clocks,
                     revoked: parts.revoked,
                     config: parts.config,
+                    smart: parts.smart,
                     admin,
                 };
                 route(context, request.method().clone(), request.uri().clone()).await
@@ -240,8 +245,51 @@ struct Context<'a> {
     clocks: &'a DeviceClocks,
     revoked: Arc<RevokedCertificates>,
     config: Arc<crate::config::Config>,
+    smart: Arc<[(String, Arc<crate::delivery::smart::TokenSource>)]>,
     /// The admin certificate identity of the request.
     admin: String,
+}
+
+/// SMART Backend Services: token state per destination, and the JWKS to register.
+fn smart(
+    context: &Context<'_>,
+    method: &Method,
+    segments: &[&str],
+) -> Result<Option<Response<BoxBody>>, BoxError> {
+    if method != Method::GET {
+        return Ok(None);
+    }
+    match segments {
+        ["admin", "v1", "smart"] => {
+            let destinations: serde_json::Map<String, Value> = context
+                .smart
+                .iter()
+                .map(|(name, tokens)| (name.clone(), tokens.status()))
+                .collect();
+            Ok(Some(json_response(
+                StatusCode::OK,
+                &json!({"destinations": destinations}),
+            )))
+        }
+        ["admin", "v1", "jwks"] => {
+            let jwks = crate::delivery::smart::keys::jwks(&context.config).map_err(|e| {
+                ApiError::one(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Issue::error("exception", e.to_string()),
+                )
+            })?;
+            let mut response = json_response(
+                StatusCode::OK,
+                &serde_json::to_value(jwks).unwrap_or_default(),
+            );
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/jwk-set+json"),
+            );
+            Ok(Some(response))
+        }
+        _ => Ok(None),
+    }
 }
 
 async fn route(
@@ -270,6 +318,9 @@ async fn route(
         ));
     }
     if let Some(response) = certificates(&context, &method, &uri, &segments).await? {
+        return Ok(response);
+    }
+    if let Some(response) = smart(&context, &method, &segments)? {
         return Ok(response);
     }
     let Some(outbox) = context.outbox else {

@@ -15,6 +15,9 @@ use tower::{ServiceBuilder, ServiceExt};
 use crate::BoxError;
 use crate::config::DestinationSettings;
 use crate::delivery::retry::EhrRetryPolicy;
+use crate::delivery::smart::TokenSource;
+use crate::delivery::smart::layer::BearerAuthLayer;
+use std::sync::Arc;
 
 /// EHR answers larger than this are cut off (a transaction-response of 500 entries is ~100 kB).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -25,6 +28,8 @@ pub enum ClientError {
     Tls(String, crate::tls::TlsError),
     #[error("destination '{0}': retry backoff: {1}")]
     Backoff(String, String),
+    #[error("destination '{0}': {1}")]
+    Smart(String, crate::delivery::smart::SmartError),
 }
 
 /// TCP with Nagle off: a request's headers and body leave at once instead of waiting ~40 ms
@@ -41,59 +46,97 @@ pub fn tcp_connector() -> HttpConnector {
 pub type EhrRequest = Request<Full<Bytes>>;
 pub type EhrResponse = Response<Bytes>;
 
+/// The hyper client over (mutual) TLS towards one EHR: its requests and, for a SMART
+/// destination, its token requests.
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn https_client(settings: &DestinationSettings) -> Result<HttpsClient, ClientError> {
+    let identity = settings
+        .client_cert
+        .as_deref()
+        .zip(settings.client_key.as_deref());
+    let tls = crate::tls::client_config(&settings.ca, identity)
+        .map_err(|e| ClientError::Tls(settings.name.clone(), e))?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        // HTTP/1.1 only: under TLS 1.3 an EHR refuses our client certificate after the
+        // handshake, and over HTTP/2 that alert is swallowed by the connection task (the
+        // request sees a broken pipe, which looks transient and would be retried). Over
+        // HTTP/1.1 the request itself reads the alert and is classified as configuration.
+        .enable_http1()
+        .wrap_connector(tcp_connector());
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(settings.concurrency)
+        .build::<_, Full<Bytes>>(https))
+}
+
+/// Sends `request` and reads the answer in full (up to [`MAX_RESPONSE_BYTES`]).
+pub async fn fetch(client: &HttpsClient, request: EhrRequest) -> Result<EhrResponse, BoxError> {
+    let response = client.request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(Response::from_parts(parts, body))
+}
+
 /// A cloneable handle on one destination's client stack; clones share the connection pool
 /// and the concurrency limit.
 #[derive(Clone)]
 pub struct EhrClient {
     service: BoxCloneSyncService<EhrRequest, EhrResponse, BoxError>,
+    /// SMART destinations: where their bearer tokens come from.
+    tokens: Option<Arc<TokenSource>>,
 }
 
 impl EhrClient {
     pub fn new(settings: &DestinationSettings) -> Result<Self, ClientError> {
-        let tls =
-            crate::tls::client_config(&settings.ca, &settings.client_cert, &settings.client_key)
-                .map_err(|e| ClientError::Tls(settings.name.clone(), e))?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            // HTTP/1.1 only: under TLS 1.3 an EHR refuses our client certificate after the
-            // handshake, and over HTTP/2 that alert is swallowed by the connection task (the
-            // request sees a broken pipe, which looks transient and would be retried). Over
-            // HTTP/1.1 the request itself reads the alert and is classified as configuration.
-            .enable_http1()
-            .wrap_connector(tcp_connector());
-        let hyper_client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(settings.concurrency)
-            .build::<_, Full<Bytes>>(https);
+        let hyper_client = https_client(settings)?;
+        let tokens = settings
+            .smart
+            .as_ref()
+            .map(|smart| {
+                TokenSource::new(
+                    &settings.name,
+                    &settings.base_url,
+                    smart,
+                    hyper_client.clone(),
+                    settings.timeout,
+                )
+                .map(Arc::new)
+            })
+            .transpose()
+            .map_err(|e| ClientError::Smart(settings.name.clone(), e))?;
         let send = tower::service_fn(move |request: EhrRequest| {
             let hyper_client = hyper_client.clone();
-            async move {
-                let response = hyper_client.request(request).await?;
-                let (parts, body) = response.into_parts();
-                let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                    .collect()
-                    .await?
-                    .to_bytes();
-                Ok::<_, BoxError>(Response::from_parts(parts, body))
-            }
+            async move { fetch(&hyper_client, request).await }
         });
         Ok(Self {
-            service: client_stack(send, settings)?,
+            service: client_stack(send, settings, tokens.clone())?,
+            tokens,
         })
     }
 
     pub async fn send(&self, request: EhrRequest) -> Result<EhrResponse, BoxError> {
         self.service.clone().oneshot(request).await
     }
+
+    /// The token state of a SMART destination, for the admin API.
+    pub fn tokens(&self) -> Option<&Arc<TokenSource>> {
+        self.tokens.as_ref()
+    }
 }
 
 /// The layers around the HTTP client, outermost first (Vector's order): rate limit (optional,
 /// behind a buffer so the handle stays cloneable), concurrency limit, retry, per-attempt
-/// timeout.
+/// timeout, bearer token (SMART destinations).
 pub fn client_stack<S>(
     send: S,
     settings: &DestinationSettings,
+    tokens: Option<Arc<TokenSource>>,
 ) -> Result<BoxCloneSyncService<EhrRequest, EhrResponse, BoxError>, ClientError>
 where
     S: tower::Service<EhrRequest, Response = EhrResponse, Error = BoxError>
@@ -109,6 +152,7 @@ where
         .concurrency_limit(settings.concurrency)
         .retry(retry)
         .timeout(settings.timeout)
+        .option_layer(tokens.map(BearerAuthLayer::new))
         .service(send);
     Ok(match settings.rate_limit {
         Some(per_second) => BoxCloneSyncService::new(
@@ -145,7 +189,7 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
             async { Ok::<_, BoxError>(Response::new(Bytes::new())) }
         });
-        let client = client_stack(send, &settings(Some(2))).unwrap();
+        let client = client_stack(send, &settings(Some(2)), None).unwrap();
         let started = tokio::time::Instant::now();
         for _ in 0..5 {
             let request = http::Request::post("https://ehr/fhir")

@@ -12,6 +12,7 @@ pub mod request_builder;
 pub mod response;
 pub mod retry;
 pub mod routing;
+pub mod smart;
 pub mod worker;
 
 use std::future::Future;
@@ -176,6 +177,11 @@ impl Destination {
 
     pub fn client(&self) -> &EhrClient {
         &self.client
+    }
+
+    /// A SMART destination's token state, for the admin API.
+    pub fn tokens(&self) -> Option<std::sync::Arc<smart::TokenSource>> {
+        self.client.tokens().cloned()
     }
 
     /// Sends every resource of the batch; Ok only when the EHR holds all of them.

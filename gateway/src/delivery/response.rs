@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::BoxError;
 use crate::delivery::DeliveryError;
 use crate::delivery::client::EhrResponse;
-use crate::delivery::retry::{is_retryable_status, retry_after, tls_failure};
+use crate::delivery::retry::{configuration_failure, is_retryable_status, retry_after};
 
 /// The EHR's answer for one resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,10 +204,10 @@ pub mod classify {
     }
 
     fn from_error(destination: &str, error: BoxError) -> DeliveryError {
-        if let Some(tls) = tls_failure(error.as_ref()) {
+        if let Some(reason) = configuration_failure(error.as_ref()) {
             return DeliveryError::Misconfigured {
                 destination: destination.to_owned(),
-                reason: format!("TLS: {tls}"),
+                reason,
             };
         }
         let reason = if error.is::<tower::timeout::error::Elapsed>() {

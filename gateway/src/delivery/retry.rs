@@ -97,6 +97,22 @@ pub fn tls_failure<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&
     None
 }
 
+/// Why an error is the configuration's fault, if it is: a TLS failure (the EHR refuses our
+/// certificate, or we its) or a SMART token refusal. Never retried; the destination pauses.
+pub fn configuration_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(tls) = tls_failure(error) {
+        return Some(format!("TLS: {tls}"));
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(smart) = e.downcast_ref::<crate::delivery::smart::SmartError>() {
+            return smart.is_configuration().then(|| format!("SMART: {smart}"));
+        }
+        cause = e.source();
+    }
+    None
+}
+
 impl Policy<EhrRequest, EhrResponse, BoxError> for EhrRetryPolicy {
     type Future = tokio::time::Sleep;
 
@@ -121,7 +137,7 @@ impl Policy<EhrRequest, EhrResponse, BoxError> for EhrRetryPolicy {
                 }
             }
             Ok(_) => return None,
-            Err(error) if tls_failure(error.as_ref()).is_some() => return None,
+            Err(error) if configuration_failure(error.as_ref()).is_some() => return None,
             Err(_) => None,
         };
         if !self.budget.withdraw() {
@@ -135,16 +151,21 @@ impl Policy<EhrRequest, EhrResponse, BoxError> for EhrRetryPolicy {
     }
 
     fn clone_request(&mut self, request: &EhrRequest) -> Option<EhrRequest> {
-        // http::Request is not Clone (extensions); the body is reference-counted bytes.
-        let mut clone = http::Request::builder()
-            .method(request.method().clone())
-            .uri(request.uri().clone())
-            .version(request.version())
-            .body(request.body().clone())
-            .ok()?;
-        *clone.headers_mut() = request.headers().clone();
-        Some(clone)
+        clone_request(request)
     }
+}
+
+/// A copy of a request to send again (http::Request is not Clone, for its extensions; the
+/// body is reference-counted bytes).
+pub fn clone_request(request: &EhrRequest) -> Option<EhrRequest> {
+    let mut clone = http::Request::builder()
+        .method(request.method().clone())
+        .uri(request.uri().clone())
+        .version(request.version())
+        .body(request.body().clone())
+        .ok()?;
+    *clone.headers_mut() = request.headers().clone();
+    Some(clone)
 }
 
 #[cfg(test)]

@@ -444,8 +444,10 @@ impl Shared {
                 at_ms: now + 1000,
                 error: error.to_string(),
             },
+            // Due again at once: the pause is the breaker's, in this process, so a restart
+            // with a mended configuration sends without waiting it out.
             DeliveryError::Misconfigured { reason, .. } => Settle::Postpone {
-                at_ms: now + MISCONFIGURED_PAUSE.as_millis() as i64,
+                at_ms: now,
                 error: reason.clone(),
             },
             DeliveryError::Unavailable {
