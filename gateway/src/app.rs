@@ -114,6 +114,21 @@ impl Gateway {
         })
     }
 
+    /// Each destination's CapabilityStatement (and SMART token) against what its configuration
+    /// needs, checked at once.
+    pub async fn check_destinations(&self) -> Vec<crate::delivery::capabilities::CapabilityReport> {
+        check_all(self.destination_clients()).await
+    }
+
+    fn destination_clients(&self) -> DestinationClients {
+        self.config
+            .destinations
+            .iter()
+            .cloned()
+            .zip(self.destinations.iter().map(|d| d.client().clone()))
+            .collect()
+    }
+
     /// Listens and serves until `shutdown` completes, then drains open requests and stops the
     /// delivery workers (what they had in flight stays pending in the outbox).
     pub async fn serve(
@@ -130,11 +145,16 @@ impl Gateway {
             let _ = stopped.wait_for(|s| *s).await;
         };
 
-        let smart: Arc<[_]> = self
-            .destinations
-            .iter()
-            .filter_map(|d| Some((d.name.to_string(), d.tokens()?)))
-            .collect();
+        let clients = self.destination_clients();
+        // What each EHR cannot do of what it is configured for, said once at start.
+        tokio::spawn({
+            let clients = clients.clone();
+            async move {
+                for report in check_all(clients).await {
+                    log_report(&report);
+                }
+            }
+        });
         let mut workers = tokio::task::JoinSet::new();
         let (handoff, outbox): (Arc<dyn Handoff>, Option<Arc<dyn Outbox>>) =
             match self.config.delivery.mode {
@@ -207,7 +227,7 @@ impl Gateway {
                     clocks: clocks.clone(),
                     revoked: self.revoked.clone(),
                     config: Arc::new(self.config.clone()),
-                    smart,
+                    destinations: clients,
                 },
             );
             tokio::spawn(serve_mtls(
@@ -264,6 +284,52 @@ impl Gateway {
         .await;
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// Every destination's settings with its client, for checks around the delivery workers.
+pub type DestinationClients = Arc<
+    [(
+        crate::config::DestinationSettings,
+        crate::delivery::client::EhrClient,
+    )],
+>;
+
+/// The capability checks of every destination, side by side.
+pub async fn check_all(
+    clients: DestinationClients,
+) -> Vec<crate::delivery::capabilities::CapabilityReport> {
+    let checks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|(settings, client)| {
+            tokio::spawn(
+                async move { crate::delivery::capabilities::check(&settings, &client).await },
+            )
+        })
+        .collect();
+    let mut reports = Vec::with_capacity(checks.len());
+    for check in checks {
+        if let Ok(report) = check.await {
+            reports.push(report);
+        }
+    }
+    reports
+}
+
+fn log_report(report: &crate::delivery::capabilities::CapabilityReport) {
+    let destination = &report.destination;
+    for gap in &report.gaps {
+        tracing::warn!(%destination, %gap, "destination cannot do what it is configured for");
+    }
+    match &report.unreachable {
+        Some(reason) => {
+            tracing::warn!(%destination, %reason, "destination's capabilities not checked")
+        }
+        None if report.ok() => {
+            tracing::info!(%destination, "destination's capabilities cover its configuration")
+        }
+        None => {}
     }
 }
 

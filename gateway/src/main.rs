@@ -26,10 +26,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a configuration, its certificates and mapping tables, then exit.
+    /// Check a configuration, its certificates and mapping tables, and what each destination
+    /// says it can do (its CapabilityStatement, a SMART token), then exit.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not contact the destinations.
+        #[arg(long)]
+        offline: bool,
     },
     /// Deliveries and dead letters, through the admin API (mutual TLS, admin certificate).
     Deliveries {
@@ -209,7 +213,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, offline } => {
             // Built as `serve` builds it, in a runtime: some layers (a rate limit's buffer)
             // start a task when they are made.
             let runtime = match runtime() {
@@ -217,16 +221,36 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let _context = runtime.enter();
-            match gateway::app::Gateway::from_config_file(&config) {
-                Ok(_) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
+            let gateway = match gateway::app::Gateway::from_config_file(&config) {
+                Ok(gateway) => gateway,
                 Err(error) => {
                     eprintln!("error: {error}");
-                    ExitCode::from(EX_CONFIG)
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            if offline {
+                println!("{}: ok (destinations not contacted)", config.display());
+                return ExitCode::SUCCESS;
+            }
+            let mut gaps = 0;
+            for report in runtime.block_on(gateway.check_destinations()) {
+                let name = &report.destination;
+                for gap in &report.gaps {
+                    println!("destination '{name}': cannot: {gap}");
+                }
+                gaps += report.gaps.len();
+                match &report.unreachable {
+                    Some(reason) => println!("destination '{name}': not checked: {reason}"),
+                    None if report.ok() => println!("destination '{name}': ok"),
+                    None => {}
                 }
             }
+            if gaps > 0 {
+                eprintln!("error: {gaps} configured feature(s) the destinations cannot do (above)");
+                return ExitCode::from(EX_CONFIG);
+            }
+            println!("{}: ok", config.display());
+            ExitCode::SUCCESS
         }
         Command::Serve { config } => {
             let runtime = match runtime() {

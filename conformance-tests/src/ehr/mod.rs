@@ -75,6 +75,16 @@ impl Fault {
     }
 }
 
+/// Features a reference EHR can be told to lack: it then refuses them and leaves them out of
+/// its CapabilityStatement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Without {
+    /// Transaction Bundles: 405.
+    pub transactions: bool,
+    /// FHIR XML: 415.
+    pub xml: bool,
+}
+
 /// One write as the EHR saw it: when it arrived and what it answered.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteRecord {
@@ -113,6 +123,9 @@ pub struct ReferenceEhr {
     smart: Arc<Mutex<Option<smart::SmartAuthority>>>,
     /// `https://<address>` once listening (the token endpoint's `aud` is built from it).
     origin: Arc<Mutex<Option<String>>>,
+    /// Features this EHR does without (and says so in its CapabilityStatement), as some
+    /// real ones do.
+    without: Arc<Mutex<Without>>,
     /// Writes being handled now, and the most seen at once.
     concurrent_writes: Arc<(
         std::sync::atomic::AtomicUsize,
@@ -197,6 +210,11 @@ impl ReferenceEhr {
         self.concurrent_writes
             .1
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on, does without these features.
+    pub fn without(&self, without: Without) {
+        *lock(&self.without) = without;
     }
 
     /// Registers a SMART Backend Services client; from now on every FHIR request needs a
@@ -468,6 +486,14 @@ impl ReferenceEhr {
                 .to_ascii_lowercase()
         };
         let xml_in = media(header::CONTENT_TYPE).contains("xml");
+        let without = *lock(&self.without);
+        if without.xml && (xml_in || media(header::ACCEPT).contains("xml")) {
+            return outcome(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                "this server takes FHIR JSON only",
+            );
+        }
         let xml_out = media(header::ACCEPT).contains("xml") || query.contains("_format=xml");
         if xml_in {
             self.xml_requests
@@ -636,7 +662,11 @@ impl ReferenceEhr {
     ) -> Response<BoxBody> {
         match (&parts.method, segments) {
             (&Method::GET, ["metadata"]) => {
-                fhir_json_response(StatusCode::OK, &capability_statement())
+                let smart = lock(&self.smart).as_ref().map(|s| s.token_url.clone());
+                fhir_json_response(
+                    StatusCode::OK,
+                    &capability_statement(*lock(&self.without), smart.as_deref()),
+                )
             }
             (&Method::GET, [".well-known", "smart-configuration"]) => {
                 match lock(&self.smart).as_ref() {
@@ -656,6 +686,11 @@ impl ReferenceEhr {
                     ),
                 }
             }
+            (&Method::POST, []) if lock(&self.without).transactions => outcome(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "not-supported",
+                "this server takes no transaction Bundles",
+            ),
             (&Method::POST, []) => self.transaction(body),
             (&Method::POST, [resource_type]) => {
                 let if_none_exist = parts
@@ -1149,19 +1184,46 @@ fn outcome(status: StatusCode, code: &'static str, details: &str) -> Response<Bo
     fhir_json_response(status, &operation_outcome(&[Issue::error(code, details)]))
 }
 
-fn capability_statement() -> Value {
+/// What this EHR does: the interactions the gateway's writes use, its formats, and with SMART
+/// on, the OAuth endpoints (the SMART extension of `rest.security`).
+fn capability_statement(without: Without, token_url: Option<&str>) -> Value {
     let resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient", "Provenance"]
         .iter()
         .map(|t| {
             json!({
                 "type": t,
-                "interaction": [{"code": "create"}, {"code": "update"}, {"code": "read"}, {"code": "search-type"}],
+                "interaction": [{"code": "create"}, {"code": "update"}, {"code": "read"}, {"code": "vread"}, {"code": "history-instance"}, {"code": "search-type"}],
+                "versioning": "versioned",
                 "conditionalCreate": true,
+                "conditionalUpdate": true,
                 "updateCreate": true,
                 "searchParam": [{"name": "identifier", "type": "token"}, {"name": "_tag", "type": "token"}]
             })
         })
         .collect();
+    let mut formats = vec!["application/fhir+json"];
+    if !without.xml {
+        formats.push("application/fhir+xml");
+    }
+    let interactions: Vec<Value> = if without.transactions {
+        Vec::new()
+    } else {
+        vec![json!({"code": "transaction"})]
+    };
+    let mut rest = json!({
+        "mode": "server",
+        "interaction": interactions,
+        "resource": resources
+    });
+    if let Some(token_url) = token_url {
+        rest["security"] = json!({
+            "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": token_url}]
+            }]
+        });
+    }
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -1169,11 +1231,7 @@ fn capability_statement() -> Value {
         "kind": "instance",
         "software": {"name": "ECMO gateway reference EHR"},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json"],
-        "rest": [{
-            "mode": "server",
-            "interaction": [{"code": "transaction"}],
-            "resource": resources
-        }]
+        "format": formats,
+        "rest": [rest]
     })
 }

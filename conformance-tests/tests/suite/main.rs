@@ -6,6 +6,7 @@
 mod bad_payloads;
 mod bench_ceilings;
 mod certificates;
+mod destination_capabilities;
 mod durable_delivery;
 mod ecmo_runs;
 mod ehr_failures;

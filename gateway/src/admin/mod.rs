@@ -19,6 +19,7 @@
 //! | `POST /admin/v1/revoked-certificates/{sha256}[?reason=]` | revoke one: refused from its next request on |
 //! | `DELETE /admin/v1/revoked-certificates/{sha256}` | take a revocation back |
 //! | `GET /admin/v1/smart` | per SMART destination: client, token endpoint, key, token state, last refusal (never a token) |
+//! | `GET /admin/v1/capabilities` | each destination's CapabilityStatement (and SMART token) checked now against its configuration: what it cannot do |
 //! | `GET /admin/v1/jwks` | the public keys of the gateway's SMART clients, to register at the EHR |
 
 pub mod client;
@@ -83,8 +84,8 @@ pub struct AdminParts {
     pub revoked: Arc<RevokedCertificates>,
     /// For the certificate inventory and the JWKS.
     pub config: Arc<crate::config::Config>,
-    /// The token sources of SMART destinations, by destination name.
-    pub smart: Arc<[(String, Arc<crate::delivery::smart::TokenSource>)]>,
+    /// Every destination with its client: token state, capability checks.
+    pub destinations: crate::app::DestinationClients,
 }
 
 /// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
@@ -114,7 +115,7 @@ pub fn build_admin_stack<B: Send + 'static>(
                     clocks: &parts.clocks,
                     revoked: parts.revoked,
                     config: parts.config,
-                    smart: parts.smart,
+                    destinations: parts.destinations,
                     admin,
                 };
                 route(context, request.method().clone(), request.uri().clone()).await
@@ -245,7 +246,7 @@ struct Context<'a> {
     clocks: &'a DeviceClocks,
     revoked: Arc<RevokedCertificates>,
     config: Arc<crate::config::Config>,
-    smart: Arc<[(String, Arc<crate::delivery::smart::TokenSource>)]>,
+    destinations: crate::app::DestinationClients,
     /// The admin certificate identity of the request.
     admin: String,
 }
@@ -262,9 +263,11 @@ fn smart(
     match segments {
         ["admin", "v1", "smart"] => {
             let destinations: serde_json::Map<String, Value> = context
-                .smart
+                .destinations
                 .iter()
-                .map(|(name, tokens)| (name.clone(), tokens.status()))
+                .filter_map(|(settings, client)| {
+                    Some((settings.name.clone(), client.tokens()?.status()))
+                })
                 .collect();
             Ok(Some(json_response(
                 StatusCode::OK,
@@ -322,6 +325,13 @@ async fn route(
     }
     if let Some(response) = smart(&context, &method, &segments)? {
         return Ok(response);
+    }
+    if segments == ["admin", "v1", "capabilities"] && method == Method::GET {
+        let reports = crate::app::check_all(context.destinations.clone()).await;
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"destinations": reports}),
+        ));
     }
     let Some(outbox) = context.outbox else {
         if segments == ["readyz"] {

@@ -90,6 +90,8 @@ pub struct EhrClient {
     service: BoxCloneSyncService<EhrRequest, EhrResponse, BoxError>,
     /// SMART destinations: where their bearer tokens come from.
     tokens: Option<Arc<TokenSource>>,
+    /// The bare connection pool, for what goes around the stack (the CapabilityStatement).
+    http: HttpsClient,
 }
 
 impl EhrClient {
@@ -110,6 +112,7 @@ impl EhrClient {
             })
             .transpose()
             .map_err(|e| ClientError::Smart(settings.name.clone(), e))?;
+        let http = hyper_client.clone();
         let send = tower::service_fn(move |request: EhrRequest| {
             let hyper_client = hyper_client.clone();
             async move { fetch(&hyper_client, request).await }
@@ -117,11 +120,17 @@ impl EhrClient {
         Ok(Self {
             service: client_stack(send, settings, tokens.clone())?,
             tokens,
+            http,
         })
     }
 
     pub async fn send(&self, request: EhrRequest) -> Result<EhrResponse, BoxError> {
         self.service.clone().oneshot(request).await
+    }
+
+    /// The connection pool without the stack's layers (no retries, no token).
+    pub fn http(&self) -> &HttpsClient {
+        &self.http
     }
 
     /// The token state of a SMART destination, for the admin API.

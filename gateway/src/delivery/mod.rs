@@ -7,6 +7,7 @@
 //! implements the same trait to answer 202 as soon as the batch is safely on disk.
 
 pub mod breaker;
+pub mod capabilities;
 pub mod client;
 pub mod request_builder;
 pub mod response;
