@@ -82,11 +82,16 @@ impl MtlsClient {
 
     /// This client, sending `Authorization: Bearer <token>` with every request (marked
     /// sensitive, so it never shows in debug output).
-    pub fn with_bearer_token(mut self, token: &str) -> Result<Self, BoxError> {
+    pub fn with_bearer_token(self, token: &str) -> Result<Self, BoxError> {
         let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))?;
         value.set_sensitive(true);
-        self.authorization = Some(value);
-        Ok(self)
+        Ok(self.with_authorization(value))
+    }
+
+    /// This client, sending `authorization` with every request.
+    pub fn with_authorization(mut self, authorization: http::HeaderValue) -> Self {
+        self.authorization = Some(authorization);
+        self
     }
 
     pub async fn send(

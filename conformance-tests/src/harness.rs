@@ -250,6 +250,48 @@ pub fn durable_config(certs: impl AsRef<Path>, ehr_url: &str, outbox: &Path) -> 
     )
 }
 
+/// The scopes the gateway asks a SMART EHR for: every type it writes.
+pub const SMART_WRITE_SCOPES: [&str; 4] = [
+    "system/Observation.cu",
+    "system/Procedure.cu",
+    "system/Device.cu",
+    "system/Provenance.c",
+];
+
+/// `config` with its destination authenticated by SMART Backend Services as `client_id` with
+/// `keys` (the first signs): `certificate` keeps the client certificate as well (both
+/// together), `token_url` names the endpoint (else it is discovered).
+pub fn with_smart(
+    config: &str,
+    client_id: &str,
+    keys: &[&Path],
+    certificate: bool,
+    token_url: Option<&str>,
+) -> String {
+    let mut config: String = config
+        .lines()
+        .filter(|l| {
+            certificate || !(l.starts_with("client_cert =") || l.starts_with("client_key ="))
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let quoted = |items: &mut dyn Iterator<Item = String>| {
+        items
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    config.push_str(&format!(
+        "\n[destination.smart]\nclient_id = \"{client_id}\"\nscopes = [{}]\nkeys = [{}]\n{}",
+        quoted(&mut SMART_WRITE_SCOPES.iter().map(|s| (*s).to_owned())),
+        quoted(&mut keys.iter().map(|k| k.display().to_string())),
+        token_url
+            .map(|u| format!("token_url = \"{u}\"\n"))
+            .unwrap_or_default(),
+    ));
+    config
+}
+
 /// The `gateway` binary: `GATEWAY_BIN` if set, else the workspace's own, built (or found up to
 /// date) by cargo once per test process, so a stale binary in a reused target directory is
 /// never what gets tested.

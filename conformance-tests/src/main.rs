@@ -45,6 +45,23 @@ struct Args {
     /// token request); a file, so the token stays out of shell history and process lists.
     #[arg(long)]
     ehr_token_file: Option<PathBuf>,
+    /// Read the EHR with a token of its own, got the SMART Backend Services way: the client id
+    /// the EHR registered for the suite (with read scopes).
+    #[arg(long, requires = "ehr_smart_key")]
+    ehr_smart_client_id: Option<String>,
+    /// The suite's signing key (PKCS#8 PEM, EC P-384 or RSA) registered with that client id.
+    #[arg(long)]
+    ehr_smart_key: Option<PathBuf>,
+    /// Scopes to ask for (SMART v1 or v2 syntax).
+    #[arg(
+        long,
+        value_delimiter = ' ',
+        default_value = "system/Observation.rs system/Procedure.rs system/Device.rs system/Provenance.rs"
+    )]
+    ehr_smart_scopes: Vec<String>,
+    /// The token endpoint [default: read from the EHR's .well-known/smart-configuration].
+    #[arg(long)]
+    ehr_smart_token_url: Option<String>,
     /// Client certificate for reading the EHR [default: <pki>/gateway-client.pem].
     #[arg(long)]
     ehr_cert: Option<PathBuf>,
@@ -130,6 +147,32 @@ async fn run(args: Args) -> Result<bool, gateway::BoxError> {
                 (Some(cert), Some(key)) => MtlsClient::new(&ehr_ca, Some((cert, key)))?,
                 _ => MtlsClient::new(&ehr_ca, None)?,
             };
+            if let (Some(client_id), Some(signing_key)) =
+                (&args.ehr_smart_client_id, &args.ehr_smart_key)
+            {
+                let settings = gateway::config::SmartSettings {
+                    client_id: client_id.clone(),
+                    token_url: args.ehr_smart_token_url.clone(),
+                    scopes: args.ehr_smart_scopes.clone(),
+                    keys: vec![signing_key.clone()],
+                    renew_before: Duration::from_secs(60),
+                };
+                let identity = cert.as_deref().zip(key.as_deref());
+                let http = gateway::delivery::client::https_client_with(
+                    std::slice::from_ref(&ehr_ca),
+                    identity,
+                    1,
+                )?;
+                let tokens = gateway::delivery::smart::TokenSource::new(
+                    "conformance suite",
+                    url,
+                    &settings,
+                    http,
+                    Duration::from_secs(30),
+                )?;
+                let token = tokens.token().await?;
+                client = client.with_authorization(token.authorization().clone());
+            }
             if let Some(file) = &args.ehr_token_file {
                 let token = std::fs::read_to_string(file)
                     .map_err(|e| format!("--ehr-token-file {}: {e}", file.display()))?;

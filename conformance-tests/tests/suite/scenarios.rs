@@ -8,12 +8,17 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
-use conformance_tests::harness::{EhrReader, GatewayProcess, TestPki, durable_config};
+use conformance_tests::harness::{
+    EhrReader, GatewayProcess, SMART_WRITE_SCOPES, TestPki, durable_config, with_smart,
+};
 use conformance_tests::suite::coverage::{ERROR_CLASSES, gaps};
 use conformance_tests::suite::report::{Totals, junit_xml, markdown_summary};
 use conformance_tests::suite::runner::{Runner, Target, identities_from_dir, not_passed};
 use conformance_tests::suite::{ScenarioSource, default_dir};
+use gateway::delivery::smart::keys::SigningKeys;
+use jsonwebtoken::jwk::JwkSet;
 use mappings::{Mappings, ProfileValidator};
 
 fn sources() -> Vec<ScenarioSource> {
@@ -236,4 +241,76 @@ async fn the_runner_binary_reports_passes_and_failures() {
     let (code, stderr, _, _) = run_binary(&["--gateway", "https://127.0.0.1:9"], out.path()).await;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--ca or --pki"), "{stderr}");
+}
+
+/// The suite against an EHR that takes SMART Backend Services tokens alone: the gateway writes
+/// with its token, the runner reads with one of its own (its own client id and key, read
+/// scopes), and the report is the same as over mutual TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runner_checks_an_ehr_behind_smart_backend_services() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = ReferenceEhr::new()
+        .start(
+            pki.ehr_tls_certificate_optional("ca.pem"),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let jwks_of = |key: &Path| JwkSet {
+        keys: SigningKeys::load(&[key.to_owned()])
+            .unwrap()
+            .public_keys()
+            .cloned()
+            .collect(),
+    };
+    let gateway_key = pki.path(gateway::certs::SMART_KEY);
+    ehr.ehr.register_smart_client(RegisteredClient {
+        client_id: "ecmo-gateway".into(),
+        jwks: jwks_of(&gateway_key),
+        scopes: SMART_WRITE_SCOPES.map(String::from).to_vec(),
+    });
+    let suite_key = pki.smart_key("suite-reader");
+    ehr.ehr.register_smart_client(RegisteredClient {
+        client_id: "conformance-suite".into(),
+        jwks: jwks_of(&suite_key),
+        scopes: ["Observation", "Procedure", "Device", "Provenance"]
+            .map(|t| format!("system/{t}.rs"))
+            .to_vec(),
+    });
+    let config = with_smart(
+        &durable_config(&pki, &ehr.base_url, &pki.path("outbox.sqlite")),
+        "ecmo-gateway",
+        &[&gateway_key],
+        false,
+        None,
+    );
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gateway_url = gateway.url("");
+    let pki_dir = pki.dir.path().display().to_string();
+    let suite_key = suite_key.display().to_string();
+    let args = [
+        "--gateway",
+        gateway_url.as_str(),
+        "--ehr",
+        ehr.base_url.as_str(),
+        "--pki",
+        pki_dir.as_str(),
+        "--ehr-smart-client-id",
+        "conformance-suite",
+        "--ehr-smart-key",
+        suite_key.as_str(),
+        "--only",
+        "spectrum-m4",
+        "--only",
+        "cardiohelp",
+    ];
+    let (code, stderr, xml, summary) = run_binary(&args, out.path()).await;
+    assert_eq!(code, 0, "{stderr}\n{summary}\n{xml}");
+    let (cases, failures) = junit_counts(&xml);
+    assert!(cases >= 5 && failures == 0, "{xml}");
+    assert!(summary.contains("PASSED"), "{summary}");
+    // Two clients, each with its own token: the gateway's for writes, the suite's for reads.
+    assert_eq!(ehr.ehr.smart(|s| s.issued), 2);
+    assert!(ehr.ehr.count("Observation") >= 10);
 }

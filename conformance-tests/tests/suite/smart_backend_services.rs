@@ -14,7 +14,8 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, TestPki, durable_config, gateway_binary,
+    ADMIN, GETINGE, GatewayProcess, SMART_WRITE_SCOPES, TestPki, durable_config, gateway_binary,
+    with_smart,
 };
 use gateway::delivery::smart::keys::{SigningKey, SigningKeys};
 use http::Method;
@@ -23,12 +24,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 const CLIENT_ID: &str = "ecmo-gateway";
-const SCOPES: &[&str] = &[
-    "system/Observation.cu",
-    "system/Procedure.cu",
-    "system/Device.cu",
-    "system/Provenance.c",
-];
+const SCOPES: &[&str] = &SMART_WRITE_SCOPES;
 
 fn client(client_id: &str, jwks: JwkSet, scopes: &[&str]) -> RegisteredClient {
     RegisteredClient {
@@ -312,9 +308,6 @@ async fn the_ehr_token_endpoint_checks_each_claim_and_the_fhir_endpoint_each_tok
         .expect_status(200);
 }
 
-/// The gateway's config with its destination authenticated by SMART: `certificate` keeps the
-/// client certificate as well (both together), `token_url` names the endpoint (else it is
-/// discovered).
 fn smart_config(
     pki: &TestPki,
     ehr: &RunningEhr,
@@ -323,31 +316,13 @@ fn smart_config(
     certificate: bool,
     token_url: Option<&str>,
 ) -> String {
-    let mut config = durable_config(pki, &ehr.base_url, outbox);
-    if !certificate {
-        let cert_lines: Vec<String> = config
-            .lines()
-            .filter(|l| l.starts_with("client_cert =") || l.starts_with("client_key ="))
-            .map(str::to_owned)
-            .collect();
-        for line in cert_lines {
-            config = config.replace(&format!("{line}\n"), "");
-        }
-    }
-    let keys: Vec<String> = keys
-        .iter()
-        .map(|k| format!("\"{}\"", k.display()))
-        .collect();
-    let scopes: Vec<String> = SCOPES.iter().map(|s| format!("\"{s}\"")).collect();
-    config.push_str(&format!(
-        "\n[destination.smart]\nclient_id = \"{CLIENT_ID}\"\nscopes = [{}]\nkeys = [{}]\n{}",
-        scopes.join(", "),
-        keys.join(", "),
-        token_url
-            .map(|u| format!("token_url = \"{u}\"\n"))
-            .unwrap_or_default(),
-    ));
-    config
+    with_smart(
+        &durable_config(pki, &ehr.base_url, outbox),
+        CLIENT_ID,
+        keys,
+        certificate,
+        token_url,
+    )
 }
 
 /// What `gateway jwks --config` prints: the JWKS an EHR registers.

@@ -55,8 +55,18 @@ fn https_client(settings: &DestinationSettings) -> Result<HttpsClient, ClientErr
         .client_cert
         .as_deref()
         .zip(settings.client_key.as_deref());
-    let tls = crate::tls::client_config(&settings.ca, identity)
-        .map_err(|e| ClientError::Tls(settings.name.clone(), e))?;
+    https_client_with(&settings.ca, identity, settings.concurrency)
+        .map_err(|e| ClientError::Tls(settings.name.clone(), e))
+}
+
+/// A client trusting `ca` for the EHR's certificate and presenting `identity` if given, with
+/// up to `idle_connections` kept open.
+pub fn https_client_with(
+    ca: &[std::path::PathBuf],
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+    idle_connections: usize,
+) -> Result<HttpsClient, crate::tls::TlsError> {
+    let tls = crate::tls::client_config(ca, identity)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
@@ -68,7 +78,7 @@ fn https_client(settings: &DestinationSettings) -> Result<HttpsClient, ClientErr
         .wrap_connector(tcp_connector());
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(settings.concurrency)
+        .pool_max_idle_per_host(idle_connections)
         .build::<_, Full<Bytes>>(https))
 }
 
