@@ -250,6 +250,34 @@ pub fn durable_config(certs: impl AsRef<Path>, ehr_url: &str, outbox: &Path) -> 
     )
 }
 
+/// Polls `path` on the gateway's admin API (as `admin`) until `ready` holds for its JSON;
+/// fails the test after 30 s, showing the last answer and the gateway's log.
+pub async fn admin_until(
+    gateway: &GatewayProcess,
+    admin: &MtlsClient,
+    path: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = admin
+            .get(&gateway.admin_url(path))
+            .await
+            .expect("admin API answers")
+            .expect_status(200)
+            .json();
+        if ready(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: {body}\n{}",
+            gateway.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The scopes the gateway asks a SMART EHR for: every type it writes.
 pub const SMART_WRITE_SCOPES: [&str; 4] = [
     "system/Observation.cu",

@@ -285,6 +285,17 @@ pub struct DestinationSettings {
     /// mapping table, gateway build, reason). Off for EHRs that refuse Provenance writes.
     #[serde(default = "defaults::provenance")]
     pub provenance: bool,
+    /// How references to the patient, the console's Device, the run's Procedure and (in
+    /// Provenance) the written resources are made: by identifier, or literal for EHRs that
+    /// need `Patient/123` (see `delivery::references`).
+    #[serde(default)]
+    pub references: crate::delivery::references::ReferenceStyle,
+    /// Literal references: what happens to a resource whose patient the EHR does not know.
+    #[serde(default)]
+    pub unknown_patient: crate::delivery::references::UnknownPatient,
+    /// Literal references: how long an id the EHR gave (or a search found) is used.
+    #[serde(default = "defaults::reference_cache_ttl", with = "humantime_serde")]
+    pub reference_cache_ttl: Duration,
 }
 
 /// SMART Backend Services (SMART App Launch 2.x): `client_credentials` with a client assertion
@@ -332,6 +343,13 @@ pub enum WriteMode {
     /// `PUT [type]/[id]` with an id derived from the identifier: for servers that allow
     /// client-assigned ids; no search needed, so no conditional-create race.
     Put,
+    /// `POST [type]` alone, for EHRs that take neither conditional create nor client-assigned
+    /// ids (vital signs one create at a time): the gateway searches by identifier before each
+    /// create, so a resend after a lost answer or a crash finds what is there instead of
+    /// writing it twice. Nothing is ever overwritten: corrections are refused to the device
+    /// (`corrections = "reject"`), and a later version of a run's Procedure or a retraction
+    /// is dead-lettered for an operator. One request per resource (`bundle = "single"`).
+    Create,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -428,6 +446,9 @@ mod defaults {
     }
     pub fn breaker_cooldown() -> Duration {
         Duration::from_secs(2)
+    }
+    pub fn reference_cache_ttl() -> Duration {
+        Duration::from_secs(600)
     }
     pub fn renew_before() -> Duration {
         Duration::from_secs(60)
@@ -632,6 +653,14 @@ impl Config {
                 smart
                     .check()
                     .map_err(|why| format!("destination '{}': smart: {why}", d.name))?;
+            }
+            if d.write == WriteMode::Create
+                && (d.bundle != BundleMode::Single || d.corrections != Corrections::Reject)
+            {
+                return Err(format!(
+                    "destination '{}': write = \"create\" writes one resource at a time and never overwrites: it needs bundle = \"single\" and corrections = \"reject\"",
+                    d.name
+                ));
             }
             if d.max_attempts == 0
                 || d.concurrency == 0

@@ -6,10 +6,11 @@
 //!
 //! A small fault plan lets tests make it refuse or fail the next writes.
 
+pub mod references;
 pub mod smart;
 pub mod store;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -83,6 +84,9 @@ pub struct Without {
     pub transactions: bool,
     /// FHIR XML: 415.
     pub xml: bool,
+    /// Conditional create and conditional update (`If-None-Exist`, `PUT Type?identifier=`):
+    /// 400, as servers that take plain creates only answer.
+    pub conditional_writes: bool,
 }
 
 /// One write as the EHR saw it: when it arrived and what it answered.
@@ -123,6 +127,9 @@ pub struct ReferenceEhr {
     smart: Arc<Mutex<Option<smart::SmartAuthority>>>,
     /// `https://<address>` once listening (the token endpoint's `aud` is built from it).
     origin: Arc<Mutex<Option<String>>>,
+    /// References must be literal and resolve (as in most hospital EHRs); by identifier
+    /// alone they are refused.
+    literal_references: Arc<std::sync::atomic::AtomicBool>,
     /// Features this EHR does without (and says so in its CapabilityStatement), as some
     /// real ones do.
     without: Arc<Mutex<Without>>,
@@ -212,6 +219,68 @@ impl ReferenceEhr {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// From now on, references to what this EHR holds must be literal and resolve.
+    pub fn require_literal_references(&self) {
+        self.literal_references
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Registers a patient (as the hospital's ADT feed would) and returns its id.
+    pub fn add_patient(&self, system: &str, value: &str) -> String {
+        let patient = json!({
+            "resourceType": "Patient",
+            "identifier": [{"system": system, "value": value}],
+            "active": true
+        });
+        match lock(&self.store).create("Patient", patient, None) {
+            WriteOutcome::Created { id, .. }
+            | WriteOutcome::Updated { id, .. }
+            | WriteOutcome::Exists { id, .. } => id,
+        }
+    }
+
+    /// With literal references required: why `resource` may not be written, if it may not.
+    /// `pending` are the `Type/id`s a transaction writes before it.
+    fn unresolved(&self, resource: &Value, pending: &[String]) -> Option<Refusal> {
+        if !self
+            .literal_references
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        if let Some(logical) = references::by_identifier_only(resource) {
+            return Some(Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!(
+                    "a reference to {logical} by identifier alone: this EHR needs literal references (Reference.reference)"
+                ),
+            ));
+        }
+        let store = lock(&self.store);
+        let origin = lock(&self.origin).clone().unwrap_or_default();
+        let base = format!("{origin}/fhir");
+        for reference in references::literal(resource) {
+            let Some((kind, id)) = references::type_and_id(&reference, &base) else {
+                return Some(Refusal::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("reference '{reference}' resolves to nothing here"),
+                ));
+            };
+            if store.read(kind, id).is_none()
+                && !pending.iter().any(|p| p == &format!("{kind}/{id}"))
+            {
+                return Some(Refusal::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "not-found",
+                    format!("reference '{reference}': no {kind} with id {id}"),
+                ));
+            }
+        }
+        None
+    }
+
     /// From now on, does without these features.
     pub fn without(&self, without: Without) {
         *lock(&self.without) = without;
@@ -247,6 +316,15 @@ impl ReferenceEhr {
     pub fn fail_next(&self, fault: Fault, count: usize) {
         let mut faults = lock(&self.faults);
         faults.extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Every stored resource of a type, as it is now.
+    pub fn all_resources(&self, resource_type: &str) -> Vec<Value> {
+        lock(&self.store)
+            .all(resource_type)
+            .into_iter()
+            .map(|s| s.resource.clone())
+            .collect()
     }
 
     pub fn count(&self, resource_type: &str) -> usize {
@@ -698,9 +776,21 @@ impl ReferenceEhr {
                     .get("if-none-exist")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                if if_none_exist.is_some() && lock(&self.without).conditional_writes {
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        "not-supported",
+                        "conditional create (If-None-Exist) is not supported",
+                    );
+                }
                 self.create(resource_type, body, if_none_exist.as_deref())
             }
             (&Method::PUT, [resource_type, id]) => self.update(resource_type, id, body),
+            (&Method::PUT, [_]) if lock(&self.without).conditional_writes => outcome(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                "conditional update is not supported",
+            ),
             (&Method::PUT, [resource_type]) => self.conditional_update(resource_type, query, body),
             (&Method::GET, [resource_type, id]) => self.read(resource_type, id),
             (&Method::GET, [resource_type, id, "_history"]) => self.history(resource_type, id),
@@ -730,6 +820,9 @@ impl ReferenceEhr {
             Ok(token) => token,
             Err(refusal) => return refusal.response(),
         };
+        if let Some(refusal) = self.unresolved(&resource, &[]) {
+            return refusal.response();
+        }
         let written = lock(&self.store).create(resource_type, resource, token.as_deref());
         write_response(resource_type, &written)
     }
@@ -745,6 +838,9 @@ impl ReferenceEhr {
                 "invalid",
                 "the resource id must match the URL",
             );
+        }
+        if let Some(refusal) = self.unresolved(&resource, &[]) {
+            return refusal.response();
         }
         let written = lock(&self.store).update(resource_type, id, resource);
         write_response(resource_type, &written)
@@ -764,6 +860,9 @@ impl ReferenceEhr {
             Ok(token) => token,
             Err(refusal) => return refusal.response(),
         };
+        if let Some(refusal) = self.unresolved(&resource, &[]) {
+            return refusal.response();
+        }
         let written = lock(&self.store).conditional_update(resource_type, &token, resource);
         write_response(resource_type, &written)
     }
@@ -897,7 +996,15 @@ impl ReferenceEhr {
             Update(String, String, Value),
             ConditionalUpdate(String, String, Value),
         }
+        impl Op {
+            fn resource(&mut self) -> &mut Value {
+                match self {
+                    Op::Create(_, r, _) | Op::Update(_, _, r) | Op::ConditionalUpdate(_, _, r) => r,
+                }
+            }
+        }
         let mut ops = Vec::new();
+        let mut full_urls: Vec<Option<String>> = Vec::new();
         // What each entry is about (its conditional identity or id): a transaction that names
         // one resource twice is refused, as HAPI and other servers do.
         let mut identities: std::collections::HashMap<String, usize> =
@@ -908,6 +1015,7 @@ impl ReferenceEhr {
             .flatten()
             .enumerate()
         {
+            full_urls.push(entry["fullUrl"].as_str().map(str::to_owned));
             let method = entry["request"]["method"].as_str().unwrap_or("").to_owned();
             let method = method.as_str();
             let url = entry["request"]["url"].as_str().unwrap_or("").to_owned();
@@ -972,27 +1080,95 @@ impl ReferenceEhr {
                 }
             }
         }
-        let mut store = lock(&self.store);
-        let responses: Vec<Value> = ops
-            .into_iter()
-            .map(|op| {
-                let (resource_type, written) = match op {
-                    Op::Create(t, r, token) => {
-                        let w = store.create(&t, r, token.as_deref());
-                        (t, w)
-                    }
-                    Op::Update(t, id, r) => {
-                        let w = store.update(&t, &id, r);
-                        (t, w)
-                    }
-                    Op::ConditionalUpdate(t, token, r) => {
-                        let w = store.conditional_update(&t, &token, r);
-                        (t, w)
-                    }
-                };
-                json!({"response": {"status": written.status().1, "location": written.location(&resource_type)}})
+        // Entries that reference others by `fullUrl` are written after them, in an order
+        // found before anything is written (all or nothing).
+        let urn = |reference: &str| reference.starts_with("urn:");
+        let mut order: Vec<usize> = Vec::with_capacity(ops.len());
+        let referenced: Vec<Vec<String>> = ops
+            .iter_mut()
+            .map(|op| references::literal(op.resource()))
+            .collect();
+        while order.len() < ops.len() {
+            let before = order.len();
+            for (i, references) in referenced.iter().enumerate() {
+                if order.contains(&i) {
+                    continue;
+                }
+                let waits = references.iter().any(|r| {
+                    urn(r)
+                        && !order
+                            .iter()
+                            .any(|&j| full_urls[j].as_deref() == Some(r.as_str()))
+                });
+                if !waits {
+                    order.push(i);
+                }
+            }
+            if order.len() == before {
+                let stuck = (0..ops.len()).find(|i| !order.contains(i)).unwrap_or(0);
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    &format!("entry {stuck}: a urn:uuid reference to no entry of this Bundle"),
+                );
+            }
+        }
+        // With literal references required: each must reach something held or written here.
+        let written_here: Vec<String> = ops
+            .iter_mut()
+            .filter_map(|op| match op {
+                Op::Update(t, id, _) => Some(format!("{t}/{id}")),
+                _ => None,
             })
             .collect();
+        for (index, op) in ops.iter_mut().enumerate() {
+            let mut probe = op.resource().clone();
+            // urn:uuid targets are written here: stand-ins that pass the check.
+            let stand_ins: HashMap<String, String> = full_urls
+                .iter()
+                .flatten()
+                .filter(|u| urn(u))
+                .map(|u| (u.clone(), format!("Bundle/{u}")))
+                .collect();
+            references::rewrite(&mut probe, &stand_ins);
+            let mut pending = written_here.clone();
+            pending.extend(stand_ins.values().cloned());
+            if let Some(mut refusal) = self.unresolved(&probe, &pending) {
+                refusal.details = format!("entry {index}: {}", refusal.details);
+                return refusal.response();
+            }
+        }
+        let mut store = lock(&self.store);
+        let mut written_at: HashMap<String, String> = HashMap::new();
+        let mut ops: Vec<Option<Op>> = ops.into_iter().map(Some).collect();
+        let mut responses: Vec<Value> = vec![Value::Null; ops.len()];
+        for i in order {
+            let Some(mut op) = ops[i].take() else {
+                continue;
+            };
+            references::rewrite(op.resource(), &written_at);
+            let (resource_type, written) = match op {
+                Op::Create(t, r, token) => {
+                    let w = store.create(&t, r, token.as_deref());
+                    (t, w)
+                }
+                Op::Update(t, id, r) => {
+                    let w = store.update(&t, &id, r);
+                    (t, w)
+                }
+                Op::ConditionalUpdate(t, token, r) => {
+                    let w = store.conditional_update(&t, &token, r);
+                    (t, w)
+                }
+            };
+            let location = written.location(&resource_type);
+            if let Some(full_url) = &full_urls[i] {
+                let current = location.split("/_history").next().unwrap_or_default();
+                written_at.insert(full_url.clone(), current.to_owned());
+            }
+            responses[i] =
+                json!({"response": {"status": written.status().1, "location": location}});
+        }
         fhir_json_response(
             StatusCode::OK,
             &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": responses}),
@@ -1194,8 +1370,8 @@ fn capability_statement(without: Without, token_url: Option<&str>) -> Value {
                 "type": t,
                 "interaction": [{"code": "create"}, {"code": "update"}, {"code": "read"}, {"code": "vread"}, {"code": "history-instance"}, {"code": "search-type"}],
                 "versioning": "versioned",
-                "conditionalCreate": true,
-                "conditionalUpdate": true,
+                "conditionalCreate": !without.conditional_writes,
+                "conditionalUpdate": !without.conditional_writes,
                 "updateCreate": true,
                 "searchParam": [{"name": "identifier", "type": "token"}, {"name": "_tag", "type": "token"}]
             })

@@ -1,14 +1,20 @@
 //! Before the first dead letter: `gateway check-config`, the start-up log and the admin API
 //! read each destination's CapabilityStatement (and SMART token) and say which configured
-//! features the EHR cannot do.
+//! features the EHR cannot do. And an EHR that can do little (plain creates, one at a time)
+//! still gets every reading exactly once.
 
 use std::process::Command;
 
+use conformance_tests::console::SimulatedCardiohelp;
+use conformance_tests::ehr::Fault;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr, Without};
-use conformance_tests::harness::{ADMIN, GatewayProcess, TestPki, durable_config, gateway_binary};
+use conformance_tests::harness::{
+    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config, gateway_binary,
+};
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
+use time::OffsetDateTime;
 
 async fn ehr(pki: &TestPki) -> RunningEhr {
     ReferenceEhr::new()
@@ -49,6 +55,7 @@ async fn check_config_and_the_admin_api_name_what_an_ehr_cannot_do() {
     limited.ehr.without(Without {
         transactions: true,
         xml: true,
+        ..Without::default()
     });
     let config = durable_config(&pki, &limited.base_url, &outbox).replace(
         "bundle = \"transaction\"",
@@ -141,4 +148,67 @@ async fn check_config_tells_smart_scopes_that_leave_writes_out_and_a_refused_reg
     assert_eq!(code, 78, "{out}");
     assert!(out.contains("SMART: the token endpoint refused"), "{out}");
     assert!(out.contains("invalid_scope"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ehr_that_takes_plain_creates_gets_each_reading_once_through_lost_answers() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = ehr(&pki).await;
+    ehr.ehr.without(Without {
+        transactions: true,
+        conditional_writes: true,
+        ..Without::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let usual = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"));
+    let (code, out) = check_config(&usual);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("Observation: no conditional create"), "{out}");
+    let config = usual
+        .replace("write = \"conditional-create\"", "write = \"create\"")
+        .replace("bundle = \"transaction\"", "bundle = \"single\"")
+        .replace(
+            "max_attempts = 1\n",
+            "max_attempts = 1\ncorrections = \"reject\"\n",
+        );
+    let (code, out) = check_config(&config);
+    assert_eq!(code, 0, "{out}");
+
+    // The first three creates are stored but their answers lost: the gateway cannot know.
+    ehr.ehr.fail_next(Fault::lose_answer(), 3);
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let mut console = SimulatedCardiohelp::new("CH-C1", 31);
+    let t = OffsetDateTime::now_utc() - time::Duration::minutes(20);
+    let batch = console.next_batch(t);
+    let vendor = pki.client(GETINGE);
+    vendor
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(202);
+    let admin = pki.client(ADMIN);
+    let queues = admin_until(&gateway, &admin, "/admin/v1/queues", |q| {
+        q["destinations"][0]["pending"] == 0
+    })
+    .await;
+    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    let counts = ehr.ehr.identifier_counts("Observation");
+    assert_eq!(counts.len(), 12);
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    assert_eq!(ehr.ehr.count("Provenance"), 1);
+    // Resending changes nothing; another value for a reading is refused to the device, as
+    // this EHR is never overwritten.
+    vendor
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(202);
+    let mut corrected = batch.clone();
+    corrected["readings"][0]["value"] = serde_json::json!(1.5);
+    vendor
+        .post_json(&gateway.url("/v1/observations"), &corrected)
+        .await
+        .unwrap()
+        .expect_status(409);
+    assert_eq!(ehr.ehr.count("Observation"), 12);
 }

@@ -1439,15 +1439,22 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             keys: smart_key.public_keys().cloned().collect(),
         },
         scopes: [
-            "system/Observation.cu",
-            "system/Procedure.cu",
-            "system/Device.cu",
+            "system/Observation.cus",
+            "system/Procedure.cus",
+            "system/Device.cus",
             "system/Provenance.c",
+            "system/Patient.s",
         ]
         .map(String::from)
         .to_vec(),
     });
     let token_url = hospital.ehr.smart(|s| s.token_url.clone());
+    // It takes literal references only, and knows the patient the console's batches name.
+    hospital.ehr.require_literal_references();
+    let patient = hospital.ehr.add_patient(
+        conformance_tests::console::SIM_MRN_SYSTEM,
+        "MRN-SIM-CH-0042",
+    );
     let dir = tempfile::tempdir().unwrap();
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1522,6 +1529,13 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     assert_eq!(registry.ehr.count("Provenance"), 1);
     assert_eq!(registry.ehr.count("Device"), 0, "only Observations");
     assert_eq!(hospital.ehr.count("Observation"), 12);
+    assert!(
+        hospital
+            .ehr
+            .all_resources("Observation")
+            .iter()
+            .all(|o| o["subject"]["reference"] == format!("Patient/{patient}"))
+    );
     assert_eq!(hospital.ehr.count("Provenance"), 1);
     assert_eq!(hospital.ehr.smart(|s| s.issued), 1);
 }

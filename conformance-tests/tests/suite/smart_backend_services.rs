@@ -6,7 +6,7 @@
 //! sees no storm of token requests, and nothing accepted is lost.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use conformance_tests::client::{Answer, MtlsClient};
@@ -14,8 +14,8 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, SMART_WRITE_SCOPES, TestPki, durable_config, gateway_binary,
-    with_smart,
+    ADMIN, GETINGE, GatewayProcess, SMART_WRITE_SCOPES, TestPki, admin_until, durable_config,
+    gateway_binary, with_smart,
 };
 use gateway::delivery::smart::keys::{SigningKey, SigningKeys};
 use http::Method;
@@ -340,33 +340,6 @@ fn jwks_from_cli(config: &str) -> JwkSet {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
-}
-
-/// Polls `path` on the admin API until `ready` holds for its JSON.
-async fn admin_until(
-    gateway: &GatewayProcess,
-    admin: &MtlsClient,
-    path: &str,
-    ready: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let body = admin
-            .get(&gateway.admin_url(path))
-            .await
-            .unwrap()
-            .expect_status(200)
-            .json();
-        if ready(&body) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path}: {body}\n{}",
-            gateway.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn pending(queues: &Value) -> u64 {

@@ -26,6 +26,8 @@ pub struct Needs {
     pub xml: bool,
     /// A correction (or a run's new state) overwrites what the EHR holds.
     pub updates: bool,
+    /// References are made literal: patients are found by a search on their identifier.
+    pub literal: bool,
 }
 
 impl Needs {
@@ -42,6 +44,7 @@ impl Needs {
             transaction: settings.bundle == BundleMode::Transaction,
             xml: settings.format == FhirFormat::Xml,
             updates: settings.corrections == Corrections::Amend,
+            literal: settings.references == crate::delivery::references::ReferenceStyle::Literal,
         }
     }
 
@@ -78,6 +81,20 @@ impl Needs {
             }
         }
         let resources = rest["resource"].as_array();
+        if self.literal {
+            let patient = resources.and_then(|r| r.iter().find(|r| r["type"] == "Patient"));
+            let searchable = patient.is_some_and(|p| {
+                p["searchParam"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["name"] == "identifier"))
+            });
+            if !searchable {
+                gaps.push(
+                    "no search of Patient by identifier, which references = \"literal\" uses to find the patient"
+                        .into(),
+                );
+            }
+        }
         for resource_type in &self.resource_types {
             let Some(resource) =
                 resources.and_then(|r| r.iter().find(|r| r["type"] == *resource_type))
@@ -102,6 +119,21 @@ impl Needs {
                     if updated && !(interaction("update") && flag("conditionalUpdate")) {
                         gaps.push(format!(
                             "{resource_type}: no conditional update, which corrections and run changes use"
+                        ));
+                    }
+                }
+                WriteMode::Create => {
+                    if !interaction("create") {
+                        gaps.push(format!("{resource_type}: no create (write = \"create\")"));
+                    }
+                    let key = mappings::business_key_parameter(resource_type);
+                    let searchable = interaction("search-type")
+                        && resource["searchParam"]
+                            .as_array()
+                            .is_some_and(|p| p.iter().any(|p| p["name"] == key));
+                    if !searchable {
+                        gaps.push(format!(
+                            "{resource_type}: no search by {key}, which write = \"create\" uses to find what an attempt whose answer was lost wrote"
                         ));
                     }
                 }
@@ -133,8 +165,9 @@ fn scopes_allow(scopes: &[String], resource_type: &str, interaction: char) -> bo
         let permissions = permissions.split('?').next().unwrap_or_default();
         (kind == "*" || kind == resource_type)
             && match permissions {
-                "write" | "*" => true,
-                "read" => false,
+                "write" => interaction != 's' && interaction != 'r',
+                "read" => interaction == 's' || interaction == 'r',
+                "*" => true,
                 v2 => v2.chars().all(|c| "cruds".contains(c)) && v2.contains(interaction),
             }
     })
@@ -147,6 +180,12 @@ pub fn scope_gaps(settings: &DestinationSettings) -> Vec<String> {
     };
     let needs = Needs::of(settings);
     let mut gaps = Vec::new();
+    if needs.literal && !scopes_allow(&smart.scopes, "Patient", 's') {
+        gaps.push(
+            "the SMART scopes let the gateway not search Patient, which literal references need: add system/Patient.s (v2) or system/Patient.read (v1)"
+                .into(),
+        );
+    }
     for resource_type in &needs.resource_types {
         let mut wanted = Vec::new();
         match needs.write {
@@ -159,14 +198,23 @@ pub fn scope_gaps(settings: &DestinationSettings) -> Vec<String> {
                 }
             }
             WriteMode::Put => wanted.extend(['c', 'u']),
+            WriteMode::Create => wanted.extend(['c', 's']),
         }
-        let missing: String = wanted
-            .into_iter()
-            .filter(|i| !scopes_allow(&smart.scopes, resource_type, *i))
-            .collect();
+        // Literal references look up what the gateway wrote before by identifier.
+        if needs.literal && *resource_type != "Provenance" {
+            wanted.push('s');
+        }
+        let mut missing: String = String::new();
+        for interaction in wanted {
+            if !missing.contains(interaction)
+                && !scopes_allow(&smart.scopes, resource_type, interaction)
+            {
+                missing.push(interaction);
+            }
+        }
         if !missing.is_empty() {
             gaps.push(format!(
-                "the SMART scopes let the gateway not '{missing}' {resource_type}: add system/{resource_type}.cu (v2) or system/{resource_type}.write (v1)"
+                "the SMART scopes let the gateway not '{missing}' {resource_type}: add system/{resource_type}.{missing} (v2; c create, u update, s search) or the v1 system/{resource_type}.write and .read"
             ));
         }
     }
@@ -302,6 +350,7 @@ mod tests {
             transaction: true,
             xml: false,
             updates: true,
+            literal: false,
         }
     }
 
@@ -337,6 +386,13 @@ mod tests {
             write: WriteMode::Put,
             ..needs()
         };
+        let literal = Needs {
+            literal: true,
+            ..needs()
+        };
+        assert!(
+            literal.gaps(&statement(true, true, &["json"]))[0].contains("no search of Patient")
+        );
         let mut no_ids = statement(true, true, &["json"]);
         no_ids["rest"][0]["resource"][0]["updateCreate"] = json!(false);
         assert!(put.gaps(&no_ids)[0].contains("no client-assigned ids"));

@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod capabilities;
 pub mod client;
+pub mod references;
 pub mod request_builder;
 pub mod response;
 pub mod retry;
@@ -109,6 +110,14 @@ pub enum DeliveryError {
     /// What this delivery mode cannot do.
     #[error("{0}")]
     Unsupported(String),
+    /// A reference the destination needs literal points to nothing it holds (or to more
+    /// than one thing): held for later, or dead-lettered (`hold` false).
+    #[error("destination '{destination}': {reason}")]
+    Unresolved {
+        destination: String,
+        reason: String,
+        hold: bool,
+    },
 }
 
 /// What a retraction did: per resource, each destination with its message.
@@ -146,6 +155,8 @@ pub struct Destination {
     bundle: BundleMode,
     max_bundle_entries: usize,
     client: EhrClient,
+    /// Literal references, for destinations that need them.
+    references: Option<Arc<references::LiteralReferences>>,
 }
 
 impl Destination {
@@ -161,7 +172,89 @@ impl Destination {
             bundle: settings.bundle,
             max_bundle_entries: settings.max_bundle_entries,
             client: EhrClient::new(settings)?,
+            references: (settings.references == references::ReferenceStyle::Literal).then(|| {
+                Arc::new(references::LiteralReferences::new(
+                    &settings.base_url,
+                    settings.write,
+                    settings.reference_cache_ttl,
+                    settings.unknown_patient,
+                ))
+            }),
         })
+    }
+
+    /// `resources` as this destination needs them for one request (`together`: one
+    /// transaction): with literal references where it wants them, each or why it waits.
+    pub async fn prepare(
+        &self,
+        resources: &[MappedResource],
+        together: bool,
+    ) -> Result<Vec<Result<MappedResource, DeliveryError>>, DeliveryError> {
+        let Some(references) = &self.references else {
+            return Ok(resources.iter().cloned().map(Ok).collect());
+        };
+        Ok(references
+            .rewrite(&self.client, &self.name, resources, together)
+            .await?
+            .into_iter()
+            .map(|r| {
+                r.map_err(|u| DeliveryError::Unresolved {
+                    destination: self.name.to_string(),
+                    reason: u.reason,
+                    hold: u.hold,
+                })
+            })
+            .collect())
+    }
+
+    /// Writes one resource; for a destination that takes plain creates only, after a search
+    /// on its business key, so that what an earlier attempt (whose answer was lost) or an
+    /// earlier process (killed after sending) wrote is found rather than written twice.
+    pub async fn write_one(
+        &self,
+        resource: &MappedResource,
+    ) -> Result<response::EntryOutcome, DeliveryError> {
+        if self.write_mode() == WriteMode::Create {
+            let token = format!(
+                "{}|{}",
+                resource.identifier_system, resource.identifier_value
+            );
+            let held = references::find(
+                &self.client,
+                self.builder.base(),
+                &self.name,
+                resource.resource_type,
+                mappings::business_key_parameter(resource.resource_type),
+                &token,
+            )
+            .await?;
+            if let Some(id) = held.first() {
+                if resource.upsert {
+                    return Err(DeliveryError::Unsupported(format!(
+                        "destination '{}' takes creates only (write = \"create\"), and it holds this {} already: the change (a run's new state, a retraction) cannot be sent; update it there by hand",
+                        self.name, resource.resource_type
+                    )));
+                }
+                return Ok(response::EntryOutcome {
+                    status: "200 OK".into(),
+                    location: Some(format!("{}/{id}", resource.resource_type)),
+                });
+            }
+        }
+        let request = self.builder.single(resource)?;
+        classify::single(&self.name, self.client.send(request).await)
+    }
+
+    /// Whether this destination makes references literal.
+    pub fn literal_references(&self) -> bool {
+        self.references.is_some()
+    }
+
+    /// Notes where the EHR keeps a resource it took (for literal references to it).
+    pub fn delivered(&self, resource: &MappedResource, location: Option<&str>) {
+        if let Some(references) = &self.references {
+            references.learn(resource, location);
+        }
     }
 
     pub fn write_mode(&self) -> WriteMode {
@@ -194,20 +287,39 @@ impl Destination {
         match self.bundle {
             BundleMode::Transaction => {
                 for chunk in resources.chunks(self.max_bundle_entries) {
-                    let request = self.builder.transaction(chunk)?;
+                    let chunk = self
+                        .prepare(chunk, true)
+                        .await?
+                        .into_iter()
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let request = self.builder.transaction(&chunk)?;
                     let answer = self.client.send(request).await;
-                    entries.extend(classify::transaction(&self.name, answer, chunk.len())?);
+                    let written = classify::transaction(&self.name, answer, chunk.len())?;
+                    for (resource, entry) in chunk.iter().zip(&written) {
+                        self.delivered(resource, entry.location.as_deref());
+                    }
+                    entries.extend(written);
+                }
+            }
+            // Literal references: one at a time, so a resource is written (and its id
+            // known) before what refers to it.
+            BundleMode::Single if self.references.is_some() => {
+                for resource in resources {
+                    let mut prepared = self.prepare(std::slice::from_ref(resource), false).await?;
+                    let resource = prepared
+                        .pop()
+                        .ok_or_else(|| DeliveryError::Unsupported("nothing to send".into()))??;
+                    let entry = self.write_one(&resource).await?;
+                    self.delivered(&resource, entry.location.as_deref());
+                    entries.push(entry);
                 }
             }
             BundleMode::Single => {
                 let mut tasks = tokio::task::JoinSet::new();
                 for (index, resource) in resources.iter().enumerate() {
-                    let request = self.builder.single(resource)?;
-                    let client = self.client.clone();
-                    let name = self.name.clone();
-                    tasks.spawn(async move {
-                        (index, classify::single(&name, client.send(request).await))
-                    });
+                    let destination = self.clone();
+                    let resource = resource.clone();
+                    tasks.spawn(async move { (index, destination.write_one(&resource).await) });
                 }
                 let mut ordered = vec![None; resources.len()];
                 while let Some(joined) = tasks.join_next().await {

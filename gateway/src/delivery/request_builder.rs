@@ -39,6 +39,11 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
+    /// The FHIR base URL, without a trailing slash.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(destination: &str, base_url: &str, write: WriteMode, format: FhirFormat) -> Self {
         Self {
             base: base_url.trim_end_matches('/').to_owned(),
@@ -100,7 +105,7 @@ impl RequestBuilder {
                 ),
                 resource.json.clone(),
             ),
-            WriteMode::ConditionalCreate => (
+            WriteMode::ConditionalCreate | WriteMode::Create => (
                 Method::POST,
                 format!("{}/{}", self.base, resource.resource_type),
                 resource.json.clone(),
@@ -158,9 +163,10 @@ impl RequestBuilder {
 
     /// How `resource` is written inside a transaction, whatever the format.
     fn transaction_entry<'a>(&self, resource: &'a MappedResource) -> TransactionEntry<'a> {
+        let full_url = full_url_of(&self.base, self.write, resource);
         match self.write {
             WriteMode::ConditionalCreate if resource.upsert => TransactionEntry {
-                full_url: uuid_urn(&resource.id),
+                full_url,
                 resource: Cow::Borrowed(&resource.json),
                 method: "PUT",
                 url: format!(
@@ -170,8 +176,10 @@ impl RequestBuilder {
                 ),
                 if_none_exist: None,
             },
-            WriteMode::ConditionalCreate => TransactionEntry {
-                full_url: uuid_urn(&resource.id),
+            // `Create` destinations take no transactions (the configuration says so); as a
+            // transaction entry it would be a conditional create.
+            WriteMode::ConditionalCreate | WriteMode::Create => TransactionEntry {
+                full_url,
                 resource: Cow::Borrowed(&resource.json),
                 method: "POST",
                 url: resource.resource_type.to_owned(),
@@ -180,7 +188,7 @@ impl RequestBuilder {
             WriteMode::Put => {
                 let url = format!("{}/{}", resource.resource_type, resource.id);
                 TransactionEntry {
-                    full_url: format!("{}/{}", self.base, url),
+                    full_url,
                     resource: Cow::Owned(with_id(&resource.json, &resource.id)),
                     method: "PUT",
                     url,
@@ -218,6 +226,15 @@ impl RequestBuilder {
         }
         body.extend_from_slice(b"</Bundle>");
         Ok(fhir_request(Method::POST, &self.base, body, self.format))
+    }
+}
+
+/// A resource's `fullUrl` in a transaction: with client-assigned ids its URL at the EHR, else
+/// a `urn:uuid:` from its derived id, which other entries may reference and the EHR replaces.
+pub(crate) fn full_url_of(base: &str, write: WriteMode, resource: &MappedResource) -> String {
+    match write {
+        WriteMode::ConditionalCreate | WriteMode::Create => uuid_urn(&resource.id),
+        WriteMode::Put => format!("{base}/{}/{}", resource.resource_type, resource.id),
     }
 }
 

@@ -306,6 +306,11 @@ impl Shared {
                 continue;
             }
             if transactions && part.len() > 1 {
+                let part = match self.prepared(part, &mut outcomes, &mut health).await {
+                    Some(prepared) if !prepared.is_empty() => prepared,
+                    _ => continue,
+                };
+                let part = part.as_slice();
                 let batch: Vec<MappedResource> = part.iter().map(|(_, _, r)| r.clone()).collect();
                 let result = match builder.transaction(&batch) {
                     Ok(request) => {
@@ -315,7 +320,8 @@ impl Shared {
                 };
                 match result {
                     Ok(entries) => {
-                        outcomes.extend(part.iter().zip(entries).map(|((id, _, _), e)| {
+                        outcomes.extend(part.iter().zip(entries).map(|((id, _, resource), e)| {
+                            self.destination.delivered(resource, e.location.as_deref());
                             (
                                 *id,
                                 Settle::Delivered {
@@ -350,16 +356,26 @@ impl Shared {
                 }
                 continue;
             }
-            for (id, attempts, resource) in part {
-                let result = match builder.single(resource) {
-                    Ok(request) => classify::single(&name, client.send(request).await),
-                    Err(error) => Err(error),
+            for one in part {
+                let Some(prepared) = self
+                    .prepared(std::slice::from_ref(one), &mut outcomes, &mut health)
+                    .await
+                else {
+                    continue;
                 };
+                let Some((id, attempts, resource)) = prepared.first() else {
+                    continue;
+                };
+                let result = self.destination.write_one(resource).await;
                 let settle = match result {
-                    Ok(entry) => Settle::Delivered {
-                        status: entry.status,
-                        location: entry.location,
-                    },
+                    Ok(entry) => {
+                        self.destination
+                            .delivered(resource, entry.location.as_deref());
+                        Settle::Delivered {
+                            status: entry.status,
+                            location: entry.location,
+                        }
+                    }
                     Err(error) => {
                         if !matches!(error, DeliveryError::Rejected { .. }) {
                             health = self.health_of(&error);
@@ -371,6 +387,48 @@ impl Shared {
             }
         }
         (outcomes, health)
+    }
+
+    /// `part` as the destination needs it for one request (a transaction when it has more
+    /// than one): resources whose references cannot be made literal are settled here (held
+    /// or dead), the rest come back to be sent. None when the lookups themselves failed (the
+    /// whole part is rescheduled).
+    async fn prepared(
+        &self,
+        part: &[(i64, u32, MappedResource)],
+        outcomes: &mut Vec<(i64, Settle)>,
+        health: &mut Health,
+    ) -> Option<Vec<(i64, u32, MappedResource)>> {
+        if !self.destination.literal_references() {
+            return Some(part.to_vec());
+        }
+        // A half of a refused transaction is prepared again: what waits was settled already.
+        let settled: HashSet<i64> = outcomes.iter().map(|(id, _)| *id).collect();
+        let part: Vec<&(i64, u32, MappedResource)> = part
+            .iter()
+            .filter(|(id, _, _)| !settled.contains(id))
+            .collect();
+        let resources: Vec<MappedResource> = part.iter().map(|(_, _, r)| r.clone()).collect();
+        match self.destination.prepare(&resources, part.len() > 1).await {
+            Ok(prepared) => {
+                let mut ready = Vec::with_capacity(part.len());
+                for ((id, attempts, _), result) in part.iter().zip(prepared) {
+                    match result {
+                        Ok(resource) => ready.push((*id, *attempts, resource)),
+                        Err(error) => outcomes.push((*id, self.reschedule(*attempts, &error))),
+                    }
+                }
+                Some(ready)
+            }
+            Err(error) => {
+                *health = self.health_of(&error);
+                outcomes.extend(
+                    part.iter()
+                        .map(|(id, attempts, _)| (*id, self.reschedule(*attempts, &error))),
+                );
+                None
+            }
+        }
     }
 
     /// The most entries a batch gets now: the configured size, or less once the EHR has shown
@@ -405,6 +463,7 @@ impl Shared {
             | DeliveryError::CorrectionsRefused { .. }
             | DeliveryError::UnknownResources { .. }
             | DeliveryError::Unsupported(_)
+            | DeliveryError::Unresolved { .. }
             | DeliveryError::Busy => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
                 retry_after: self.honoured(*retry_after),
@@ -435,10 +494,15 @@ impl Shared {
             },
             DeliveryError::CorrectionsRefused { .. }
             | DeliveryError::UnknownResources { .. }
-            | DeliveryError::Unsupported(_) => Settle::Dead {
+            | DeliveryError::Unsupported(_)
+            | DeliveryError::Unresolved { hold: false, .. } => Settle::Dead {
                 error: error.to_string(),
                 outcome: None,
             },
+            // Held: tried again with backoff, on the message's own budget.
+            DeliveryError::Unresolved {
+                reason, hold: true, ..
+            } => self.retry_later(attempts, "held through", reason, None),
             // The gateway's own queue, not the EHR: tried again soon, no attempt spent.
             DeliveryError::Busy => Settle::Postpone {
                 at_ms: now + 1000,
@@ -454,24 +518,34 @@ impl Shared {
                 reason,
                 retry_after,
                 ..
-            } => {
-                if attempts + 1 >= self.settings.message_attempts {
-                    return Settle::Dead {
-                        error: format!("gave up after {} attempts; last: {reason}", attempts + 1),
-                        outcome: None,
-                    };
-                }
-                let backoff = backoff(
-                    attempts + 1,
-                    self.settings.backoff_base,
-                    self.settings.backoff_max,
-                );
-                let after = self.honoured(*retry_after).unwrap_or_default();
-                Settle::Retry {
-                    at_ms: now + backoff.max(after).as_millis() as i64,
-                    error: reason.clone(),
-                }
-            }
+            } => self.retry_later(attempts, "gave up after", reason, *retry_after),
+        }
+    }
+
+    /// Another attempt after the backoff (and the EHR's `Retry-After`, as honoured), or a dead
+    /// letter once the message's attempts are used up (`why` says how it ended).
+    fn retry_later(
+        &self,
+        attempts: u32,
+        why: &str,
+        reason: &str,
+        retry_after: Option<u32>,
+    ) -> Settle {
+        if attempts + 1 >= self.settings.message_attempts {
+            return Settle::Dead {
+                error: format!("{why} {} attempts; last: {reason}", attempts + 1),
+                outcome: None,
+            };
+        }
+        let backoff = backoff(
+            attempts + 1,
+            self.settings.backoff_base,
+            self.settings.backoff_max,
+        );
+        let after = self.honoured(retry_after).unwrap_or_default();
+        Settle::Retry {
+            at_ms: now_ms() + backoff.max(after).as_millis() as i64,
+            error: reason.to_owned(),
         }
     }
 }

@@ -261,6 +261,31 @@ pub fn refusal(
                 ),
             )
         }
+        // The reason names the patient or device identifier the vendor sent: fine to tell it,
+        // not to log it.
+        DeliveryError::Unresolved {
+            destination,
+            reason,
+            hold: true,
+        } => ApiError::one(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "transient",
+                format!("destination '{destination}' cannot take this yet: {reason}; nothing was accepted, resend the batch later"),
+            ),
+        )
+        .retry_after(RETRY_AFTER_UNAVAILABLE),
+        DeliveryError::Unresolved {
+            destination,
+            reason,
+            hold: false,
+        } => ApiError::one(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Issue::error(
+                "processing",
+                format!("destination '{destination}': {reason}; nothing was accepted"),
+            ),
+        ),
         DeliveryError::Misconfigured { destination, reason } => {
             tracing::error!(%destination, %reason, "destination refuses the gateway's connection; fix the configuration");
             ApiError::one(
