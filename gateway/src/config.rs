@@ -293,6 +293,9 @@ pub struct DestinationSettings {
     /// Literal references: what happens to a resource whose patient the EHR does not know.
     #[serde(default)]
     pub unknown_patient: crate::delivery::references::UnknownPatient,
+    /// Literal references: link Observations to the patient's current Encounter.
+    #[serde(default)]
+    pub encounter: crate::delivery::references::EncounterLink,
     /// Literal references: how long an id the EHR gave (or a search found) is used.
     #[serde(default = "defaults::reference_cache_ttl", with = "humantime_serde")]
     pub reference_cache_ttl: Duration,
@@ -653,6 +656,14 @@ impl Config {
                 smart
                     .check()
                     .map_err(|why| format!("destination '{}': smart: {why}", d.name))?;
+            }
+            if d.encounter != crate::delivery::references::EncounterLink::None
+                && d.references != crate::delivery::references::ReferenceStyle::Literal
+            {
+                return Err(format!(
+                    "destination '{}': encounter = \"current\" finds the Encounter of the patient's literal reference: it needs references = \"literal\"",
+                    d.name
+                ));
             }
             if d.write == WriteMode::Create
                 && (d.bundle != BundleMode::Single || d.corrections != Corrections::Reject)

@@ -130,6 +130,8 @@ pub struct ReferenceEhr {
     /// References must be literal and resolve (as in most hospital EHRs); by identifier
     /// alone they are refused.
     literal_references: Arc<std::sync::atomic::AtomicBool>,
+    /// Observations about a patient must name an Encounter.
+    require_encounter: Arc<std::sync::atomic::AtomicBool>,
     /// Features this EHR does without (and says so in its CapabilityStatement), as some
     /// real ones do.
     without: Arc<Mutex<Without>>,
@@ -225,6 +227,29 @@ impl ReferenceEhr {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// From now on, an Observation about a patient must name its Encounter (as EHRs that
+    /// file device data under the current visit require).
+    pub fn require_encounter(&self) {
+        self.require_encounter
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Opens (`in-progress`) or records an Encounter of the patient with id `patient`, as the
+    /// hospital's ADT feed would; returns its id.
+    pub fn add_encounter(&self, patient: &str, status: &str) -> String {
+        let encounter = json!({
+            "resourceType": "Encounter",
+            "status": status,
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+            "subject": {"reference": format!("Patient/{patient}")}
+        });
+        match lock(&self.store).create("Encounter", encounter, None) {
+            WriteOutcome::Created { id, .. }
+            | WriteOutcome::Updated { id, .. }
+            | WriteOutcome::Exists { id, .. } => id,
+        }
+    }
+
     /// Registers a patient (as the hospital's ADT feed would) and returns its id.
     pub fn add_patient(&self, system: &str, value: &str) -> String {
         let patient = json!({
@@ -247,6 +272,20 @@ impl ReferenceEhr {
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             return None;
+        }
+        if self
+            .require_encounter
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && resource["resourceType"] == "Observation"
+            && resource.get("subject").is_some()
+            && resource.get("encounter").is_none()
+        {
+            return Some(Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "required",
+                "Observation.encounter: this EHR files device data under the patient's Encounter"
+                    .into(),
+            ));
         }
         if let Some(logical) = references::by_identifier_only(resource) {
             return Some(Refusal::new(
@@ -921,10 +960,15 @@ impl ReferenceEhr {
     fn search(&self, resource_type: &str, query: &str) -> Response<BoxBody> {
         let mut identifier = None;
         let mut count = usize::MAX;
+        // `patient` (a literal reference) and `status`, for Encounters.
+        let mut patient: Option<String> = None;
+        let mut status: Option<String> = None;
         for (key, value) in form_pairs(query) {
             match key.as_str() {
                 "identifier" | "_tag" => identifier = search_key(&key, value),
                 "_count" => count = value.parse().unwrap_or(usize::MAX),
+                "patient" if resource_type == "Encounter" => patient = Some(value),
+                "status" if resource_type == "Encounter" => status = Some(value),
                 _ => {
                     return outcome(
                         StatusCode::BAD_REQUEST,
@@ -948,6 +992,17 @@ impl ReferenceEhr {
                 .map(|s| &s.resource)
                 .collect(),
         };
+        let matches: Vec<&Value> = matches
+            .into_iter()
+            .filter(|r| {
+                patient
+                    .as_ref()
+                    .is_none_or(|p| r["subject"]["reference"].as_str() == Some(p.as_str()))
+                    && status
+                        .as_ref()
+                        .is_none_or(|s| r["status"].as_str() == Some(s.as_str()))
+            })
+            .collect();
         let total = matches.len();
         let entries: Vec<Value> = matches
             .into_iter()
@@ -1363,7 +1418,7 @@ fn outcome(status: StatusCode, code: &'static str, details: &str) -> Response<Bo
 /// What this EHR does: the interactions the gateway's writes use, its formats, and with SMART
 /// on, the OAuth endpoints (the SMART extension of `rest.security`).
 fn capability_statement(without: Without, token_url: Option<&str>) -> Value {
-    let resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient", "Provenance"]
+    let mut resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient", "Provenance"]
         .iter()
         .map(|t| {
             json!({
@@ -1377,6 +1432,11 @@ fn capability_statement(without: Without, token_url: Option<&str>) -> Value {
             })
         })
         .collect();
+    resources.push(json!({
+        "type": "Encounter",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "searchParam": [{"name": "identifier", "type": "token"}, {"name": "patient", "type": "reference"}, {"name": "status", "type": "token"}]
+    }));
     let mut formats = vec!["application/fhir+json"];
     if !without.xml {
         formats.push("application/fhir+xml");

@@ -1444,6 +1444,7 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             "system/Device.cus",
             "system/Provenance.c",
             "system/Patient.s",
+            "system/Encounter.s",
         ]
         .map(String::from)
         .to_vec(),
@@ -1455,6 +1456,8 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         conformance_tests::console::SIM_MRN_SYSTEM,
         "MRN-SIM-CH-0042",
     );
+    let encounter = hospital.ehr.add_encounter(&patient, "in-progress");
+    hospital.ehr.require_encounter();
     let dir = tempfile::tempdir().unwrap();
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1534,7 +1537,10 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             .ehr
             .all_resources("Observation")
             .iter()
-            .all(|o| o["subject"]["reference"] == format!("Patient/{patient}"))
+            .all(
+                |o| o["subject"]["reference"] == format!("Patient/{patient}")
+                    && o["encounter"]["reference"] == format!("Encounter/{encounter}")
+            )
     );
     assert_eq!(hospital.ehr.count("Provenance"), 1);
     assert_eq!(hospital.ehr.smart(|s| s.issued), 1);

@@ -1,7 +1,7 @@
 //! An EHR that takes only literal references (`subject: {reference: "Patient/123"}`), as most
 //! hospital EHRs do: with `references = "literal"` the gateway finds the patient by identifier,
-//! writes or finds the console's Device, links readings to the run's Procedure and Provenance
-//! to what it traces, each by the id the EHR gave; an unknown patient is held or dead-lettered
+//! writes or finds the console's Device, links readings to the run's Procedure, the patient's
+//! current Encounter and Provenance to what it traces, each by the id the EHR gave; an unknown patient is held or dead-lettered
 //! as the destination says, and once the patient is registered the data arrives.
 
 use conformance_tests::client::MtlsClient;
@@ -75,8 +75,12 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
     let pki = TestPki::generate().unwrap();
     let ehr = strict_ehr(&pki).await;
     let patient_id = ehr.ehr.add_patient(MRN, "MRN-L1");
+    // The patient's stay: an earlier visit, and the one under which device data is filed.
+    ehr.ehr.add_encounter(&patient_id, "finished");
+    let encounter_id = ehr.ehr.add_encounter(&patient_id, "in-progress");
+    ehr.ehr.require_encounter();
     let dir = tempfile::tempdir().unwrap();
-    let gateway = literal_gateway(&pki, &ehr, dir.path(), "", false);
+    let gateway = literal_gateway(&pki, &ehr, dir.path(), "encounter = \"current\"\n", false);
     let vendor = pki.client(GETINGE);
     let t0 = OffsetDateTime::now_utc() - time::Duration::hours(2);
 
@@ -113,7 +117,14 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
         .expect_status(202);
     let admin = pki.client(ADMIN);
     let queues = queues_until(&admin, &gateway, |d| d["pending"] == 0).await;
-    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    if queues["destinations"][0]["dead"] != 0 {
+        let dead = admin
+            .get(&gateway.admin_url("/admin/v1/dead-letters"))
+            .await
+            .unwrap()
+            .json();
+        panic!("{queues}\n{dead}");
+    }
 
     let stored: Vec<(String, Value)> = [
         "Observation",
@@ -152,6 +163,10 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
             "{o}"
         );
         assert_eq!(o["subject"]["identifier"]["value"], "MRN-L1");
+        assert_eq!(
+            o["encounter"]["reference"],
+            format!("Encounter/{encounter_id}")
+        );
         let device = target(&stored, &o["device"]["reference"]);
         assert_eq!(
             device["identifier"][0]["value"],

@@ -28,6 +28,8 @@ pub struct Needs {
     pub updates: bool,
     /// References are made literal: patients are found by a search on their identifier.
     pub literal: bool,
+    /// Observations are linked to the patient's in-progress Encounter, found by search.
+    pub encounter: bool,
 }
 
 impl Needs {
@@ -45,6 +47,7 @@ impl Needs {
             xml: settings.format == FhirFormat::Xml,
             updates: settings.corrections == Corrections::Amend,
             literal: settings.references == crate::delivery::references::ReferenceStyle::Literal,
+            encounter: settings.encounter != crate::delivery::references::EncounterLink::None,
         }
     }
 
@@ -81,6 +84,22 @@ impl Needs {
             }
         }
         let resources = rest["resource"].as_array();
+        if self.encounter {
+            let encounter = resources.and_then(|r| r.iter().find(|r| r["type"] == "Encounter"));
+            let by = |name: &str| {
+                encounter.is_some_and(|e| {
+                    e["searchParam"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["name"] == name))
+                })
+            };
+            if !(by("patient") && by("status")) {
+                gaps.push(
+                    "no search of Encounter by patient and status, which encounter = \"current\" uses"
+                        .into(),
+                );
+            }
+        }
         if self.literal {
             let patient = resources.and_then(|r| r.iter().find(|r| r["type"] == "Patient"));
             let searchable = patient.is_some_and(|p| {
@@ -180,6 +199,12 @@ pub fn scope_gaps(settings: &DestinationSettings) -> Vec<String> {
     };
     let needs = Needs::of(settings);
     let mut gaps = Vec::new();
+    if needs.encounter && !scopes_allow(&smart.scopes, "Encounter", 's') {
+        gaps.push(
+            "the SMART scopes let the gateway not search Encounter, which encounter = \"current\" needs: add system/Encounter.s (v2) or system/Encounter.read (v1)"
+                .into(),
+        );
+    }
     if needs.literal && !scopes_allow(&smart.scopes, "Patient", 's') {
         gaps.push(
             "the SMART scopes let the gateway not search Patient, which literal references need: add system/Patient.s (v2) or system/Patient.read (v1)"
@@ -351,6 +376,7 @@ mod tests {
             xml: false,
             updates: true,
             literal: false,
+            encounter: false,
         }
     }
 

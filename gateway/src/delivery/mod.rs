@@ -173,12 +173,15 @@ impl Destination {
             max_bundle_entries: settings.max_bundle_entries,
             client: EhrClient::new(settings)?,
             references: (settings.references == references::ReferenceStyle::Literal).then(|| {
-                Arc::new(references::LiteralReferences::new(
-                    &settings.base_url,
-                    settings.write,
-                    settings.reference_cache_ttl,
-                    settings.unknown_patient,
-                ))
+                Arc::new(
+                    references::LiteralReferences::new(
+                        &settings.base_url,
+                        settings.write,
+                        settings.reference_cache_ttl,
+                        settings.unknown_patient,
+                    )
+                    .with_encounter(settings.encounter),
+                )
             }),
         })
     }

@@ -77,6 +77,19 @@ pub enum UnknownPatient {
     DeadLetter,
 }
 
+/// Whether Observations are linked to the patient's Encounter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncounterLink {
+    /// No `encounter` is added.                                                    (default)
+    #[default]
+    None,
+    /// The patient's one `in-progress` Encounter at the EHR (found by search, cached), for
+    /// EHRs that file device data under the current visit; without one the reading is held
+    /// (or dead-lettered, as `unknown_patient` says).
+    Current,
+}
+
 /// Why one resource cannot be written yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unresolved {
@@ -91,6 +104,7 @@ pub struct LiteralReferences {
     write: WriteMode,
     ttl: Duration,
     unknown_patient: UnknownPatient,
+    encounter: EncounterLink,
     cache: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
@@ -109,8 +123,83 @@ impl LiteralReferences {
             write,
             ttl,
             unknown_patient,
+            encounter: EncounterLink::None,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Observations also get the patient's current Encounter.
+    pub fn with_encounter(mut self, encounter: EncounterLink) -> Self {
+        self.encounter = encounter;
+        self
+    }
+
+    /// With `encounter = "current"`: links an Observation that names a patient (literally by
+    /// now) and no encounter to the patient's in-progress Encounter; why not, if it cannot.
+    async fn link_encounter(
+        &self,
+        client: &EhrClient,
+        destination: &str,
+        resource: &MappedResource,
+        value: &mut Value,
+    ) -> Result<Option<Unresolved>, DeliveryError> {
+        if self.encounter != EncounterLink::Current
+            || resource.resource_type != "Observation"
+            || value.get("encounter").is_some()
+        {
+            return Ok(None);
+        }
+        let Some(patient) = value["subject"]["reference"]
+            .as_str()
+            .filter(|r| r.starts_with("Patient/"))
+            .map(str::to_owned)
+        else {
+            return Ok(None);
+        };
+        let key: Key = ("Encounter?patient".into(), patient.clone());
+        let id = match self.cached(&key) {
+            Some(id) => id,
+            None => {
+                let ids = find_with(
+                    client,
+                    &self.base,
+                    destination,
+                    "Encounter",
+                    &[("patient", &patient), ("status", "in-progress")],
+                )
+                .await?;
+                match ids.as_slice() {
+                    [id] => {
+                        self.remember(key, id.clone());
+                        id.clone()
+                    }
+                    _ => {
+                        return Ok(Some(Unresolved {
+                            reason: format!(
+                                "the destination has {} in-progress Encounters of {patient} (encounter = \"current\" needs one)",
+                                ids.len()
+                            ),
+                            hold: self.unknown_patient == UnknownPatient::Hold,
+                        }));
+                    }
+                }
+            }
+        };
+        if let Value::Object(map) = value {
+            // After `subject`, where FHIR's element order puts it.
+            let rest = std::mem::take(map);
+            for (name, item) in rest {
+                let subject = name == "subject";
+                map.insert(name, item);
+                if subject {
+                    map.insert(
+                        "encounter".into(),
+                        serde_json::json!({"reference": format!("Encounter/{id}")}),
+                    );
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn cached(&self, key: &Key) -> Option<String> {
@@ -247,10 +336,17 @@ impl LiteralReferences {
                     }
                 }
             }
+            let failure = match failure {
+                Some(unresolved) => Some(unresolved),
+                None => {
+                    set_references(&mut value, &targets);
+                    self.link_encounter(client, destination, resource, &mut value)
+                        .await?
+                }
+            };
             outcome.push(match failure {
                 Some(unresolved) => Err(unresolved),
                 None => {
-                    set_references(&mut value, &targets);
                     let mut rewritten = resource.clone();
                     rewritten.json = serde_json::to_vec(&value)
                         .map_err(|e| DeliveryError::Unsupported(format!("resource JSON: {e}")))?;
@@ -402,10 +498,33 @@ pub async fn find(
     parameter: &str,
     token: &str,
 ) -> Result<Vec<String>, DeliveryError> {
-    let url = format!(
-        "{base}/{resource_type}?{parameter}={}&_count=2",
-        utf8_percent_encode(token, SEARCH_VALUE)
-    );
+    find_with(
+        client,
+        base,
+        destination,
+        resource_type,
+        &[(parameter, token)],
+    )
+    .await
+}
+
+/// The ids of the `resource_type` resources that match every `(parameter, value)` (at most
+/// two: enough to tell one from many).
+async fn find_with(
+    client: &EhrClient,
+    base: &str,
+    destination: &str,
+    resource_type: &str,
+    criteria: &[(&str, &str)],
+) -> Result<Vec<String>, DeliveryError> {
+    let query: Vec<String> = criteria
+        .iter()
+        .map(|(parameter, value)| {
+            format!("{parameter}={}", utf8_percent_encode(value, SEARCH_VALUE))
+        })
+        .collect();
+    let parameter = criteria.first().map_or("", |(p, _)| *p);
+    let url = format!("{base}/{resource_type}?{}&_count=2", query.join("&"));
     let request = Request::builder()
         .method(Method::GET)
         .uri(&url)
