@@ -374,11 +374,17 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     pub fn start(config: &str) -> Result<Self, BoxError> {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables (`GATEWAY_LOG_FORMAT=json`, ...).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Self, BoxError> {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::io::Write::write_all(&mut file, config.as_bytes())?;
         let mut child = Command::new(gateway_binary()?)
             .args(["serve", "--config"])
             .arg(file.path())
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
@@ -493,21 +499,26 @@ impl Drop for GatewayProcess {
 
 /// `... admin=127.0.0.1:41235 ...` in the admin start-up log line.
 fn admin_address(line: &str) -> Option<SocketAddr> {
-    if !line.contains("admin API listening") {
-        return None;
-    }
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix("admin="))
-        .and_then(|addr| addr.parse().ok())
+    logged_address(line, "admin API listening", "admin")
 }
 
 /// `... listen=127.0.0.1:41234 ...` in the start-up log line.
 fn listen_address(line: &str) -> Option<SocketAddr> {
-    if !line.contains("gateway listening") {
+    logged_address(line, "gateway listening", "listen")
+}
+
+/// The address in field `field` of the log line saying `message`, as text (`field=addr`) or
+/// as a JSON line (`"field":"addr"`).
+fn logged_address(line: &str, message: &str, field: &str) -> Option<SocketAddr> {
+    if !line.contains(message) {
         return None;
     }
+    if line.starts_with('{') {
+        let event: Value = serde_json::from_str(line).ok()?;
+        return event[field].as_str()?.parse().ok();
+    }
     line.split_whitespace()
-        .find_map(|field| field.strip_prefix("listen="))
+        .find_map(|f| f.strip_prefix(field)?.strip_prefix('='))
         .and_then(|addr| addr.parse().ok())
 }
 

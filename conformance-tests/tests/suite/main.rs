@@ -13,6 +13,7 @@ mod ehr_failures;
 mod fuzz_smoke;
 mod literal_references;
 mod observations_flow;
+mod operations;
 mod profile_conformance;
 mod scenarios;
 mod smart_backend_services;

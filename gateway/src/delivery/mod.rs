@@ -120,6 +120,19 @@ pub enum DeliveryError {
     },
 }
 
+impl DeliveryError {
+    /// The error as logs may carry it: what the reason of an unresolved reference says (the
+    /// patient's identifier) stays in the message's record and the answer to the device.
+    pub fn loggable(&self) -> String {
+        match self {
+            Self::Unresolved { destination, .. } => format!(
+                "destination '{destination}': a reference cannot be resolved (the message's last error says which)"
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// What a retraction did: per resource, each destination with its message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetractReceipt {
@@ -386,7 +399,7 @@ impl Handoff for DirectDelivery {
                 match result {
                     Ok(receipt) => receipts.push(receipt),
                     Err(error) => {
-                        tracing::warn!(request_id = %batch.request_id, %error, "delivery failed");
+                        tracing::warn!(request_id = %batch.request_id, error = %error.loggable(), "delivery failed");
                         first_error.get_or_insert(error);
                     }
                 }

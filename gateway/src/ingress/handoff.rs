@@ -54,13 +54,25 @@ impl Service<Request<OutboundBatch>> for HandoffService {
             let origins = batch.origins.clone();
             match handoff.submit(batch).await {
                 Ok(receipt) => {
-                    let status = match receipt {
+                    let status = match &receipt {
                         Receipt::Delivered { .. } => {
                             tracing::info!(%request_id, %vendor, resources = count, "batch delivered");
                             StatusCode::OK
                         }
-                        Receipt::Accepted { .. } => {
-                            tracing::info!(%request_id, %vendor, resources = count, "batch accepted into the outbox");
+                        Receipt::Accepted {
+                            tracking_id,
+                            messages,
+                        } => {
+                            let message_ids = messages.iter().flatten().map(|(_, e)| e.message_id);
+                            tracing::info!(
+                                %request_id,
+                                %tracking_id,
+                                %vendor,
+                                resources = count,
+                                first_message_id = message_ids.clone().min(),
+                                last_message_id = message_ids.max(),
+                                "batch accepted into the outbox"
+                            );
                             StatusCode::ACCEPTED
                         }
                     };
@@ -70,7 +82,7 @@ impl Service<Request<OutboundBatch>> for HandoffService {
                     ))
                 }
                 Err(error) => {
-                    tracing::warn!(%request_id, %vendor, resources = count, %error, "batch not delivered");
+                    tracing::warn!(%request_id, %vendor, resources = count, error = %error.loggable(), "batch not delivered");
                     Err(refusal(error, &resources, &origins).into())
                 }
             }

@@ -177,7 +177,7 @@ impl Service<Request<Retractions>> for RetractService {
                     ))
                 }
                 Err(error) => {
-                    tracing::warn!(%request_id, resources = count, %error, "retraction not done");
+                    tracing::warn!(%request_id, resources = count, error = %error.loggable(), "retraction not done");
                     Err(crate::ingress::handoff::refusal(error, &[], &named.origins).into())
                 }
             }

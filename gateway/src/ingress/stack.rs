@@ -140,7 +140,11 @@ where
         // A 5xx answered on purpose (shed at the request limit, an EHR or the outbox
         // unavailable) is a warning: the vendor is told to resend. The unexpected ones are
         // logged as errors where they are rescued.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::WARN)))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside the rescue, so that refusals are negotiated too.
         .layer(negotiate::layer())
@@ -165,6 +169,32 @@ where
             BoxCloneSyncService::new(retractions),
             schemas,
         ))
+}
+
+/// The span every event of a request is logged in: its id (the `X-Request-Id` answered to
+/// the vendor), method and route. The route, not the path: a path names a run.
+fn request_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let path = request.uri().path();
+    let route = if path.starts_with("/v1/runs/") {
+        "/v1/runs/{run-id}/events"
+    } else if path.starts_with("/v1/schemas/") {
+        "/v1/schemas/{name}"
+    } else {
+        match path {
+            "/v1/observations"
+            | "/v1/observations/entered-in-error"
+            | "/v1/fhir/Observation"
+            | "/v1/fhir/Bundle"
+            | "/metadata" => path,
+            _ => "(other)",
+        }
+    };
+    tracing::info_span!("request", %request_id, method = %request.method(), route)
 }
 
 fn box_body<D>(response: Response<D>) -> Response<BoxBody>
