@@ -366,6 +366,8 @@ pub struct GatewayProcess {
     pub addr: SocketAddr,
     /// The admin listener, when the config has one.
     pub admin: Option<SocketAddr>,
+    /// The probes' plain HTTP listener, when the config has one.
+    pub probes: Option<SocketAddr>,
     pub base_url: String,
     /// Everything the gateway logged, for assertions and for debugging a failed test.
     pub log: Arc<Mutex<Vec<String>>>,
@@ -397,6 +399,7 @@ impl GatewayProcess {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (admin_tx, admin_rx) = std::sync::mpsc::channel();
+        let (probes_tx, probes_rx) = std::sync::mpsc::channel();
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -406,18 +409,23 @@ impl GatewayProcess {
                 if let Some(addr) = admin_address(&line) {
                     let _ = admin_tx.send(addr);
                 }
+                if let Some(addr) = logged_address(&line, "probes listening", "probes") {
+                    let _ = probes_tx.send(addr);
+                }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
-                // The admin listener logs before the main one.
+                // The admin and probe listeners log before the main one.
                 let admin = admin_rx.try_recv().ok();
+                let probes = probes_rx.try_recv().ok();
                 return Ok(Self {
                     child,
                     addr,
                     admin,
+                    probes,
                     base_url: format!("https://{addr}"),
                     log,
                     _config: file,
@@ -433,6 +441,27 @@ impl GatewayProcess {
                 let _ = child.kill();
                 return Err("gateway did not start listening within 30 s".into());
             }
+        }
+    }
+
+    /// SIGTERM, as an orchestrator stops a process: the gateway drains and exits.
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

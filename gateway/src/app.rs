@@ -208,6 +208,29 @@ impl Gateway {
                 }
             };
 
+        let probes = Arc::new(crate::probes::Probes::new(
+            outbox.clone(),
+            self.config
+                .destinations
+                .first()
+                .map_or("", |d| d.name.as_str()),
+        ));
+        if let Some(settings) = &self.config.probes {
+            let probe_listener =
+                TcpListener::bind(settings.listen)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: settings.listen,
+                        source,
+                    })?;
+            let probe_addr = probe_listener.local_addr().unwrap_or(settings.listen);
+            tokio::spawn(crate::probes::serve(
+                probe_listener,
+                probes.clone(),
+                wait_stop(stopped.clone()),
+            ));
+            tracing::info!(probes = %probe_addr, "probes listening (plain HTTP: /livez, /readyz)");
+        }
         let clocks = Arc::new(DeviceClocks::default());
         tokio::spawn(crate::cert_expiry::warn_daily(self.config.clone()));
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
@@ -266,8 +289,10 @@ impl Gateway {
             handshake_timeout: server.handshake_timeout,
             header_read_timeout: server.header_read_timeout,
             max_connections: server.max_connections,
+            drain_timeout: server.shutdown_timeout,
             ..ServeOptions::default()
         };
+        let shutdown_timeout = server.shutdown_timeout;
         tracing::info!(
             listen = %local,
             vendors = self.config.vendors.len(),
@@ -276,9 +301,21 @@ impl Gateway {
             delivery = ?self.config.delivery.mode,
             "gateway listening (mutual TLS)"
         );
+        probes.serving();
+        // Not ready from the moment shutdown begins, so an orchestrator sends no more while
+        // the requests in flight finish.
+        let shutdown = {
+            let probes = probes.clone();
+            async move {
+                shutdown.await;
+                probes.stopping();
+                tracing::info!("shutting down: finishing the requests in flight");
+            }
+        };
         serve_mtls(listener, self.tls, stack, options, shutdown).await;
         let _ = stop.send(true);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        // What the workers hold stays pending in the outbox and is sent after a restart.
+        let _ = tokio::time::timeout(shutdown_timeout, async {
             while workers.join_next().await.is_some() {}
         })
         .await;

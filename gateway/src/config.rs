@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(default)]
     pub runs: RunSettings,
     pub admin: Option<AdminSettings>,
+    /// Liveness and readiness on a plain HTTP port (see `probes`); none when absent.
+    pub probes: Option<ProbeSettings>,
     #[serde(rename = "vendor", default)]
     pub vendors: Vec<VendorSettings>,
     #[serde(rename = "destination", default)]
@@ -80,6 +82,10 @@ pub struct ServerSettings {
     pub max_concurrent_requests_per_vendor: Option<usize>,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// On SIGTERM or Ctrl-C: how long requests in flight may take to finish (and delivery
+    /// workers to put down what they hold) before the process exits.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl ServerSettings {
@@ -176,6 +182,13 @@ pub enum DeliveryMode {
     Outbox,
     /// Deliver while the vendor waits; answer 200 once every destination holds the batch.
     Direct,
+}
+
+/// The orchestrator's probes: plain HTTP, no certificate, status words only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSettings {
+    pub listen: SocketAddr,
 }
 
 /// The operators' listener (admin API), mutual TLS with admin certificates only.
@@ -395,6 +408,9 @@ mod defaults {
     }
     pub fn max_connections() -> usize {
         1024
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn max_future_skew() -> Duration {
         Duration::from_secs(300)

@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod outbox;
 pub mod outcome;
 pub mod peer;
+pub mod probes;
 pub mod revocations;
 pub mod runs;
 pub mod server;

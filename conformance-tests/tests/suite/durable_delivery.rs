@@ -1489,6 +1489,7 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         )
         .replace("0.0.0.0:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9444", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
         .replace("https://127.0.0.1:9443/fhir", &ehr.base_url)
         .replace("https://127.0.0.1:9543/fhir", &registry.base_url)
         .replace(

@@ -1,9 +1,14 @@
 //! What the people who run the gateway rely on: logs a shipper can read (JSON lines, ids as
-//! fields) that never carry a patient's identifier or a reading's value.
+//! fields) that never carry a patient's identifier or a reading's value; probes an
+//! orchestrator calls without a certificate; a stop that finishes what is in flight.
 
-use conformance_tests::ehr::ReferenceEhr;
+use std::time::{Duration, Instant};
+
+use conformance_tests::console::SimulatedCardiohelp;
+use conformance_tests::ehr::{Fault, ReferenceEhr};
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config,
+    ADMIN, GETINGE, GatewayProcess, TestPki, WriteStyle, admin_until, durable_config,
+    gateway_config,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -96,4 +101,109 @@ async fn json_logs_carry_ids_as_fields_and_never_a_patient_identifier_or_value()
     assert_eq!(batch["vendor"], "getinge");
     assert_eq!(batch["span"]["request_id"], batch["request_id"], "{batch}");
     assert_eq!(batch["span"]["route"], "/v1/observations", "{batch}");
+}
+
+/// `GET path` over plain HTTP/1.1: (status, body).
+async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_need_no_certificate_and_shutdown_finishes_the_requests_in_flight() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Direct delivery: the vendor's request waits for the EHR, so it is in flight for as long
+    // as the EHR takes.
+    let config = gateway_config(
+        &pki,
+        &ehr.base_url,
+        WriteStyle::TRANSACTION_CONDITIONAL,
+        "gateway-client",
+    )
+    .replace("[server]\n", "[server]\nshutdown_timeout = \"8s\"\n")
+        + "\n[probes]\nlisten = \"127.0.0.1:0\"\n";
+    let mut gateway = GatewayProcess::start(&config).unwrap();
+    let probes = gateway.probes.expect("probe listener");
+    assert_eq!(
+        plain_get(probes, "/livez").await,
+        (200, r#"{"status":"alive"}"#.to_owned())
+    );
+    assert_eq!(
+        plain_get(probes, "/readyz").await,
+        (200, r#"{"status":"ready"}"#.to_owned())
+    );
+    assert_eq!(
+        plain_get(probes, "/admin/v1/queues").await.0,
+        404,
+        "nothing else there"
+    );
+
+    // A request in flight when the orchestrator stops the gateway.
+    ehr.ehr
+        .fail_next(Fault::delay(Duration::from_millis(1500)), 1);
+    let batch = SimulatedCardiohelp::new("CH-S1", 41).next_batch(OffsetDateTime::now_utc());
+    let vendor = pki.client(GETINGE);
+    let url = gateway.url("/v1/observations");
+    let in_flight = tokio::spawn(async move { vendor.post_json(&url, &batch).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ehr.ehr.max_concurrent_writes() == 0 {
+        assert!(Instant::now() < deadline, "the write never reached the EHR");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.sigterm();
+    // Not ready from then on; alive until it exits.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = plain_get(probes, "/readyz").await;
+        if status == 503 {
+            assert_eq!(body, r#"{"status":"not ready","reason":"shutting down"}"#);
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // No new connections; the one in flight gets its answer, and the EHR the data.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(gateway.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = in_flight.await.unwrap().unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.json());
+    assert_eq!(ehr.ehr.count("Observation"), 12);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(15));
+        (status, gateway.log_text())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.is_some_and(|s| s.success()),
+        "{:?}\n{}",
+        status.0,
+        status.1
+    );
+    assert!(status.1.contains("gateway stopped"), "{}", status.1);
 }
