@@ -13,6 +13,7 @@ pub mod fhir_schema;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod ingress;
+pub mod metrics;
 pub mod outbox;
 pub mod outcome;
 pub mod peer;

@@ -207,3 +207,109 @@ async fn probes_need_no_certificate_and_shutdown_finishes_the_requests_in_flight
     );
     assert!(status.1.contains("gateway stopped"), "{}", status.1);
 }
+
+/// One sample's value in OpenMetrics text, by its name and labels as written.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_happened_and_name_no_patient() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = ReferenceEhr::new()
+        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"));
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let vendor = pki.client(GETINGE);
+    let t = (OffsetDateTime::now_utc() - time::Duration::minutes(5))
+        .format(&Rfc3339)
+        .unwrap();
+    let batch = |value: f64, unit: &str| {
+        json!({
+            "device": {"serial": "CH-M1", "model": "CARDIOHELP-i"},
+            "patient": {"system": MRN, "value": PATIENT},
+            "readings": [{"parameter": "Flow", "value": value, "unit": unit, "time": t}]
+        })
+    };
+    // The EHR refuses the first write once: a retry, then delivered.
+    ehr.ehr.fail_next(Fault::status(503), 1);
+    vendor
+        .post_json(&gateway.url("/v1/observations"), &batch(4.1, "L/min"))
+        .await
+        .unwrap()
+        .expect_status(202);
+    vendor
+        .post_json(&gateway.url("/v1/observations"), &batch(4.1, "furlongs"))
+        .await
+        .unwrap()
+        .expect_status(422);
+    let admin = pki.client(ADMIN);
+    admin_until(&gateway, &admin, "/admin/v1/queues", |q| {
+        q["destinations"][0]["pending"] == 0
+    })
+    .await;
+    let answer = admin
+        .get(&gateway.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .expect_status(200);
+    assert!(
+        answer.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = String::from_utf8(answer.body.to_vec()).unwrap();
+    let value =
+        |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} not in:\n{text}"));
+    assert_eq!(
+        value(r#"ecmo_ingest_requests_total{route="/v1/observations",status="202"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ecmo_ingest_requests_total{route="/v1/observations",status="422"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ecmo_ingest_resources_total{vendor="getinge",resource_type="Observation"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ecmo_deliveries_total{destination="ehr",outcome="retry"}"#),
+        2.0,
+        "the Observation and its Provenance, once"
+    );
+    assert_eq!(
+        value(r#"ecmo_deliveries_total{destination="ehr",outcome="delivered"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"ecmo_delivery_requests_total{destination="ehr",status="5xx"}"#),
+        1.0
+    );
+    assert!(value(r#"ecmo_delivery_requests_total{destination="ehr",status="2xx"}"#) >= 1.0);
+    assert_eq!(value(r#"ecmo_outbox_pending{destination="ehr"}"#), 0.0);
+    assert_eq!(value(r#"ecmo_outbox_dead{destination="ehr"}"#), 0.0);
+    assert_eq!(value("ecmo_handoff_duration_seconds_count"), 1.0);
+    assert!(
+        value(
+            r#"ecmo_certificate_expiry_days{role="server",subject="CN=localhost, O=ECMO gateway test PKI"}"#
+        ) > 30.0
+    );
+    for secret in [PATIENT, "CH-M1", "4.1"] {
+        assert!(!text.contains(secret), "'{secret}' in the metrics");
+    }
+    // Operators' only: a vendor's certificate gets 403.
+    assert_eq!(
+        vendor
+            .get(&gateway.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .status,
+        403
+    );
+}

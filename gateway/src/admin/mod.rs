@@ -19,6 +19,7 @@
 //! | `POST /admin/v1/revoked-certificates/{sha256}[?reason=]` | revoke one: refused from its next request on |
 //! | `DELETE /admin/v1/revoked-certificates/{sha256}` | take a revocation back |
 //! | `GET /admin/v1/smart` | per SMART destination: client, token endpoint, key, token state, last refusal (never a token) |
+//! | `GET /metrics` | Prometheus metrics (OpenMetrics text; see `crate::metrics`) |
 //! | `GET /admin/v1/capabilities` | each destination's CapabilityStatement (and SMART token) checked now against its configuration: what it cannot do |
 //! | `GET /admin/v1/jwks` | the public keys of the gateway's SMART clients, to register at the EHR |
 
@@ -251,6 +252,52 @@ struct Context<'a> {
     admin: String,
 }
 
+/// `GET /metrics`: the process's metrics, with the outbox's queues and the certificates'
+/// expiry read now.
+async fn metrics_response(context: &Context<'_>) -> Response<BoxBody> {
+    let metrics = crate::metrics::metrics();
+    if let Some(outbox) = &context.outbox
+        && let Ok(stats) = outbox.stats().await
+    {
+        for destination in stats {
+            let label = crate::metrics::DestinationLabel {
+                destination: destination.destination.clone(),
+            };
+            metrics
+                .outbox_pending
+                .get_or_create(&label)
+                .set(destination.pending as i64);
+            metrics
+                .outbox_dead
+                .get_or_create(&label)
+                .set(destination.dead as i64);
+            metrics
+                .outbox_oldest_seconds
+                .get_or_create(&label)
+                .set(destination.oldest_pending_seconds.unwrap_or(0.0) as i64);
+        }
+    }
+    for certificate in
+        crate::cert_expiry::inventory(&context.config, crate::outbox::now_ms() / 1000)
+    {
+        metrics
+            .certificate_days
+            .get_or_create(&crate::metrics::CertificateLabel {
+                role: certificate.role,
+                subject: certificate.subject,
+            })
+            .set(certificate.days_left);
+    }
+    let mut response = Response::new(full_body(metrics.render()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
+}
+
 /// SMART Backend Services: token state per destination, and the JWKS to register.
 fn smart(
     context: &Context<'_>,
@@ -325,6 +372,9 @@ async fn route(
     }
     if let Some(response) = smart(&context, &method, &segments)? {
         return Ok(response);
+    }
+    if segments == ["metrics"] && method == Method::GET {
+        return Ok(metrics_response(&context).await);
     }
     if segments == ["admin", "v1", "capabilities"] && method == Method::GET {
         let reports = crate::app::check_all(context.destinations.clone()).await;

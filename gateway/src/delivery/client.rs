@@ -123,9 +123,29 @@ impl EhrClient {
             .transpose()
             .map_err(|e| ClientError::Smart(settings.name.clone(), e))?;
         let http = hyper_client.clone();
+        let destination = settings.name.clone();
+        // Each request's round trip and status class, retries and token requests apart.
         let send = tower::service_fn(move |request: EhrRequest| {
             let hyper_client = hyper_client.clone();
-            async move { fetch(&hyper_client, request).await }
+            let destination = destination.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let answer = fetch(&hyper_client, request).await;
+                let metrics = crate::metrics::metrics();
+                let status = answer.as_ref().ok().map(|r| r.status());
+                metrics
+                    .delivery_requests
+                    .get_or_create(&crate::metrics::DestinationStatus {
+                        destination: destination.clone(),
+                        status: crate::metrics::status_class(status),
+                    })
+                    .inc();
+                metrics
+                    .delivery_seconds
+                    .get_or_create(&crate::metrics::DestinationLabel { destination })
+                    .observe(started.elapsed().as_secs_f64());
+                answer
+            }
         });
         Ok(Self {
             service: client_stack(send, settings, tokens.clone())?,

@@ -178,6 +178,7 @@ impl DeliveryWorker {
                             // finish together share one group commit (fsync).
                             let task = tasks.spawn(async move {
                                 let (outcomes, health) = shared.deliver(due).await;
+                                count_outcomes(&shared.destination.name, &outcomes);
                                 let done: HashSet<i64> = outcomes
                                     .iter()
                                     .filter(|(_, settle)| settle.is_final())
@@ -245,6 +246,17 @@ impl DeliveryWorker {
 
     /// Feeds a batch's health to the breaker; returns the new window.
     fn record(&mut self, health: Health, window: usize) -> usize {
+        let window = self.window_after(health, window);
+        crate::metrics::metrics()
+            .breaker_open
+            .get_or_create(&crate::metrics::DestinationLabel {
+                destination: self.shared.destination.name.to_string(),
+            })
+            .set(i64::from(self.breaker.blocked_for().is_some()));
+        window
+    }
+
+    fn window_after(&mut self, health: Health, window: usize) -> usize {
         match health {
             Health::Up => {
                 self.breaker.record_success();
@@ -547,6 +559,26 @@ impl Shared {
             at_ms: now_ms() + backoff.max(after).as_millis() as i64,
             error: reason.to_owned(),
         }
+    }
+}
+
+/// Counts settled messages by outcome (`crate::metrics`).
+fn count_outcomes(destination: &str, outcomes: &[(i64, Settle)]) {
+    let metrics = crate::metrics::metrics();
+    for (_, settle) in outcomes {
+        let outcome = match settle {
+            Settle::Delivered { .. } => "delivered",
+            Settle::Retry { .. } => "retry",
+            Settle::Postpone { .. } => "postponed",
+            Settle::Dead { .. } => "dead",
+        };
+        metrics
+            .deliveries
+            .get_or_create(&crate::metrics::DestinationOutcome {
+                destination: destination.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 }
 

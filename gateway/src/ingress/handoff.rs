@@ -52,8 +52,33 @@ impl Service<Request<OutboundBatch>> for HandoffService {
             let request_id = batch.request_id.clone();
             let resources = batch.resources.clone();
             let origins = batch.origins.clone();
-            match handoff.submit(batch).await {
+            let started = std::time::Instant::now();
+            let submitted = handoff.submit(batch).await;
+            crate::metrics::metrics()
+                .handoff_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match submitted {
                 Ok(receipt) => {
+                    // One count per type, not per resource: a batch is mostly Observations.
+                    let mut by_type: Vec<(&'static str, u64)> = Vec::with_capacity(4);
+                    for resource in resources.iter() {
+                        match by_type
+                            .iter_mut()
+                            .find(|(t, _)| *t == resource.resource_type)
+                        {
+                            Some((_, n)) => *n += 1,
+                            None => by_type.push((resource.resource_type, 1)),
+                        }
+                    }
+                    for (resource_type, count) in by_type {
+                        crate::metrics::metrics()
+                            .accepted
+                            .get_or_create(&crate::metrics::VendorType {
+                                vendor: vendor.to_string(),
+                                resource_type,
+                            })
+                            .inc_by(count);
+                    }
                     let status = match &receipt {
                         Receipt::Delivered { .. } => {
                             tracing::info!(%request_id, %vendor, resources = count, "batch delivered");

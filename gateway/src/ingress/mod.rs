@@ -26,6 +26,7 @@ pub mod locate;
 pub mod map;
 pub mod metadata;
 pub mod negotiate;
+pub mod record;
 pub mod rescue;
 pub mod retract;
 pub mod router;

@@ -137,6 +137,7 @@ where
     ServiceBuilder::new()
         .map_response(box_body)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(super::record::RecordLayer)
         // A 5xx answered on purpose (shed at the request limit, an EHR or the outbox
         // unavailable) is a warning: the vendor is told to resend. The unexpected ones are
         // logged as errors where they are rescued.
@@ -179,21 +180,7 @@ fn request_span<B>(request: &http::Request<B>) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let path = request.uri().path();
-    let route = if path.starts_with("/v1/runs/") {
-        "/v1/runs/{run-id}/events"
-    } else if path.starts_with("/v1/schemas/") {
-        "/v1/schemas/{name}"
-    } else {
-        match path {
-            "/v1/observations"
-            | "/v1/observations/entered-in-error"
-            | "/v1/fhir/Observation"
-            | "/v1/fhir/Bundle"
-            | "/metadata" => path,
-            _ => "(other)",
-        }
-    };
+    let route = super::record::route_of(request.uri().path());
     tracing::info_span!("request", %request_id, method = %request.method(), route)
 }
 

@@ -195,6 +195,18 @@ impl TokenSource {
         let answer = tokio::time::timeout(self.timeout, self.request_token())
             .await
             .unwrap_or_else(|_| Err(SmartError::Unavailable("timed out".into())));
+        let outcome = match &answer {
+            Ok(_) => "issued",
+            Err(error) if error.is_configuration() => "refused",
+            Err(_) => "unavailable",
+        };
+        crate::metrics::metrics()
+            .tokens
+            .get_or_create(&crate::metrics::DestinationOutcome {
+                destination: self.destination.clone(),
+                outcome,
+            })
+            .inc();
         let mut state = self.state();
         match answer {
             Ok((token, granted)) => {
