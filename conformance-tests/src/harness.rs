@@ -278,6 +278,39 @@ pub async fn admin_until(
     }
 }
 
+/// A reference EHR over mutual TLS that trusts the test CA's client certificates.
+pub async fn mtls_ehr(pki: &TestPki) -> crate::ehr::RunningEhr {
+    crate::ehr::ReferenceEhr::new()
+        .start(
+            pki.ehr_tls("ca.pem"),
+            "127.0.0.1:0".parse().expect("address"),
+        )
+        .await
+        .expect("the reference EHR starts")
+}
+
+/// A test PKI, a reference EHR and the gateway on an outbox in a temporary directory, with
+/// `settings` (TOML lines) added to its destination.
+pub async fn durable_gateway(
+    settings: &str,
+) -> (
+    TestPki,
+    crate::ehr::RunningEhr,
+    tempfile::TempDir,
+    GatewayProcess,
+) {
+    let pki = TestPki::generate().expect("test PKI");
+    let ehr = mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
+        "max_attempts = 1\n",
+        &format!("max_attempts = 1\n{settings}"),
+    );
+    assert!(config.contains(settings));
+    let gateway = GatewayProcess::start(&config).expect("the gateway starts");
+    (pki, ehr, dir, gateway)
+}
+
 /// The scopes the gateway asks a SMART EHR for: every type it writes.
 pub const SMART_WRITE_SCOPES: [&str; 4] = [
     "system/Observation.cu",

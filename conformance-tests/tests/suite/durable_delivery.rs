@@ -13,7 +13,8 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, durable_config, now_rfc3339,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, durable_config, durable_gateway,
+    mtls_ehr, now_rfc3339,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -21,31 +22,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 async fn start_ehr(pki: &TestPki) -> RunningEhr {
-    ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-}
-
-/// A test PKI, a reference EHR and the gateway on an outbox in a temporary directory.
-async fn durable_gateway() -> (TestPki, RunningEhr, tempfile::TempDir, GatewayProcess) {
-    durable_gateway_with("").await
-}
-
-/// [`durable_gateway`] with `settings` (TOML lines) added to its destination.
-async fn durable_gateway_with(
-    settings: &str,
-) -> (TestPki, RunningEhr, tempfile::TempDir, GatewayProcess) {
-    let pki = TestPki::generate().unwrap();
-    let ehr = start_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")).replace(
-        "max_attempts = 1\n",
-        &format!("max_attempts = 1\n{settings}"),
-    );
-    assert!(config.contains(settings));
-    let gateway = GatewayProcess::start(&config).unwrap();
-    (pki, ehr, dir, gateway)
+    mtls_ehr(pki).await
 }
 
 /// Polls the admin API until no message is pending anywhere; returns the queue stats.
@@ -380,7 +357,7 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_api_is_for_admins_only_and_reports_health() {
-    let (pki, _ehr, _dir, gateway) = durable_gateway().await;
+    let (pki, _ehr, _dir, gateway) = durable_gateway("").await;
     let vendor_on_admin = pki
         .client(GETINGE)
         .get(&gateway.admin_url("/admin/v1/queues"))
@@ -590,7 +567,7 @@ fn flow_value(observation: &Value) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrected_reading_amends_the_ehr_and_a_resend_changes_nothing() {
-    let (pki, ehr, dir, gateway) = durable_gateway().await;
+    let (pki, ehr, dir, gateway) = durable_gateway("").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let time = now_rfc3339();
@@ -674,7 +651,7 @@ async fn a_corrected_reading_amends_the_ehr_and_a_resend_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_takes_no_corrections_gets_none_and_the_device_hears_409() {
-    let (pki, ehr, _dir, gateway) = durable_gateway_with("corrections = \"reject\"\n").await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("corrections = \"reject\"\n").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
@@ -725,7 +702,7 @@ async fn a_destination_that_takes_no_corrections_gets_none_and_the_device_hears_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn repeats_in_one_request_are_merged_and_contradictions_refused_naming_both() {
-    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("").await;
     let admin = pki.client(ADMIN);
     let times: Vec<String> = (0..5)
         .map(|n| rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(n)))
@@ -772,7 +749,7 @@ async fn repeats_in_one_request_are_merged_and_contradictions_refused_naming_bot
 
 #[tokio::test(flavor = "multi_thread")]
 async fn per_resource_order_holds_when_an_attempt_fails() {
-    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let time = now_rfc3339();
@@ -869,7 +846,7 @@ async fn per_resource_order_holds_when_an_attempt_fails() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_or_an_operator_takes_a_reading_back_as_entered_in_error() {
-    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
@@ -1015,7 +992,7 @@ fn target_values(provenance: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once() {
-    let (pki, ehr, _dir, gateway) = durable_gateway().await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("").await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     let (t1, t2) = (
@@ -1157,7 +1134,7 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
 /// delivers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rate_limited_destination_starts_and_delivers() {
-    let (pki, ehr, _dir, gateway) = durable_gateway_with("rate_limit = 50\n").await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("rate_limit = 50\n").await;
     post(&pki, &gateway, &flows("CH-RL", &[(4.2, &now_rfc3339())]))
         .await
         .expect_status(202);
@@ -1171,7 +1148,7 @@ async fn a_rate_limited_destination_starts_and_delivers() {
 /// for that long.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ehr_asking_to_wait_for_years_is_waited_for_at_most_retry_after_max() {
-    let (pki, ehr, _dir, gateway) = durable_gateway_with("retry_after_max = \"1s\"\n").await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("retry_after_max = \"1s\"\n").await;
     ehr.ehr
         .fail_next(Fault::status(503).retry_after(u32::MAX), 1);
     post(&pki, &gateway, &flows("CH-RA", &[(4.2, &now_rfc3339())]))
@@ -1185,7 +1162,7 @@ async fn an_ehr_asking_to_wait_for_years_is_waited_for_at_most_retry_after_max()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_without_provenance_gets_none() {
-    let (pki, ehr, _dir, gateway) = durable_gateway_with("provenance = false\n").await;
+    let (pki, ehr, _dir, gateway) = durable_gateway("provenance = false\n").await;
     post(&pki, &gateway, &flows("CH-P2", &[(4.2, &now_rfc3339())]))
         .await
         .expect_status(202);
@@ -1199,7 +1176,7 @@ async fn a_destination_without_provenance_gets_none() {
 async fn several_bundles_in_flight_keep_per_resource_order() {
     // Small bundles and a slow EHR: only several bundles in flight make this quick.
     let (pki, ehr, _dir, gateway) =
-        durable_gateway_with("max_bundle_entries = 4\nconcurrency = 4\n").await;
+        durable_gateway("max_bundle_entries = 4\nconcurrency = 4\n").await;
     ehr.ehr
         .fail_fraction(Fault::delay(Duration::from_millis(150)), 1.0);
     let admin = pki.client(ADMIN);

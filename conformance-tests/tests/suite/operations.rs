@@ -8,7 +8,7 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::{Fault, ReferenceEhr};
 use conformance_tests::harness::{
     ADMIN, GETINGE, GatewayProcess, TestPki, WriteStyle, admin_until, durable_config,
-    gateway_config,
+    durable_gateway, gateway_config,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -216,14 +216,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_happened_and_name_no_patient() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"));
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let (pki, ehr, _dir, gateway) = durable_gateway("").await;
     let vendor = pki.client(GETINGE);
     let t = (OffsetDateTime::now_utc() - time::Duration::minutes(5))
         .format(&Rfc3339)
