@@ -124,7 +124,7 @@ pub async fn serve(
         tower::service_fn(move |request: Request<Incoming>| handle(kind, durable.clone(), request));
     serve_mtls(
         listener,
-        tls,
+        gateway::server::fixed_tls(tls),
         service,
         ServeOptions::default(),
         std::future::pending(),

@@ -477,6 +477,11 @@ impl GatewayProcess {
         }
     }
 
+    /// The configuration file the gateway runs from (an operator may edit it).
+    pub fn config_path(&self) -> &Path {
+        self._config.path()
+    }
+
     /// SIGTERM, as an orchestrator stops a process: the gateway drains and exits.
     pub fn sigterm(&self) {
         let _ = Command::new("kill")

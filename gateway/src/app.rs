@@ -10,14 +10,16 @@ use tokio::net::TcpListener;
 use crate::config::{Config, ConfigError, DeliveryMode};
 use crate::delivery::worker::{DeliveryWorker, WorkerSettings};
 use crate::delivery::{Destination, DirectDelivery, Handoff};
+use crate::ingress::client_identity::LiveVendors;
 use crate::ingress::device_clocks::DeviceClocks;
-use crate::ingress::{IngressParts, IngressSettings, Vendors, build_stack};
+use crate::ingress::{IngressParts, IngressSettings, build_stack};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
 use crate::outbox::retention::RetentionPolicy;
 use crate::outbox::sqlite::SqliteOutbox;
+use crate::reload::{Live, LiveError, Reloader};
 use crate::revocations::RevokedCertificates;
-use crate::server::{ServeOptions, serve_mtls};
+use crate::server::{LiveTls, ServeOptions, fixed_tls, serve_mtls};
 use crate::validation::Schemas;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,19 +54,23 @@ pub enum StartError {
 /// A checked, ready-to-serve gateway.
 pub struct Gateway {
     config: Config,
-    tls: Arc<rustls::ServerConfig>,
+    /// The configuration file, when there is one to reload from.
+    config_file: Option<std::path::PathBuf>,
+    tls: LiveTls,
     mappings: Arc<Mappings>,
     schemas: Schemas,
     destinations: Vec<Destination>,
-    admin_tls: Option<Arc<rustls::ServerConfig>>,
+    admin_tls: Option<LiveTls>,
     conformance: Arc<crate::ingress::conformance::ConformanceRules>,
-    vendors: Vendors,
+    vendors: LiveVendors,
     revoked: Arc<RevokedCertificates>,
 }
 
 impl Gateway {
     pub fn from_config_file(path: &Path) -> Result<Self, StartError> {
-        Self::from_config(Config::load(path)?)
+        let mut gateway = Self::from_config(Config::load(path)?)?;
+        gateway.config_file = Some(path.to_owned());
+        Ok(gateway)
     }
 
     pub fn from_config(config: Config) -> Result<Self, StartError> {
@@ -72,30 +78,16 @@ impl Gateway {
             Some(dir) => Mappings::load_dir(dir)?,
             None => Mappings::embedded()?,
         };
-        let vendor_crls = crate::tls::load_crls(&config.server.vendor_crl)?;
-        let tls = crate::tls::server_config(
-            &config.server.cert,
-            &config.server.key,
-            &config.server.vendor_ca,
-            &vendor_crls,
-        )?;
         let revoked = Arc::new(RevokedCertificates::open(&config.server.revocations)?);
-        let vendors = Vendors::new(&config.vendors, &vendor_crls, Some(revoked.clone()))?;
+        let live = Live::build(&config, &revoked).map_err(|e| match e {
+            LiveError::Tls(e) => StartError::Tls(e),
+            LiveError::AdminTls(e) => StartError::AdminTls(e),
+        })?;
         let destinations = config
             .destinations
             .iter()
             .map(Destination::from_settings)
             .collect::<Result<Vec<_>, _>>()?;
-        let admin_tls = match &config.admin {
-            Some(admin) => Some(
-                crate::tls::load_crls(&admin.crl)
-                    .and_then(|crls| {
-                        crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca, &crls)
-                    })
-                    .map_err(StartError::AdminTls)?,
-            ),
-            None => None,
-        };
         let conformance = crate::ingress::conformance::ConformanceRules::embedded()
             .map_err(StartError::Profiles)?;
         conformance
@@ -103,13 +95,14 @@ impl Gateway {
             .map_err(StartError::Profiles)?;
         Ok(Self {
             conformance: Arc::new(conformance),
-            admin_tls,
+            admin_tls: live.admin_tls.map(fixed_tls),
             schemas: Schemas::embedded()?,
             mappings: Arc::new(mappings),
-            tls,
+            tls: fixed_tls(live.tls),
             destinations,
             config,
-            vendors,
+            config_file: None,
+            vendors: live.vendors.into(),
             revoked,
         })
     }
@@ -231,6 +224,19 @@ impl Gateway {
             ));
             tracing::info!(probes = %probe_addr, "probes listening (plain HTTP: /livez, /readyz)");
         }
+        let reloader = self.config_file.as_deref().map(|file| {
+            Arc::new(Reloader::new(
+                file,
+                &self.config,
+                self.tls.clone(),
+                self.admin_tls.clone(),
+                self.vendors.clone(),
+                self.revoked.clone(),
+            ))
+        });
+        if let Some(reloader) = &reloader {
+            tokio::spawn(reloader.clone().run(wait_stop(stopped.clone())));
+        }
         let clocks = Arc::new(DeviceClocks::default());
         tokio::spawn(crate::cert_expiry::warn_daily(self.config.clone()));
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
@@ -251,6 +257,7 @@ impl Gateway {
                     revoked: self.revoked.clone(),
                     config: Arc::new(self.config.clone()),
                     destinations: clients,
+                    reloader: reloader.clone(),
                 },
             );
             tokio::spawn(serve_mtls(

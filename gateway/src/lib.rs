@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod outcome;
 pub mod peer;
 pub mod probes;
+pub mod reload;
 pub mod revocations;
 pub mod runs;
 pub mod server;

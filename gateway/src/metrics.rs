@@ -17,6 +17,7 @@
 //! | `ecmo_smart_token_requests_total` | `destination`, `outcome` (`issued`, `refused`, `unavailable`) |
 //! | `ecmo_outbox_pending`, `ecmo_outbox_oldest_pending_seconds`, `ecmo_outbox_dead` (at scrape) | `destination` |
 //! | `ecmo_certificate_expiry_days` (at scrape) | `role`, `subject` |
+//! | `ecmo_config_reloads_total` | `outcome` (`ok`, `failed`) |
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -63,6 +64,11 @@ pub struct DestinationOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabel {
     pub role: String,
     pub subject: String,
@@ -91,6 +97,7 @@ pub struct Metrics {
     pub outbox_dead: Family<DestinationLabel, Gauge>,
     pub outbox_oldest_seconds: Family<DestinationLabel, Gauge>,
     pub certificate_days: Family<CertificateLabel, Gauge>,
+    pub reloads: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +117,7 @@ impl Metrics {
             outbox_dead: Family::default(),
             outbox_oldest_seconds: Family::default(),
             certificate_days: Family::default(),
+            reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -176,6 +184,11 @@ impl Metrics {
             "ecmo_certificate_expiry_days",
             "Days until a configured certificate expires",
             m.certificate_days.clone(),
+        );
+        registry.register(
+            "ecmo_config_reloads",
+            "Configuration reloads (certificates, CAs, vendors), by outcome",
+            m.reloads.clone(),
         );
         Self { registry, ..m }
     }

@@ -50,13 +50,22 @@ impl Default for ServeOptions {
     }
 }
 
+/// The TLS configuration a listener uses for its next handshake: swapped whole when
+/// certificates are reloaded, while open connections keep the one they began with.
+pub type LiveTls = Arc<arc_swap::ArcSwap<ServerConfig>>;
+
+/// A TLS configuration that never changes (the reference EHR, the benchmark's servers).
+pub fn fixed_tls(config: Arc<ServerConfig>) -> LiveTls {
+    Arc::new(arc_swap::ArcSwap::new(config))
+}
+
 /// Serves `service` on `listener` until `shutdown` completes, then drains.
 ///
 /// Every request carries the connection's [`PeerIdentity`] in its extensions; connections
 /// whose handshake fails never reach the service.
 pub async fn serve_mtls<S>(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    tls: LiveTls,
     service: S,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -67,7 +76,6 @@ pub async fn serve_mtls<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let acceptor = TlsAcceptor::from(tls);
     let mut http = auto::Builder::new(TokioExecutor::new());
     // Without a timer the header read timeout is silently inactive.
     http.http1()
@@ -99,7 +107,7 @@ pub async fn serve_mtls<S>(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.load_full());
         let service = service.clone();
         let http = http.clone();
         let watcher = graceful.watcher();

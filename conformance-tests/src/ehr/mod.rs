@@ -491,7 +491,7 @@ impl ReferenceEhr {
         });
         tokio::spawn(serve_mtls(
             listener,
-            tls,
+            gateway::server::fixed_tls(tls),
             service,
             ServeOptions {
                 // Whether a client certificate is required is the TLS config's choice: an EHR

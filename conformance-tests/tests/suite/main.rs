@@ -11,6 +11,7 @@ mod durable_delivery;
 mod ecmo_runs;
 mod ehr_failures;
 mod fuzz_smoke;
+mod hot_reload;
 mod literal_references;
 mod observations_flow;
 mod operations;

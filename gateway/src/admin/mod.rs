@@ -19,6 +19,7 @@
 //! | `POST /admin/v1/revoked-certificates/{sha256}[?reason=]` | revoke one: refused from its next request on |
 //! | `DELETE /admin/v1/revoked-certificates/{sha256}` | take a revocation back |
 //! | `GET /admin/v1/smart` | per SMART destination: client, token endpoint, key, token state, last refusal (never a token) |
+//! | `GET /admin/v1/reload`, `POST /admin/v1/reload` | hot reload of certificates and vendors: its status; reload now |
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text; see `crate::metrics`) |
 //! | `GET /admin/v1/capabilities` | each destination's CapabilityStatement (and SMART token) checked now against its configuration: what it cannot do |
 //! | `GET /admin/v1/jwks` | the public keys of the gateway's SMART clients, to register at the EHR |
@@ -87,6 +88,8 @@ pub struct AdminParts {
     pub config: Arc<crate::config::Config>,
     /// Every destination with its client: token state, capability checks.
     pub destinations: crate::app::DestinationClients,
+    /// Hot reload of certificates and vendors, when the gateway runs from a file.
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
@@ -117,6 +120,7 @@ pub fn build_admin_stack<B: Send + 'static>(
                     revoked: parts.revoked,
                     config: parts.config,
                     destinations: parts.destinations,
+                    reloader: parts.reloader,
                     admin,
                 };
                 route(context, request.method().clone(), request.uri().clone()).await
@@ -248,6 +252,7 @@ struct Context<'a> {
     revoked: Arc<RevokedCertificates>,
     config: Arc<crate::config::Config>,
     destinations: crate::app::DestinationClients,
+    reloader: Option<Arc<crate::reload::Reloader>>,
     /// The admin certificate identity of the request.
     admin: String,
 }
@@ -372,6 +377,35 @@ async fn route(
     }
     if let Some(response) = smart(&context, &method, &segments)? {
         return Ok(response);
+    }
+    if segments == ["admin", "v1", "reload"] {
+        let Some(reloader) = context.reloader.clone() else {
+            return Err(not_found("the gateway runs from no file to reload".into()));
+        };
+        if method == Method::POST {
+            // Reading and parsing files: off the async workers.
+            let reloaded = tokio::task::spawn_blocking({
+                let reloader = reloader.clone();
+                move || reloader.reload()
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let status = if reloaded.is_ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            return Ok(json_response(
+                status,
+                &serde_json::to_value(reloader.status()).unwrap_or_default(),
+            ));
+        }
+        if method == Method::GET {
+            return Ok(json_response(
+                StatusCode::OK,
+                &serde_json::to_value(reloader.status()).unwrap_or_default(),
+            ));
+        }
     }
     if segments == ["metrics"] && method == Method::GET {
         return Ok(metrics_response(&context).await);

@@ -188,13 +188,22 @@ impl Vendors {
     }
 }
 
+/// The vendor list as it is now: swapped whole when the configuration is reloaded.
+pub type LiveVendors = Arc<arc_swap::ArcSwap<Vendors>>;
+
+impl From<Vendors> for LiveVendors {
+    fn from(vendors: Vendors) -> Self {
+        Arc::new(arc_swap::ArcSwap::from_pointee(vendors))
+    }
+}
+
 /// Inserts the request's `Arc<VendorPolicy>`; refuses certificates that name no vendor.
 #[derive(Clone)]
 pub struct ClientIdentity {
-    vendors: Vendors,
+    vendors: LiveVendors,
 }
 
-pub fn layer(vendors: Vendors) -> FilterLayer<ClientIdentity> {
+pub fn layer(vendors: LiveVendors) -> FilterLayer<ClientIdentity> {
     FilterLayer::new(ClientIdentity { vendors })
 }
 
@@ -205,7 +214,7 @@ impl<B> Predicate<Request<B>> for ClientIdentity {
         let Some(peer) = request.extensions().get::<PeerIdentity>() else {
             return Err(forbidden(NotAVendor::Unknown("(none)".into())));
         };
-        match self.vendors.for_peer(peer) {
+        match self.vendors.load().for_peer(peer) {
             Ok(vendor) => {
                 request.extensions_mut().insert(vendor);
                 Ok(request)
@@ -250,9 +259,11 @@ mod tests {
         request
             .extensions_mut()
             .insert(PeerIdentity::named(&["getinge"]));
-        let request = ClientIdentity { vendors: vendors() }
-            .check(request)
-            .unwrap();
+        let request = ClientIdentity {
+            vendors: vendors().into(),
+        }
+        .check(request)
+        .unwrap();
         let vendor = request.extensions().get::<Arc<VendorPolicy>>().unwrap();
         assert_eq!(vendor.name, "getinge");
         assert!(vendor.may_post_for("CH-1", "other"));
@@ -330,9 +341,11 @@ mod tests {
         request
             .extensions_mut()
             .insert(PeerIdentity::named(&["someone-else"]));
-        let error = ClientIdentity { vendors: vendors() }
-            .check(request)
-            .unwrap_err();
+        let error = ClientIdentity {
+            vendors: vendors().into(),
+        }
+        .check(request)
+        .unwrap_err();
         let api = error.downcast_ref::<ApiError>().unwrap();
         assert_eq!(api.status, StatusCode::FORBIDDEN);
         assert!(api.issues[0].details.contains("someone-else"));

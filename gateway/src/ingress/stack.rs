@@ -18,7 +18,6 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::delivery::Handoff;
-use crate::ingress::client_identity::Vendors;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::retract::RetractService;
@@ -69,7 +68,7 @@ pub struct IngressParts {
 /// the concurrency limit.
 pub fn build_stack<B>(
     settings: IngressSettings,
-    vendors: Vendors,
+    vendors: impl Into<client_identity::LiveVendors>,
     parts: IngressParts,
     handoff: Arc<dyn Handoff>,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
@@ -158,7 +157,7 @@ where
         .layer(GlobalConcurrencyLimitLayer::new(
             settings.max_concurrent_requests,
         ))
-        .layer(client_identity::layer(vendors))
+        .layer(client_identity::layer(vendors.into()))
         // Inside the global limit: a vendor over its share gives its global slot back at once.
         .layer(vendor_share::layer(
             settings.max_concurrent_requests_per_vendor,
@@ -253,7 +252,7 @@ mod tests {
             max_future_skew: Duration::from_secs(300),
             max_past_age: Duration::from_secs(24 * 3600),
         };
-        let vendors = Vendors::new(
+        let vendors = crate::ingress::client_identity::Vendors::new(
             &[VendorSettings {
                 name: "getinge".into(),
                 identity: "getinge".into(),

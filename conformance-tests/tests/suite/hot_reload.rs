@@ -1,0 +1,186 @@
+//! Certificates and vendors rotate while the gateway runs: a new vendor CA is trusted and the
+//! server certificate replaced when the files change, with devices posting all the while and
+//! not one request failing; a file that does not load keeps the running configuration and
+//! the admin API says why.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use conformance_tests::client::MtlsClient;
+use conformance_tests::console::SimulatedCardiohelp;
+use conformance_tests::harness::{GatewayProcess, admin_until, durable_gateway};
+use gateway::certs::{LeafSpec, TestCa, Usage, write_private};
+use time::OffsetDateTime;
+
+/// Replaces `path` the way deployment tools do: a new file renamed over the old one.
+fn replace_file(path: &Path, contents: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, contents).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// Whether a TLS handshake with the gateway succeeds when only `ca` is trusted.
+async fn handshake_trusting(gateway: &GatewayProcess, ca: &Path, client: (&Path, &Path)) -> bool {
+    let client = MtlsClient::new(ca, Some(client)).unwrap();
+    client.get(&gateway.url("/metadata")).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vendor_ca_and_the_server_certificate_rotate_under_load_without_a_failed_request() {
+    let (pki, _ehr, _dir, gateway) = durable_gateway("").await;
+    let p = |f: &str| pki.path(f);
+    // A second CA: it issues a Getinge certificate and, later, the gateway's new one.
+    let ca2 = TestCa::new("Second ECMO CA").unwrap();
+    std::fs::write(p("ca2.pem"), &ca2.cert_pem).unwrap();
+    std::fs::write(
+        p("ca-bundle.pem"),
+        format!(
+            "{}{}",
+            std::fs::read_to_string(p("ca.pem")).unwrap(),
+            ca2.cert_pem
+        ),
+    )
+    .unwrap();
+    let getinge2 = ca2.issue(&LeafSpec::new("getinge", Usage::Client)).unwrap();
+    std::fs::write(p("getinge2.pem"), &getinge2.cert_pem).unwrap();
+    write_private(&p("getinge2.key"), &getinge2.key_pem).unwrap();
+    let trusting_both = |stem: &str| {
+        MtlsClient::new(
+            &p("ca-bundle.pem"),
+            Some((&p(&format!("{stem}.pem")), &p(&format!("{stem}.key")))),
+        )
+        .unwrap()
+    };
+    let admin = trusting_both("admin");
+    let url = gateway.url("/v1/observations");
+    // Not trusted yet: its handshake is refused.
+    assert!(
+        trusting_both("getinge2")
+            .post_json(
+                &url,
+                &SimulatedCardiohelp::new("CH-R0", 1).next_batch(OffsetDateTime::now_utc())
+            )
+            .await
+            .is_err()
+    );
+
+    // Devices post all the while.
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for device in 0..4 {
+        let (stop, accepted, url) = (stop.clone(), accepted.clone(), url.clone());
+        let vendor = trusting_both("vendor-getinge");
+        load.push(tokio::spawn(async move {
+            let mut console = SimulatedCardiohelp::new(&format!("CH-R{device}"), 50 + device);
+            let mut t = OffsetDateTime::now_utc() - time::Duration::minutes(30);
+            while !stop.load(Ordering::SeqCst) {
+                t += time::Duration::seconds(1);
+                let answer = vendor.post_json(&url, &console.next_batch(t)).await;
+                match answer {
+                    Ok(answer) if answer.status == 202 => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => return Err(format!("{other:?}")),
+                }
+            }
+            Ok(())
+        }));
+    }
+
+    // 1. The operator adds the second CA to the vendor CAs: picked up from the file change.
+    let config = std::fs::read_to_string(gateway.config_path()).unwrap();
+    let ca = p("ca.pem").display().to_string();
+    let edited = config.replacen(
+        &format!("vendor_ca = [\"{ca}\"]"),
+        &format!("vendor_ca = [\"{ca}\", \"{}\"]", p("ca2.pem").display()),
+        1,
+    );
+    assert_ne!(edited, config);
+    replace_file(gateway.config_path(), &edited);
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["reloads"] == 1).await;
+    trusting_both("getinge2")
+        .post_json(
+            &url,
+            &SimulatedCardiohelp::new("CH-R9", 2).next_batch(OffsetDateTime::now_utc()),
+        )
+        .await
+        .unwrap()
+        .expect_status(202);
+
+    // 2. The server certificate is replaced by one from the second CA: new connections get it.
+    assert!(
+        !handshake_trusting(
+            &gateway,
+            &p("ca2.pem"),
+            (&p("getinge2.pem"), &p("getinge2.key"))
+        )
+        .await
+    );
+    let server2 = ca2.issue(&LeafSpec::localhost_server()).unwrap();
+    // The key first: a certificate without its key would not load (and is not swapped in).
+    replace_file(&p("server.key"), &server2.key_pem);
+    replace_file(&p("server.pem"), &server2.cert_pem);
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| {
+        s["lastError"].is_null() && s["reloads"].as_u64() >= Some(2)
+    })
+    .await;
+    assert!(
+        handshake_trusting(
+            &gateway,
+            &p("ca2.pem"),
+            (&p("getinge2.pem"), &p("getinge2.key"))
+        )
+        .await
+    );
+
+    // 3. A broken file: the running configuration stays and the admin API says why.
+    replace_file(&p("server.key"), "not a key");
+    let status = admin_until(&gateway, &admin, "/admin/v1/reload", |s| {
+        s["failures"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(
+        status["lastError"].as_str().unwrap().contains("server.key"),
+        "{status}"
+    );
+    assert!(
+        handshake_trusting(
+            &gateway,
+            &p("ca2.pem"),
+            (&p("getinge2.pem"), &p("getinge2.key"))
+        )
+        .await
+    );
+    let metrics = String::from_utf8(
+        admin
+            .get(&gateway.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains(r#"ecmo_config_reloads_total{outcome="failed"}"#),
+        "{metrics}"
+    );
+    // SIGHUP works too: the key restored, reloaded on the signal.
+    std::fs::write(p("server.key"), &server2.key_pem).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.pid().to_string()])
+        .status();
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| {
+        s["lastError"].is_null()
+    })
+    .await;
+
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await
+            .unwrap()
+            .expect("no request failed during the rotations");
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 4, "the load ran");
+}

@@ -1,0 +1,246 @@
+//! Hot reload of what rotates while the gateway runs: the server certificate and key, the
+//! vendor CAs and their revocation lists, the vendor list, and the admin listener's
+//! certificate and CAs. On SIGHUP, on `POST /admin/v1/reload`, or when one of those files (or
+//! the configuration file) changes, the configuration is read again and everything above is
+//! built anew; only when all of it builds is it swapped in, whole. Connections already open
+//! keep the TLS session they began with, requests in flight finish as they started, new ones
+//! use the new configuration. A file that does not load keeps the old configuration running
+//! and says exactly why (log, `GET /admin/v1/reload`, `ecmo_config_reloads_total`).
+//!
+//! Destinations, mapping tables, listen addresses and limits take effect at a restart.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::ingress::client_identity::{LiveVendors, Vendors};
+use crate::revocations::RevokedCertificates;
+use crate::server::LiveTls;
+
+/// What a reload builds: everything it swaps.
+pub struct Live {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub vendors: Vendors,
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("server TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("admin TLS: {0}")]
+    AdminTls(crate::tls::TlsError),
+}
+
+impl Live {
+    /// The listeners' TLS and the vendor list as `config` describes them.
+    pub fn build(config: &Config, revoked: &Arc<RevokedCertificates>) -> Result<Self, LiveError> {
+        let vendor_crls = crate::tls::load_crls(&config.server.vendor_crl)?;
+        let tls = crate::tls::server_config(
+            &config.server.cert,
+            &config.server.key,
+            &config.server.vendor_ca,
+            &vendor_crls,
+        )?;
+        let vendors = Vendors::new(&config.vendors, &vendor_crls, Some(revoked.clone()))?;
+        let admin_tls = match &config.admin {
+            Some(admin) => Some(
+                crate::tls::load_crls(&admin.crl)
+                    .and_then(|crls| {
+                        crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca, &crls)
+                    })
+                    .map_err(LiveError::AdminTls)?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            tls,
+            vendors,
+            admin_tls,
+        })
+    }
+
+    /// Every file `config` reads for what a reload builds, and the configuration itself.
+    fn files(config: &Config, config_file: &Path) -> Vec<PathBuf> {
+        let mut files = vec![
+            config_file.to_owned(),
+            config.server.cert.clone(),
+            config.server.key.clone(),
+        ];
+        files.extend(config.server.vendor_ca.iter().cloned());
+        files.extend(config.server.vendor_crl.iter().cloned());
+        for vendor in &config.vendors {
+            files.extend(vendor.ca.iter().cloned());
+        }
+        if let Some(admin) = &config.admin {
+            files.extend([admin.cert.clone(), admin.key.clone()]);
+            files.extend(admin.client_ca.iter().cloned());
+            files.extend(admin.crl.iter().cloned());
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
+/// What the last reloads did, for the admin API.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadStatus {
+    pub reloads: u64,
+    pub failures: u64,
+    /// RFC 3339 time of the last attempt.
+    pub last_attempt: Option<String>,
+    /// Why the last attempt failed (the old configuration still runs), if it did.
+    pub last_error: Option<String>,
+    /// The files whose change triggers a reload.
+    pub watching: Vec<PathBuf>,
+}
+
+/// Swaps in a new TLS configuration and vendor list when asked to.
+pub struct Reloader {
+    config_file: PathBuf,
+    tls: LiveTls,
+    admin_tls: Option<LiveTls>,
+    vendors: LiveVendors,
+    revoked: Arc<RevokedCertificates>,
+    status: Mutex<ReloadStatus>,
+}
+
+impl Reloader {
+    pub fn new(
+        config_file: &Path,
+        config: &Config,
+        tls: LiveTls,
+        admin_tls: Option<LiveTls>,
+        vendors: LiveVendors,
+        revoked: Arc<RevokedCertificates>,
+    ) -> Self {
+        let config_file = std::fs::canonicalize(config_file).unwrap_or(config_file.to_owned());
+        Self {
+            status: Mutex::new(ReloadStatus {
+                watching: Live::files(config, &config_file),
+                ..ReloadStatus::default()
+            }),
+            config_file,
+            tls,
+            admin_tls,
+            vendors,
+            revoked,
+        }
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the configuration again and swaps in what it describes, or keeps what runs and
+    /// says why not.
+    pub fn reload(&self) -> Result<(), String> {
+        let result = Config::load(&self.config_file)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let live = Live::build(&config, &self.revoked).map_err(|e| e.to_string())?;
+                if live.admin_tls.is_some() != self.admin_tls.is_some() {
+                    return Err("the [admin] section comes or goes only with a restart".into());
+                }
+                Ok((config, live))
+            });
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.last_attempt = Some(crate::ingress::fhir_instant_now());
+        let metrics = crate::metrics::metrics();
+        match result {
+            Ok((config, live)) => {
+                self.tls.store(live.tls);
+                self.vendors.store(Arc::new(live.vendors));
+                if let (Some(swap), Some(admin_tls)) = (&self.admin_tls, live.admin_tls) {
+                    swap.store(admin_tls);
+                }
+                status.reloads += 1;
+                status.last_error = None;
+                status.watching = Live::files(&config, &self.config_file);
+                metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::Outcome { outcome: "ok" })
+                    .inc();
+                tracing::info!(
+                    vendors = config.vendors.len(),
+                    "configuration reloaded: certificates, CAs, revocation lists and vendors"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                status.failures += 1;
+                status.last_error = Some(error.clone());
+                metrics
+                    .reloads
+                    .get_or_create(&crate::metrics::Outcome { outcome: "failed" })
+                    .inc();
+                tracing::error!(%error, "configuration not reloaded; the running one stays");
+                Err(error)
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and when a watched file changes, until `stop` completes.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = self.watch(changed);
+        if let Err(error) = &watcher {
+            tracing::warn!(%error, "files are not watched; reload with SIGHUP");
+        }
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(()) = async { hangups.as_mut()?.recv().await } => {}
+                Some(()) = changes.recv() => {
+                    // Editors and `mv` write in steps: let them finish, then reload once.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    while changes.try_recv().is_ok() {}
+                }
+            }
+            let reloader = self.clone();
+            // Reading and parsing files: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+        }
+        drop(watcher);
+    }
+
+    /// Watches the directories of the watched files (a file replaced by a rename is seen).
+    fn watch(
+        &self,
+        changed: tokio::sync::mpsc::Sender<()>,
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        use notify::{EventKind, RecursiveMode, Watcher};
+        let watched = self.status().watching;
+        let files = watched.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let relevant = matches!(
+                    event.kind,
+                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                ) && event.paths.iter().any(|p| files.contains(p));
+                if relevant {
+                    let _ = changed.try_send(());
+                }
+            })?;
+        let mut directories: Vec<&Path> = watched.iter().filter_map(|f| f.parent()).collect();
+        directories.sort();
+        directories.dedup();
+        for directory in directories {
+            watcher.watch(directory, RecursiveMode::NonRecursive)?;
+        }
+        Ok(watcher)
+    }
+}
