@@ -104,3 +104,75 @@ client_key = "gateway-client.key"
         "{stderr}"
     );
 }
+
+/// The systemd unit in `packaging/`: systemd's own hardening assessment rates it OK (at most
+/// 2.0 of 10), and the command it runs before start is one the binary takes, on the
+/// documented configuration.
+#[test]
+fn the_systemd_unit_is_hardened_and_its_commands_are_the_binarys() {
+    let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging");
+    let unit_file = packaging.join("ecmo-gateway.service");
+    let assessment = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit_file)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; .ci/run installs it)");
+    let text = String::from_utf8_lossy(&assessment.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for ecmo-gateway.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
+
+    // ExecStartPre, with this build for the binary and the documented example for the
+    // configuration (its certificates made by `certs init`).
+    let unit = std::fs::read_to_string(&unit_file).unwrap();
+    let command = |key: &str| -> Vec<String> {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    assert!(
+        Command::new(BIN)
+            .args(["certs", "init"])
+            .arg(&pki)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml"),
+    )
+    .unwrap()
+    .replace("\"../certs/dev/", &format!("\"{}/", pki.display()))
+    .replace("\"../data/", &format!("\"{}/", dir.path().display()));
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, example).unwrap();
+    let pre = command("ExecStartPre=");
+    assert_eq!(pre[0], "/usr/local/bin/gateway");
+    let args: Vec<String> = pre[1..]
+        .iter()
+        .map(|a| {
+            if a == "/etc/ecmo-gateway/gateway.toml" {
+                config.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let checked = Command::new(BIN).args(&args).output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    // ExecStart and ExecReload: the subcommand and the reload signal the gateway handles.
+    assert_eq!(command("ExecStart=")[1..3], ["serve", "--config"]);
+    assert_eq!(command("ExecReload=")[1], "-HUP");
+}
