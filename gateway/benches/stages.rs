@@ -245,7 +245,7 @@ fn whole_stack(c: &mut Criterion, body: &[u8], mappings: Arc<Mappings>, schemas:
         )
         .unwrap(),
         IngressParts {
-            mappings,
+            mappings: mappings.into(),
             schemas,
             runs,
             conformance: Arc::new(ConformanceRules::embedded().unwrap()),

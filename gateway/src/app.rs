@@ -224,6 +224,8 @@ impl Gateway {
             ));
             tracing::info!(probes = %probe_addr, "probes listening (plain HTTP: /livez, /readyz)");
         }
+        // One set of tables for every layer and the run store, swapped whole on a reload.
+        let live_mappings: crate::reload::LiveMappings = self.mappings.clone().into();
         let reloader = self.config_file.as_deref().map(|file| {
             Arc::new(Reloader::new(
                 file,
@@ -231,6 +233,7 @@ impl Gateway {
                 self.tls.clone(),
                 self.admin_tls.clone(),
                 self.vendors.clone(),
+                live_mappings.clone(),
                 self.revoked.clone(),
             ))
         });
@@ -270,7 +273,7 @@ impl Gateway {
             tracing::info!(admin = %admin_addr, "admin API listening (mutual TLS, admin role)");
         }
 
-        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, self.mappings.clone())?;
+        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?;
         let server = &self.config.server;
         let settings = IngressSettings {
             request_timeout: server.request_timeout,
@@ -284,7 +287,7 @@ impl Gateway {
             settings,
             self.vendors,
             IngressParts {
-                mappings: self.mappings.clone(),
+                mappings: live_mappings.clone(),
                 schemas: self.schemas.clone(),
                 runs,
                 conformance: self.conformance.clone(),

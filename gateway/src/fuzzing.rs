@@ -209,7 +209,7 @@ fn stack(
         settings,
         shared.vendors.clone(),
         IngressParts {
-            mappings: shared.mappings.clone(),
+            mappings: shared.mappings.clone().into(),
             schemas: shared.schemas.clone(),
             runs,
             conformance: shared.conformance.clone(),

@@ -1,13 +1,13 @@
-//! Hot reload of what rotates while the gateway runs: the server certificate and key, the
-//! vendor CAs and their revocation lists, the vendor list, and the admin listener's
-//! certificate and CAs. On SIGHUP, on `POST /admin/v1/reload`, or when one of those files (or
+//! Hot reload of what changes while the gateway runs: the server certificate and key, the
+//! vendor CAs and their revocation lists, the vendor list, the admin listener's certificate
+//! and CAs, and the mapping tables of `[mappings] dir` (proven against the profiles first). On SIGHUP, on `POST /admin/v1/reload`, or when one of those files (or
 //! the configuration file) changes, the configuration is read again and everything above is
 //! built anew; only when all of it builds is it swapped in, whole. Connections already open
 //! keep the TLS session they began with, requests in flight finish as they started, new ones
 //! use the new configuration. A file that does not load keeps the old configuration running
 //! and says exactly why (log, `GET /admin/v1/reload`, `ecmo_config_reloads_total`).
 //!
-//! Destinations, mapping tables, listen addresses and limits take effect at a restart.
+//! Destinations, listen addresses and limits take effect at a restart.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,36 @@ use crate::config::Config;
 use crate::ingress::client_identity::{LiveVendors, Vendors};
 use crate::revocations::RevokedCertificates;
 use crate::server::LiveTls;
+
+/// The mapping tables as they are now: swapped whole when a table directory is reloaded;
+/// a request maps with the tables it found when it began.
+#[derive(Clone)]
+pub struct LiveMappings(Arc<arc_swap::ArcSwap<mappings::Mappings>>);
+
+impl LiveMappings {
+    pub fn load(&self) -> Arc<mappings::Mappings> {
+        self.0.load_full()
+    }
+
+    fn store(&self, tables: mappings::Mappings) {
+        self.0.store(Arc::new(tables));
+    }
+}
+
+impl From<Arc<mappings::Mappings>> for LiveMappings {
+    fn from(tables: Arc<mappings::Mappings>) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::new(tables)))
+    }
+}
+
+/// The tables of `dir`, checked as at start: every table shape proven against the profiles.
+fn tables_from(dir: &Path) -> Result<mappings::Mappings, String> {
+    let tables = mappings::Mappings::load_dir(dir).map_err(|e| format!("mapping tables: {e}"))?;
+    crate::ingress::conformance::ConformanceRules::embedded()
+        .and_then(|rules| rules.prove_tables(&tables))
+        .map_err(|e| format!("mapping tables: {e}"))?;
+    Ok(tables)
+}
 
 /// What a reload builds: everything it swaps.
 pub struct Live {
@@ -76,6 +106,10 @@ impl Live {
         for vendor in &config.vendors {
             files.extend(vendor.ca.iter().cloned());
         }
+        if let Some(dir) = &config.mappings.dir {
+            // The directory: a table added, changed or removed.
+            files.push(dir.clone());
+        }
         if let Some(admin) = &config.admin {
             files.extend([admin.cert.clone(), admin.key.clone()]);
             files.extend(admin.client_ca.iter().cloned());
@@ -107,6 +141,7 @@ pub struct Reloader {
     tls: LiveTls,
     admin_tls: Option<LiveTls>,
     vendors: LiveVendors,
+    mappings: LiveMappings,
     revoked: Arc<RevokedCertificates>,
     status: Mutex<ReloadStatus>,
 }
@@ -118,6 +153,7 @@ impl Reloader {
         tls: LiveTls,
         admin_tls: Option<LiveTls>,
         vendors: LiveVendors,
+        mappings: LiveMappings,
         revoked: Arc<RevokedCertificates>,
     ) -> Self {
         let config_file = std::fs::canonicalize(config_file).unwrap_or(config_file.to_owned());
@@ -130,6 +166,7 @@ impl Reloader {
             tls,
             admin_tls,
             vendors,
+            mappings,
             revoked,
         }
     }
@@ -151,15 +188,22 @@ impl Reloader {
                 if live.admin_tls.is_some() != self.admin_tls.is_some() {
                     return Err("the [admin] section comes or goes only with a restart".into());
                 }
-                Ok((config, live))
+                let tables = match &config.mappings.dir {
+                    Some(dir) => Some(tables_from(dir)?),
+                    None => None,
+                };
+                Ok((config, live, tables))
             });
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.last_attempt = Some(crate::ingress::fhir_instant_now());
         let metrics = crate::metrics::metrics();
         match result {
-            Ok((config, live)) => {
+            Ok((config, live, tables)) => {
                 self.tls.store(live.tls);
                 self.vendors.store(Arc::new(live.vendors));
+                if let Some(tables) = tables {
+                    self.mappings.store(tables);
+                }
                 if let (Some(swap), Some(admin_tls)) = (&self.admin_tls, live.admin_tls) {
                     swap.store(admin_tls);
                 }
@@ -172,7 +216,7 @@ impl Reloader {
                     .inc();
                 tracing::info!(
                     vendors = config.vendors.len(),
-                    "configuration reloaded: certificates, CAs, revocation lists and vendors"
+                    "configuration reloaded: certificates, CAs, revocation lists, vendors and mapping tables"
                 );
                 Ok(())
             }
@@ -230,12 +274,24 @@ impl Reloader {
                 let relevant = matches!(
                     event.kind,
                     EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                ) && event.paths.iter().any(|p| files.contains(p));
+                ) && event.paths.iter().any(|p| {
+                    files.contains(p)
+                        || p.parent().is_some_and(|dir| files.iter().any(|f| f == dir))
+                });
                 if relevant {
                     let _ = changed.try_send(());
                 }
             })?;
-        let mut directories: Vec<&Path> = watched.iter().filter_map(|f| f.parent()).collect();
+        let mut directories: Vec<&Path> = watched
+            .iter()
+            .map(|f| {
+                if f.is_dir() {
+                    f.as_path()
+                } else {
+                    f.parent().unwrap_or(f)
+                }
+            })
+            .collect();
         directories.sort();
         directories.dedup();
         for directory in directories {

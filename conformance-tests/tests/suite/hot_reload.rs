@@ -184,3 +184,70 @@ async fn a_vendor_ca_and_the_server_certificate_rotate_under_load_without_a_fail
     }
     assert!(accepted.load(Ordering::SeqCst) >= 4, "the load ran");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mapping_tables_reload_when_a_file_changes_and_a_broken_one_is_kept_out() {
+    let tables = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mappings/tables");
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tables.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let pki = conformance_tests::harness::TestPki::generate().unwrap();
+    let ehr = conformance_tests::harness::mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = conformance_tests::harness::durable_config(
+        &pki,
+        &ehr.base_url,
+        &dir.path().join("outbox.sqlite"),
+    ) + &format!("\n[mappings]\ndir = \"{}\"\n", tables.path().display());
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let vendor = pki.client(conformance_tests::harness::GETINGE);
+    let admin = pki.client(conformance_tests::harness::ADMIN);
+    let url = gateway.url("/v1/observations");
+    let t0 = OffsetDateTime::now_utc() - time::Duration::minutes(10);
+    let flow = |value: f64, second: i64| {
+        serde_json::json!({
+            "device": {"serial": "CH-T1", "model": "CARDIOHELP-i"},
+            "patient": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-T1"},
+            "readings": [{"parameter": "Flow", "value": value, "unit": "L/min",
+                "time": (t0 + time::Duration::seconds(second)).format(&time::format_description::well_known::Rfc3339).unwrap()}]
+        })
+    };
+    vendor
+        .post_json(&url, &flow(7.5, 0))
+        .await
+        .unwrap()
+        .expect_status(202);
+
+    // The integration team narrows Flow's plausible range: 7.5 L/min is now refused.
+    let family = tables.path().join("getinge-cardiohelp.toml");
+    let text = std::fs::read_to_string(&family).unwrap();
+    let narrowed = text.replacen("range = [-2.0, 10.0]", "range = [-2.0, 7.0]", 1);
+    assert_ne!(narrowed, text);
+    replace_file(&family, &narrowed);
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["reloads"] == 1).await;
+    let refused = vendor.post_json(&url, &flow(7.5, 1)).await.unwrap();
+    assert_eq!(refused.status, 422, "{:?}", refused.json());
+    assert_eq!(refused.issue_pointers(), ["/readings/0/value"]);
+
+    // A table that does not load keeps the running ones and says why.
+    replace_file(&family, "[[parameter]]\nvendor = ");
+    let status = admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["failures"] == 1).await;
+    assert!(
+        status["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("mapping tables"),
+        "{status}"
+    );
+    vendor
+        .post_json(&url, &flow(6.5, 2))
+        .await
+        .unwrap()
+        .expect_status(202);
+    assert_eq!(
+        vendor.post_json(&url, &flow(7.5, 3)).await.unwrap().status,
+        422
+    );
+}

@@ -28,6 +28,7 @@ use crate::ingress::conformance::ConformanceRules;
 use crate::ingress::decode::{is_json, is_xml, read_body};
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::outcome::{ApiError, Issue};
+use crate::reload::LiveMappings;
 use crate::runs::{ConsolePeriods, RunRegistry};
 
 /// The largest Bundle taken (entries), like a readings batch.
@@ -35,6 +36,8 @@ const MAX_ENTRIES: usize = 5000;
 
 #[derive(Clone)]
 pub struct FhirObservations {
+    /// The tables as they are now; `mappings` holds them for the request at hand.
+    live: LiveMappings,
     mappings: Arc<Mappings>,
     runs: Arc<RunRegistry>,
     rules: Arc<ConformanceRules>,
@@ -44,14 +47,16 @@ pub struct FhirObservations {
 }
 
 pub fn layer(
-    mappings: Arc<Mappings>,
+    mappings: impl Into<LiveMappings>,
     runs: Arc<RunRegistry>,
     rules: Arc<ConformanceRules>,
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
 ) -> AsyncFilterLayer<FhirObservations> {
+    let live = mappings.into();
     AsyncFilterLayer::new(FhirObservations {
-        mappings,
+        mappings: live.load(),
+        live,
         runs,
         rules,
         window,
@@ -79,7 +84,9 @@ where
     type Request = Request<OutboundBatch>;
 
     fn check(&mut self, request: Request<B>) -> Self::Future {
-        let this = self.clone();
+        let mut this = self.clone();
+        // The tables as they are when the request begins (a reload swaps them whole).
+        this.mappings = self.live.load();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let xml = match parts.headers.get(header::CONTENT_TYPE) {

@@ -22,11 +22,12 @@ use crate::delivery::OutboundBatch;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::validate::ReadingIssues;
 use crate::outcome::{ApiError, Issue};
+use crate::reload::LiveMappings;
 use crate::runs::RunRegistry;
 
 #[derive(Clone)]
 pub struct MapObservations {
-    mappings: Arc<Mappings>,
+    mappings: LiveMappings,
     runs: Arc<RunRegistry>,
     /// The limits; `received_at` is set per request.
     window: TimeWindow,
@@ -34,13 +35,13 @@ pub struct MapObservations {
 }
 
 pub fn layer(
-    mappings: Arc<Mappings>,
+    mappings: impl Into<LiveMappings>,
     runs: Arc<RunRegistry>,
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
 ) -> FilterLayer<MapObservations> {
     FilterLayer::new(MapObservations {
-        mappings,
+        mappings: mappings.into(),
         runs,
         window,
         clocks,
@@ -56,11 +57,13 @@ impl Predicate<Request<Value>> for MapObservations {
 
     fn check(&mut self, request: Request<Value>) -> Result<Request<OutboundBatch>, BoxError> {
         let (mut parts, body) = request.into_parts();
+        // The tables as they are when the request begins (a reload swaps them whole).
+        let tables = self.mappings.load();
         let schema_issues = parts
             .extensions
             .remove::<ReadingIssues>()
             .unwrap_or_default();
-        let (family, serial, model) = device_of(&self.mappings, &body)?;
+        let (family, serial, model) = device_of(&tables, &body)?;
         let patient = body["patient"]["system"]
             .as_str()
             .zip(body["patient"]["value"].as_str())
@@ -140,7 +143,7 @@ impl Predicate<Request<Value>> for MapObservations {
                     value: &run.patient_value,
                 },
             });
-            match self.mappings.map_reading(&context, &reading) {
+            match tables.map_reading(&context, &reading) {
                 Ok(resource) if issues.is_empty() => {
                     resources.push(resource);
                     origins.push(format!("/readings/{index}"));
@@ -263,7 +266,7 @@ mod tests {
         let mappings = Arc::new(Mappings::embedded().unwrap());
         let mut layer = MapObservations {
             runs: RunRegistry::open(&dir.path().join("runs.sqlite"), mappings.clone()).unwrap(),
-            mappings,
+            mappings: mappings.into(),
             window: TimeWindow {
                 received_at: OffsetDateTime::UNIX_EPOCH,
                 max_future_skew: time::Duration::minutes(5),

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::reload::LiveMappings;
 use http::{Request, Response, StatusCode};
-use mappings::Mappings;
 use serde_json::{Value, json};
 use tower::Service;
 use tower::filter::{FilterLayer, Predicate};
@@ -35,11 +35,13 @@ pub struct Retractions {
 
 #[derive(Clone)]
 pub struct NameRetractions {
-    mappings: Arc<Mappings>,
+    mappings: LiveMappings,
 }
 
-pub fn layer(mappings: Arc<Mappings>) -> FilterLayer<NameRetractions> {
-    FilterLayer::new(NameRetractions { mappings })
+pub fn layer(mappings: impl Into<LiveMappings>) -> FilterLayer<NameRetractions> {
+    FilterLayer::new(NameRetractions {
+        mappings: mappings.into(),
+    })
 }
 
 impl Predicate<Request<Value>> for NameRetractions {
@@ -55,7 +57,8 @@ impl Predicate<Request<Value>> for NameRetractions {
             .into_values()
             .flatten()
             .collect();
-        let (family, serial, _) = device_of(&self.mappings, &body)?;
+        let tables = self.mappings.load();
+        let (family, serial, _) = device_of(&tables, &body)?;
         let vendor = parts
             .extensions
             .get::<Arc<crate::ingress::VendorPolicy>>()

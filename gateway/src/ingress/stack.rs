@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use mappings::Mappings;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
@@ -57,7 +56,7 @@ impl IngressSettings {
 /// What the request path reads and records, built once at start and shared by every request.
 #[derive(Clone)]
 pub struct IngressParts {
-    pub mappings: Arc<Mappings>,
+    pub mappings: crate::reload::LiveMappings,
     pub schemas: Schemas,
     pub runs: Arc<RunRegistry>,
     pub conformance: Arc<conformance::ConformanceRules>,
@@ -264,7 +263,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let mappings = Arc::new(Mappings::embedded().unwrap());
+        let mappings = Arc::new(mappings::Mappings::embedded().unwrap());
         // The registry's file outlives the test process' interest in it: a temp dir per stack.
         let dir = tempfile::tempdir().unwrap().keep();
         let runs = RunRegistry::open(&dir.join("runs.sqlite"), mappings.clone()).unwrap();
@@ -272,7 +271,7 @@ mod tests {
             settings,
             vendors,
             IngressParts {
-                mappings,
+                mappings: mappings.into(),
                 schemas: Schemas::embedded().unwrap(),
                 runs,
                 conformance: Arc::new(conformance::ConformanceRules::embedded().unwrap()),

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use mappings::{ConsoleView, MappedResource, Mappings};
+use mappings::{ConsoleView, MappedResource};
 use rusqlite::{Connection, params};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -138,7 +138,7 @@ impl State {
 pub struct RunRegistry {
     conn: Mutex<Connection>,
     state: RwLock<State>,
-    mappings: Arc<Mappings>,
+    mappings: crate::reload::LiveMappings,
 }
 
 fn overlaps(
@@ -152,7 +152,11 @@ fn overlaps(
 
 impl RunRegistry {
     /// Opens the store and refolds every run in it.
-    pub fn open(path: &Path, mappings: Arc<Mappings>) -> Result<Arc<Self>, RunError> {
+    pub fn open(
+        path: &Path,
+        mappings: impl Into<crate::reload::LiveMappings>,
+    ) -> Result<Arc<Self>, RunError> {
+        let mappings = mappings.into();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| RunError::Storage(format!("{}: {e}", dir.display())))?;
@@ -352,6 +356,7 @@ impl RunRegistry {
     fn outputs(&self, folded: &Folded, events: usize) -> Result<Applied, RunError> {
         let mut view = folded.view.clone();
         let mut resources = Vec::new();
+        let current = self.mappings.load();
         let mut seen = Vec::new();
         let mut devices = Vec::new();
         let mut tables = Vec::new();
@@ -360,7 +365,7 @@ impl RunRegistry {
                 continue;
             }
             seen.push(period.serial.clone());
-            let family = self.mappings.family_for_model(&period.model);
+            let family = current.family_for_model(&period.model);
             let console = ConsoleView {
                 serial: period.serial.clone(),
                 model: period.model.clone(),
@@ -443,7 +448,7 @@ mod tests {
     use serde_json::json;
 
     fn registry(path: &Path) -> Arc<RunRegistry> {
-        RunRegistry::open(path, Arc::new(Mappings::embedded().unwrap())).unwrap()
+        RunRegistry::open(path, Arc::new(mappings::Mappings::embedded().unwrap())).unwrap()
     }
 
     fn getinge() -> VendorPolicy {
