@@ -318,11 +318,17 @@ impl Shared {
                 continue;
             }
             if transactions && part.len() > 1 {
-                let part = match self.prepared(part, &mut outcomes, &mut health).await {
-                    Some(prepared) if !prepared.is_empty() => prepared,
-                    _ => continue,
+                // Copied only where references are rewritten for this destination.
+                let rewritten;
+                let part = if self.destination.literal_references() {
+                    rewritten = match self.prepared(part, &mut outcomes, &mut health).await {
+                        Some(prepared) if !prepared.is_empty() => prepared,
+                        _ => continue,
+                    };
+                    rewritten.as_slice()
+                } else {
+                    part
                 };
-                let part = part.as_slice();
                 let batch: Vec<MappedResource> = part.iter().map(|(_, _, r)| r.clone()).collect();
                 let result = match builder.transaction(&batch) {
                     Ok(request) => {
@@ -369,14 +375,17 @@ impl Shared {
                 continue;
             }
             for one in part {
-                let Some(prepared) = self
-                    .prepared(std::slice::from_ref(one), &mut outcomes, &mut health)
-                    .await
-                else {
-                    continue;
-                };
-                let Some((id, attempts, resource)) = prepared.first() else {
-                    continue;
+                let rewritten;
+                let (id, attempts, resource) = if self.destination.literal_references() {
+                    rewritten = self
+                        .prepared(std::slice::from_ref(one), &mut outcomes, &mut health)
+                        .await;
+                    match rewritten.as_deref() {
+                        Some([one]) => one,
+                        _ => continue,
+                    }
+                } else {
+                    one
                 };
                 let result = self.destination.write_one(resource).await;
                 let settle = match result {
@@ -411,9 +420,6 @@ impl Shared {
         outcomes: &mut Vec<(i64, Settle)>,
         health: &mut Health,
     ) -> Option<Vec<(i64, u32, MappedResource)>> {
-        if !self.destination.literal_references() {
-            return Some(part.to_vec());
-        }
         // A half of a refused transaction is prepared again: what waits was settled already.
         let settled: HashSet<i64> = outcomes.iter().map(|(id, _)| *id).collect();
         let part: Vec<&(i64, u32, MappedResource)> = part
