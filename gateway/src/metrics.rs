@@ -20,7 +20,6 @@
 //! | `ecmo_config_reloads_total` | `outcome` (`ok`, `failed`) |
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -218,11 +217,6 @@ pub fn status_class(status: Option<http::StatusCode>) -> &'static str {
         Some(_) => "other",
         None => "error",
     }
-}
-
-/// Seconds as a histogram takes them.
-pub fn seconds(elapsed: Duration) -> f64 {
-    elapsed.as_secs_f64()
 }
 
 #[cfg(test)]

@@ -306,3 +306,50 @@ async fn an_unknown_patient_is_held_or_dead_lettered_and_arrives_once_registered
     queues_until(&admin, &gateway, |d| d["pending"] == 0 && d["dead"] == 0).await;
     assert_eq!(ehr.ehr.count("Observation"), 12);
 }
+
+/// Direct delivery (the device waits for the EHR): an unknown patient is told to the device
+/// as it stands, 422 where the destination dead-letters, 503 with Retry-After where it holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_delivery_tells_the_device_about_an_unknown_patient() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = strict_ehr(&pki).await;
+    for (policy, status) in [("dead-letter", 422), ("hold", 503)] {
+        let config = conformance_tests::harness::gateway_config(
+            &pki,
+            &ehr.base_url,
+            conformance_tests::harness::WriteStyle::TRANSACTION_CONDITIONAL,
+            "gateway-client",
+        )
+        .replace(
+            "max_attempts = 3\n",
+            &format!(
+                "max_attempts = 3\nreferences = \"literal\"\nunknown_patient = \"{policy}\"\n"
+            ),
+        );
+        assert!(config.contains("references = \"literal\""));
+        let gateway = GatewayProcess::start(&config).unwrap();
+        let batch = SimulatedCardiohelp::new("CH-X1", 61)
+            .with_patient(MRN, "MRN-UNREGISTERED")
+            .next_batch(OffsetDateTime::now_utc() - time::Duration::minutes(1));
+        let answer = pki
+            .client(GETINGE)
+            .post_json(&gateway.url("/v1/observations"), &batch)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, status, "{policy}: {:?}", answer.json());
+        let outcome = answer.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+        let text = outcome["issue"][0]["details"]["text"].as_str().unwrap();
+        assert!(
+            text.contains(
+                "no Patient with identifier urn:oid:1.2.36.146.595.217.0.1|MRN-UNREGISTERED"
+            ),
+            "{text}"
+        );
+        if status == 503 {
+            assert!(answer.headers.contains_key("retry-after"));
+        }
+        assert!(!gateway.log_text().contains("MRN-UNREGISTERED"));
+    }
+    assert_eq!(ehr.ehr.count("Observation"), 0);
+}

@@ -289,11 +289,6 @@ impl Destination {
         &self.client
     }
 
-    /// A SMART destination's token state, for the admin API.
-    pub fn tokens(&self) -> Option<std::sync::Arc<smart::TokenSource>> {
-        self.client.tokens().cloned()
-    }
-
     /// Sends every resource of the batch; Ok only when the EHR holds all of them.
     pub async fn deliver(
         &self,
@@ -303,12 +298,19 @@ impl Destination {
         match self.bundle {
             BundleMode::Transaction => {
                 for chunk in resources.chunks(self.max_bundle_entries) {
-                    let chunk = self
-                        .prepare(chunk, true)
-                        .await?
-                        .into_iter()
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let request = self.builder.transaction(&chunk)?;
+                    // Copied only where references are rewritten for this destination.
+                    let rewritten;
+                    let chunk = if self.references.is_some() {
+                        rewritten = self
+                            .prepare(chunk, true)
+                            .await?
+                            .into_iter()
+                            .collect::<Result<Vec<_>, _>>()?;
+                        rewritten.as_slice()
+                    } else {
+                        chunk
+                    };
+                    let request = self.builder.transaction(chunk)?;
                     let answer = self.client.send(request).await;
                     let written = classify::transaction(&self.name, answer, chunk.len())?;
                     for (resource, entry) in chunk.iter().zip(&written) {
