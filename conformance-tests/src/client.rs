@@ -44,6 +44,15 @@ impl Answer {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 
+    /// The `trackingId` of a receipt (panics without one, for tests).
+    #[track_caller]
+    pub fn tracking_id(&self) -> String {
+        self.json()["trackingId"]
+            .as_str()
+            .expect("a receipt with a trackingId")
+            .to_owned()
+    }
+
     /// The `expression` pointers of an OperationOutcome's issues.
     pub fn issue_pointers(&self) -> Vec<String> {
         self.json()["issue"]

@@ -8,19 +8,16 @@ use std::process::Command;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::Fault;
 use conformance_tests::ehr::smart::RegisteredClient;
-use conformance_tests::ehr::{ReferenceEhr, RunningEhr, Without};
+use conformance_tests::ehr::{RunningEhr, Without};
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config, gateway_binary,
+    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config, gateway_binary, mtls_ehr,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
 use time::OffsetDateTime;
 
 async fn ehr(pki: &TestPki) -> RunningEhr {
-    ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
+    mtls_ehr(pki).await
 }
 
 /// `gateway check-config` on `config`: exit code and standard output.

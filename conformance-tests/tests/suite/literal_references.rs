@@ -6,9 +6,9 @@
 
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
-use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
+use conformance_tests::ehr::RunningEhr;
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config,
+    ADMIN, GETINGE, GatewayProcess, TestPki, admin_until, durable_config, mtls_ehr,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -17,10 +17,7 @@ use time::format_description::well_known::Rfc3339;
 const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
 
 async fn strict_ehr(pki: &TestPki) -> RunningEhr {
-    let ehr = ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let ehr = mtls_ehr(pki).await;
     ehr.ehr.require_literal_references();
     ehr
 }
@@ -227,10 +224,7 @@ async fn an_unknown_patient_is_held_or_dead_lettered_and_arrives_once_registered
         .await
         .unwrap()
         .expect_status(202)
-        .json()["trackingId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .tracking_id();
     admin_until(
         &gateway,
         &admin,

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use conformance_tests::console::SimulatedCardiohelp;
-use conformance_tests::ehr::{Fault, ReferenceEhr};
+use conformance_tests::ehr::Fault;
 use conformance_tests::harness::{
     ADMIN, GETINGE, GatewayProcess, TestPki, WriteStyle, admin_until, durable_config,
-    durable_gateway, gateway_config,
+    durable_gateway, gateway_config, mtls_ehr,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -23,10 +23,7 @@ const RUN: &str = "RUN-PRIVATE-77";
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_carry_ids_as_fields_and_never_a_patient_identifier_or_value() {
     let pki = TestPki::generate().unwrap();
-    let ehr = ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let ehr = mtls_ehr(&pki).await;
     let dir = tempfile::tempdir().unwrap();
     let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"));
     let gateway =
@@ -130,10 +127,7 @@ async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn probes_need_no_certificate_and_shutdown_finishes_the_requests_in_flight() {
     let pki = TestPki::generate().unwrap();
-    let ehr = ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let ehr = mtls_ehr(&pki).await;
     // Direct delivery: the vendor's request waits for the EHR, so it is in flight for as long
     // as the EHR takes.
     let config = gateway_config(

@@ -15,7 +15,7 @@ use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
     ADMIN, GETINGE, GatewayProcess, SMART_WRITE_SCOPES, TestPki, admin_until, durable_config,
-    gateway_binary, with_smart,
+    gateway_binary, mtls_ehr, with_smart,
 };
 use gateway::delivery::smart::keys::{SigningKey, SigningKeys};
 use http::Method;
@@ -447,10 +447,7 @@ async fn the_gateway_writes_with_a_token_it_keeps_and_renews_without_a_client_ce
 async fn a_refused_token_pauses_the_destination_says_why_and_loses_nothing() {
     let pki = TestPki::generate().unwrap();
     // Mutual TLS and a bearer token together: the EHR requires both.
-    let ehr = ReferenceEhr::new()
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let ehr = mtls_ehr(&pki).await;
     let dir = tempfile::tempdir().unwrap();
     let ours = pki.smart_key("smart-ours");
     let theirs = pki.smart_key("smart-theirs");
@@ -470,10 +467,7 @@ async fn a_refused_token_pauses_the_destination_says_why_and_loses_nothing() {
         .await
         .unwrap()
         .expect_status(202)
-        .json()["trackingId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .tracking_id();
 
     let smart = admin_until(&gateway, &admin, "/admin/v1/smart", |s| {
         !s["destinations"]["ehr"]["refused"].is_null()
