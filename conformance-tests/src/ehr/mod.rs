@@ -1139,45 +1139,46 @@ impl ReferenceEhr {
         // found before anything is written (all or nothing).
         let urn = |reference: &str| reference.starts_with("urn:");
         let mut order: Vec<usize> = Vec::with_capacity(ops.len());
-        let referenced: Vec<Vec<String>> = ops
-            .iter_mut()
-            .map(|op| references::literal(op.resource()))
-            .collect();
-        while order.len() < ops.len() {
-            let before = order.len();
-            for (i, references) in referenced.iter().enumerate() {
-                if order.contains(&i) {
-                    continue;
+        if full_urls.iter().flatten().any(|u| urn(u)) {
+            let referenced: Vec<Vec<String>> = ops
+                .iter_mut()
+                .map(|op| references::literal(op.resource()))
+                .collect();
+            let mut placed = vec![false; ops.len()];
+            while order.len() < ops.len() {
+                let before = order.len();
+                for (i, references) in referenced.iter().enumerate() {
+                    if placed[i] {
+                        continue;
+                    }
+                    let waits = references.iter().any(|r| {
+                        urn(r)
+                            && !order
+                                .iter()
+                                .any(|&j| full_urls[j].as_deref() == Some(r.as_str()))
+                    });
+                    if !waits {
+                        order.push(i);
+                        placed[i] = true;
+                    }
                 }
-                let waits = references.iter().any(|r| {
-                    urn(r)
-                        && !order
-                            .iter()
-                            .any(|&j| full_urls[j].as_deref() == Some(r.as_str()))
-                });
-                if !waits {
-                    order.push(i);
+                if order.len() == before {
+                    let stuck = placed.iter().position(|p| !p).unwrap_or(0);
+                    return outcome(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        &format!("entry {stuck}: a urn:uuid reference to no entry of this Bundle"),
+                    );
                 }
             }
-            if order.len() == before {
-                let stuck = (0..ops.len()).find(|i| !order.contains(i)).unwrap_or(0);
-                return outcome(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    &format!("entry {stuck}: a urn:uuid reference to no entry of this Bundle"),
-                );
-            }
+        } else {
+            order.extend(0..ops.len());
         }
         // With literal references required: each must reach something held or written here.
-        let written_here: Vec<String> = ops
-            .iter_mut()
-            .filter_map(|op| match op {
-                Op::Update(t, id, _) => Some(format!("{t}/{id}")),
-                _ => None,
-            })
-            .collect();
-        for (index, op) in ops.iter_mut().enumerate() {
-            let mut probe = op.resource().clone();
+        if self
+            .literal_references
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             // urn:uuid targets are written here: stand-ins that pass the check.
             let stand_ins: HashMap<String, String> = full_urls
                 .iter()
@@ -1185,12 +1186,21 @@ impl ReferenceEhr {
                 .filter(|u| urn(u))
                 .map(|u| (u.clone(), format!("Bundle/{u}")))
                 .collect();
-            references::rewrite(&mut probe, &stand_ins);
-            let mut pending = written_here.clone();
+            let mut pending: Vec<String> = ops
+                .iter_mut()
+                .filter_map(|op| match op {
+                    Op::Update(t, id, _) => Some(format!("{t}/{id}")),
+                    _ => None,
+                })
+                .collect();
             pending.extend(stand_ins.values().cloned());
-            if let Some(mut refusal) = self.unresolved(&probe, &pending) {
-                refusal.details = format!("entry {index}: {}", refusal.details);
-                return refusal.response();
+            for (index, op) in ops.iter_mut().enumerate() {
+                let mut probe = op.resource().clone();
+                references::rewrite(&mut probe, &stand_ins);
+                if let Some(mut refusal) = self.unresolved(&probe, &pending) {
+                    refusal.details = format!("entry {index}: {}", refusal.details);
+                    return refusal.response();
+                }
             }
         }
         let mut store = lock(&self.store);
@@ -1201,7 +1211,9 @@ impl ReferenceEhr {
             let Some(mut op) = ops[i].take() else {
                 continue;
             };
-            references::rewrite(op.resource(), &written_at);
+            if !written_at.is_empty() {
+                references::rewrite(op.resource(), &written_at);
+            }
             let (resource_type, written) = match op {
                 Op::Create(t, r, token) => {
                     let w = store.create(&t, r, token.as_deref());
