@@ -48,6 +48,35 @@ pub struct OutboundBatch {
     pub revision: Option<i64>,
     /// Who sent the batch and what made its resources, for their Provenance.
     pub source: Arc<mappings::ProvenanceSource>,
+    /// Whom it is about, for the operators' message browser.
+    pub subjects: Subjects,
+}
+
+/// The patients (`system|value`) and ECMO runs a batch is about, each once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subjects {
+    pub patients: Vec<String>,
+    pub runs: Vec<String>,
+}
+
+impl Subjects {
+    pub fn patient(&mut self, system: &str, value: &str) {
+        let known = self.patients.iter().any(|p| {
+            p.len() == system.len() + 1 + value.len()
+                && p.starts_with(system)
+                && p.ends_with(value)
+                && p.as_bytes()[system.len()] == b'|'
+        });
+        if !known {
+            self.patients.push(format!("{system}|{value}"));
+        }
+    }
+
+    pub fn run(&mut self, run_id: &str) {
+        if !self.runs.iter().any(|r| r == run_id) {
+            self.runs.push(run_id.to_owned());
+        }
+    }
 }
 
 /// What the hand-off did with a batch.

@@ -192,6 +192,7 @@ mod tests {
             origins: vec!["/readings/0".into()],
             revision: None,
             source: crate::outbox::provenance::test_source(),
+            subjects: Default::default(),
         })
     }
 

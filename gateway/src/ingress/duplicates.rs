@@ -129,6 +129,7 @@ mod tests {
             resources: resources.into(),
             revision: None,
             source: crate::outbox::provenance::test_source(),
+            subjects: Default::default(),
         }
     }
 

@@ -164,6 +164,7 @@ where
                     origins: prepared.origins,
                     revision: None,
                     source: crate::ingress::provenance_source(Some(&vendor), agents, tables, None),
+                    subjects: prepared.subjects,
                 },
             ))
         })
@@ -332,6 +333,7 @@ fn xml_bundle_entries(xml: &[u8]) -> Result<Vec<(String, Value)>, BoxError> {
 
 /// The Observations of a request, checked and completed, with the devices they name.
 struct Prepared<'m> {
+    subjects: crate::delivery::Subjects,
     resources: Vec<MappedResource>,
     origins: Vec<String>,
     devices: Vec<(&'m DeviceFamily, String)>,
@@ -348,6 +350,7 @@ impl FhirObservations {
         let mut origins = Vec::with_capacity(observations.len());
         let mut issues = Vec::new();
         let mut devices: Vec<(&DeviceFamily, String)> = Vec::new();
+        let mut subjects = crate::delivery::Subjects::default();
         let window = TimeWindow {
             received_at: OffsetDateTime::now_utc(),
             ..self.window
@@ -355,7 +358,14 @@ impl FhirObservations {
         // One look at the run index per console, as for a readings batch.
         let mut periods: HashMap<String, ConsolePeriods> = HashMap::new();
         for (pointer, observation) in observations {
-            match self.prepare_one(vendor, &pointer, observation, &window, &mut periods) {
+            match self.prepare_one(
+                vendor,
+                &pointer,
+                observation,
+                &window,
+                &mut periods,
+                &mut subjects,
+            ) {
                 Ok((resource, family, serial)) => {
                     if !devices
                         .iter()
@@ -383,6 +393,7 @@ impl FhirObservations {
             return Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, issues));
         }
         Ok(Prepared {
+            subjects,
             resources,
             origins,
             devices,
@@ -396,6 +407,7 @@ impl FhirObservations {
         mut observation: Value,
         window: &TimeWindow,
         periods: &mut HashMap<String, ConsolePeriods>,
+        subjects: &mut crate::delivery::Subjects,
     ) -> Result<(MappedResource, &DeviceFamily, String), Refusal> {
         let at = |field: &str| format!("{pointer}{field}");
         let invalid = |code: &'static str, field: &str, details: String| {
@@ -540,6 +552,19 @@ impl FhirObservations {
                 ));
             }
             _ => {}
+        }
+        match &run {
+            Some(run) => {
+                subjects.patient(&run.patient_system, &run.patient_value);
+                subjects.run(&run.run_id);
+            }
+            None => {
+                if let (Some(system), Some(value)) =
+                    (named["system"].as_str(), named["value"].as_str())
+                {
+                    subjects.patient(system, value);
+                }
+            }
         }
         if let Some(run) = &run {
             observation["subject"] = json!({"type": "Patient", "identifier": {

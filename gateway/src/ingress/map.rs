@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tower::filter::{FilterLayer, Predicate};
 
 use crate::BoxError;
-use crate::delivery::OutboundBatch;
+use crate::delivery::{OutboundBatch, Subjects};
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::validate::ReadingIssues;
 use crate::outcome::{ApiError, Issue};
@@ -88,6 +88,7 @@ impl Predicate<Request<Value>> for MapObservations {
         let mut origins = Vec::with_capacity(readings.len());
         let mut issues = Vec::new();
         let mut newest: Option<OffsetDateTime> = None;
+        let mut subjects = Subjects::default();
         for (index, reading) in readings.iter().enumerate() {
             if let Some(found) = schema_issues.0.get(&index) {
                 issues.extend(found.iter().cloned());
@@ -136,6 +137,14 @@ impl Predicate<Request<Value>> for MapObservations {
                 }
                 _ => {}
             }
+            match (&run, patient) {
+                (Some(run), _) => {
+                    subjects.patient(&run.patient_system, &run.patient_value);
+                    subjects.run(&run.run_id);
+                }
+                (None, Some(named)) => subjects.patient(named.system, named.value),
+                (None, None) => {}
+            }
             reading.run = run.as_deref().map(|run| RunLink {
                 run_id: &run.run_id,
                 patient: PatientRef {
@@ -175,6 +184,7 @@ impl Predicate<Request<Value>> for MapObservations {
             origins,
             revision: None,
             source: device_source(vendor.as_deref(), family, &body, None),
+            subjects,
         };
         Ok(Request::from_parts(parts, batch))
     }

@@ -111,7 +111,11 @@ fn apply(runs: &RunRegistry, request: Request<Value>) -> Result<Request<Outbound
         .apply(run_id, &body, &vendor)
         .map_err(|e| BoxError::from(refusal(e)))?;
     tracing::info!(vendor = %vendor.name, status = applied.status, resources = applied.resources.len(), "run event applied");
+    let mut subjects = crate::delivery::Subjects::default();
+    subjects.patient(&applied.patient.0, &applied.patient.1);
+    subjects.run(run_id);
     let batch = OutboundBatch {
+        subjects,
         request_id: crate::ingress::request_id(&parts.headers),
         vendor: vendor.name.clone(),
         model: applied.model,

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::config::Corrections;
 use crate::delivery::routing::RouteFilter;
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt, RetractReceipt};
-use crate::outbox::{NewMessage, Outbox, OutboxError, ProvenancePlan, Retraction, content_hash};
+use crate::outbox::{
+    Batch, BatchFacts, NewMessage, Outbox, OutboxError, ProvenancePlan, Retraction, content_hash,
+};
 
 fn unavailable(error: OutboxError) -> DeliveryError {
     DeliveryError::Unavailable {
@@ -103,8 +105,21 @@ impl Handoff for OutboxHandoff {
                 }
             }
             let tracking_id = new_tracking_id();
+            let facts = BatchFacts {
+                sender: batch.vendor.clone(),
+                devices: serials(&batch.source),
+                patients: batch.subjects.patients.clone(),
+                runs: batch.subjects.runs.clone(),
+            };
             let ids = outbox
-                .enqueue(tracking_id.clone(), messages, plan)
+                .enqueue(
+                    Batch {
+                        id: tracking_id.clone(),
+                        facts,
+                    },
+                    messages,
+                    plan,
+                )
                 .await
                 .map_err(|e| match e {
                     OutboxError::CorrectionsRefused(refused) => DeliveryError::CorrectionsRefused {
@@ -139,11 +154,26 @@ impl Handoff for OutboxHandoff {
         source: Arc<mappings::ProvenanceSource>,
     ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
         let outbox = self.outbox.clone();
+        let facts = BatchFacts {
+            sender: match &source.sender {
+                mappings::Sender::Vendor { name, .. } => name.clone(),
+                mappings::Sender::Operator { certificate } => format!("operator:{certificate}"),
+            },
+            devices: serials(&source),
+            ..BatchFacts::default()
+        };
         let plan = self.plan(source);
         Box::pin(async move {
             let tracking_id = new_tracking_id();
             let placements = outbox
-                .retract(tracking_id.clone(), resources, plan)
+                .retract(
+                    Batch {
+                        id: tracking_id.clone(),
+                        facts,
+                    },
+                    resources,
+                    plan,
+                )
                 .await
                 .map_err(|e| match e {
                     OutboxError::Unknown(unknown) => DeliveryError::UnknownResources { unknown },
@@ -156,6 +186,17 @@ impl Handoff for OutboxHandoff {
             })
         })
     }
+}
+
+/// The serial numbers of the devices a request came from, each once.
+fn serials(source: &mappings::ProvenanceSource) -> Vec<String> {
+    let mut serials: Vec<String> = Vec::with_capacity(source.devices.len());
+    for device in &source.devices {
+        if !serials.contains(&device.serial) {
+            serials.push(device.serial.clone());
+        }
+    }
+    serials
 }
 
 /// A batch's tracking id: a UUID whose leading bits are the time (version 7), so the outbox's

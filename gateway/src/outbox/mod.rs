@@ -10,6 +10,7 @@
 //! (PostgreSQL with `FOR UPDATE SKIP LOCKED`, see the README); [`sqlite::SqliteOutbox`] is the
 //! embedded default.
 
+pub mod browse;
 pub mod handoff;
 pub mod provenance;
 pub mod retention;
@@ -36,6 +37,42 @@ pub enum OutboxError {
     /// Resources to retract that no destination was ever given (by index). Nothing was stored.
     #[error("{} resource(s) were never accepted", .0.len())]
     Unknown(Vec<usize>),
+}
+
+/// An accepted request as the outbox keeps it: its tracking id, and what it was about, for
+/// the operators' message browser (found by device, vendor, patient or run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub id: String,
+    pub facts: BatchFacts,
+}
+
+/// Who sent a request and what it was about; lists are distinct values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchFacts {
+    /// The vendor's configured name, or `operator:<admin identity>`.
+    pub sender: String,
+    /// Serial numbers of the devices it named.
+    pub devices: Vec<String>,
+    /// Patients as `system|value`.
+    pub patients: Vec<String>,
+    /// ECMO run ids.
+    pub runs: Vec<String>,
+}
+
+impl From<String> for Batch {
+    fn from(id: String) -> Self {
+        Self {
+            id,
+            facts: BatchFacts::default(),
+        }
+    }
+}
+
+impl From<&str> for Batch {
+    fn from(id: &str) -> Self {
+        id.to_owned().into()
+    }
 }
 
 /// What enqueueing did with one message, compared with what the destination was last given
@@ -281,7 +318,7 @@ pub trait Outbox: Send + Sync + 'static {
     /// commit, one Provenance per kind of write the batch made there (see [`provenance`]).
     fn enqueue(
         &self,
-        batch_id: String,
+        batch: Batch,
         messages: Vec<NewMessage>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>>;
@@ -291,7 +328,7 @@ pub trait Outbox: Send + Sync + 'static {
     /// already retracted). All or nothing: a resource never accepted stores none of them.
     fn retract(
         &self,
-        batch_id: String,
+        batch: Batch,
         resources: Vec<Retraction>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Placements, OutboxError>>;
@@ -343,6 +380,23 @@ pub trait Outbox: Send + Sync + 'static {
     /// space back to the file system, a bounded amount of work at a time so that accepting and
     /// delivering go on meanwhile.
     fn purge(&self, retention: Retention) -> BoxFuture<Result<Purged, OutboxError>>;
+    /// Accepted messages that match `query`, newest first (the message browser).
+    fn search(
+        &self,
+        query: browse::MessageQuery,
+    ) -> BoxFuture<Result<Vec<browse::MessageSummary>, OutboxError>>;
+    /// One message with its FHIR and the destination's answer.
+    fn message(
+        &self,
+        message_id: i64,
+    ) -> BoxFuture<Result<Option<browse::MessageDetail>, OutboxError>>;
+    /// The latest readings accepted for run `run_id` (one per reading, whatever the number of
+    /// destinations), newest first, for the live run view.
+    fn run_readings(
+        &self,
+        run_id: &str,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<browse::RunReading>, OutboxError>>;
     /// Durable commits (fsyncs) so far: with group commit, fewer than the writes they hold.
     fn commits(&self) -> u64;
 }

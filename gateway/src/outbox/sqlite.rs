@@ -14,12 +14,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NewMessage, Outbox,
-    OutboxError, Pending, Placements, ProvenancePlan, Purged, Retention, Retraction, Settle,
-    now_ms, time_key, with_status,
+    Batch, DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NewMessage,
+    Outbox, OutboxError, Pending, Placements, ProvenancePlan, Purged, Retention, Retraction,
+    Settle, now_ms, time_key, with_status,
 };
 use crate::config::Corrections;
 use crate::delivery::BoxFuture;
+use crate::outbox::browse;
 use crate::outbox::provenance::{self, Written};
 
 /// Commands more than this many are committed in the next group.
@@ -218,7 +219,7 @@ CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 
 enum Command {
     Enqueue(
-        String,
+        Batch,
         Vec<NewMessage>,
         Option<ProvenancePlan>,
         oneshot::Sender<Result<Vec<Enqueued>, OutboxError>>,
@@ -234,7 +235,7 @@ enum Command {
     /// Gives up to [`VACUUM_PAGES`] free pages back; answers how many, and how many are left.
     Vacuum(oneshot::Sender<Result<(u64, u64), OutboxError>>),
     Retract(
-        String,
+        Batch,
         Vec<Retraction>,
         Option<ProvenancePlan>,
         oneshot::Sender<Result<Placements, OutboxError>>,
@@ -374,6 +375,7 @@ impl SqliteOutbox {
         writer_conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         writer_conn.execute_batch(SCHEMA)?;
         migrate(&mut writer_conn)?;
+        writer_conn.execute_batch(browse::SCHEMA)?;
         ensure_incremental_vacuum(&writer_conn)?;
         // The checkpointer does what SQLite's automatic checkpoint would do inside a commit.
         let mut checkpointer = open(path)?;
@@ -570,7 +572,16 @@ fn run_cached(tx: &rusqlite::Transaction<'_>, sql: &str) -> rusqlite::Result<()>
 fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, OutboxError> {
     let now = now_ms();
     match command {
-        Command::Enqueue(batch_id, messages, plan, _) => {
+        Command::Enqueue(
+            Batch {
+                id: batch_id,
+                facts,
+            },
+            messages,
+            plan,
+            _,
+        ) => {
+            browse::record(tx, batch_id, facts, now)?;
             let mut enqueued = Vec::with_capacity(messages.len());
             let mut refused = Vec::new();
             for (index, message) in messages.iter().enumerate() {
@@ -606,7 +617,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                 ..Applied::default()
             })
         }
-        Command::Retract(batch_id, resources, plan, _) => {
+        Command::Retract(
+            Batch {
+                id: batch_id,
+                facts,
+            },
+            resources,
+            plan,
+            _,
+        ) => {
+            browse::record(tx, batch_id, facts, now)?;
             let mut retracted = Vec::with_capacity(resources.len());
             let mut targets = Vec::new();
             let mut unknown = Vec::new();
@@ -808,6 +828,10 @@ fn purge(tx: &rusqlite::Transaction<'_>, retention: &Retention) -> Result<Purged
         delete_body.execute(params![id])?;
         delete_message.execute(params![id])?;
     }
+    browse::purge(
+        tx,
+        retention.delivered_before_ms.min(retention.dead_before_ms),
+    )?;
     Ok(Purged {
         delivered: delivered.len() as u64,
         dead: dead.len() as u64,
@@ -1131,7 +1155,7 @@ static DEAD_LETTERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 impl Outbox for SqliteOutbox {
     fn enqueue(
         &self,
-        batch_id: String,
+        batch: Batch,
         messages: Vec<NewMessage>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>> {
@@ -1143,7 +1167,7 @@ impl Outbox for SqliteOutbox {
         };
         let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
         let stored =
-            self.write_or_refuse(|reply| Command::Enqueue(batch_id, messages, provenance, reply));
+            self.write_or_refuse(|reply| Command::Enqueue(batch, messages, provenance, reply));
         Box::pin(async move {
             let enqueued = stored.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -1340,7 +1364,7 @@ impl Outbox for SqliteOutbox {
 
     fn retract(
         &self,
-        batch_id: String,
+        batch: Batch,
         resources: Vec<Retraction>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Placements, OutboxError>> {
@@ -1352,7 +1376,7 @@ impl Outbox for SqliteOutbox {
             .cloned()
             .collect();
         let retracted =
-            self.write_or_refuse(|reply| Command::Retract(batch_id, resources, provenance, reply));
+            self.write_or_refuse(|reply| Command::Retract(batch, resources, provenance, reply));
         Box::pin(async move {
             let retracted = retracted.await?;
             notifiers.iter().for_each(|n| n.notify_one());
@@ -1383,6 +1407,29 @@ impl Outbox for SqliteOutbox {
         })
     }
 
+    fn search(
+        &self,
+        query: browse::MessageQuery,
+    ) -> BoxFuture<Result<Vec<browse::MessageSummary>, OutboxError>> {
+        self.read(move |conn| browse::search(conn, &query))
+    }
+
+    fn message(
+        &self,
+        message_id: i64,
+    ) -> BoxFuture<Result<Option<browse::MessageDetail>, OutboxError>> {
+        self.read(move |conn| browse::message(conn, message_id))
+    }
+
+    fn run_readings(
+        &self,
+        run_id: &str,
+        limit: usize,
+    ) -> BoxFuture<Result<Vec<browse::RunReading>, OutboxError>> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| browse::run_readings(conn, &run_id, limit))
+    }
+
     fn commits(&self) -> u64 {
         self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -1400,6 +1447,7 @@ impl Outbox for SqliteOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::BatchFacts;
 
     fn message(destination: &str, n: usize) -> NewMessage {
         reading(
@@ -1594,7 +1642,7 @@ mod tests {
                             .map(|n| reading("ehr", (w * batches + b) * per_batch + n, &body))
                             .collect();
                         outbox
-                            .enqueue(format!("b{w}-{b}"), messages, None)
+                            .enqueue(format!("b{w}-{b}").into(), messages, None)
                             .await
                             .unwrap();
                         let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -1719,7 +1767,7 @@ mod tests {
         let mut refused = None;
         for n in 0..20 {
             // The writer takes the first command off the queue and waits for the lock.
-            let mut enqueue = outbox.enqueue(format!("b{n}"), vec![message("ehr", n)], None);
+            let mut enqueue = outbox.enqueue(format!("b{n}").into(), vec![message("ehr", n)], None);
             match tokio::time::timeout(std::time::Duration::from_millis(30), &mut enqueue).await {
                 Ok(Err(OutboxError::Busy)) => {
                     refused = Some(n);
@@ -1801,6 +1849,138 @@ mod tests {
         );
     }
 
+    /// The message browser finds a request by what it was about, shows one message with its
+    /// FHIR and the EHR's answer, charts a run's readings, and forgets a request with its
+    /// last message.
+    #[tokio::test]
+    async fn messages_are_found_by_device_patient_and_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let body = |code: &str, value: f64| {
+            format!(
+                r#"{{"resourceType":"Observation","code":{{"coding":[{{"system":"{}","code":"{code}"}}]}},"effectiveDateTime":"2026-12-06T08:00:0{}Z","valueQuantity":{{"value":{value},"unit":"L/min"}}}}"#,
+                mappings::ECMO_CODE_SYSTEM,
+                value as u8
+            )
+        };
+        let mut flow = reading("ehr", 1, &body("blood-flow", 4.0));
+        flow.identifier_value = "cardiohelp:CH-1:blood-flow:20261206T080004Z".into();
+        let facts = BatchFacts {
+            sender: "acme".into(),
+            devices: vec!["CH-1".into()],
+            patients: vec!["urn:mrn|MRN-7".into()],
+            runs: vec!["run-1".into()],
+        };
+        let ids = ids(outbox
+            .enqueue(
+                Batch {
+                    id: "t1".into(),
+                    facts,
+                },
+                vec![flow, reading("other", 2, &body("pump-speed", 3.0))],
+                None,
+            )
+            .await
+            .unwrap());
+        outbox
+            .enqueue("t2".into(), vec![message("ehr", 3)], None)
+            .await
+            .unwrap();
+        outbox
+            .settle(vec![(
+                ids[0],
+                Settle::Dead {
+                    error: "422 Unprocessable".into(),
+                    outcome: Some(r#"{"resourceType":"OperationOutcome"}"#.into()),
+                },
+            )])
+            .await
+            .unwrap();
+        let find = |query: browse::MessageQuery| {
+            let outbox = outbox.clone();
+            async move {
+                let found = outbox
+                    .search(browse::MessageQuery { limit: 10, ..query })
+                    .await
+                    .unwrap();
+                found.iter().map(|m| m.message_id).collect::<Vec<_>>()
+            }
+        };
+        let all = find(Default::default()).await;
+        assert_eq!(all.len(), 3, "newest first: {all:?}");
+        assert!(all[0] > all[1]);
+        let query = |f: fn(&mut browse::MessageQuery)| {
+            let mut q = browse::MessageQuery::default();
+            f(&mut q);
+            q
+        };
+        assert_eq!(
+            find(query(|q| q.device = Some("CH-1".into()))).await.len(),
+            2
+        );
+        assert!(
+            find(query(|q| q.device = Some("CH".into())))
+                .await
+                .is_empty()
+        );
+        assert_eq!(
+            find(query(|q| q.patient = Some("MRN-7".into())))
+                .await
+                .len(),
+            2
+        );
+        assert_eq!(
+            find(query(|q| q.patient = Some("urn:mrn|MRN-7".into())))
+                .await
+                .len(),
+            2
+        );
+        assert_eq!(find(query(|q| q.run = Some("run-1".into()))).await.len(), 2);
+        assert_eq!(
+            find(query(|q| q.vendor = Some("acme".into()))).await.len(),
+            2
+        );
+        assert_eq!(
+            find(query(|q| q.parameter = Some("blood-flow".into()))).await,
+            vec![ids[0]]
+        );
+        assert_eq!(
+            find(query(|q| q.state = Some("dead".into()))).await,
+            vec![ids[0]]
+        );
+        assert_eq!(
+            find(query(|q| q.tracking_id = Some("t2".into())))
+                .await
+                .len(),
+            1
+        );
+        let detail = outbox.message(ids[0]).await.unwrap().unwrap();
+        assert_eq!(detail.summary.state, "dead");
+        assert_eq!(detail.summary.devices, vec!["CH-1"]);
+        assert_eq!(detail.resource["valueQuantity"]["value"], 4.0);
+        assert_eq!(detail.outcome.unwrap()["resourceType"], "OperationOutcome");
+        assert!(outbox.message(-1).await.unwrap().is_none());
+        let chart = outbox.run_readings("run-1", 10).await.unwrap();
+        let codes: Vec<&str> = chart.iter().map(|r| r.code.as_str()).collect();
+        assert_eq!(codes, vec!["pump-speed", "blood-flow"]);
+        // Retention forgets the request once none of its messages is kept.
+        let future = now_ms() + 1000;
+        outbox.purge(retention(future, future)).await.unwrap();
+        let left = outbox
+            .search(browse::MessageQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 2, "the dead letter is gone");
+        let batches: i64 = outbox
+            .read(|conn| Ok(conn.query_row("SELECT count(*) FROM batches", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(batches, 2, "both requests still have a pending message");
+    }
+
     /// What a destination was given goes with a purged reading or dead letter: the same
     /// reading again is a new message (a dead letter's content was never delivered; taking it
     /// for a resend would drop it in silence), while a run's state stays known.
@@ -1878,7 +2058,7 @@ mod tests {
         for batch in 0..20 {
             let enqueued = outbox
                 .enqueue(
-                    format!("b{batch}"),
+                    format!("b{batch}").into(),
                     (0..100)
                         .map(|n| reading("ehr", batch * 100 + n, &body))
                         .collect(),
@@ -2046,7 +2226,7 @@ mod tests {
             let outbox = outbox.clone();
             tasks.spawn(async move {
                 outbox
-                    .enqueue(format!("b{n}"), vec![message("ehr", n)], None)
+                    .enqueue(format!("b{n}").into(), vec![message("ehr", n)], None)
                     .await
                     .unwrap()
             });

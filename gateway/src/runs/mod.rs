@@ -86,6 +86,8 @@ pub struct Applied {
     /// How many events of the run this state includes: it only grows, so the outbox can tell
     /// an older state from a newer one whatever order they reach it in.
     pub revision: i64,
+    /// The run's patient, `system|value`.
+    pub patient: (String, String),
 }
 
 struct Period {
@@ -402,6 +404,7 @@ impl RunRegistry {
             revision: events as i64,
             devices,
             tables,
+            patient: (folded.patient.system.clone(), folded.patient.value.clone()),
         })
     }
 }
