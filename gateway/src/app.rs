@@ -242,6 +242,7 @@ impl Gateway {
         }
         let clocks = Arc::new(DeviceClocks::default());
         tokio::spawn(crate::cert_expiry::warn_daily(self.config.clone()));
+        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?;
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
             let admin_listener =
                 TcpListener::bind(admin.listen)
@@ -261,19 +262,27 @@ impl Gateway {
                     config: Arc::new(self.config.clone()),
                     destinations: clients,
                     reloader: reloader.clone(),
+                    runs: runs.clone(),
+                    console: admin
+                        .console
+                        .as_ref()
+                        .map(|c| Arc::new(crate::admin::console::ConsoleLogin::new(c))),
                 },
             );
             tokio::spawn(serve_mtls(
                 admin_listener,
                 tls,
                 stack,
-                ServeOptions::default(),
+                ServeOptions {
+                    // A browser signing in to the console brings no certificate.
+                    anonymous_clients: admin.console.is_some(),
+                    ..ServeOptions::default()
+                },
                 wait_stop(stopped.clone()),
             ));
             tracing::info!(admin = %admin_addr, "admin API listening (mutual TLS, admin role)");
         }
 
-        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?;
         let server = &self.config.server;
         let settings = IngressSettings {
             request_timeout: server.request_timeout,

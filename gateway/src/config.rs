@@ -206,6 +206,29 @@ pub struct AdminSettings {
     /// Certificate names (CN or SAN) that hold the admin role; any other certificate, a
     /// vendor's included, gets 403.
     pub identities: Vec<String>,
+    /// Operators who may sign in to the web console with a password instead of an admin
+    /// certificate. With it, the admin listener also takes connections without a client
+    /// certificate; everything but the console's page and sign-in then needs a session.
+    #[serde(default)]
+    pub console: Option<ConsoleSettings>,
+}
+
+/// `[admin.console]`: the web console's sign-in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    pub users: Vec<ConsoleUserSettings>,
+    /// A session ends after this long without a request.
+    #[serde(default = "defaults::console_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleUserSettings {
+    pub name: String,
+    /// Argon2 hash in PHC form, from `gateway hash-password` (never the password itself).
+    pub password_hash: String,
 }
 
 /// A device vendor: who its certificate says it is, and which devices it may post for.
@@ -391,6 +414,9 @@ pub enum FhirFormat {
 
 mod defaults {
     use std::time::Duration;
+    pub fn console_idle_timeout() -> Duration {
+        Duration::from_secs(30 * 60)
+    }
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -627,6 +653,27 @@ impl Config {
                     "admin: identity '{}' is also vendor '{}'; roles must not share a certificate",
                     v.identity, v.name
                 ));
+            }
+            if let Some(console) = &admin.console {
+                if console.users.is_empty() {
+                    return Err("admin.console: users must not be empty".into());
+                }
+                let mut seen = HashSet::new();
+                for user in &console.users {
+                    if user.name.is_empty() || !seen.insert(user.name.as_str()) {
+                        return Err(format!(
+                            "admin.console: user name '{}' is empty or given twice",
+                            user.name
+                        ));
+                    }
+                    let parsed = argon2::PasswordHash::new(&user.password_hash);
+                    if !parsed.is_ok_and(|h| h.algorithm.as_str().starts_with("argon2")) {
+                        return Err(format!(
+                            "admin.console: the password_hash of user '{}' is not an Argon2 hash in PHC form ($argon2id$...): make one with `gateway hash-password`",
+                            user.name
+                        ));
+                    }
+                }
             }
         }
         if self.destinations.is_empty() {

@@ -76,6 +76,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Hash a web console password for `[admin.console] users` (Argon2id, PHC form). The
+    /// password is read from standard input (one line), never from the command line, which
+    /// other users of the machine can see.
+    HashPassword,
     /// Test certificates (never for production: use the hospital's PKI).
     Certs {
         #[command(subcommand)]
@@ -142,6 +146,28 @@ fn main() -> ExitCode {
     gateway::install_crypto_provider();
 
     match cli.command {
+        Command::HashPassword => {
+            let mut line = String::new();
+            if let Err(error) = std::io::stdin().read_line(&mut line) {
+                eprintln!("error: cannot read the password: {error}");
+                return ExitCode::FAILURE;
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < 12 {
+                eprintln!("error: a console password has at least 12 characters");
+                return ExitCode::from(EX_CONFIG);
+            }
+            match gateway::admin::console::hash_password(password) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs {
             command: CertsCommand::Init { dir },
         } => match gateway::certs::init_dir(&dir) {

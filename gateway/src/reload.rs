@@ -81,7 +81,13 @@ impl Live {
             Some(admin) => Some(
                 crate::tls::load_crls(&admin.crl)
                     .and_then(|crls| {
-                        crate::tls::server_config(&admin.cert, &admin.key, &admin.client_ca, &crls)
+                        crate::tls::admin_server_config(
+                            &admin.cert,
+                            &admin.key,
+                            &admin.client_ca,
+                            &crls,
+                            admin.console.is_some(),
+                        )
                     })
                     .map_err(LiveError::AdminTls)?,
             ),

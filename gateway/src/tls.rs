@@ -94,6 +94,31 @@ pub fn client_verifier(
         .build()?)
 }
 
+/// The admin listener: as [`server_config`], but with console users configured a browser
+/// without a client certificate finishes the handshake too (and must then sign in). A
+/// certificate that is presented is still checked, and a bad one still fails the handshake.
+pub fn admin_server_config(
+    cert: &Path,
+    key: &Path,
+    client_cas: &[PathBuf],
+    crls: &[CertificateRevocationListDer<'static>],
+    console: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    if !console {
+        return server_config(cert, key, client_cas, crls);
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(load_roots(client_cas)?))
+        .with_crls(crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Server side: a client certificate chained to one of `client_cas` and on none of `crls` is
 /// required; no certificate, an unknown issuer, an expired or a revoked certificate fails the
 /// handshake.

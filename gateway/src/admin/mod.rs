@@ -23,8 +23,15 @@
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text; see `crate::metrics`) |
 //! | `GET /admin/v1/capabilities` | each destination's CapabilityStatement (and SMART token) checked now against its configuration: what it cannot do |
 //! | `GET /admin/v1/jwks` | the public keys of the gateway's SMART clients, to register at the EHR |
+//!
+//! The console's routes (destinations, message browser, runs) are in [`browse`], its page and
+//! sign-in in [`console`]. With `[admin.console]` users, a request without an admin
+//! certificate gets in with a console session (and, to change anything, its CSRF token).
+//! A browser's cross-site request never changes anything, whatever it authenticates with.
 
+mod browse;
 pub mod client;
+pub mod console;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -41,38 +48,73 @@ use crate::outcome::{ApiError, Issue, fhir_json_response};
 use crate::peer::PeerIdentity;
 use crate::revocations::{RevokedCertificates, hex, parse_fingerprint};
 use crate::{BoxBody, BoxError, full_body};
+use console::ConsoleLogin;
 
-/// Lets only admin certificates through.
+/// Lets only admin certificates, or console sessions, through.
 #[derive(Clone)]
 pub struct AdminOnly {
     identities: Arc<HashSet<String>>,
+    console: Option<Arc<ConsoleLogin>>,
 }
 
-/// The admin certificate identity a request came with, for the Provenance of what an
-/// operator does.
+/// Who an admin request came from, for the Provenance of what an operator does and the
+/// logs: an admin certificate's identity, or `console:<user>`.
 #[derive(Debug, Clone)]
 pub struct AdminIdentity(pub String);
+
+fn forbidden(details: String) -> BoxError {
+    ApiError::one(StatusCode::FORBIDDEN, Issue::error("security", details)).into()
+}
 
 impl<B> Predicate<Request<B>> for AdminOnly {
     type Request = Request<B>;
 
     fn check(&mut self, mut request: Request<B>) -> Result<Request<B>, BoxError> {
+        let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
+        // A browser says where a request comes from: a page of another site (which a signed-in
+        // operator or an admin certificate in the browser would otherwise lend its rights)
+        // changes nothing here.
+        if changes
+            && request
+                .headers()
+                .get("sec-fetch-site")
+                .is_some_and(|site| site != "same-origin" && site != "none")
+        {
+            return Err(forbidden(
+                "cross-site requests may not change anything".into(),
+            ));
+        }
         let peer = request.extensions().get::<PeerIdentity>();
         let admin = peer.and_then(|p| p.names.iter().find(|n| self.identities.contains(*n)));
         if let Some(admin) = admin.cloned() {
             request.extensions_mut().insert(AdminIdentity(admin));
             return Ok(request);
         }
+        // The console's page and sign-in are open; what they show comes from the API.
+        if request.uri().path() == "/console" || request.uri().path().starts_with("/console/") {
+            return Ok(request);
+        }
+        if let Some(console) = &self.console
+            && let Some(user) = console.user(request.headers())
+        {
+            if !console::csrf_ok(request.method(), request.headers(), &user) {
+                return Err(forbidden(format!(
+                    "a console request that changes something must carry the session's {} header",
+                    console::CSRF_HEADER
+                )));
+            }
+            request
+                .extensions_mut()
+                .insert(AdminIdentity(format!("console:{}", user.name)));
+            return Ok(request);
+        }
         let label = peer.map(PeerIdentity::label).unwrap_or("(none)");
-        tracing::warn!(certificate = %label, "non-admin certificate refused on the admin listener");
-        Err(ApiError::one(
-            StatusCode::FORBIDDEN,
-            Issue::error(
-                "security",
-                format!("certificate '{label}' does not hold the admin role"),
-            ),
-        )
-        .into())
+        tracing::warn!(certificate = %label, "request without the admin role refused on the admin listener");
+        Err(forbidden(if peer.is_some() {
+            format!("certificate '{label}' does not hold the admin role")
+        } else {
+            "no admin certificate and no console session: sign in at /console".into()
+        }))
     }
 }
 
@@ -90,20 +132,29 @@ pub struct AdminParts {
     pub destinations: crate::app::DestinationClients,
     /// Hot reload of certificates and vendors, when the gateway runs from a file.
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    /// The ECMO runs, for the console's run view.
+    pub runs: Arc<crate::runs::RunRegistry>,
+    /// The console's users and sessions, when `[admin.console]` is configured.
+    pub console: Option<Arc<ConsoleLogin>>,
 }
 
 /// The admin stack: rescue (errors -> OperationOutcome), admin role, routes.
-pub fn build_admin_stack<B: Send + 'static>(
+pub fn build_admin_stack<B>(
     identities: Vec<String>,
     parts: AdminParts,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
 + Send
-+ 'static {
++ 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     ServiceBuilder::new()
         .map_result(crate::ingress::rescue::rescue)
         .layer(FilterLayer::new(AdminOnly {
             identities: Arc::new(identities.into_iter().collect()),
+            console: parts.console.clone(),
         }))
         .service(tower::service_fn(move |request: Request<B>| {
             let parts = parts.clone();
@@ -113,6 +164,49 @@ pub fn build_admin_stack<B: Send + 'static>(
                 .map(|a| a.0.clone())
                 .unwrap_or_default();
             async move {
+                let (head, body) = request.into_parts();
+                // Only a console sign-in has a body worth reading here, and a small one.
+                let body = if head.method == Method::POST && head.uri.path() == "/console/session" {
+                    Some(
+                        http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                            body,
+                            console::MAX_LOGIN_BYTES,
+                        ))
+                        .await
+                        .map_err(|_| {
+                            BoxError::from(ApiError::one(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                Issue::error(
+                                    "too-costly",
+                                    format!(
+                                        "a sign-in is at most {} bytes",
+                                        console::MAX_LOGIN_BYTES
+                                    ),
+                                ),
+                            ))
+                        })?
+                        .to_bytes(),
+                    )
+                } else {
+                    None
+                };
+                let segments: Vec<&str> = head
+                    .uri
+                    .path()
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if let Some(response) = console::route(
+                    parts.console.as_ref(),
+                    &head.method,
+                    &head.headers,
+                    &segments,
+                    body,
+                )
+                .await?
+                {
+                    return Ok(response);
+                }
                 let context = Context {
                     outbox: parts.outbox,
                     handoff: parts.handoff,
@@ -121,9 +215,10 @@ pub fn build_admin_stack<B: Send + 'static>(
                     config: parts.config,
                     destinations: parts.destinations,
                     reloader: parts.reloader,
+                    runs: parts.runs,
                     admin,
                 };
-                route(context, request.method().clone(), request.uri().clone()).await
+                route(context, head.method.clone(), head.uri.clone()).await
             }
         }))
 }
@@ -253,7 +348,8 @@ struct Context<'a> {
     config: Arc<crate::config::Config>,
     destinations: crate::app::DestinationClients,
     reloader: Option<Arc<crate::reload::Reloader>>,
-    /// The admin certificate identity of the request.
+    runs: Arc<crate::runs::RunRegistry>,
+    /// Who the request came from ([`AdminIdentity`]).
     admin: String,
 }
 
@@ -376,6 +472,9 @@ async fn route(
         return Ok(response);
     }
     if let Some(response) = smart(&context, &method, &segments)? {
+        return Ok(response);
+    }
+    if let Some(response) = browse::route(&context, &method, &uri, &segments).await? {
         return Ok(response);
     }
     if segments == ["admin", "v1", "reload"] {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use mappings::{ConsoleView, MappedResource};
+use mappings::{ConsoleView, MappedResource, RunView};
 use rusqlite::{Connection, params};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -202,6 +202,20 @@ impl RunRegistry {
             state: RwLock::new(state),
             mappings,
         }))
+    }
+
+    /// Every run as folded now, the latest started first (the console's list of runs).
+    pub fn views(&self) -> Vec<RunView> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let mut views: Vec<RunView> = state.runs.values().map(|r| r.folded.view.clone()).collect();
+        views.sort_by(|a, b| b.start.cmp(&a.start).then_with(|| a.run_id.cmp(&b.run_id)));
+        views
+    }
+
+    /// One run as folded now.
+    pub fn view(&self, run_id: &str) -> Option<RunView> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.runs.get(run_id).map(|r| r.folded.view.clone())
     }
 
     /// The runs console `serial` has been in, copied once per batch so the reading path takes
