@@ -207,7 +207,7 @@ fn outbox(c: &mut Criterion, resources: &[MappedResource]) {
             |messages| {
                 let batch_id = uuid::Uuid::new_v4().to_string();
                 runtime
-                    .block_on(outbox.enqueue(batch_id, messages, None))
+                    .block_on(outbox.enqueue(batch_id.into(), messages, None))
                     .unwrap()
             },
             BatchSize::SmallInput,

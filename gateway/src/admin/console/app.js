@@ -197,7 +197,7 @@ async function showMessage(id) {
 
 function outcomeText(d) {
   const issues = d.outcome && d.outcome.issue ? d.outcome.issue.map((i) => i.diagnostics || i.code).join("; ") : "";
-  return [d.lastError, issues].filter(Boolean).join(" \u2014 ");
+  return [d.error, issues].filter(Boolean).join(" \u2014 ");
 }
 
 async function loadDeadLetters() {
@@ -209,7 +209,7 @@ async function loadDeadLetters() {
     const replay = el("button", "Replay");
     replay.type = "button";
     replay.addEventListener("click", () => replayOne(d.messageId));
-    return row([box, d.messageId, d.destination, d.resourceType + " " + d.identifierValue, d.attempts, outcomeText(d), replay]);
+    return row([box, d.messageId, d.destination, d.resourceType + " " + d.identifier, d.attempts, outcomeText(d), replay]);
   }), "no dead letters");
   $("select-all").checked = false;
 }
