@@ -18,4 +18,5 @@ mod operations;
 mod profile_conformance;
 mod scenarios;
 mod smart_backend_services;
+mod web_console;
 mod xml_destinations;

@@ -207,7 +207,12 @@ impl RunRegistry {
     /// Every run as folded now, the latest started first (the console's list of runs).
     pub fn views(&self) -> Vec<RunView> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        let mut views: Vec<RunView> = state.runs.values().map(|r| r.folded.view.clone()).collect();
+        let current = self.mappings.load();
+        let mut views: Vec<RunView> = state
+            .runs
+            .values()
+            .map(|r| view_of(&r.folded, &current))
+            .collect();
         views.sort_by(|a, b| b.start.cmp(&a.start).then_with(|| a.run_id.cmp(&b.run_id)));
         views
     }
@@ -215,7 +220,8 @@ impl RunRegistry {
     /// One run as folded now.
     pub fn view(&self, run_id: &str) -> Option<RunView> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        state.runs.get(run_id).map(|r| r.folded.view.clone())
+        let current = self.mappings.load();
+        state.runs.get(run_id).map(|r| view_of(&r.folded, &current))
     }
 
     /// The runs console `serial` has been in, copied once per batch so the reading path takes
@@ -370,37 +376,24 @@ impl RunRegistry {
     }
 
     fn outputs(&self, folded: &Folded, events: usize) -> Result<Applied, RunError> {
-        let mut view = folded.view.clone();
-        let mut resources = Vec::new();
         let current = self.mappings.load();
-        let mut seen = Vec::new();
+        let view = view_of(folded, &current);
+        let mut resources = Vec::new();
         let mut devices = Vec::new();
         let mut tables = Vec::new();
-        for period in &folded.consoles {
-            if seen.contains(&period.serial) {
-                continue;
-            }
-            seen.push(period.serial.clone());
-            let family = current.family_for_model(&period.model);
-            let console = ConsoleView {
-                serial: period.serial.clone(),
-                model: period.model.clone(),
-                manufacturer: family
-                    .map_or_else(|| "Unknown".to_owned(), |f| f.manufacturer.clone()),
-                serial_system: family.map_or_else(
-                    || format!("{}unknown", mappings::DEVICE_SERIAL_SYSTEM_PREFIX),
-                    |f| f.serial_system.clone(),
-                ),
-            };
-            resources.push(mappings::device_for_console(&console).map_err(RunError::Mapping)?);
+        for console in &view.consoles {
+            resources.push(mappings::device_for_console(console).map_err(RunError::Mapping)?);
             devices.push(mappings::DeviceAgent {
                 serial_system: console.serial_system.clone(),
                 serial: console.serial.clone(),
                 model: console.model.clone(),
                 firmware: None,
             });
-            tables.extend(family.map(crate::ingress::table_of));
-            view.consoles.push(console);
+            tables.extend(
+                current
+                    .family_for_model(&console.model)
+                    .map(crate::ingress::table_of),
+            );
         }
         resources.push(mappings::procedure_for_run(&view).map_err(RunError::Mapping)?);
         for segment in &view.segments {
@@ -457,6 +450,28 @@ fn stored_events(conn: &Connection, run_id: &str) -> Result<Vec<(RunEvent, [u8; 
         .iter()
         .filter_map(|body| parse_stored(body))
         .collect())
+}
+
+/// The run as folded, with each console it has had (once, in order of use) described by its
+/// family's table: what the Procedure, the Devices and the admin API show.
+fn view_of(folded: &Folded, tables: &mappings::Mappings) -> RunView {
+    let mut view = folded.view.clone();
+    for period in &folded.consoles {
+        if view.consoles.iter().any(|c| c.serial == period.serial) {
+            continue;
+        }
+        let family = tables.family_for_model(&period.model);
+        view.consoles.push(ConsoleView {
+            serial: period.serial.clone(),
+            model: period.model.clone(),
+            manufacturer: family.map_or_else(|| "Unknown".to_owned(), |f| f.manufacturer.clone()),
+            serial_system: family.map_or_else(
+                || format!("{}unknown", mappings::DEVICE_SERIAL_SYSTEM_PREFIX),
+                |f| f.serial_system.clone(),
+            ),
+        });
+    }
+    view
 }
 
 #[cfg(test)]

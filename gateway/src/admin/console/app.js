@@ -19,6 +19,11 @@ function notice(text) {
   box.hidden = !text;
 }
 
+/** What an OperationOutcome issue says: its text, else its diagnostics, else its code. */
+function issueText(issue) {
+  return (issue.details && issue.details.text) || issue.diagnostics || issue.code;
+}
+
 async function api(method, path, body) {
   const headers = { Accept: "application/json" };
   if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
@@ -32,7 +37,7 @@ async function api(method, path, body) {
   try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
   if (!response.ok) {
     const issue = json && json.issue && json.issue[0];
-    const why = issue ? (issue.diagnostics || issue.code) + (issue.expression ? " (" + issue.expression.join(", ") + ")" : "") : response.statusText;
+    const why = issue ? issueText(issue) + (issue.expression ? " (" + issue.expression.join(", ") + ")" : "") : response.statusText;
     const error = new Error(why);
     error.status = response.status;
     throw error;
@@ -196,7 +201,7 @@ async function showMessage(id) {
 // ---- dead letters ----
 
 function outcomeText(d) {
-  const issues = d.outcome && d.outcome.issue ? d.outcome.issue.map((i) => i.diagnostics || i.code).join("; ") : "";
+  const issues = d.outcome && d.outcome.issue ? d.outcome.issue.map(issueText).join("; ") : "";
   return [d.error, issues].filter(Boolean).join(" \u2014 ");
 }
 
