@@ -1473,7 +1473,16 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             "# token_url = \"https://127.0.0.1:9643/auth/token\"",
             &format!("token_url = \"{token_url}\""),
         )
-        .replace("https://127.0.0.1:9643/fhir", &hospital.base_url);
+        .replace("https://127.0.0.1:9643/fhir", &hospital.base_url)
+        .replace("# [admin.console]", "[admin.console]")
+        .replace(
+            "# users = [{ name = \"ana\", password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$...\" }]",
+            &format!(
+                "users = [{{ name = \"ana\", password_hash = \"{}\" }}]",
+                gateway::admin::console::hash_password("an operator's long password").unwrap()
+            ),
+        )
+        .replace("# idle_timeout = \"30m\"", "idle_timeout = \"30m\"");
     let commented_settings: Vec<&str> = config
         .lines()
         .filter(|line| {
@@ -1522,4 +1531,15 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     );
     assert_eq!(hospital.ehr.count("Provenance"), 1);
     assert_eq!(hospital.ehr.smart(|s| s.issued), 1);
+    // The console's operator signs in with a password, no certificate.
+    let anonymous = MtlsClient::new(&pki.path("ca.pem"), None).unwrap();
+    let session = anonymous
+        .post_json(
+            &gateway.admin_url("/console/session"),
+            &json!({"user": "ana", "password": "an operator's long password"}),
+        )
+        .await
+        .unwrap()
+        .expect_status(200);
+    assert!(session.headers.contains_key("set-cookie"));
 }
