@@ -8,8 +8,8 @@ use mappings::Mappings;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, DeliveryMode};
-use crate::delivery::worker::{DeliveryWorker, WorkerSettings};
-use crate::delivery::{Destination, DirectDelivery, Handoff};
+use crate::delivery::fleet::{Built, DeliveryFleet};
+use crate::delivery::{DirectDelivery, Handoff};
 use crate::ingress::client_identity::LiveVendors;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::{IngressParts, IngressSettings, build_stack};
@@ -59,7 +59,7 @@ pub struct Gateway {
     tls: LiveTls,
     mappings: Arc<Mappings>,
     schemas: Schemas,
-    destinations: Vec<Destination>,
+    destinations: Vec<Built>,
     admin_tls: Option<LiveTls>,
     conformance: Arc<crate::ingress::conformance::ConformanceRules>,
     vendors: LiveVendors,
@@ -86,7 +86,7 @@ impl Gateway {
         let destinations = config
             .destinations
             .iter()
-            .map(Destination::from_settings)
+            .map(Built::new)
             .collect::<Result<Vec<_>, _>>()?;
         let conformance = crate::ingress::conformance::ConformanceRules::embedded()
             .map_err(StartError::Profiles)?;
@@ -118,7 +118,11 @@ impl Gateway {
             .destinations
             .iter()
             .cloned()
-            .zip(self.destinations.iter().map(|d| d.client().clone()))
+            .zip(
+                self.destinations
+                    .iter()
+                    .map(|d| d.destination.client().clone()),
+            )
             .collect()
     }
 
@@ -149,57 +153,57 @@ impl Gateway {
             }
         });
         let mut workers = tokio::task::JoinSet::new();
-        let (handoff, outbox): (Arc<dyn Handoff>, Option<Arc<dyn Outbox>>) =
-            match self.config.delivery.mode {
-                DeliveryMode::Direct => (Arc::new(DirectDelivery::new(self.destinations)), None),
-                DeliveryMode::Outbox => {
-                    let outbox: Arc<dyn Outbox> = SqliteOutbox::open(&self.config.delivery.outbox)?;
-                    let mut routes = Vec::new();
-                    for (destination, settings) in
-                        self.destinations.into_iter().zip(&self.config.destinations)
-                    {
-                        routes.push(crate::outbox::handoff::Route {
-                            destination: settings.name.clone(),
-                            only: settings.only.clone(),
-                            corrections: settings.corrections,
-                            provenance: settings.provenance,
-                        });
-                        let worker = DeliveryWorker::new(
-                            destination,
-                            outbox.clone(),
-                            WorkerSettings {
-                                max_batch: settings.max_bundle_entries,
-                                linger: settings.linger,
-                                message_attempts: settings.message_attempts,
-                                backoff_base: std::time::Duration::from_millis(500),
-                                backoff_max: settings.retry_backoff_max,
-                                breaker_failures: settings.breaker_failures,
-                                breaker_cooldown: settings.breaker_cooldown,
-                                breaker_max_cooldown: settings.retry_backoff_max,
-                                retry_after_max: settings.retry_after_max,
-                                max_in_flight: settings.concurrency,
-                            },
-                        );
-                        workers.spawn(worker.run(stopped.clone()));
-                    }
-                    let delivery = &self.config.delivery;
-                    let readings = &self.config.readings;
-                    let retention = RetentionPolicy::new(
-                        delivery.keep_delivered,
-                        delivery.keep_dead,
-                        readings.max_past_age + readings.max_future_skew,
-                    );
-                    workers.spawn(crate::outbox::retention::run(
-                        outbox.clone(),
-                        retention,
-                        stopped.clone(),
-                    ));
-                    (
-                        Arc::new(OutboxHandoff::new(outbox.clone(), routes)),
-                        Some(outbox),
-                    )
-                }
-            };
+        type Delivery = (
+            Arc<dyn Handoff>,
+            Option<Arc<dyn Outbox>>,
+            Option<crate::reload::DestinationReload>,
+        );
+        let (handoff, outbox, reload): Delivery = match self.config.delivery.mode {
+            DeliveryMode::Direct => (
+                Arc::new(DirectDelivery::new(
+                    self.destinations
+                        .into_iter()
+                        .map(|d| d.destination)
+                        .collect(),
+                )),
+                None,
+                None,
+            ),
+            DeliveryMode::Outbox => {
+                let outbox: Arc<dyn Outbox> = SqliteOutbox::open(&self.config.delivery.outbox)?;
+                let routes = self
+                    .config
+                    .destinations
+                    .iter()
+                    .map(crate::outbox::handoff::Route::from)
+                    .collect();
+                let fleet = Arc::new(DeliveryFleet::start(
+                    outbox.clone(),
+                    stopped.clone(),
+                    self.destinations,
+                ));
+                let delivery = &self.config.delivery;
+                let readings = &self.config.readings;
+                let retention = RetentionPolicy::new(
+                    delivery.keep_delivered,
+                    delivery.keep_dead,
+                    readings.max_past_age + readings.max_future_skew,
+                );
+                workers.spawn(crate::outbox::retention::run(
+                    outbox.clone(),
+                    retention,
+                    stopped.clone(),
+                ));
+                let handoff = Arc::new(OutboxHandoff::new(outbox.clone(), routes));
+                (
+                    handoff.clone(),
+                    Some(outbox),
+                    Some(crate::reload::DestinationReload { handoff, fleet }),
+                )
+            }
+        };
+        let fleet = reload.as_ref().map(|r| r.fleet.clone());
+        let setup = crate::reload::LiveSetup::new(self.config.clone(), clients.clone());
 
         let probes = Arc::new(crate::probes::Probes::new(
             outbox.clone(),
@@ -230,11 +234,15 @@ impl Gateway {
             Arc::new(Reloader::new(
                 file,
                 &self.config,
-                self.tls.clone(),
-                self.admin_tls.clone(),
-                self.vendors.clone(),
-                live_mappings.clone(),
-                self.revoked.clone(),
+                crate::reload::Swappable {
+                    tls: self.tls.clone(),
+                    admin_tls: self.admin_tls.clone(),
+                    vendors: self.vendors.clone(),
+                    mappings: live_mappings.clone(),
+                    revoked: self.revoked.clone(),
+                    setup: setup.clone(),
+                    destinations: reload,
+                },
             ))
         });
         if let Some(reloader) = &reloader {
@@ -259,8 +267,7 @@ impl Gateway {
                     handoff: handoff.clone(),
                     clocks: clocks.clone(),
                     revoked: self.revoked.clone(),
-                    config: Arc::new(self.config.clone()),
-                    destinations: clients,
+                    setup: setup.clone(),
                     reloader: reloader.clone(),
                     runs: runs.clone(),
                     console: admin
@@ -335,6 +342,9 @@ impl Gateway {
         let _ = stop.send(true);
         // What the workers hold stays pending in the outbox and is sent after a restart.
         let _ = tokio::time::timeout(shutdown_timeout, async {
+            if let Some(fleet) = &fleet {
+                fleet.join(shutdown_timeout).await;
+            }
             while workers.join_next().await.is_some() {}
         })
         .await;

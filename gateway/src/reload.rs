@@ -1,13 +1,17 @@
 //! Hot reload of what changes while the gateway runs: the server certificate and key, the
 //! vendor CAs and their revocation lists, the vendor list, the admin listener's certificate
-//! and CAs, and the mapping tables of `[mappings] dir` (proven against the profiles first). On SIGHUP, on `POST /admin/v1/reload`, or when one of those files (or
-//! the configuration file) changes, the configuration is read again and everything above is
-//! built anew; only when all of it builds is it swapped in, whole. Connections already open
+//! and CAs, the mapping tables of `[mappings] dir` (proven against the profiles first), and
+//! the destinations (with the outbox: added, removed or replaced, see
+//! [`DeliveryFleet`](crate::delivery::fleet::DeliveryFleet)). On SIGHUP, on
+//! `POST /admin/v1/reload`, or when one of those files (or the configuration file) changes,
+//! the configuration is read again and everything above is built anew; only when all of it
+//! builds is it swapped in, whole. Connections already open
 //! keep the TLS session they began with, requests in flight finish as they started, new ones
 //! use the new configuration. A file that does not load keeps the old configuration running
 //! and says exactly why (log, `GET /admin/v1/reload`, `ecmo_config_reloads_total`).
 //!
-//! Destinations, listen addresses and limits take effect at a restart.
+//! Listen addresses and limits take effect at a restart, and so do destinations with direct
+//! delivery (a vendor waits on them).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -49,6 +53,39 @@ fn tables_from(dir: &Path) -> Result<mappings::Mappings, String> {
         .and_then(|rules| rules.prove_tables(&tables))
         .map_err(|e| format!("mapping tables: {e}"))?;
     Ok(tables)
+}
+
+/// The configuration and the destinations' clients as they are now, for the admin API.
+#[derive(Clone)]
+pub struct LiveSetup(Arc<arc_swap::ArcSwap<Setup>>);
+
+pub struct Setup {
+    pub config: Arc<Config>,
+    pub destinations: crate::app::DestinationClients,
+}
+
+impl LiveSetup {
+    pub fn new(config: Config, destinations: crate::app::DestinationClients) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(Setup {
+            config: Arc::new(config),
+            destinations,
+        })))
+    }
+
+    pub fn load(&self) -> Arc<Setup> {
+        self.0.load_full()
+    }
+
+    fn store(&self, setup: Setup) {
+        self.0.store(Arc::new(setup));
+    }
+}
+
+/// Where reloaded destinations go: the hand-off's routes and the delivery workers (outbox
+/// delivery only).
+pub struct DestinationReload {
+    pub handoff: Arc<crate::outbox::handoff::OutboxHandoff>,
+    pub fleet: Arc<crate::delivery::fleet::DeliveryFleet>,
 }
 
 /// What a reload builds: everything it swaps.
@@ -116,6 +153,17 @@ impl Live {
             // The directory: a table added, changed or removed.
             files.push(dir.clone());
         }
+        for destination in &config.destinations {
+            files.extend(destination.ca.iter().cloned());
+            files.extend(destination.client_cert.iter().cloned());
+            files.extend(destination.client_key.iter().cloned());
+            files.extend(
+                destination
+                    .smart
+                    .iter()
+                    .flat_map(|s| s.keys.iter().cloned()),
+            );
+        }
         if let Some(admin) = &config.admin {
             files.extend([admin.cert.clone(), admin.key.clone()]);
             files.extend(admin.client_ca.iter().cloned());
@@ -141,27 +189,27 @@ pub struct ReloadStatus {
     pub watching: Vec<PathBuf>,
 }
 
-/// Swaps in a new TLS configuration and vendor list when asked to.
+/// Everything a reload swaps, shared with the parts that use it.
+pub struct Swappable {
+    pub tls: LiveTls,
+    pub admin_tls: Option<LiveTls>,
+    pub vendors: LiveVendors,
+    pub mappings: LiveMappings,
+    pub revoked: Arc<RevokedCertificates>,
+    pub setup: LiveSetup,
+    /// With outbox delivery: where reloaded destinations go.
+    pub destinations: Option<DestinationReload>,
+}
+
+/// Swaps in a new configuration when asked to.
 pub struct Reloader {
     config_file: PathBuf,
-    tls: LiveTls,
-    admin_tls: Option<LiveTls>,
-    vendors: LiveVendors,
-    mappings: LiveMappings,
-    revoked: Arc<RevokedCertificates>,
+    live: Swappable,
     status: Mutex<ReloadStatus>,
 }
 
 impl Reloader {
-    pub fn new(
-        config_file: &Path,
-        config: &Config,
-        tls: LiveTls,
-        admin_tls: Option<LiveTls>,
-        vendors: LiveVendors,
-        mappings: LiveMappings,
-        revoked: Arc<RevokedCertificates>,
-    ) -> Self {
+    pub fn new(config_file: &Path, config: &Config, live: Swappable) -> Self {
         let config_file = std::fs::canonicalize(config_file).unwrap_or(config_file.to_owned());
         Self {
             status: Mutex::new(ReloadStatus {
@@ -169,11 +217,7 @@ impl Reloader {
                 ..ReloadStatus::default()
             }),
             config_file,
-            tls,
-            admin_tls,
-            vendors,
-            mappings,
-            revoked,
+            live,
         }
     }
 
@@ -190,28 +234,66 @@ impl Reloader {
         let result = Config::load(&self.config_file)
             .map_err(|e| e.to_string())
             .and_then(|config| {
-                let live = Live::build(&config, &self.revoked).map_err(|e| e.to_string())?;
-                if live.admin_tls.is_some() != self.admin_tls.is_some() {
+                let live = Live::build(&config, &self.live.revoked).map_err(|e| e.to_string())?;
+                if live.admin_tls.is_some() != self.live.admin_tls.is_some() {
                     return Err("the [admin] section comes or goes only with a restart".into());
                 }
                 let tables = match &config.mappings.dir {
                     Some(dir) => Some(tables_from(dir)?),
                     None => None,
                 };
-                Ok((config, live, tables))
+                let built = match &self.live.destinations {
+                    Some(_) => config
+                        .destinations
+                        .iter()
+                        .map(crate::delivery::fleet::Built::new)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())?,
+                    None => {
+                        let running = &self.live.setup.load().config.destinations;
+                        if format!("{running:?}") != format!("{:?}", config.destinations) {
+                            return Err(
+                                "with direct delivery, destinations change only with a restart"
+                                    .into(),
+                            );
+                        }
+                        Vec::new()
+                    }
+                };
+                Ok((config, live, tables, built))
             });
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.last_attempt = Some(crate::ingress::fhir_instant_now());
         let metrics = crate::metrics::metrics();
         match result {
-            Ok((config, live, tables)) => {
-                self.tls.store(live.tls);
-                self.vendors.store(Arc::new(live.vendors));
+            Ok((config, live, tables, built)) => {
+                self.live.tls.store(live.tls);
+                self.live.vendors.store(Arc::new(live.vendors));
                 if let Some(tables) = tables {
-                    self.mappings.store(tables);
+                    self.live.mappings.store(tables);
                 }
-                if let (Some(swap), Some(admin_tls)) = (&self.admin_tls, live.admin_tls) {
+                if let (Some(swap), Some(admin_tls)) = (&self.live.admin_tls, live.admin_tls) {
                     swap.store(admin_tls);
+                }
+                let mut clients = self.live.setup.load().destinations.clone();
+                if let Some(reload) = &self.live.destinations {
+                    reload.handoff.set_routes(
+                        config
+                            .destinations
+                            .iter()
+                            .map(crate::outbox::handoff::Route::from)
+                            .collect(),
+                    );
+                    let changes = reload.fleet.reconcile(built);
+                    if !changes.is_empty() {
+                        tracing::info!(
+                            added = ?changes.added,
+                            replaced = ?changes.replaced,
+                            removed = ?changes.removed,
+                            "destinations reloaded"
+                        );
+                    }
+                    clients = reload.fleet.clients();
                 }
                 status.reloads += 1;
                 status.last_error = None;
@@ -222,8 +304,13 @@ impl Reloader {
                     .inc();
                 tracing::info!(
                     vendors = config.vendors.len(),
-                    "configuration reloaded: certificates, CAs, revocation lists, vendors and mapping tables"
+                    destinations = config.destinations.len(),
+                    "configuration reloaded: certificates, CAs, revocation lists, vendors, mapping tables and destinations"
                 );
+                self.live.setup.store(Setup {
+                    config: Arc::new(config),
+                    destinations: clients,
+                });
                 Ok(())
             }
             Err(error) => {

@@ -251,3 +251,119 @@ async fn mapping_tables_reload_when_a_file_changes_and_a_broken_one_is_kept_out(
         422
     );
 }
+
+/// Observation identifiers the EHR holds, each as often as it holds it.
+fn observation_ids(ehr: &conformance_tests::ehr::ReferenceEhr) -> Vec<String> {
+    ehr.all_resources("Observation")
+        .iter()
+        .map(|o| o["identifier"][0]["value"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destinations_are_added_moved_and_removed_by_a_reload_without_loss_or_duplicates() {
+    use conformance_tests::ehr::Fault;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    let pki = conformance_tests::harness::TestPki::generate().unwrap();
+    let (old_ehr, new_ehr, registry) = (
+        conformance_tests::harness::mtls_ehr(&pki).await,
+        conformance_tests::harness::mtls_ehr(&pki).await,
+        conformance_tests::harness::mtls_ehr(&pki).await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = conformance_tests::harness::durable_config(
+        &pki,
+        &old_ehr.base_url,
+        &dir.path().join("outbox.sqlite"),
+    );
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let vendor = pki.client(conformance_tests::harness::GETINGE);
+    let admin = pki.client(conformance_tests::harness::ADMIN);
+    let url = gateway.url("/v1/observations");
+    let mut console = SimulatedCardiohelp::new("CH-R1", 7);
+    let t0 = OffsetDateTime::now_utc() - time::Duration::minutes(30);
+    let mut post = async |minute: i64| {
+        let batch = console.next_batch(t0 + time::Duration::minutes(minute));
+        vendor
+            .post_json(&url, &batch)
+            .await
+            .unwrap()
+            .expect_status(202);
+    };
+    let settled = |queues: &serde_json::Value| {
+        queues["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["pending"] == 0 && d["dead"] == 0)
+    };
+    post(0).await;
+    admin_until(&gateway, &admin, "/admin/v1/queues", settled).await;
+    assert_eq!(old_ehr.ehr.count("Observation"), 12);
+
+    // The EHR moves: its old address answers slowly while a batch is on its way there, and
+    // a registry is added beside it.
+    old_ehr
+        .ehr
+        .fail_fraction(Fault::delay(Duration::from_millis(800)), 1.0);
+    post(1).await;
+    let block = &config[config.find("[[destination]]").unwrap()..];
+    let moved = config.replace(&old_ehr.base_url, &new_ehr.base_url)
+        + "\n"
+        + &block
+            .replace("name = \"ehr\"", "name = \"registry\"")
+            .replace(&old_ehr.base_url, &registry.base_url);
+    replace_file(gateway.config_path(), &moved);
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["reloads"] == 1).await;
+    let destinations = admin_until(&gateway, &admin, "/admin/v1/destinations", |d| {
+        d["destinations"].as_array().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        destinations["destinations"][0]["baseUrl"],
+        new_ehr.base_url.as_str()
+    );
+    assert_eq!(destinations["destinations"][1]["name"], "registry");
+    post(2).await;
+    admin_until(&gateway, &admin, "/admin/v1/queues", settled).await;
+
+    // Every reading reached the EHR once, at one address or the other; the registry has
+    // what came after it was added.
+    let mut at_ehr = observation_ids(&old_ehr.ehr);
+    at_ehr.extend(observation_ids(&new_ehr.ehr));
+    let distinct: HashSet<&String> = at_ehr.iter().collect();
+    assert_eq!(at_ehr.len(), 36, "{at_ehr:?}");
+    assert_eq!(distinct.len(), 36, "no reading twice");
+    assert!(new_ehr.ehr.count("Observation") >= 12);
+    assert_eq!(registry.ehr.count("Observation"), 12);
+
+    // The registry is removed again: it gets nothing more.
+    replace_file(
+        gateway.config_path(),
+        &config.replace(&old_ehr.base_url, &new_ehr.base_url),
+    );
+    admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["reloads"] == 2).await;
+    post(3).await;
+    admin_until(&gateway, &admin, "/admin/v1/queues", |q| {
+        q["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["destination"] != "ehr" || (d["pending"] == 0 && d["dead"] == 0))
+    })
+    .await;
+    assert_eq!(
+        observation_ids(&old_ehr.ehr).len() + observation_ids(&new_ehr.ehr).len(),
+        48
+    );
+    assert_eq!(registry.ehr.count("Observation"), 12);
+    let destinations = admin
+        .get(&gateway.admin_url("/admin/v1/destinations"))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    assert_eq!(destinations["destinations"].as_array().unwrap().len(), 1);
+}

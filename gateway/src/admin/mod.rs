@@ -126,10 +126,9 @@ pub struct AdminParts {
     pub handoff: Arc<dyn Handoff>,
     pub clocks: Arc<DeviceClocks>,
     pub revoked: Arc<RevokedCertificates>,
-    /// For the certificate inventory and the JWKS.
-    pub config: Arc<crate::config::Config>,
-    /// Every destination with its client: token state, capability checks.
-    pub destinations: crate::app::DestinationClients,
+    /// The configuration and every destination with its client, as reloaded: the
+    /// certificate inventory, the JWKS, token state, capability checks.
+    pub setup: crate::reload::LiveSetup,
     /// Hot reload of certificates and vendors, when the gateway runs from a file.
     pub reloader: Option<Arc<crate::reload::Reloader>>,
     /// The ECMO runs, for the console's run view.
@@ -207,13 +206,14 @@ where
                 {
                     return Ok(response);
                 }
+                let setup = parts.setup.load();
                 let context = Context {
                     outbox: parts.outbox,
                     handoff: parts.handoff,
                     clocks: &parts.clocks,
                     revoked: parts.revoked,
-                    config: parts.config,
-                    destinations: parts.destinations,
+                    config: setup.config.clone(),
+                    destinations: setup.destinations.clone(),
                     reloader: parts.reloader,
                     runs: parts.runs,
                     admin,

@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod capabilities;
 pub mod client;
+pub mod fleet;
 pub mod references;
 pub mod request_builder;
 pub mod response;

@@ -102,13 +102,25 @@ impl DeliveryWorker {
 
     /// Runs until `shutdown` turns true. Messages in flight then stay pending and are sent
     /// again after a restart (writes are idempotent).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let (_keep, retire) = watch::channel(false);
+        self.run_until(shutdown, retire).await
+    }
+
+    /// [`run`](Self::run), and when `retire` turns true (its configuration was replaced):
+    /// takes nothing more, lets the batches in flight finish and settle, then returns, so a
+    /// successor starts with nothing of this destination in flight.
     ///
     /// Up to `max_in_flight` batches are sent at once, each of messages the others do not
     /// hold; a message waits while an earlier one about its resource is pending, in flight
     /// included, so per-resource order holds whatever finishes first. The window opens one
     /// batch per success and closes to one on a failure (additive increase, as TCP and
     /// Vector's adaptive concurrency do), so a struggling EHR sees one request at a time.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run_until(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut retire: watch::Receiver<bool>,
+    ) {
         let name = self.shared.destination.name.clone();
         let settings = self.shared.settings.clone();
         let notify = self.outbox.notifier(&name);
@@ -123,6 +135,15 @@ impl DeliveryWorker {
         let mut rewinds = self.outbox.rewinds();
         loop {
             if *shutdown.borrow() {
+                break;
+            }
+            if *retire.borrow() {
+                // In-flight sends settle themselves; a shutdown meanwhile leaves them pending.
+                tokio::select! {
+                    _ = async { while tasks.join_next().await.is_some() {} } => {}
+                    _ = shutdown.wait_for(|stop| *stop) => {}
+                }
+                tracing::info!(destination = %name, "delivery worker retired: its configuration was replaced");
                 break;
             }
             let rewound = self.outbox.rewinds();
@@ -240,6 +261,7 @@ impl DeliveryWorker {
                 _ = notify.notified(), if listen => {}
                 _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
                 _ = shutdown.changed() => {}
+                Ok(()) = retire.changed() => {}
             }
         }
     }

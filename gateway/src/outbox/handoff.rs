@@ -28,22 +28,38 @@ pub struct Route {
     pub provenance: bool,
 }
 
+impl From<&crate::config::DestinationSettings> for Route {
+    fn from(settings: &crate::config::DestinationSettings) -> Self {
+        Self {
+            destination: settings.name.clone(),
+            only: settings.only.clone(),
+            corrections: settings.corrections,
+            provenance: settings.provenance,
+        }
+    }
+}
+
 pub struct OutboxHandoff {
     outbox: Arc<dyn Outbox>,
+    /// Swapped whole when destinations are reloaded; a request routes with the table it
+    /// found when it began.
+    table: arc_swap::ArcSwap<RouteTable>,
+}
+
+struct RouteTable {
     routes: Arc<[Route]>,
     /// Destinations that take Provenance.
     provenance: Arc<[String]>,
 }
 
-impl OutboxHandoff {
-    pub fn new(outbox: Arc<dyn Outbox>, routes: Vec<Route>) -> Self {
+impl RouteTable {
+    fn new(routes: Vec<Route>) -> Self {
         let provenance = routes
             .iter()
             .filter(|r| r.provenance)
             .map(|r| r.destination.clone())
             .collect();
         Self {
-            outbox,
             routes: routes.into(),
             provenance,
         }
@@ -57,11 +73,26 @@ impl OutboxHandoff {
     }
 }
 
+impl OutboxHandoff {
+    pub fn new(outbox: Arc<dyn Outbox>, routes: Vec<Route>) -> Self {
+        Self {
+            outbox,
+            table: arc_swap::ArcSwap::from_pointee(RouteTable::new(routes)),
+        }
+    }
+
+    /// The destinations requests are routed to from now on.
+    pub fn set_routes(&self, routes: Vec<Route>) {
+        self.table.store(Arc::new(RouteTable::new(routes)));
+    }
+}
+
 impl Handoff for OutboxHandoff {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
         let outbox = self.outbox.clone();
-        let routes = self.routes.clone();
-        let plan = self.plan(batch.source.clone());
+        let table = self.table.load();
+        let routes = table.routes.clone();
+        let plan = table.plan(batch.source.clone());
         Box::pin(async move {
             let mut messages = Vec::with_capacity(batch.resources.len() * routes.len());
             let mut placed = Vec::with_capacity(batch.resources.len());
@@ -162,7 +193,7 @@ impl Handoff for OutboxHandoff {
             devices: serials(&source),
             ..BatchFacts::default()
         };
-        let plan = self.plan(source);
+        let plan = self.table.load().plan(source);
         Box::pin(async move {
             let tracking_id = new_tracking_id();
             let placements = outbox
