@@ -114,15 +114,9 @@ impl Gateway {
     }
 
     fn destination_clients(&self) -> DestinationClients {
-        self.config
-            .destinations
+        self.destinations
             .iter()
-            .cloned()
-            .zip(
-                self.destinations
-                    .iter()
-                    .map(|d| d.destination.client().clone()),
-            )
+            .map(|d| (d.settings.clone(), d.destination.client().clone()))
             .collect()
     }
 
@@ -343,7 +337,7 @@ impl Gateway {
         // What the workers hold stays pending in the outbox and is sent after a restart.
         let _ = tokio::time::timeout(shutdown_timeout, async {
             if let Some(fleet) = &fleet {
-                fleet.join(shutdown_timeout).await;
+                fleet.join().await;
             }
             while workers.join_next().await.is_some() {}
         })

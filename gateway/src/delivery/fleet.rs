@@ -196,8 +196,8 @@ impl DeliveryFleet {
         changes
     }
 
-    /// Waits for every worker to stop (after the shutdown signal), at most `timeout`.
-    pub async fn join(&self, timeout: Duration) {
+    /// Waits for every worker to stop (after the shutdown signal; the caller bounds the wait).
+    pub async fn join(&self) {
         let tasks: Vec<JoinHandle<()>> = {
             let mut state = self.lock();
             let retiring: Vec<_> = state.retiring.drain().map(|(_, task)| task).collect();
@@ -208,11 +208,8 @@ impl DeliveryFleet {
                 .chain(retiring)
                 .collect()
         };
-        let _ = tokio::time::timeout(timeout, async {
-            for task in tasks {
-                let _ = task.await;
-            }
-        })
-        .await;
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
