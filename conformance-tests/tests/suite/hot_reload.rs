@@ -367,3 +367,57 @@ async fn destinations_are_added_moved_and_removed_by_a_reload_without_loss_or_du
         .json();
     assert_eq!(destinations["destinations"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_direct_delivery_a_reload_that_changes_destinations_is_refused_and_says_why() {
+    let pki = conformance_tests::harness::TestPki::generate().unwrap();
+    let (ehr, elsewhere) = (
+        conformance_tests::harness::mtls_ehr(&pki).await,
+        conformance_tests::harness::mtls_ehr(&pki).await,
+    );
+    let config = conformance_tests::harness::gateway_config(
+        &pki,
+        &ehr.base_url,
+        conformance_tests::harness::WriteStyle::TRANSACTION_CONDITIONAL,
+        "gateway-client",
+    );
+    assert!(config.contains("mode = \"direct\""));
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let admin = pki.client(conformance_tests::harness::ADMIN);
+    replace_file(
+        gateway.config_path(),
+        &config.replace(&ehr.base_url, &elsewhere.base_url),
+    );
+    let status = admin_until(&gateway, &admin, "/admin/v1/reload", |s| s["failures"] == 1).await;
+    assert!(
+        status["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("with direct delivery, destinations change only with a restart"),
+        "{status}"
+    );
+    let answer = admin
+        .post_json(
+            &gateway.admin_url("/admin/v1/reload"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap()
+        .expect_status(422);
+    assert!(
+        answer.json()["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("restart")
+    );
+
+    // The running destination stays: readings still go where they went.
+    let batch = SimulatedCardiohelp::new("CH-D1", 3).next_batch(OffsetDateTime::now_utc());
+    pki.client(conformance_tests::harness::GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(200);
+    assert_eq!(ehr.ehr.count("Observation"), 12);
+    assert_eq!(elsewhere.ehr.count("Observation"), 0);
+}
