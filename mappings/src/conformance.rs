@@ -17,6 +17,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
         include_str!("../../profiles/fhir/StructureDefinition-complication-time.json"),
     ),
     (
+        "StructureDefinition-device-use-period.json",
+        include_str!("../../profiles/fhir/StructureDefinition-device-use-period.json"),
+    ),
+    (
         "StructureDefinition-ecmo-age-group.json",
         include_str!("../../profiles/fhir/StructureDefinition-ecmo-age-group.json"),
     ),
@@ -55,6 +59,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
     (
         "ValueSet-ecmo-circuit-parameters.json",
         include_str!("../../profiles/fhir/ValueSet-ecmo-circuit-parameters.json"),
+    ),
+    (
+        "ValueSet-ecmo-device-types.json",
+        include_str!("../../profiles/fhir/ValueSet-ecmo-device-types.json"),
     ),
     (
         "ValueSet-ecmo-discontinuation-reasons.json",

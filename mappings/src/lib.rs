@@ -42,8 +42,9 @@ pub use reading::{
     RunLink,
 };
 pub use run::{
-    AgeGroup, CannulaView, ComplicationView, ConsoleView, RUN_IDENTIFIER_SYSTEM, RunStatus,
-    RunView, SegmentView, device_for_console, procedure_for_run, procedure_for_segment,
+    AgeGroup, AttachedDeviceView, CannulaView, ComplicationView, ConsoleView,
+    RUN_IDENTIFIER_SYSTEM, RunStatus, RunView, SegmentView, circuit_device, procedure_for_run,
+    procedure_for_segment,
 };
 pub use shapes::ShapeSample;
 pub use table::{DeviceFamily, Mappings, Parameter, ParameterKind, TableError, UnitRule};

@@ -114,6 +114,19 @@ pub struct ConsoleView {
     pub manufacturer: String,
     /// Identifier system of the manufacturer's serials.
     pub serial_system: String,
+    /// Our device-type code (`ecmo-console`, `blood-parameter-monitor`) and its display, from
+    /// its family table.
+    pub device_type: String,
+    pub device_type_display: String,
+}
+
+/// A device of the circuit other than the pump console, for one period it was attached: its
+/// readings in [from, until) belong to the run (R5's DeviceAssociation, kept by the gateway).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedDeviceView {
+    pub device: ConsoleView,
+    pub from: String,
+    pub until: Option<String>,
 }
 
 /// A part of the run written as a child Procedure.
@@ -144,6 +157,8 @@ pub struct RunView {
     pub indications: Vec<(String, String)>,
     pub cannulas: Vec<CannulaView>,
     pub consoles: Vec<ConsoleView>,
+    /// Other devices of the circuit, one entry per period attached.
+    pub attached: Vec<AttachedDeviceView>,
     pub start: Option<String>,
     pub end: Option<String>,
     pub complications: Vec<ComplicationView>,
@@ -400,6 +415,21 @@ pub fn procedure_for_run(run: &RunView) -> Result<MappedResource, String> {
                 ..Default::default()
             })
             .collect(),
+        used_reference: run
+            .attached
+            .iter()
+            .map(|a| Reference {
+                extension: vec![extension(
+                    "device-use-period",
+                    ExtensionValue::Period(Box::new(Period {
+                        start: Some(a.from.as_str().into()),
+                        end: a.until.as_deref().map(Into::into),
+                        ..Default::default()
+                    })),
+                )],
+                ..by_identifier("Device", &a.device.serial_system, &a.device.serial)
+            })
+            .collect(),
         ..Default::default()
     };
     let json = fhirbolt::json::to_vec(&procedure, None).map_err(|e| e.to_string())?;
@@ -461,8 +491,18 @@ pub fn procedure_for_segment(
     ))
 }
 
-/// The console's Device: created once, referenced by Observations and the run's Procedure.
-pub fn device_for_console(console: &ConsoleView) -> Result<MappedResource, String> {
+/// A circuit device's Device (the console, an attached monitor): created once, referenced by
+/// Observations and the run's Procedure.
+pub fn circuit_device(console: &ConsoleView) -> Result<MappedResource, String> {
+    let display = &console.device_type_display;
+    let mut coding = vec![coding_of(ECMO_CODE_SYSTEM, &console.device_type, display)];
+    if console.device_type == "ecmo-console" {
+        coding.push(coding_of(
+            SNOMED,
+            "469244005",
+            "Extracorporeal membrane oxygenator (physical object)",
+        ));
+    }
     let device = Device {
         meta: meta(crate::DEVICE_PROFILE),
         identifier: vec![Identifier {
@@ -480,15 +520,8 @@ pub fn device_for_console(console: &ConsoleView) -> Result<MappedResource, Strin
             ..Default::default()
         }],
         r#type: Some(Box::new(CodeableConcept {
-            coding: vec![
-                coding_of(ECMO_CODE_SYSTEM, "ecmo-console", "ECMO console"),
-                coding_of(
-                    SNOMED,
-                    "469244005",
-                    "Extracorporeal membrane oxygenator (physical object)",
-                ),
-            ],
-            text: Some("ECMO console".into()),
+            coding,
+            text: Some(display.as_str().into()),
             ..Default::default()
         })),
         ..Default::default()
@@ -539,7 +572,10 @@ mod tests {
                 model: "CARDIOHELP-i".into(),
                 manufacturer: "Getinge".into(),
                 serial_system: "https://fhir.ecmo-gateway.org/sid/device-serial/getinge".into(),
+                device_type: "ecmo-console".into(),
+                device_type_display: "ECMO console".into(),
             }],
+            attached: vec![],
             start: Some("2026-11-21T08:00:00Z".into()),
             end: None,
             complications: vec![],
@@ -579,7 +615,7 @@ mod tests {
         for r in [
             procedure_for_run(&run).unwrap(),
             procedure_for_segment(&run, &segment).unwrap(),
-            device_for_console(&run.consoles[0]).unwrap(),
+            circuit_device(&run.consoles[0]).unwrap(),
         ] {
             crate::check_resource_json(r.resource_type, &r.json).unwrap();
             let v: serde_json::Value = serde_json::from_slice(&r.json).unwrap();
@@ -593,9 +629,61 @@ mod tests {
 
     #[test]
     fn device_is_valid_r4() {
-        let d = device_for_console(&run().consoles[0]).unwrap();
+        let d = circuit_device(&run().consoles[0]).unwrap();
         crate::check_resource_json("Device", &d.json).unwrap();
         assert!(!d.upsert);
+    }
+
+    /// A monitor attached for a period: the run names it in `usedReference` with the period,
+    /// and its Device says what it is; both pass R4 and our profiles.
+    #[test]
+    fn an_attached_monitor_is_used_by_the_run_for_its_period() {
+        let mut run = run();
+        let monitor = ConsoleView {
+            serial: "M4-1".into(),
+            model: "M4".into(),
+            manufacturer: "Spectrum Medical".into(),
+            serial_system: "https://fhir.ecmo-gateway.org/sid/device-serial/spectrum-medical"
+                .into(),
+            device_type: "blood-parameter-monitor".into(),
+            device_type_display: "In-line blood parameter monitor".into(),
+        };
+        run.attached = vec![
+            AttachedDeviceView {
+                device: monitor.clone(),
+                from: "2026-11-21T09:00:00Z".into(),
+                until: Some("2026-11-21T10:00:00Z".into()),
+            },
+            AttachedDeviceView {
+                device: monitor.clone(),
+                from: "2026-11-22T09:00:00Z".into(),
+                until: None,
+            },
+        ];
+        let validator = crate::ProfileValidator::embedded().unwrap();
+        let procedure = procedure_for_run(&run).unwrap();
+        let device = circuit_device(&monitor).unwrap();
+        for r in [&procedure, &device] {
+            crate::check_resource_json(r.resource_type, &r.json).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&r.json).unwrap();
+            assert_eq!(validator.check(&v), vec![], "{v}");
+        }
+        let p: serde_json::Value = serde_json::from_slice(&procedure.json).unwrap();
+        let used = p["usedReference"].as_array().unwrap();
+        assert_eq!(used.len(), 2, "one entry per period attached");
+        assert_eq!(used[0]["identifier"]["value"], "M4-1");
+        assert_eq!(
+            used[0]["extension"][0]["valuePeriod"]["end"],
+            "2026-11-21T10:00:00Z"
+        );
+        assert!(used[1]["extension"][0]["valuePeriod"].get("end").is_none());
+        let d: serde_json::Value = serde_json::from_slice(&device.json).unwrap();
+        assert_eq!(d["type"]["coding"][0]["code"], "blood-parameter-monitor");
+        assert_eq!(
+            d["type"]["coding"].as_array().unwrap().len(),
+            1,
+            "no SNOMED oxygenator code"
+        );
     }
 
     #[test]

@@ -83,6 +83,13 @@ struct FamilyEntry {
     models: Vec<String>,
     #[serde(default)]
     invalid_markers: Vec<f64>,
+    /// Our device-type code for the family's devices.
+    #[serde(default = "console_type")]
+    device_type: String,
+}
+
+fn console_type() -> String {
+    "ecmo-console".to_owned()
 }
 
 #[derive(Deserialize)]
@@ -163,6 +170,8 @@ pub struct DeviceFamily {
     pub display: String,
     pub models: Vec<String>,
     pub invalid_markers: Vec<f64>,
+    /// Our device-type code (`ecmo-console` unless the table says otherwise) and its display.
+    pub device_type: (String, String),
     /// Identifier system of this manufacturer's serial numbers.
     pub serial_system: String,
     /// What exactly maps this family: `sha256:` and the first 12 hex digits of the family file
@@ -407,6 +416,20 @@ fn load_family(
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
 
+    let device_type = match codes.display(&f.device_type) {
+        Some(display) => (f.device_type.clone(), display.to_owned()),
+        None => {
+            return Err(TableError::new(
+                file,
+                "family",
+                format!(
+                    "device_type '{}' is not in CodeSystem {}",
+                    f.device_type,
+                    crate::ECMO_CODE_SYSTEM
+                ),
+            ));
+        }
+    };
     let mut parameters = Vec::with_capacity(parsed.parameter.len());
     let mut by_name = HashMap::new();
     for p in parsed.parameter {
@@ -510,6 +533,7 @@ fn load_family(
         display: f.display,
         models: f.models,
         invalid_markers: f.invalid_markers,
+        device_type,
         parameters,
         by_name,
     })

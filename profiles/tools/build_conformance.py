@@ -26,6 +26,7 @@ valuesets = {
     "ecmo-cannula-roles": ("cannula-role", "Cannula roles", "Drainage, return or both."),
     "ecmo-run-activities": ("run-activity", "ECMO run activities", "Parts of a run recorded as child Procedures."),
     "ecmo-discontinuation-reasons": ("discontinuation-reason", "ECMO discontinuation reasons", "Why an ECMO run ended."),
+    "ecmo-device-types": ("device-type", "ECMO circuit device types", "The kinds of device on an ECMO circuit the gateway writes a Device for."),
 }
 for vs_id, (group, title, description) in valuesets.items():
     codes = [{"code": c["code"], "display": c["display"]} for c in groups[group]["concept"]]
@@ -70,6 +71,7 @@ extension("ecmo-support-type", "ECMO support type", "Why ECMO supports the patie
 extension("ecmo-age-group", "ECMO age group", "The patient's ELSO age group at the start of the run.", ["Procedure"], "CodeableConcept", "ecmo-age-groups")
 extension("cannula-role", "Cannula role", "What the cannula at this body site does in the circuit.", ["Procedure.bodySite"], "CodeableConcept", "ecmo-cannula-roles")
 extension("laterality", "Laterality", "Side of the body site (SNOMED CT 7771000 left, 24028007 right); R4 cannot post-coordinate it in the site's coding.", ["Procedure.bodySite"], "CodeableConcept")
+extension("device-use-period", "Device use period", "When the device was attached to the patient's circuit (R5 DeviceAssociation.period); its readings in this period belong to the run.", ["Procedure.usedReference"], "Period")
 extension("complication-time", "Complication time", "When the complication occurred (ELSO records a time for every complication).", ["Procedure.complication"], "dateTime")
 
 def ext_slice(path, name, ext_id, min_=0):
@@ -119,6 +121,10 @@ structure("ecmo-run-procedure", "ECMO run", "Procedure",
     element("Procedure.complication.extension", slicing={"discriminator": [{"type": "value", "path": "url"}], "rules": "open"}),
     ext_slice("Procedure.complication.extension", "time", "complication-time", 1),
     element("Procedure.focalDevice.manipulated", type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-console-device"]}]),
+    element("Procedure.usedReference", short="Other devices of the circuit (monitors, ...), one entry per period attached",
+            type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-console-device"]}]),
+    element("Procedure.usedReference.extension", slicing={"discriminator": [{"type": "value", "path": "url"}], "rules": "open"}),
+    ext_slice("Procedure.usedReference.extension", "period", "device-use-period", 1),
 ])
 
 structure("ecmo-run-activity-procedure", "ECMO run activity", "Procedure",
@@ -133,8 +139,8 @@ structure("ecmo-run-activity-procedure", "ECMO run activity", "Procedure",
     element("Procedure.performed[x]", min=1, type=[{"code": "Period"}]),
 ])
 
-structure("ecmo-console-device", "ECMO console", "Device",
-    "The console of an ECMO circuit, identified by the manufacturer's serial number.", [
+structure("ecmo-console-device", "ECMO circuit device", "Device",
+    "A device of an ECMO circuit (the console, an in-line monitor), identified by the manufacturer's serial number.", [
     element("Device"),
     element("Device.identifier", min=1, max="1"),
     element("Device.identifier.system", min=1, short=f"{BASE}/sid/device-serial/<manufacturer>"),
@@ -142,6 +148,6 @@ structure("ecmo-console-device", "ECMO console", "Device",
     element("Device.manufacturer", min=1),
     element("Device.serialNumber", min=1),
     element("Device.modelNumber", min=1),
-    element("Device.type", min=1, patternCodeableConcept={"coding": [{"system": CS, "code": "ecmo-console"}]}),
+    element("Device.type", min=1, binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-device-types"}),
 ])
 print("written to", OUT)

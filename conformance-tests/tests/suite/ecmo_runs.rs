@@ -506,3 +506,241 @@ async fn the_association_survives_a_restart() {
         .expect_status(200);
     assert_eq!(assert_linked(&s, "CH-RR", "RR", "MRN-RR").await, 12);
 }
+
+/// Posts one reading of each of two parameters from Spectrum M4 `serial` at `t`, naming no
+/// patient, as the monitor's own vendor.
+async fn monitor_readings(s: &Scenario, serial: &str, t: OffsetDateTime) -> Answer {
+    let batch = json!({
+        "device": {"serial": serial, "model": "M4"},
+        "readings": [
+            {"parameter": "BloodFlow", "value": 4.12, "unit": "L/min", "time": at(t)},
+            {"parameter": "SweepFlow", "value": 3.5, "unit": "L/min", "time": at(t)}
+        ]
+    });
+    s.pki
+        .client(SPECTRUM)
+        .post_json(&s.observations_url(), &batch)
+        .await
+        .unwrap()
+}
+
+/// A whole circuit: a Cardiohelp console, swapped for another after a pump failure, and a
+/// Spectrum M4 monitor attached on day 1 and detached on day 2. Each device's readings belong
+/// to the run (and its patient) for exactly the period it was on the circuit; the monitor
+/// cannot be in two runs at once; the run's Procedure names the consoles as focal devices and
+/// the monitor, with its period, as used; the monitor's Device says what it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
+    let s = Scenario::start(WriteStyle::TRANSACTION_CONDITIONAL)
+        .await
+        .unwrap();
+    let t0 = OffsetDateTime::now_utc() - time::Duration::days(5);
+    let hours = time::Duration::hours;
+    let run = "CIRC-1";
+    event(
+        &s,
+        run,
+        json!({
+            "eventId": "s", "type": "started", "time": at(t0),
+            "patient": {"system": MRN, "value": "MRN-CIRC"}, "mode": "vv",
+            "console": {"serial": "CH-A", "model": "CARDIOHELP-i"}
+        }),
+    )
+    .await
+    .expect_status(200);
+
+    // Before the monitor is attached, its readings name no patient and belong to no run.
+    let refused = monitor_readings(&s, "M4-7001", t0 + hours(1))
+        .await
+        .expect_status(422);
+    assert!(
+        refused.json()["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("no ECMO run"),
+        "{}",
+        refused.json()
+    );
+
+    // Attached in XML, as some integrations send events.
+    let attach = format!(
+        r#"<runEvent eventId="m4-on" type="device-attached" time="{}"><device serial="M4-7001" model="M4"/></runEvent>"#,
+        at(t0 + hours(2))
+    );
+    s.pki
+        .client(GETINGE)
+        .send(
+            http::Method::POST,
+            &s.gateway.url(&format!("/v1/runs/{run}/events")),
+            Some("application/xml"),
+            attach.into(),
+        )
+        .await
+        .unwrap()
+        .expect_status(200);
+    monitor_readings(&s, "M4-7001", t0 + hours(3))
+        .await
+        .expect_status(200);
+
+    // Another patient's run cannot take the monitor while it is on this circuit.
+    event(
+        &s,
+        "CIRC-2",
+        json!({
+            "eventId": "s", "type": "started", "time": at(t0),
+            "patient": {"system": MRN, "value": "MRN-OTHER"}, "mode": "va",
+            "console": {"serial": "CH-Z", "model": "CARDIOHELP-i"}
+        }),
+    )
+    .await
+    .expect_status(200);
+    let busy = event(
+        &s,
+        "CIRC-2",
+        json!({"eventId": "m4", "type": "device-attached", "time": at(t0 + hours(4)),
+        "device": {"serial": "M4-7001", "model": "M4"}}),
+    )
+    .await
+    .expect_status(409);
+    assert!(
+        busy.json()["issue"][0]["details"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("one run at a time"),
+        "{}",
+        busy.json()
+    );
+    // A device that is not attached cannot be detached; a model without a table is refused.
+    event(
+        &s,
+        run,
+        json!({"eventId": "x1", "type": "device-detached", "time": at(t0 + hours(5)),
+        "device": {"serial": "M4-00", "model": "M4"}}),
+    )
+    .await
+    .expect_status(409);
+    let unmapped = event(
+        &s,
+        run,
+        json!({"eventId": "x2", "type": "device-attached", "time": at(t0 + hours(5)),
+        "device": {"serial": "CDI-1", "model": "CDI-500"}}),
+    )
+    .await
+    .expect_status(422);
+    assert!(
+        String::from_utf8_lossy(&unmapped.body).contains("device.model"),
+        "names the field"
+    );
+
+    // The pump fails on day 1: the run moves to console CH-B.
+    let swap = t0 + time::Duration::days(1);
+    event(
+        &s,
+        run,
+        json!({"eventId": "swap", "type": "console-changed", "time": at(swap),
+        "console": {"serial": "CH-B", "model": "CARDIOHELP-i"}}),
+    )
+    .await
+    .expect_status(200);
+    readings(&s, "CH-A", swap - hours(1))
+        .await
+        .expect_status(200);
+    readings(&s, "CH-B", swap + hours(1))
+        .await
+        .expect_status(200);
+    readings(&s, "CH-A", swap + hours(1))
+        .await
+        .expect_status(422);
+
+    // The monitor comes off on day 2; readings after that belong to no run, late ones timed
+    // while it was on still do.
+    let off = t0 + time::Duration::days(2);
+    event(
+        &s,
+        run,
+        json!({"eventId": "m4-off", "type": "device-detached", "time": at(off),
+        "device": {"serial": "M4-7001", "model": "M4"}}),
+    )
+    .await
+    .expect_status(200);
+    monitor_readings(&s, "M4-7001", off + hours(1))
+        .await
+        .expect_status(422);
+    monitor_readings(&s, "M4-7001", off - hours(1))
+        .await
+        .expect_status(200);
+    // Now free, the monitor may join the other patient's run.
+    event(
+        &s,
+        "CIRC-2",
+        json!({"eventId": "m4", "type": "device-attached", "time": at(off + hours(2)),
+        "device": {"serial": "M4-7001", "model": "M4"}}),
+    )
+    .await
+    .expect_status(200);
+    monitor_readings(&s, "M4-7001", off + hours(3))
+        .await
+        .expect_status(200);
+
+    let end = t0 + time::Duration::days(3);
+    event(&s, run, json!({"eventId": "e", "type": "ended", "time": at(end), "reason": "recovered", "alive": true}))
+        .await
+        .expect_status(200);
+
+    // What the EHR holds.
+    let p = run_procedure(&s, run).await;
+    let focal: Vec<&str> = p["focalDevice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["manipulated"]["identifier"]["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(focal, ["CH-A", "CH-B"]);
+    let used = p["usedReference"].as_array().expect("the monitor is used");
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(used[0]["identifier"]["value"], "M4-7001");
+    let period = &extension(&used[0], "device-use-period")["valuePeriod"];
+    assert_eq!(period["start"], at(t0 + hours(2)));
+    assert_eq!(period["end"], at(off));
+    let monitor = s
+        .reader
+        .by_identifier(
+            "Device",
+            "https://fhir.ecmo-gateway.org/sid/device-serial/spectrum-medical",
+            "M4-7001",
+        )
+        .await
+        .unwrap();
+    assert_eq!(monitor.len(), 1, "one Device for the monitor");
+    assert_eq!(monitor[0]["manufacturer"], "Spectrum Medical");
+    assert_eq!(codes(&monitor[0]["type"]), ["blood-parameter-monitor"]);
+
+    // Every monitor reading taken while it was on this circuit is this patient's and run's;
+    // the one after it moved is the other patient's.
+    let all = s.reader.all("Observation").await.unwrap();
+    let of_monitor: Vec<&Value> = all
+        .iter()
+        .filter(|o| o["device"]["identifier"]["value"] == "M4-7001")
+        .collect();
+    assert_eq!(
+        of_monitor.len(),
+        6,
+        "three accepted batches of two readings"
+    );
+    let by_run = |run: &str| {
+        of_monitor
+            .iter()
+            .filter(|o| o["partOf"][0]["identifier"]["value"] == run)
+            .map(|o| {
+                o["subject"]["identifier"]["value"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_run(run), ["MRN-CIRC"; 4]);
+    assert_eq!(by_run("CIRC-2"), ["MRN-OTHER"; 2]);
+    assert_eq!(assert_linked(&s, "CH-A", run, "MRN-CIRC").await, 12);
+    assert_eq!(assert_linked(&s, "CH-B", run, "MRN-CIRC").await, 12);
+}

@@ -227,6 +227,7 @@ fn run_json(view: &RunView) -> Value {
         "start": view.start,
         "end": view.end,
         "consoles": view.consoles.iter().map(|c| json!({"serial": c.serial, "model": c.model, "manufacturer": c.manufacturer})).collect::<Vec<_>>(),
+        "attachedDevices": view.attached.iter().map(|a| json!({"serial": a.device.serial, "model": a.device.model, "manufacturer": a.device.manufacturer, "type": a.device.device_type, "from": a.from, "until": a.until})).collect::<Vec<_>>(),
         "cannulas": view.cannulas.iter().map(|c| json!({"site": c.site_display, "laterality": c.laterality, "role": c.role})).collect::<Vec<_>>(),
         "complications": view.complications.iter().map(|c| json!({"code": c.code, "display": c.display, "time": c.time})).collect::<Vec<_>>(),
         "segments": view.segments.iter().map(|s| json!({"key": s.key, "activity": s.activity, "mode": s.mode, "start": s.start, "end": s.end})).collect::<Vec<_>>(),

@@ -54,6 +54,7 @@ const ELEMENTS: &[(&str, &str, &str, bool, bool)] = &[
     ("runEvent", "patient", "patient", false, false),
     ("runEvent", "encounter", "encounter", false, false),
     ("runEvent", "console", "console", false, false),
+    ("runEvent", "device", "device", false, false),
     ("runEvent", "indication", "indications", true, false),
     ("runEvent", "cannula", "cannulas", true, false),
     ("runEvent", "addedCannula", "cannula", false, false),

@@ -46,6 +46,14 @@ pub enum EventKind {
     ConsoleChanged {
         console: Console,
     },
+    /// Another device of the circuit (a blood parameter monitor, a gas blender, ...) joins
+    /// the run: its readings belong to the run from now until it is detached or the run ends.
+    DeviceAttached {
+        device: Console,
+    },
+    DeviceDetached {
+        device: Console,
+    },
     CircuitChanged,
     CannulaAdded {
         cannula: Cannula,
@@ -145,6 +153,12 @@ pub fn parse(body: &Value) -> Option<RunEvent> {
         },
         "console-changed" => EventKind::ConsoleChanged {
             console: console(&body["console"])?,
+        },
+        "device-attached" => EventKind::DeviceAttached {
+            device: console(&body["device"])?,
+        },
+        "device-detached" => EventKind::DeviceDetached {
+            device: console(&body["device"])?,
         },
         "circuit-changed" => EventKind::CircuitChanged,
         "cannula-added" => EventKind::CannulaAdded {

@@ -26,6 +26,16 @@ pub struct Folded {
     pub view: RunView,
     pub patient: Identifier,
     pub consoles: Vec<ConsolePeriod>,
+    /// Other devices of the circuit, one entry per period attached.
+    pub attached: Vec<ConsolePeriod>,
+}
+
+impl Folded {
+    /// Every device's periods in the run, the consoles first: readings from any of them in
+    /// one of its periods belong to the run.
+    pub fn device_periods(&self) -> impl Iterator<Item = &ConsolePeriod> {
+        self.consoles.iter().chain(&self.attached)
+    }
 }
 
 #[derive(Clone)]
@@ -41,6 +51,7 @@ struct Builder {
     indications: Vec<(String, String)>,
     cannulas: Vec<Cannula>,
     consoles: Vec<ConsolePeriod>,
+    attached: Vec<ConsolePeriod>,
     start: Option<(String, OffsetDateTime)>,
     created: Option<OffsetDateTime>,
     end: Option<(String, OffsetDateTime)>,
@@ -119,6 +130,7 @@ impl Builder {
             indications: vec![],
             cannulas: vec![],
             consoles: vec![],
+            attached: vec![],
             start: None,
             created: None,
             end: None,
@@ -222,7 +234,49 @@ impl Builder {
             }
             EventKind::ConsoleChanged { console } => {
                 self.require_started(event)?;
+                if self.attached_now(&console.serial).is_some() {
+                    return Err(self.conflict(
+                        event,
+                        format!(
+                            "device '{}' is attached to the run as another device; detach it first",
+                            console.serial
+                        ),
+                    ));
+                }
                 self.switch_console(console, event.at);
+            }
+            EventKind::DeviceAttached { device } => {
+                if self
+                    .consoles
+                    .last()
+                    .is_some_and(|c| c.serial == device.serial)
+                {
+                    return Err(self.conflict(
+                        event,
+                        format!("device '{}' is the run's console", device.serial),
+                    ));
+                }
+                if self.attached_now(&device.serial).is_some() {
+                    return Err(self.conflict(
+                        event,
+                        format!("device '{}' is already attached to the run", device.serial),
+                    ));
+                }
+                self.attached.push(ConsolePeriod {
+                    serial: device.serial.clone(),
+                    model: device.model.clone(),
+                    from: event.at,
+                    until: None,
+                });
+            }
+            EventKind::DeviceDetached { device } => {
+                let Some(index) = self.attached_now(&device.serial) else {
+                    return Err(self.conflict(
+                        event,
+                        format!("device '{}' is not attached to the run", device.serial),
+                    ));
+                };
+                self.attached[index].until = Some(event.at);
             }
             EventKind::CircuitChanged => {
                 self.require_started(event)?;
@@ -283,6 +337,9 @@ impl Builder {
                 if let Some(last) = self.consoles.last_mut() {
                     last.until.get_or_insert(event.at);
                 }
+                for device in &mut self.attached {
+                    device.until.get_or_insert(event.at);
+                }
                 self.end = Some((event.time.clone(), event.at));
                 self.outcome = Some((reason.clone(), *alive));
                 self.status = if *alive && reason != "died" {
@@ -298,8 +355,9 @@ impl Builder {
                     );
                 }
                 self.status = RunStatus::EnteredInError;
-                // An erroneous run claims no console: readings are no longer linked to it.
+                // An erroneous run claims no device: readings are no longer linked to it.
                 self.consoles.clear();
+                self.attached.clear();
             }
         }
         Ok(())
@@ -311,6 +369,13 @@ impl Builder {
             Some(_) => Err(self.conflict(event, "it is timed before the start of blood flow")),
             None => Err(self.conflict(event, "blood flow has not started")),
         }
+    }
+
+    /// The index of `serial`'s open attachment, if it is attached now.
+    fn attached_now(&self, serial: &str) -> Option<usize> {
+        self.attached
+            .iter()
+            .position(|d| d.serial == serial && d.until.is_none())
     }
 
     fn switch_console(&mut self, console: &Console, at: OffsetDateTime) {
@@ -372,6 +437,7 @@ impl Builder {
                 })
                 .collect(),
             consoles: vec![],
+            attached: vec![],
             start: self.start.map(|(t, _)| t),
             end: self.end.map(|(t, _)| t),
             complications: self.complications,
@@ -382,6 +448,7 @@ impl Builder {
             view,
             patient,
             consoles: self.consoles,
+            attached: self.attached,
         })
     }
 }
@@ -394,6 +461,8 @@ fn kind_name(kind: &EventKind) -> &'static str {
         EventKind::Setup { .. } => "preparation",
         EventKind::ModeChanged { .. } => "mode-changed",
         EventKind::ConsoleChanged { .. } => "console-changed",
+        EventKind::DeviceAttached { .. } => "device-attached",
+        EventKind::DeviceDetached { .. } => "device-detached",
         EventKind::CircuitChanged => "circuit-changed",
         EventKind::CannulaAdded { .. } => "cannula-added",
         EventKind::CannulaRemoved { .. } => "cannula-removed",
@@ -496,5 +565,121 @@ mod tests {
         assert_eq!(run.consoles.len(), 2);
         assert_eq!(run.consoles[0].until, Some(run.consoles[1].from));
         assert_eq!(run.consoles[1].until, None);
+    }
+
+    fn device_event(id: &str, kind: &str, t: &str, serial: &str) -> RunEvent {
+        ev(
+            json!({"eventId": id, "type": kind, "time": t, "device": {"serial": serial, "model": "M4"}}),
+        )
+    }
+
+    #[test]
+    fn attached_devices_have_periods_that_the_end_closes() {
+        let run = fold(
+            "R",
+            &[
+                started("2026-11-20T08:00:00Z"),
+                device_event("a1", "device-attached", "2026-11-20T09:00:00Z", "M4-1"),
+                device_event("d1", "device-detached", "2026-11-20T10:00:00Z", "M4-1"),
+                // The same monitor back later, and a second one that stays until the end.
+                device_event("a2", "device-attached", "2026-11-20T11:00:00Z", "M4-1"),
+                device_event("a3", "device-attached", "2026-11-20T11:30:00Z", "M4-2"),
+                ev(json!({"eventId": "e", "type": "ended", "time": "2026-11-21T08:00:00Z", "reason": "recovered", "alive": true})),
+            ],
+        )
+        .unwrap();
+        let periods: Vec<(&str, OffsetDateTime, Option<OffsetDateTime>)> = run
+            .attached
+            .iter()
+            .map(|p| (p.serial.as_str(), p.from, p.until))
+            .collect();
+        use time::macros::datetime;
+        assert_eq!(
+            periods,
+            vec![
+                (
+                    "M4-1",
+                    datetime!(2026-11-20 09:00 UTC),
+                    Some(datetime!(2026-11-20 10:00 UTC))
+                ),
+                (
+                    "M4-1",
+                    datetime!(2026-11-20 11:00 UTC),
+                    Some(datetime!(2026-11-21 08:00 UTC))
+                ),
+                (
+                    "M4-2",
+                    datetime!(2026-11-20 11:30 UTC),
+                    Some(datetime!(2026-11-21 08:00 UTC))
+                ),
+            ]
+        );
+        assert_eq!(
+            run.device_periods().count(),
+            4,
+            "the console and three attachments"
+        );
+    }
+
+    #[test]
+    fn contradictory_attachments_conflict() {
+        let start = started("2026-11-20T08:00:00Z");
+        let attach = device_event("a", "device-attached", "2026-11-20T09:00:00Z", "M4-1");
+        let cases: Vec<(Vec<RunEvent>, &str)> = vec![
+            (
+                vec![
+                    start.clone(),
+                    attach.clone(),
+                    device_event("b", "device-attached", "2026-11-20T09:30:00Z", "M4-1"),
+                ],
+                "already attached",
+            ),
+            (
+                vec![
+                    start.clone(),
+                    device_event("d", "device-detached", "2026-11-20T09:30:00Z", "M4-1"),
+                ],
+                "not attached",
+            ),
+            (
+                vec![
+                    start.clone(),
+                    device_event("c", "device-attached", "2026-11-20T09:30:00Z", "C1"),
+                ],
+                "the run's console",
+            ),
+            (
+                vec![
+                    device_event("a", "device-attached", "2026-11-20T07:00:00Z", "M4-1"),
+                    start.clone(),
+                ],
+                "has not started",
+            ),
+            (
+                vec![
+                    start.clone(),
+                    attach.clone(),
+                    ev(
+                        json!({"eventId": "k", "type": "console-changed", "time": "2026-11-20T12:00:00Z",
+                              "console": {"serial": "M4-1", "model": "M4"}}),
+                    ),
+                ],
+                "detach it first",
+            ),
+        ];
+        for (events, why) in cases {
+            let error = fold("R", &events).expect_err(why);
+            assert!(error.0.contains(why), "{error} should say {why}");
+        }
+        let erroneous = fold(
+            "R",
+            &[start, attach, ev(json!({"eventId": "x", "type": "entered-in-error", "time": "2026-11-20T10:00:00Z"}))],
+        )
+        .unwrap();
+        assert_eq!(
+            erroneous.device_periods().count(),
+            0,
+            "an erroneous run claims no device"
+        );
     }
 }

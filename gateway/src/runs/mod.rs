@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use mappings::{ConsoleView, MappedResource, RunView};
+use mappings::{AttachedDeviceView, ConsoleView, MappedResource, RunView};
 use rusqlite::{Connection, params};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -124,7 +124,7 @@ impl State {
             patient_system: folded.patient.system.clone(),
             patient_value: folded.patient.value.clone(),
         });
-        for c in &folded.consoles {
+        for c in folded.device_periods() {
             self.consoles
                 .entry(c.serial.clone())
                 .or_default()
@@ -250,6 +250,18 @@ impl RunRegistry {
     ) -> Result<Applied, RunError> {
         let event = event::parse(body)
             .ok_or_else(|| RunError::Invalid("the event lacks what its type needs".into()))?;
+        if let event::EventKind::DeviceAttached { device } = &event.kind
+            && self
+                .mappings
+                .load()
+                .family_for_model(&device.model)
+                .is_none()
+        {
+            return Err(RunError::Invalid(format!(
+                "device.model: no mapping table covers model '{}', so its readings could not be taken",
+                device.model
+            )));
+        }
         let raw = serde_json::to_string(body).map_err(|e| RunError::Invalid(e.to_string()))?;
         let hash = crate::outbox::content_hash(raw.as_bytes());
         let reused = || {
@@ -336,10 +348,11 @@ impl RunRegistry {
         self.outputs(&folded, events)
     }
 
-    /// A console serves one run at a time: `folded`'s consoles in no other run's periods.
+    /// A device serves one run at a time: `folded`'s consoles and attached devices in no
+    /// other run's periods.
     fn check_consoles_free(&self, run_id: &str, folded: &Folded) -> Result<(), RunError> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-        for period in &folded.consoles {
+        for period in folded.device_periods() {
             let busy = state
                 .consoles
                 .get(&period.serial)
@@ -350,7 +363,7 @@ impl RunRegistry {
                 });
             if let Some(other) = busy {
                 return Err(Conflict(format!(
-                    "console '{}' is in run '{}' from {}; a console serves one run at a time",
+                    "device '{}' is in run '{}' from {}; a device serves one run at a time",
                     period.serial,
                     other.run.run_id,
                     event::format(other.from)
@@ -381,8 +394,17 @@ impl RunRegistry {
         let mut resources = Vec::new();
         let mut devices = Vec::new();
         let mut tables = Vec::new();
-        for console in &view.consoles {
-            resources.push(mappings::device_for_console(console).map_err(RunError::Mapping)?);
+        let mut described: Vec<&str> = Vec::new();
+        let devices_used = view
+            .consoles
+            .iter()
+            .chain(view.attached.iter().map(|a| &a.device));
+        for console in devices_used {
+            if described.contains(&console.serial.as_str()) {
+                continue;
+            }
+            described.push(&console.serial);
+            resources.push(mappings::circuit_device(console).map_err(RunError::Mapping)?);
             devices.push(mappings::DeviceAgent {
                 serial_system: console.serial_system.clone(),
                 serial: console.serial.clone(),
@@ -460,18 +482,38 @@ fn view_of(folded: &Folded, tables: &mappings::Mappings) -> RunView {
         if view.consoles.iter().any(|c| c.serial == period.serial) {
             continue;
         }
-        let family = tables.family_for_model(&period.model);
-        view.consoles.push(ConsoleView {
-            serial: period.serial.clone(),
-            model: period.model.clone(),
-            manufacturer: family.map_or_else(|| "Unknown".to_owned(), |f| f.manufacturer.clone()),
-            serial_system: family.map_or_else(
-                || format!("{}unknown", mappings::DEVICE_SERIAL_SYSTEM_PREFIX),
-                |f| f.serial_system.clone(),
-            ),
-        });
+        view.consoles.push(device_view(period, tables));
     }
+    view.attached = folded
+        .attached
+        .iter()
+        .map(|period| AttachedDeviceView {
+            device: device_view(period, tables),
+            from: event::format(period.from),
+            until: period.until.map(event::format),
+        })
+        .collect();
     view
+}
+
+/// A device as its family's table describes it.
+fn device_view(period: &fold::ConsolePeriod, tables: &mappings::Mappings) -> ConsoleView {
+    let family = tables.family_for_model(&period.model);
+    let (device_type, device_type_display) = family.map_or_else(
+        || ("ecmo-console".to_owned(), "ECMO console".to_owned()),
+        |f| f.device_type.clone(),
+    );
+    ConsoleView {
+        serial: period.serial.clone(),
+        model: period.model.clone(),
+        manufacturer: family.map_or_else(|| "Unknown".to_owned(), |f| f.manufacturer.clone()),
+        serial_system: family.map_or_else(
+            || format!("{}unknown", mappings::DEVICE_SERIAL_SYSTEM_PREFIX),
+            |f| f.serial_system.clone(),
+        ),
+        device_type,
+        device_type_display,
+    }
 }
 
 #[cfg(test)]
@@ -586,5 +628,98 @@ mod tests {
         writer.join().unwrap().unwrap();
         reader.join().unwrap();
         assert_eq!(runs.console_periods("C2").at(at).unwrap().run_id, "R2");
+    }
+
+    fn monitor(id: &str, kind: &str, time: &str, model: &str) -> Value {
+        json!({"eventId": id, "type": kind, "time": time, "device": {"serial": "M4-1", "model": model}})
+    }
+
+    /// A monitor's readings belong to the run it is attached to for exactly the attached
+    /// period; it can move to another patient's run once detached, never be in two at once.
+    #[test]
+    fn an_attached_monitor_links_its_readings_for_its_period_and_serves_one_run_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = registry(&dir.path().join("runs.sqlite"));
+        let vendor = getinge();
+        runs.apply("R1", &started("C1"), &vendor).unwrap();
+        let mut other = started("C2");
+        other["patient"]["value"] = json!("P2");
+        runs.apply("R2", &other, &vendor).unwrap();
+
+        let attached = runs
+            .apply(
+                "R1",
+                &monitor("a", "device-attached", "2026-11-20T09:00:00Z", "M4"),
+                &vendor,
+            )
+            .unwrap();
+        let devices: Vec<&str> = attached.devices.iter().map(|d| d.serial.as_str()).collect();
+        assert_eq!(devices, ["C1", "M4-1"]);
+        assert_eq!(
+            attached
+                .resources
+                .iter()
+                .filter(|r| r.resource_type == "Device")
+                .count(),
+            2,
+            "a Device for the console and one for the monitor"
+        );
+        let in_two = runs.apply(
+            "R2",
+            &monitor("a", "device-attached", "2026-11-20T09:30:00Z", "M4"),
+            &vendor,
+        );
+        assert!(
+            matches!(&in_two, Err(RunError::Conflict(c)) if c.0.contains("a device serves one run at a time")),
+            "{:?}",
+            in_two.err()
+        );
+        runs.apply(
+            "R1",
+            &monitor("d", "device-detached", "2026-11-20T10:00:00Z", "M4"),
+            &vendor,
+        )
+        .unwrap();
+        runs.apply(
+            "R2",
+            &monitor("a", "device-attached", "2026-11-20T10:00:00Z", "M4"),
+            &vendor,
+        )
+        .unwrap();
+
+        use time::macros::datetime;
+        let periods = runs.console_periods("M4-1");
+        let run_at = |at| periods.at(at).map(|r| r.run_id.clone());
+        assert_eq!(
+            run_at(datetime!(2026-11-20 08:30 UTC)),
+            None,
+            "before it was attached"
+        );
+        assert_eq!(
+            run_at(datetime!(2026-11-20 09:30 UTC)).as_deref(),
+            Some("R1")
+        );
+        assert_eq!(
+            run_at(datetime!(2026-11-20 11:00 UTC)).as_deref(),
+            Some("R2")
+        );
+        assert_eq!(
+            periods
+                .at(datetime!(2026-11-20 11:00 UTC))
+                .unwrap()
+                .patient_value,
+            "P2"
+        );
+
+        let unknown = runs.apply(
+            "R1",
+            &monitor("u", "device-attached", "2026-11-20T12:00:00Z", "NOPE-9"),
+            &vendor,
+        );
+        assert!(
+            matches!(&unknown, Err(RunError::Invalid(why)) if why.contains("NOPE-9")),
+            "{:?}",
+            unknown.err()
+        );
     }
 }

@@ -267,6 +267,7 @@ async function showRun(runId) {
     ["Status", r.status], ["Mode", r.mode], ["Support", r.supportType], ["Age group", r.ageGroup],
     ["Patient", r.patient], ["Start", r.start], ["End", r.end],
     ["Consoles", r.consoles.map((c) => `${c.manufacturer} ${c.model} ${c.serial}`).join(", ")],
+    ["Other devices", r.attachedDevices.map((d) => `${d.manufacturer} ${d.model} ${d.serial} from ${d.from}${d.until ? " until " + d.until : ""}`).join("; ")],
     ["Cannulas", r.cannulas.map((c) => `${c.role}: ${c.site}${c.laterality ? " (" + c.laterality + ")" : ""}`).join("; ")],
     ["Outcome", r.outcome ? `${r.outcome.reason}${r.outcome.alive ? ", alive" : ""}` : ""],
   ]) {
