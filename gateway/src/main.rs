@@ -53,19 +53,17 @@ enum Command {
     },
     /// Deliveries and dead letters, through the admin API (mutual TLS, admin certificate).
     Deliveries {
-        /// The admin listener, e.g. https://127.0.0.1:9444
-        #[arg(long)]
-        admin_url: String,
-        /// CA of the admin listener's certificate.
-        #[arg(long)]
-        ca: PathBuf,
-        /// Admin client certificate and key.
-        #[arg(long)]
-        cert: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        admin: AdminConnection,
         #[command(subcommand)]
         command: DeliveriesCommand,
+    },
+    /// ECMO runs, through the admin API (mutual TLS, admin certificate).
+    Runs {
+        #[command(flatten)]
+        admin: AdminConnection,
+        #[command(subcommand)]
+        command: RunsCommand,
     },
     /// Print the JWKS of the gateway's SMART signing keys (every key of every SMART
     /// destination), to register the gateway as a Backend Services client at an EHR.
@@ -84,6 +82,63 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+}
+
+/// Where the admin API listens and the certificates to reach it with.
+#[derive(clap::Args)]
+struct AdminConnection {
+    /// The admin listener, e.g. https://127.0.0.1:9444
+    #[arg(long)]
+    admin_url: String,
+    /// CA of the admin listener's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Admin client certificate and key.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+impl AdminConnection {
+    /// Sends one request; prints the answer, and succeeds on a 2xx.
+    fn call(&self, method: http::Method, path: &str) -> ExitCode {
+        let runtime = match runtime() {
+            Ok(runtime) => runtime,
+            Err(code) => return code,
+        };
+        match runtime.block_on(gateway::admin::client::call(
+            &self.admin_url,
+            method,
+            path,
+            &self.ca,
+            &self.cert,
+            &self.key,
+        )) {
+            Ok((status, body)) => {
+                println!("{}", body.trim_end());
+                if (200..300).contains(&status) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// A finished run as the ELSO Registry asks for it (JSON, or CSV with --csv).
+    Registry {
+        run_id: String,
+        #[arg(long)]
+        csv: bool,
     },
 }
 
@@ -182,13 +237,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Deliveries {
-            admin_url,
-            ca,
-            cert,
-            key,
-            command,
-        } => {
+        Command::Deliveries { admin, command } => {
             use http::Method;
             let (method, path) = match command {
                 DeliveriesCommand::Status { tracking_id } => {
@@ -221,27 +270,24 @@ fn main() -> ExitCode {
                     ),
                 ),
             };
-            let runtime = match runtime() {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            match runtime.block_on(gateway::admin::client::call(
-                &admin_url, method, &path, &ca, &cert, &key,
-            )) {
-                Ok((status, body)) => {
-                    println!("{body}");
-                    if (200..300).contains(&status) {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            admin.call(method, &path)
         }
+        Command::Runs { admin, command } => match command {
+            RunsCommand::Registry { run_id, csv } => {
+                // A path segment: everything but RFC 3986's unreserved characters escaped.
+                const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+                    .remove(b'-')
+                    .remove(b'.')
+                    .remove(b'_')
+                    .remove(b'~');
+                let run: String = percent_encoding::utf8_percent_encode(&run_id, SEGMENT).collect();
+                let format = if csv { "?format=csv" } else { "" };
+                admin.call(
+                    http::Method::GET,
+                    &format!("/admin/v1/runs/{run}/registry{format}"),
+                )
+            }
+        },
         Command::Jwks { config, out } => {
             let jwks = gateway::config::Config::load(&config)
                 .map_err(|e| e.to_string())

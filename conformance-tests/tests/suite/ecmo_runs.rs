@@ -743,4 +743,62 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
     assert_eq!(by_run("CIRC-2"), ["MRN-OTHER"; 2]);
     assert_eq!(assert_linked(&s, "CH-A", run, "MRN-CIRC").await, 12);
     assert_eq!(assert_linked(&s, "CH-B", run, "MRN-CIRC").await, 12);
+
+    // The ELSO registry record of the finished run, from the command line; the run still on
+    // ECMO has none yet.
+    let registry = |run: &str, csv: bool| {
+        let p = |f: &str| s.pki.path(f);
+        let mut command =
+            std::process::Command::new(conformance_tests::harness::gateway_binary().unwrap());
+        command
+            .args(["runs", "--admin-url", &s.gateway.admin_url(""), "--ca"])
+            .arg(p("ca.pem"))
+            .arg("--cert")
+            .arg(p("admin.pem"))
+            .arg("--key")
+            .arg(p("admin.key"))
+            .args(["registry", run]);
+        if csv {
+            command.arg("--csv");
+        }
+        command.output().unwrap()
+    };
+    let json_out = registry(run, false);
+    assert!(json_out.status.success(), "{json_out:?}");
+    let record: Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    assert_eq!(record["durationHours"], 72.0);
+    assert_eq!(record["outcome"]["reason"], "recovered");
+    assert_eq!(record["modes"][0]["mode"], "vv");
+    let devices: Vec<(&str, &str)> = record["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["role"].as_str().unwrap(), d["serial"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("console", "CH-A"),
+            ("console", "CH-B"),
+            ("blood-parameter-monitor", "M4-7001")
+        ]
+    );
+    let csv_out = registry(run, true);
+    assert!(csv_out.status.success(), "{csv_out:?}");
+    let csv = String::from_utf8(csv_out.stdout).unwrap();
+    assert!(csv.starts_with("item,value,code,start,end\n"), "{csv}");
+    assert!(
+        csv.contains(&format!(
+            "device (blood-parameter-monitor),Spectrum Medical M4 M4-7001,,{},{}",
+            at(t0 + hours(2)),
+            at(off)
+        )),
+        "{csv}"
+    );
+    let open = registry("CIRC-2", false);
+    assert!(!open.status.success());
+    assert!(
+        String::from_utf8_lossy(&open.stdout).contains("has not ended"),
+        "{open:?}"
+    );
 }

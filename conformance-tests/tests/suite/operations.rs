@@ -144,10 +144,21 @@ async fn probes_need_no_certificate_and_shutdown_finishes_the_requests_in_flight
         plain_get(probes, "/livez").await,
         (200, r#"{"status":"alive"}"#.to_owned())
     );
-    assert_eq!(
-        plain_get(probes, "/readyz").await,
-        (200, r#"{"status":"ready"}"#.to_owned())
-    );
+    // Ready once it has marked itself serving, a moment after its listener is up: polled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut ready = plain_get(probes, "/readyz").await;
+    while ready.0 != 200 && std::time::Instant::now() < deadline {
+        assert_eq!(
+            ready,
+            (
+                503,
+                r#"{"status":"not ready","reason":"starting"}"#.to_owned()
+            )
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        ready = plain_get(probes, "/readyz").await;
+    }
+    assert_eq!(ready, (200, r#"{"status":"ready"}"#.to_owned()));
     assert_eq!(
         plain_get(probes, "/admin/v1/queues").await.0,
         404,

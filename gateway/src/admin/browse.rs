@@ -7,6 +7,7 @@
 //! | `GET /admin/v1/messages/{message-id}` | one message: its FHIR and the EHR's answer |
 //! | `GET /admin/v1/runs` | ECMO runs, latest start first |
 //! | `GET /admin/v1/runs/{run-id}[?readings=]` | one run: mode, consoles, events, its latest readings |
+//! | `GET /admin/v1/runs/{run-id}/registry[?format=csv]` | a finished run as the ELSO Registry asks for it |
 
 use http::{Method, Response, StatusCode};
 use mappings::RunView;
@@ -14,7 +15,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Context, bad_query, json_response, not_found, query_param, storage};
+use super::{Context, bad_query, conflict, json_response, not_found, query_param, storage};
 use crate::outbox::browse::MessageQuery;
 use crate::{BoxBody, BoxError};
 
@@ -53,6 +54,25 @@ pub(super) async fn route(
         ["admin", "v1", "runs"] => {
             let runs: Vec<Value> = context.runs.views().iter().map(run_json).collect();
             json_response(StatusCode::OK, &json!({"runs": runs}))
+        }
+        ["admin", "v1", "runs", run_id, "registry"] => {
+            let Some(view) = context.runs.view(run_id) else {
+                return Err(not_found(format!("no ECMO run '{run_id}'")));
+            };
+            let record =
+                crate::runs::registry::record(&view).map_err(|why| conflict(why.to_string()))?;
+            if query_param(uri, "format").as_deref() == Some("csv") {
+                let csv = crate::runs::registry::to_csv(&record)?;
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")
+                    .body(crate::full_body(csv))?
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(record).unwrap_or_default(),
+                )
+            }
         }
         ["admin", "v1", "runs", run_id] => {
             let Some(view) = context.runs.view(run_id) else {

@@ -257,6 +257,11 @@ fn not_found(what: String) -> BoxError {
     ApiError::one(StatusCode::NOT_FOUND, Issue::error("not-found", what)).into()
 }
 
+/// 409: what was asked for does not exist in this state (a run that has not ended).
+fn conflict(why: String) -> BoxError {
+    ApiError::one(StatusCode::CONFLICT, Issue::error("conflict", why)).into()
+}
+
 fn storage(error: crate::outbox::OutboxError) -> BoxError {
     ApiError::one(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -12,6 +12,7 @@
 
 pub mod event;
 pub mod fold;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::path::Path;
