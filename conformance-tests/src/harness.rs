@@ -24,6 +24,8 @@ pub struct TestPki {
 /// Client certificates of [`TestPki`], by what they should make the gateway do.
 pub const GETINGE: &str = "vendor-getinge";
 pub const SPECTRUM: &str = "vendor-spectrum";
+/// A hospital's device integration system: CentriMag, Terumo CDI and Hemochron models.
+pub const INTEGRATION: &str = "vendor-integration";
 /// Chained to the trusted CA, but no vendor in the config has its identity.
 pub const UNCONFIGURED: &str = "vendor-unconfigured";
 /// Chained to the trusted CA, expired yesterday.
@@ -57,6 +59,7 @@ impl TestPki {
             (ADMIN, gateway::certs::ADMIN_IDENTITY, &ca),
             (GETINGE, "getinge", &ca),
             (SPECTRUM, "spectrum-medical", &ca),
+            (INTEGRATION, "device-integration", &ca),
             (UNCONFIGURED, "nobody-we-know", &ca),
             (FOREIGN, "getinge", &foreign),
             (FOREIGN_GATEWAY, "ecmo-gateway", &foreign),
@@ -160,8 +163,8 @@ impl AsRef<Path> for TestPki {
 }
 
 /// A gateway configuration for the PKI in `certs` (as `TestPki` or `gateway certs init`
-/// write it): vendors `getinge` (CARDIOHELP models) and `spectrum` (serial M4-7001), one
-/// destination at `ehr_url`.
+/// write it): vendors `getinge` (CARDIOHELP models), `spectrum` (serial M4-7001) and
+/// `integration` (CentriMag, CDI, Hemochron models), one destination at `ehr_url`.
 pub fn gateway_config(
     certs: impl AsRef<Path>,
     ehr_url: &str,
@@ -205,6 +208,11 @@ models = ["CARDIOHELP", "CARDIOHELP-i"]
 name = "spectrum"
 identity = "spectrum-medical"
 serials = ["M4-7001"]
+
+[[vendor]]
+name = "integration"
+identity = "device-integration"
+models = ["CentriMag", "CDI 500", "CDI 550", "Hemochron Signature Elite"]
 
 [[destination]]
 name = "ehr"

@@ -27,7 +27,7 @@ struct Args {
     #[arg(long)]
     ehr: Option<String>,
     /// A directory as `gateway certs init` writes it: ca.pem plus vendor-getinge.pem/.key,
-    /// vendor-spectrum.pem/.key (and vendor-expired, vendor-foreign, vendor-unconfigured
+    /// vendor-spectrum.pem/.key, vendor-integration.pem/.key (and vendor-expired, vendor-foreign, vendor-unconfigured
     /// for the certificate scenarios), gateway-client.pem/.key to read the EHR.
     #[arg(long)]
     pki: Option<PathBuf>,

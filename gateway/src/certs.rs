@@ -170,6 +170,7 @@ pub const ADMIN_IDENTITY: &str = "ops-admin";
 pub const VENDORS: &[(&str, &str)] = &[
     ("getinge", "vendor-getinge"),
     ("spectrum-medical", "vendor-spectrum"),
+    ("device-integration", "vendor-integration"),
 ];
 
 /// Writes a complete test PKI into `dir`: `ca.pem` (+ `ca.key`), `server.pem` for localhost

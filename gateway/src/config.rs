@@ -818,7 +818,7 @@ keys = ["smart.pem"]
     fn the_documented_example_is_a_valid_config() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.example.toml");
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.vendors.len(), 2);
+        assert_eq!(c.vendors.len(), 3);
         assert!(c.server.cert.ends_with("certs/dev/server.pem"));
     }
 

@@ -28,12 +28,21 @@ impl TableError {
 const EMBEDDED: &[(&str, &str)] = &[
     ("units.toml", include_str!("../tables/units.toml")),
     (
+        "abbott-centrimag.toml",
+        include_str!("../tables/abbott-centrimag.toml"),
+    ),
+    (
         "getinge-cardiohelp.toml",
         include_str!("../tables/getinge-cardiohelp.toml"),
     ),
     (
         "spectrum-m4.toml",
         include_str!("../tables/spectrum-m4.toml"),
+    ),
+    ("terumo-cdi.toml", include_str!("../tables/terumo-cdi.toml")),
+    (
+        "werfen-hemochron.toml",
+        include_str!("../tables/werfen-hemochron.toml"),
     ),
 ];
 

@@ -369,6 +369,7 @@ fn unique_prefix() -> String {
 pub const PKI_IDENTITIES: &[(&str, &str)] = &[
     ("getinge", "vendor-getinge"),
     ("spectrum", "vendor-spectrum"),
+    ("integration", "vendor-integration"),
     ("unconfigured", "vendor-unconfigured"),
     ("expired", "vendor-expired"),
     ("foreign", "vendor-foreign"),

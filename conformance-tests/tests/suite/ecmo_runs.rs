@@ -6,7 +6,7 @@
 use conformance_tests::client::Answer;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::harness::{
-    GETINGE, GatewayProcess, SPECTRUM, Scenario, WriteStyle, gateway_config,
+    GETINGE, GatewayProcess, INTEGRATION, SPECTRUM, Scenario, WriteStyle, gateway_config,
 };
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -582,6 +582,35 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         .await
         .expect_status(200);
 
+    // A Terumo CDI 500 joins too, relayed by the hospital's device integration system; a
+    // Hemochron ACT names the patient itself (a shared analyser belongs to no circuit).
+    event(
+        &s,
+        run,
+        json!({"eventId": "cdi-on", "type": "device-attached", "time": at(t0 + hours(3)),
+        "device": {"serial": "CDI-1", "model": "CDI 500"}}),
+    )
+    .await
+    .expect_status(200);
+    let integration = s.pki.client(INTEGRATION);
+    let cdi = json!({"device": {"serial": "CDI-1", "model": "CDI 500"}, "readings": [
+        {"parameter": "pH", "value": 7.38, "unit": "pH", "time": at(t0 + hours(4))},
+        {"parameter": "SO2", "value": 72, "unit": "%", "time": at(t0 + hours(4))}
+    ]});
+    integration
+        .post_json(&s.observations_url(), &cdi)
+        .await
+        .unwrap()
+        .expect_status(200);
+    let act = json!({"device": {"serial": "HEM-1", "model": "Hemochron Signature Elite"},
+        "patient": {"system": MRN, "value": "MRN-CIRC"},
+        "readings": [{"parameter": "ACT", "value": 204, "unit": "s", "time": at(t0 + hours(4))}]});
+    integration
+        .post_json(&s.observations_url(), &act)
+        .await
+        .unwrap()
+        .expect_status(200);
+
     // Another patient's run cannot take the monitor while it is on this circuit.
     event(
         &s,
@@ -696,8 +725,10 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         .map(|f| f["manipulated"]["identifier"]["value"].as_str().unwrap())
         .collect();
     assert_eq!(focal, ["CH-A", "CH-B"]);
-    let used = p["usedReference"].as_array().expect("the monitor is used");
-    assert_eq!(used.len(), 1, "{used:?}");
+    let used = p["usedReference"]
+        .as_array()
+        .expect("the monitors are used");
+    assert_eq!(used.len(), 2, "{used:?}");
     assert_eq!(used[0]["identifier"]["value"], "M4-7001");
     let period = &extension(&used[0], "device-use-period")["valuePeriod"];
     assert_eq!(period["start"], at(t0 + hours(2)));
@@ -714,6 +745,25 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
     assert_eq!(monitor.len(), 1, "one Device for the monitor");
     assert_eq!(monitor[0]["manufacturer"], "Spectrum Medical");
     assert_eq!(codes(&monitor[0]["type"]), ["blood-parameter-monitor"]);
+    assert_eq!(used[1]["identifier"]["value"], "CDI-1");
+    assert_eq!(
+        extension(&used[1], "device-use-period")["valuePeriod"]["end"],
+        at(end),
+        "the end of the run ends the attachment"
+    );
+    assert_eq!(assert_linked(&s, "CDI-1", run, "MRN-CIRC").await, 2);
+    let act: Vec<Value> = s
+        .reader
+        .all("Observation")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o["device"]["identifier"]["value"] == "HEM-1")
+        .collect();
+    assert_eq!(act.len(), 1, "the ACT is stored");
+    assert_eq!(act[0]["valueQuantity"]["value"], 204);
+    assert_eq!(act[0]["code"]["coding"][1]["code"], "3184-9");
+    assert_eq!(act[0]["subject"]["identifier"]["value"], "MRN-CIRC");
 
     // Every monitor reading taken while it was on this circuit is this patient's and run's;
     // the one after it moved is the other patient's.
@@ -780,7 +830,8 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         [
             ("console", "CH-A"),
             ("console", "CH-B"),
-            ("blood-parameter-monitor", "M4-7001")
+            ("blood-parameter-monitor", "M4-7001"),
+            ("blood-parameter-monitor", "CDI-1")
         ]
     );
     let csv_out = registry(run, true);
