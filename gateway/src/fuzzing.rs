@@ -159,6 +159,19 @@ fn fresh_run_store(mappings: &Arc<Mappings>) -> Arc<RunRegistry> {
     RunRegistry::open(Path::new(":memory:"), mappings.clone()).expect("an in-memory run store")
 }
 
+/// Accepts every batch at once.
+struct AcceptingHandoff;
+
+impl Handoff for AcceptingHandoff {
+    fn submit(&self, _batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
+        Box::pin(async {
+            Ok(Receipt::Delivered {
+                destinations: vec![],
+            })
+        })
+    }
+}
+
 /// Accepts every batch at once, after checking each resource against the gateway's own
 /// profiles: an input that maps to an invalid resource is a finding.
 struct CheckingHandoff {
@@ -187,6 +200,7 @@ impl Handoff for CheckingHandoff {
 
 fn stack(
     runs: Arc<RunRegistry>,
+    handoff: Arc<dyn Handoff>,
 ) -> impl Service<
     Request<Full<Bytes>>,
     Response = Response<BoxBody>,
@@ -215,9 +229,7 @@ fn stack(
             conformance: shared.conformance.clone(),
             clocks: Arc::default(),
         },
-        Arc::new(CheckingHandoff {
-            conformance: shared.conformance.clone(),
-        }),
+        handoff,
     )
 }
 
@@ -298,12 +310,21 @@ thread_local! {
     /// The readings path keeps no state between requests that changes an answer (the device
     /// clocks only record), so one stack serves every input of this thread.
     static READINGS_STACK: std::cell::RefCell<Option<ReadingsStack>> = const { std::cell::RefCell::new(None) };
+    /// The run events path and its run store, emptied before each input.
+    static RUN_EVENTS_STACK: std::cell::RefCell<Option<(ReadingsStack, Arc<RunRegistry>)>> = const { std::cell::RefCell::new(None) };
 }
 
 fn post_one(path: &str, content_type: &str, body: &[u8]) -> Vec<http::StatusCode> {
     let mut stack = READINGS_STACK.with_borrow_mut(|cached| {
         cached
-            .get_or_insert_with(|| ReadingsStack::new(stack(shared().readings_runs.clone())))
+            .get_or_insert_with(|| {
+                ReadingsStack::new(stack(
+                    shared().readings_runs.clone(),
+                    Arc::new(CheckingHandoff {
+                        conformance: shared().conformance.clone(),
+                    }),
+                ))
+            })
             .clone()
     });
     vec![post(&mut stack, path, content_type, body)]
@@ -330,7 +351,23 @@ fn split<'a>(data: &'a [u8], separator: &[u8]) -> Vec<&'a [u8]> {
 }
 
 fn run_events(data: &[u8]) -> Vec<http::StatusCode> {
-    let mut stack = stack(fresh_run_store(&shared().mappings));
+    // One stack and run store per thread, emptied before each input: an input still starts
+    // from no runs (a crash replays alone), without a new store and stack each time.
+    let (mut stack, runs) = RUN_EVENTS_STACK.with_borrow_mut(|cached| {
+        cached
+            .get_or_insert_with(|| {
+                let runs = fresh_run_store(&shared().mappings);
+                // The path checks every resource it builds against the profiles itself (a
+                // failure is a 500, so a finding): the hand-off need not check them again.
+                (
+                    ReadingsStack::new(stack(runs.clone(), Arc::new(AcceptingHandoff))),
+                    runs,
+                )
+            })
+            .clone()
+    });
+    runs.forget_everything()
+        .expect("an in-memory run store empties");
     let path = format!("/v1/runs/{FUZZ_RUN}/events");
     // A run has a handful of events; more only repeats the same paths slower.
     let mut statuses = Vec::new();

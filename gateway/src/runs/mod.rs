@@ -205,6 +205,16 @@ impl RunRegistry {
         }))
     }
 
+    /// Forgets every run, in the store and in memory: a fuzz input starts from nothing without
+    /// the cost of a new store.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn forget_everything(&self) -> Result<(), RunError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute("DELETE FROM run_events", [])?;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = State::default();
+        Ok(())
+    }
+
     /// Every run as folded now, the latest started first (the console's list of runs).
     pub fn views(&self) -> Vec<RunView> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
