@@ -35,9 +35,9 @@ pub fn run_id(path: &str) -> Option<&str> {
 
 pub fn refusal(error: RunError) -> ApiError {
     match error {
-        RunError::Invalid(why) => ApiError::one(
+        RunError::Invalid { at, why } => ApiError::one(
             StatusCode::UNPROCESSABLE_ENTITY,
-            Issue::error("invalid", why).at("/"),
+            Issue::error("invalid", why).at(at),
         ),
         RunError::Conflict(conflict) => ApiError::one(
             StatusCode::CONFLICT,

@@ -119,11 +119,51 @@ fn console(v: &Value) -> Option<Console> {
     })
 }
 
-/// A validated event body -> [`RunEvent`]; `None` if it lacks what its type needs (the schema
-/// makes that unreachable; the caller still answers 422).
-pub fn parse(body: &Value) -> Option<RunEvent> {
-    let time = text(&body["time"])?;
-    let at = mappings::DeviceTime::parse(&time).ok()?.instant;
+/// Why an event body cannot be read, and where (a JSON pointer): answered 422.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {why}")]
+pub struct Unreadable {
+    pub at: &'static str,
+    pub why: String,
+}
+
+/// A time of the event, held to the same rule as a reading's: it goes into FHIR as sent.
+fn device_time(
+    body: &Value,
+    field: &'static str,
+) -> Result<Option<(String, OffsetDateTime)>, Unreadable> {
+    let Some(sent) = text(&body[field.trim_start_matches('/')]) else {
+        return Ok(None);
+    };
+    match mappings::DeviceTime::parse(&sent) {
+        Ok(t) => Ok(Some((sent.clone(), t.instant))),
+        Err(e) => Err(Unreadable {
+            at: field,
+            why: format!("{} {e}", field.trim_start_matches('/')),
+        }),
+    }
+}
+
+/// A validated event body -> [`RunEvent`]. The schema makes a missing member unreachable; a
+/// time that FHIR would not take is refused naming its field.
+pub fn parse(body: &Value) -> Result<RunEvent, Unreadable> {
+    let lacking = || Unreadable {
+        at: "/",
+        why: "the event lacks what its type needs".into(),
+    };
+    let (time, at) = device_time(body, "/time")?.ok_or_else(lacking)?;
+    let end = device_time(body, "/end")?.map(|(sent, _)| sent);
+    let kind = parse_kind(body, end).ok_or_else(lacking)?;
+    let event_id = text(&body["eventId"]).ok_or_else(lacking)?;
+    Ok(RunEvent {
+        event_id,
+        time,
+        at,
+        kind,
+    })
+}
+
+fn parse_kind(body: &Value, end: Option<String>) -> Option<EventKind> {
     let kind = match body["type"].as_str()? {
         t @ ("preparation" | "started") => EventKind::Setup {
             flow_started: t == "started",
@@ -171,9 +211,7 @@ pub fn parse(body: &Value) -> Option<RunEvent> {
             let (code, display) = snomed(&body["complication"])?;
             EventKind::Complication { code, display }
         }
-        "weaning-trial" => EventKind::WeaningTrial {
-            end: text(&body["end"]),
-        },
+        "weaning-trial" => EventKind::WeaningTrial { end },
         "ended" => EventKind::Ended {
             reason: text(&body["reason"])?,
             alive: body["alive"].as_bool()?,
@@ -181,15 +219,47 @@ pub fn parse(body: &Value) -> Option<RunEvent> {
         "entered-in-error" => EventKind::EnteredInError,
         _ => return None,
     };
-    Some(RunEvent {
-        event_id: text(&body["eventId"])?,
-        time,
-        at,
-        kind,
-    })
+    Some(kind)
 }
 
 /// `time` formatted back for FHIR when only the instant is at hand.
 pub fn format(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Found by the run_events fuzz target: a weaning trial's `end` that JSON Schema's
+    /// date-time takes but FHIR does not (a lower-case `z`) went into the child Procedure and
+    /// made the gateway refuse its own resource with a 500. Every time of an event is held
+    /// to the readings' rule and refused naming its field.
+    #[test]
+    fn every_time_of_an_event_is_a_fhir_date_time_or_refused_naming_its_field() {
+        let trial = |end: &str| {
+            parse(&json!({"eventId": "w", "type": "weaning-trial",
+                          "time": "2026-05-31T10:00:00.000Z", "end": end}))
+        };
+        assert!(trial("2026-05-31T12:00:00+02:00").is_ok());
+        for bad in [
+            "2026-05-31T12:00:00.000z",
+            "2026-05-31t12:00:00Z",
+            "2026-05-31T12:00:00+15:00",
+        ] {
+            let refused = trial(bad).expect_err(bad);
+            assert_eq!(refused.at, "/end", "{bad}");
+            assert!(
+                refused.why.starts_with("end is not a date-time"),
+                "{}",
+                refused.why
+            );
+        }
+        let late = parse(
+            &json!({"eventId": "c", "type": "circuit-changed", "time": "2026-05-31T10:00:00z"}),
+        );
+        assert_eq!(late.map_err(|e| e.at), Err("/time"));
+    }
 }

@@ -29,9 +29,9 @@ use fold::{Conflict, Folded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The event cannot be read (422).
-    #[error("{0}")]
-    Invalid(String),
+    /// The event cannot be read (422), at a JSON pointer.
+    #[error("{why}")]
+    Invalid { at: &'static str, why: String },
     /// The event contradicts the run or another run (409).
     #[error(transparent)]
     Conflict(#[from] Conflict),
@@ -259,8 +259,10 @@ impl RunRegistry {
         body: &Value,
         vendor: &VendorPolicy,
     ) -> Result<Applied, RunError> {
-        let event = event::parse(body)
-            .ok_or_else(|| RunError::Invalid("the event lacks what its type needs".into()))?;
+        let event = event::parse(body).map_err(|e| RunError::Invalid {
+            at: e.at,
+            why: e.why,
+        })?;
         if let event::EventKind::DeviceAttached { device } = &event.kind
             && self
                 .mappings
@@ -268,12 +270,18 @@ impl RunRegistry {
                 .family_for_model(&device.model)
                 .is_none()
         {
-            return Err(RunError::Invalid(format!(
-                "device.model: no mapping table covers model '{}', so its readings could not be taken",
-                device.model
-            )));
+            return Err(RunError::Invalid {
+                at: "/device/model",
+                why: format!(
+                    "device.model: no mapping table covers model '{}', so its readings could not be taken",
+                    device.model
+                ),
+            });
         }
-        let raw = serde_json::to_string(body).map_err(|e| RunError::Invalid(e.to_string()))?;
+        let raw = serde_json::to_string(body).map_err(|e| RunError::Invalid {
+            at: "/",
+            why: e.to_string(),
+        })?;
         let hash = crate::outbox::content_hash(raw.as_bytes());
         let reused = || {
             RunError::from(Conflict(format!(
@@ -468,7 +476,7 @@ impl Run {
 fn parse_stored(body: &str) -> Option<(RunEvent, [u8; 16])> {
     let value = serde_json::from_str::<Value>(body).ok()?;
     Some((
-        event::parse(&value)?,
+        event::parse(&value).ok()?,
         crate::outbox::content_hash(body.as_bytes()),
     ))
 }
@@ -728,7 +736,7 @@ mod tests {
             &vendor,
         );
         assert!(
-            matches!(&unknown, Err(RunError::Invalid(why)) if why.contains("NOPE-9")),
+            matches!(&unknown, Err(RunError::Invalid { at: "/device/model", why }) if why.contains("NOPE-9")),
             "{:?}",
             unknown.err()
         );
