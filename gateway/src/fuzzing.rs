@@ -303,22 +303,22 @@ fn check_response(path: &str, (status, content_type, body): (http::StatusCode, S
     }
 }
 
-type ReadingsStack =
-    tower::util::BoxCloneService<Request<Full<Bytes>>, Response<BoxBody>, BoxError>;
+/// A request stack kept for every input of a thread.
+type FuzzStack = tower::util::BoxCloneService<Request<Full<Bytes>>, Response<BoxBody>, BoxError>;
 
 thread_local! {
     /// The readings path keeps no state between requests that changes an answer (the device
     /// clocks only record), so one stack serves every input of this thread.
-    static READINGS_STACK: std::cell::RefCell<Option<ReadingsStack>> = const { std::cell::RefCell::new(None) };
+    static READINGS_STACK: std::cell::RefCell<Option<FuzzStack>> = const { std::cell::RefCell::new(None) };
     /// The run events path and its run store, emptied before each input.
-    static RUN_EVENTS_STACK: std::cell::RefCell<Option<(ReadingsStack, Arc<RunRegistry>)>> = const { std::cell::RefCell::new(None) };
+    static RUN_EVENTS_STACK: std::cell::RefCell<Option<(FuzzStack, Arc<RunRegistry>)>> = const { std::cell::RefCell::new(None) };
 }
 
 fn post_one(path: &str, content_type: &str, body: &[u8]) -> Vec<http::StatusCode> {
     let mut stack = READINGS_STACK.with_borrow_mut(|cached| {
         cached
             .get_or_insert_with(|| {
-                ReadingsStack::new(stack(
+                FuzzStack::new(stack(
                     shared().readings_runs.clone(),
                     Arc::new(CheckingHandoff {
                         conformance: shared().conformance.clone(),
@@ -360,7 +360,7 @@ fn run_events(data: &[u8]) -> Vec<http::StatusCode> {
                 // The path checks every resource it builds against the profiles itself (a
                 // failure is a 500, so a finding): the hand-off need not check them again.
                 (
-                    ReadingsStack::new(stack(runs.clone(), Arc::new(AcceptingHandoff))),
+                    FuzzStack::new(stack(runs.clone(), Arc::new(AcceptingHandoff))),
                     runs,
                 )
             })

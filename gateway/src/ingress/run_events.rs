@@ -35,7 +35,7 @@ pub fn run_id(path: &str) -> Option<&str> {
 
 pub fn refusal(error: RunError) -> ApiError {
     match error {
-        RunError::Invalid { at, why } => ApiError::one(
+        RunError::Invalid(crate::runs::event::Unreadable { at, why }) => ApiError::one(
             StatusCode::UNPROCESSABLE_ENTITY,
             Issue::error("invalid", why).at(at),
         ),

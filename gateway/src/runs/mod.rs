@@ -30,8 +30,8 @@ use fold::{Conflict, Folded};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The event cannot be read (422), at a JSON pointer.
-    #[error("{why}")]
-    Invalid { at: &'static str, why: String },
+    #[error("{}", .0.why)]
+    Invalid(#[from] event::Unreadable),
     /// The event contradicts the run or another run (409).
     #[error(transparent)]
     Conflict(#[from] Conflict),
@@ -259,10 +259,7 @@ impl RunRegistry {
         body: &Value,
         vendor: &VendorPolicy,
     ) -> Result<Applied, RunError> {
-        let event = event::parse(body).map_err(|e| RunError::Invalid {
-            at: e.at,
-            why: e.why,
-        })?;
+        let event = event::parse(body)?;
         if let event::EventKind::DeviceAttached { device } = &event.kind
             && self
                 .mappings
@@ -270,15 +267,15 @@ impl RunRegistry {
                 .family_for_model(&device.model)
                 .is_none()
         {
-            return Err(RunError::Invalid {
+            return Err(RunError::Invalid(event::Unreadable {
                 at: "/device/model",
                 why: format!(
                     "device.model: no mapping table covers model '{}', so its readings could not be taken",
                     device.model
                 ),
-            });
+            }));
         }
-        let raw = serde_json::to_string(body).map_err(|e| RunError::Invalid {
+        let raw = serde_json::to_string(body).map_err(|e| event::Unreadable {
             at: "/",
             why: e.to_string(),
         })?;
@@ -736,7 +733,7 @@ mod tests {
             &vendor,
         );
         assert!(
-            matches!(&unknown, Err(RunError::Invalid { at: "/device/model", why }) if why.contains("NOPE-9")),
+            matches!(&unknown, Err(RunError::Invalid(event::Unreadable { at: "/device/model", why })) if why.contains("NOPE-9")),
             "{:?}",
             unknown.err()
         );
