@@ -409,6 +409,8 @@ pub struct GatewayProcess {
     pub admin: Option<SocketAddr>,
     /// The probes' plain HTTP listener, when the config has one.
     pub probes: Option<SocketAddr>,
+    /// The HL7 v2 MLLP listener, when the config has one.
+    pub mllp: Option<SocketAddr>,
     pub base_url: String,
     /// Everything the gateway logged, for assertions and for debugging a failed test.
     pub log: Arc<Mutex<Vec<String>>>,
@@ -441,6 +443,7 @@ impl GatewayProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         let (admin_tx, admin_rx) = std::sync::mpsc::channel();
         let (probes_tx, probes_rx) = std::sync::mpsc::channel();
+        let (mllp_tx, mllp_rx) = std::sync::mpsc::channel();
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -453,20 +456,25 @@ impl GatewayProcess {
                 if let Some(addr) = logged_address(&line, "probes listening", "probes") {
                     let _ = probes_tx.send(addr);
                 }
+                if let Some(addr) = logged_address(&line, "HL7 v2 listening", "mllp") {
+                    let _ = mllp_tx.send(addr);
+                }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
-                // The admin and probe listeners log before the main one.
+                // The admin, probe and MLLP listeners log before the main one.
                 let admin = admin_rx.try_recv().ok();
                 let probes = probes_rx.try_recv().ok();
+                let mllp = mllp_rx.try_recv().ok();
                 return Ok(Self {
                     child,
                     addr,
                     admin,
                     probes,
+                    mllp,
                     base_url: format!("https://{addr}"),
                     log,
                     _config: file,

@@ -9,4 +9,5 @@ pub mod ehr;
 pub mod fhir_xml;
 pub mod fuzz_seeds;
 pub mod harness;
+pub mod mllp;
 pub mod suite;

@@ -10,8 +10,11 @@ use tokio::net::TcpListener;
 use crate::config::{Config, ConfigError, DeliveryMode};
 use crate::delivery::fleet::{Built, DeliveryFleet};
 use crate::delivery::{DirectDelivery, Handoff};
+use crate::hl7v2::listener::{MllpOptions, MllpParts, MllpTransport};
+use crate::hl7v2::pcd01::Pcd01Settings;
 use crate::ingress::client_identity::LiveVendors;
 use crate::ingress::device_clocks::DeviceClocks;
+use crate::ingress::stack::observation_path;
 use crate::ingress::{IngressParts, IngressSettings, build_stack};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
@@ -293,6 +296,55 @@ impl Gateway {
             max_future_skew: self.config.readings.max_future_skew,
             max_past_age: self.config.readings.max_past_age,
         };
+        if let Some(hl7) = &self.config.hl7v2 {
+            let mllp_listener =
+                TcpListener::bind(hl7.listen)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: hl7.listen,
+                        source,
+                    })?;
+            let mllp_addr = mllp_listener.local_addr().unwrap_or(hl7.listen);
+            let transport = match &hl7.plain_vendor {
+                Some(name) if !hl7.tls => MllpTransport::Plain {
+                    vendors: self.vendors.clone(),
+                    name: name.clone(),
+                },
+                _ => MllpTransport::Tls {
+                    tls: self.tls.clone(),
+                    vendors: self.vendors.clone(),
+                },
+            };
+            let parts = MllpParts {
+                path: observation_path(
+                    &live_mappings,
+                    &self.schemas,
+                    &runs,
+                    settings.time_window(),
+                    &clocks,
+                    handoff.clone(),
+                ),
+                mappings: live_mappings.clone(),
+                options: Arc::new(MllpOptions {
+                    max_frame_bytes: hl7.max_frame_bytes,
+                    idle_timeout: hl7.idle_timeout,
+                    read_timeout: hl7.read_timeout,
+                    handshake_timeout: server.handshake_timeout,
+                    request_timeout: server.request_timeout,
+                    max_connections: hl7.max_connections,
+                    pcd01: Pcd01Settings {
+                        patient_identifier_systems: hl7.patient_identifier_systems.clone(),
+                    },
+                }),
+            };
+            tokio::spawn(crate::hl7v2::listener::serve(
+                mllp_listener,
+                transport,
+                parts,
+                wait_stop(stopped.clone()),
+            ));
+            tracing::info!(mllp = %mllp_addr, tls = hl7.tls, "HL7 v2 listening (MLLP, IHE PCD-01 ORU^R01)");
+        }
         let stack = build_stack(
             settings,
             self.vendors,

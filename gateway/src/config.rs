@@ -39,6 +39,8 @@ pub struct Config {
     #[serde(default)]
     pub runs: RunSettings,
     pub admin: Option<AdminSettings>,
+    /// HL7 v2 (IHE PCD-01 ORU^R01) over MLLP, next to the HTTPS API.
+    pub hl7v2: Option<Hl7v2Settings>,
     /// Liveness and readiness on a plain HTTP port (see `probes`); none when absent.
     pub probes: Option<ProbeSettings>,
     #[serde(rename = "vendor", default)]
@@ -182,6 +184,32 @@ pub enum DeliveryMode {
     Outbox,
     /// Deliver while the vendor waits; answer 200 once every destination holds the batch.
     Direct,
+}
+
+/// The MLLP listener for HL7 v2 ORU^R01 (IHE PCD-01).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hl7v2Settings {
+    pub listen: SocketAddr,
+    /// Mutual TLS with the HTTPS listener's certificate, vendor CAs and identities (default).
+    /// Off only for a closed device network, where `plain_vendor` is every connection's vendor.
+    #[serde(default = "defaults::yes")]
+    pub tls: bool,
+    #[serde(default)]
+    pub plain_vendor: Option<String>,
+    #[serde(default = "defaults::max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// How long a connection may stay silent between messages.
+    #[serde(default = "defaults::mllp_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long one message may take to arrive once its first byte has.
+    #[serde(default = "defaults::mllp_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    #[serde(default = "defaults::mllp_max_connections")]
+    pub max_connections: usize,
+    /// Assigning authority namespace ids (PID-3.4.1) -> the patient identifier system URI.
+    #[serde(default)]
+    pub patient_identifier_systems: HashMap<String, String>,
 }
 
 /// The orchestrator's probes: plain HTTP, no certificate, status words only.
@@ -414,6 +442,21 @@ pub enum FhirFormat {
 
 mod defaults {
     use std::time::Duration;
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_frame_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn mllp_idle_timeout() -> Duration {
+        Duration::from_secs(10 * 60)
+    }
+    pub fn mllp_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn mllp_max_connections() -> usize {
+        256
+    }
     pub fn console_idle_timeout() -> Duration {
         Duration::from_secs(30 * 60)
     }
@@ -674,6 +717,34 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(hl7) = &self.hl7v2 {
+            match (&hl7.plain_vendor, hl7.tls) {
+                (Some(_), true) => {
+                    return Err("hl7v2: plain_vendor is for tls = false only; with TLS the certificate names the vendor".into());
+                }
+                (None, false) => {
+                    return Err("hl7v2: tls = false needs plain_vendor, the vendor every plain connection posts as".into());
+                }
+                (Some(name), false) if !self.vendors.iter().any(|v| &v.name == name) => {
+                    return Err(format!(
+                        "hl7v2: plain_vendor '{name}' is not a configured [[vendor]]"
+                    ));
+                }
+                _ => {}
+            }
+            if hl7.max_frame_bytes == 0 || hl7.max_connections == 0 {
+                return Err("hl7v2: max_frame_bytes and max_connections must be > 0".into());
+            }
+            if let Some((namespace, system)) = hl7
+                .patient_identifier_systems
+                .iter()
+                .find(|(_, system)| !system.contains(':'))
+            {
+                return Err(format!(
+                    "hl7v2.patient_identifier_systems: '{namespace}' = '{system}' is not an absolute URI (urn:oid:... or https://...)"
+                ));
             }
         }
         if self.destinations.is_empty() {

@@ -2,6 +2,7 @@
 //!
 //! The modules follow the data flow: [`ingress`] (the tower stack in front of vendors) checks,
 //! maps and hands each batch to [`delivery`] (the tower client stack towards the EHRs).
+//! [`hl7v2`] is the second way in: IHE PCD-01 messages over MLLP, read into the same batches.
 
 pub mod admin;
 pub mod app;
@@ -12,6 +13,7 @@ pub mod delivery;
 pub mod fhir_schema;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod hl7v2;
 pub mod ingress;
 pub mod metrics;
 pub mod outbox;

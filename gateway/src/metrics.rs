@@ -18,6 +18,7 @@
 //! | `ecmo_outbox_pending`, `ecmo_outbox_oldest_pending_seconds`, `ecmo_outbox_dead` (at scrape) | `destination` |
 //! | `ecmo_certificate_expiry_days` (at scrape) | `role`, `subject` |
 //! | `ecmo_config_reloads_total` | `outcome` (`ok`, `failed`) |
+//! | `ecmo_hl7v2_messages_total` (MLLP messages answered) | `ack` (`AA`, `AE`, `AR`) |
 
 use std::sync::LazyLock;
 
@@ -68,6 +69,11 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabel {
+    pub ack: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertificateLabel {
     pub role: String,
     pub subject: String,
@@ -97,6 +103,7 @@ pub struct Metrics {
     pub outbox_oldest_seconds: Family<DestinationLabel, Gauge>,
     pub certificate_days: Family<CertificateLabel, Gauge>,
     pub reloads: Family<Outcome, Counter>,
+    pub hl7_messages: Family<AckLabel, Counter>,
 }
 
 impl Metrics {
@@ -117,8 +124,14 @@ impl Metrics {
             outbox_oldest_seconds: Family::default(),
             certificate_days: Family::default(),
             reloads: Family::default(),
+            hl7_messages: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "ecmo_hl7v2_messages",
+            "HL7 v2 messages answered over MLLP, by ACK code",
+            m.hl7_messages.clone(),
+        );
         registry.register(
             "ecmo_ingest_requests",
             "Vendor requests answered, by route and HTTP status",

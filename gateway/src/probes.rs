@@ -103,18 +103,9 @@ impl Probes {
 /// Serves the probes on `listener` (plain HTTP/1.1) until `stop` completes.
 pub async fn serve(listener: TcpListener, probes: Arc<Probes>, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "probe accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, _, _)) =
+        crate::server::next_connection(&listener, None, &mut stop, "probes").await
+    {
         let probes = probes.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {

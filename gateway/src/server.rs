@@ -59,6 +59,43 @@ pub fn fixed_tls(config: Arc<ServerConfig>) -> LiveTls {
     Arc::new(arc_swap::ArcSwap::new(config))
 }
 
+/// The next connection, once a permit of `permits` (the connection cap) is free; `None` once
+/// `shutdown` completes. A failed accept (out of file descriptors and the like) is logged and
+/// retried after a pause instead of spinning.
+pub(crate) async fn next_connection(
+    listener: &TcpListener,
+    permits: Option<&Arc<Semaphore>>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    what: &'static str,
+) -> Option<(
+    tokio::net::TcpStream,
+    SocketAddr,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+)> {
+    let permit = match permits {
+        Some(permits) => tokio::select! {
+            _ = &mut *shutdown => return None,
+            permit = permits.clone().acquire_owned() => Some(permit.ok()?),
+        },
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            _ = &mut *shutdown => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, remote, permit));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Serves `service` on `listener` until `shutdown` completes, then drains.
 ///
 /// Every request carries the connection's [`PeerIdentity`] in its extensions; connections
@@ -86,27 +123,9 @@ pub async fn serve_mtls<S>(
     let permits = Arc::new(Semaphore::new(options.max_connections));
     tokio::pin!(shutdown);
 
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (tcp, remote) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, remote, permit)) =
+        next_connection(&listener, Some(&permits), &mut shutdown, "HTTPS").await
+    {
         let acceptor = TlsAcceptor::from(tls.load_full());
         let service = service.clone();
         let http = http.clone();
@@ -147,7 +166,7 @@ pub async fn serve_mtls<S>(
     }
 }
 
-async fn handshake(
+pub(crate) async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,

@@ -60,6 +60,17 @@ struct UnitEntry {
     ucum: String,
     display: String,
     accept: Vec<AcceptEntry>,
+    /// The IEEE 11073-10101 unit code (MDC_DIM_*) HL7 v2 senders write in OBX-6.
+    #[serde(default)]
+    mdc: Option<MdcUnitEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MdcUnitEntry {
+    code: String,
+    refid: String,
+    source: String,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +225,8 @@ pub struct Mappings {
     families: Vec<DeviceFamily>,
     by_model: HashMap<String, usize>,
     codes: CodeSystemCodes,
+    /// MDC unit code (CODE10) -> UCUM code, from the unit table.
+    mdc_units: HashMap<String, String>,
 }
 
 impl Mappings {
@@ -269,7 +282,7 @@ impl Mappings {
                     "missing: every table needs the unit table",
                 )
             })?;
-        let units = load_units(units_file, units_text)?;
+        let (units, mdc_units) = load_units(units_file, units_text)?;
 
         let mut families = Vec::new();
         let mut by_model: HashMap<String, usize> = HashMap::new();
@@ -309,6 +322,7 @@ impl Mappings {
             families,
             by_model,
             codes,
+            mdc_units,
         })
     }
 
@@ -336,16 +350,47 @@ impl Mappings {
     pub fn codes(&self) -> &CodeSystemCodes {
         &self.codes
     }
+
+    /// The UCUM unit of an MDC unit code (`MDC_DIM_*` as CODE10), as HL7 v2 OBX-6 carries it.
+    pub fn ucum_for_mdc_unit(&self, code: &str) -> Option<&str> {
+        self.mdc_units.get(code).map(String::as_str)
+    }
 }
 
 type UnitTable = HashMap<String, (String, String, HashMap<String, UnitRule>)>;
 
-fn load_units(file: &str, text: &str) -> Result<UnitTable, TableError> {
+fn load_units(file: &str, text: &str) -> Result<(UnitTable, HashMap<String, String>), TableError> {
     let parsed: UnitsFile =
         toml::from_str(text).map_err(|e| TableError::new(file, "file", e.to_string()))?;
     let mut table = UnitTable::new();
+    let mut mdc_units = HashMap::new();
     for unit in parsed.unit {
         let entry = format!("unit '{}'", unit.ucum);
+        if let Some(mdc) = &unit.mdc {
+            if mdc.source.trim().is_empty() {
+                return Err(TableError::new(file, &entry, "its MDC code needs a source"));
+            }
+            if mdc.code.is_empty() || !mdc.code.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(TableError::new(
+                    file,
+                    &entry,
+                    format!(
+                        "MDC code '{}' ({}) must be a decimal CODE10",
+                        mdc.code, mdc.refid
+                    ),
+                ));
+            }
+            if mdc_units
+                .insert(mdc.code.clone(), unit.ucum.clone())
+                .is_some()
+            {
+                return Err(TableError::new(
+                    file,
+                    &entry,
+                    format!("MDC code '{}' is given to two units", mdc.code),
+                ));
+            }
+        }
         let ucum = unit.ucum.clone();
         let display = unit.display;
         let mut accepts = HashMap::new();
@@ -385,7 +430,7 @@ fn load_units(file: &str, text: &str) -> Result<UnitTable, TableError> {
             return Err(TableError::new(file, &entry, "unit is defined twice"));
         }
     }
-    Ok(table)
+    Ok((table, mdc_units))
 }
 
 const KNOWN_SYSTEMS: &[&str] = &[

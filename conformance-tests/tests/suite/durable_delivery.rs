@@ -1465,6 +1465,13 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             "max_concurrent_requests_per_vendor = 128",
         )
         .replace("0.0.0.0:8443", "127.0.0.1:0")
+        .replace("0.0.0.0:2575", "127.0.0.1:0")
+        // The device-network mode: HL7 v2's TLS is the tested default elsewhere.
+        .replace("tls = true", "tls = false")
+        .replace(
+            "# plain_vendor = \"integration\"",
+            "plain_vendor = \"integration\"",
+        )
         .replace("127.0.0.1:9444", "127.0.0.1:0")
         .replace("127.0.0.1:9090", "127.0.0.1:0")
         .replace("https://127.0.0.1:9443/fhir", &ehr.base_url)

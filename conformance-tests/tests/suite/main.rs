@@ -11,6 +11,7 @@ mod durable_delivery;
 mod ecmo_runs;
 mod ehr_failures;
 mod fuzz_smoke;
+mod hl7v2;
 mod hot_reload;
 mod literal_references;
 mod observations_flow;

@@ -153,6 +153,15 @@ impl Vendors {
         Ok(trust.policy.clone())
     }
 
+    /// The vendor configured as `name` (for listeners whose connections carry no certificate,
+    /// such as plain MLLP on a closed device network).
+    pub fn by_name(&self, name: &str) -> Option<Arc<VendorPolicy>> {
+        self.by_identity
+            .values()
+            .find(|trust| trust.policy.name == name)
+            .map(|trust| trust.policy.clone())
+    }
+
     /// Whether `peer`'s chain verifies against the vendor's own CA (remembered).
     fn chains_to(
         &self,

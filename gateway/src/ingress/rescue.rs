@@ -13,11 +13,16 @@ use crate::{BoxBody, BoxError};
 const RETRY_AFTER_OVERLOADED: u32 = 1;
 
 pub fn rescue(result: Result<Response<BoxBody>, BoxError>) -> Result<Response<BoxBody>, BoxError> {
-    let error = match result {
-        Ok(response) => return Ok(response),
-        Err(error) => error,
-    };
-    let api = if let Some(api) = error.downcast_ref::<ApiError>() {
+    match result {
+        Ok(response) => Ok(response),
+        Err(error) => Ok(refusal_of(error).into_response()),
+    }
+}
+
+/// The status and issues an error of the request path answers with (the HTTP answer above,
+/// and the HL7 v2 ACK).
+pub fn refusal_of(error: BoxError) -> ApiError {
+    if let Some(api) = error.downcast_ref::<ApiError>() {
         api.clone()
     } else if error.is::<Overloaded>() {
         ApiError::one(
@@ -45,8 +50,7 @@ pub fn rescue(result: Result<Response<BoxBody>, BoxError>) -> Result<Response<Bo
             StatusCode::INTERNAL_SERVER_ERROR,
             Issue::error("exception", "internal error; the request was not accepted"),
         )
-    };
-    Ok(api.into_response())
+    }
 }
 
 pub fn too_large() -> ApiError {

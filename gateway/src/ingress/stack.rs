@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
+use serde_json::Value;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
@@ -88,19 +89,14 @@ where
     // POST /v1/observations, after routing.
     let observations = ServiceBuilder::new()
         .layer(decode::layer(IngestDocument::ObservationBatch))
-        .layer(locate::layer())
-        .layer(authorize::layer())
-        .layer(validate::layer(schemas.clone(), "observation-batch"))
-        .layer(map::layer(
-            mappings.clone(),
-            runs.clone(),
+        .service(observation_path(
+            &mappings,
+            &schemas,
+            &runs,
             settings.time_window(),
-            clocks.clone(),
-        ))
-        .layer(duplicates::layer())
-        // No per-resource conformance check: every shape the tables build was checked when
-        // they were loaded (`ConformanceRules::prove_tables`).
-        .service(HandoffService::new(handoff.clone()));
+            &clocks,
+            handoff.clone(),
+        ));
 
     // POST /v1/fhir/Observation and /v1/fhir/Bundle, after routing.
     let fhir_observations = ServiceBuilder::new()
@@ -168,6 +164,38 @@ where
             BoxCloneSyncService::new(retractions),
             schemas,
         ))
+}
+
+/// A batch of readings from its decoded JSON to its durable hand-off: what `POST
+/// /v1/observations` does after decoding, and what an HL7 v2 message does once it is read as
+/// the same JSON. Requests carry the vendor (`Arc<VendorPolicy>`) in their extensions.
+pub type ObservationPath = BoxCloneSyncService<Request<Value>, Response<BoxBody>, BoxError>;
+
+/// Builds the [`ObservationPath`].
+pub fn observation_path(
+    mappings: &crate::reload::LiveMappings,
+    schemas: &Schemas,
+    runs: &Arc<RunRegistry>,
+    window: mappings::TimeWindow,
+    clocks: &Arc<DeviceClocks>,
+    handoff: Arc<dyn Handoff>,
+) -> ObservationPath {
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(locate::layer())
+            .layer(authorize::layer())
+            .layer(validate::layer(schemas.clone(), "observation-batch"))
+            .layer(map::layer(
+                mappings.clone(),
+                runs.clone(),
+                window,
+                clocks.clone(),
+            ))
+            .layer(duplicates::layer())
+            // No per-resource conformance check: every shape the tables build was checked
+            // when they were loaded (`ConformanceRules::prove_tables`).
+            .service(HandoffService::new(handoff)),
+    )
 }
 
 /// The span every event of a request is logged in: its id (the `X-Request-Id` answered to

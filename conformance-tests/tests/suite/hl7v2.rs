@@ -1,0 +1,276 @@
+//! HL7 v2 in (IHE PCD-01 ORU^R01 over MLLP): messages shaped like a device integration
+//! system's, sent to the real gateway over mutual TLS (and plain TCP where configured), each
+//! answered by an ACK; what the ACK promises is checked at the reference EHR.
+
+use std::collections::HashMap;
+
+use conformance_tests::harness::{
+    GETINGE, GatewayProcess, SPECTRUM, TestPki, UNCONFIGURED, admin_until, durable_config, mtls_ehr,
+};
+use conformance_tests::mllp::{Ack, MllpSender};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+const MRN_SYSTEM: &str = "urn:oid:1.2.36.146.595.217.0.1";
+
+/// `[hl7v2]` for the test gateway: `transport` lines, and the hospital's MRN namespace.
+fn hl7v2_section(transport: &str) -> String {
+    format!(
+        "\n[hl7v2]\nlisten = \"127.0.0.1:0\"\n{transport}\nread_timeout = \"2s\"\n\n[hl7v2.patient_identifier_systems]\nHOSP = \"{MRN_SYSTEM}\"\n"
+    )
+}
+
+/// An HL7 DTM in UTC+01:00, to the second.
+fn dtm(at: OffsetDateTime) -> String {
+    let local = at.to_offset(time::macros::offset!(+1));
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}{:02}+0100",
+        local.year(),
+        u8::from(local.month()),
+        local.day(),
+        local.hour(),
+        local.minute(),
+        local.second()
+    )
+}
+
+/// The gateway's identifier time of `at` (UTC, compact).
+fn compact(at: OffsetDateTime) -> String {
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}.000Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+/// MSH of a PCD-01 message from a device integration system, with control id `id`.
+fn msh(id: &str, now: OffsetDateTime) -> String {
+    format!(
+        "MSH|^~\\&|CAPSULE^0012340000000001^EUI-64|ICU-3|ECMO-GW|HOSP|{}||ORU^R01^ORU_R01|{id}|P|2.6|||NE|AL||UNICODE UTF-8|||IHE_PCD_001^IHE PCD^1.3.6.1.4.1.19376.1.6.1.1.1^ISO\r",
+        dtm(now)
+    )
+}
+
+async fn settled(gateway: &GatewayProcess, pki: &TestPki) {
+    admin_until(gateway, &pki.client("admin"), "/admin/v1/queues", |q| {
+        q["destinations"]
+            .as_array()
+            .is_some_and(|d| d.iter().all(|d| d["pending"] == 0))
+    })
+    .await;
+}
+
+fn observations_by_identifier(ehr: &conformance_tests::ehr::RunningEhr) -> HashMap<String, Value> {
+    ehr.ehr
+        .all_resources("Observation")
+        .into_iter()
+        .map(|o| (o["identifier"][0]["value"].as_str().unwrap().to_owned(), o))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the_field() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")) + &hl7v2_section("");
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let mllp = gateway.mllp.expect("the MLLP listener's address is logged");
+    let connect = |stem: &str| {
+        let (ca, cert, key) = (
+            pki.path("ca.pem"),
+            pki.path(&format!("{stem}.pem")),
+            pki.path(&format!("{stem}.key")),
+        );
+        async move { MllpSender::tls(mllp, &ca, &cert, &key).await }
+    };
+    let mut sender = connect(GETINGE).await.unwrap();
+
+    // A Cardiohelp through a device integration system: the MDS and VMD describe the device
+    // (OBX-18: serial and model), metrics by private code and by MDC code, units in MDC and
+    // UCUM, one metric the device could not obtain.
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let taken = now - time::Duration::minutes(1);
+    let t = dtm(taken);
+    let first = format!(
+        "{}PID|||MRN-HL7-1^^^HOSP^MR~V-9^^^HOSP^VN||M\\XC3BC\\ller^J\\XC3B6\\rg\r\
+         PV1||I|ICU^3^1\r\
+         OBR|1|A-1^CAPSULE|A-1^CAPSULE|182777000^monitoring of patient^SCT|||{t}\r\
+         OBX|1||ECMO^ECMO console^99ECMO|1.0.0.0|||||||X|||||||CH-HL7-1^CARDIOHELP-i^^L\r\
+         OBX|2||PUMP^Blood pump^99ECMO|1.1.0.0|||||||X\r\
+         OBX|3|NM|Flow^Blood flow^99CH|1.1.1.1|4.35|265216^MDC_DIM_X_L_PER_MIN^MDC|||||F|||{t}\r\
+         OBX|4|NM|150332^MDC_SAT_O2_VEN^MDC|1.1.1.2|71.5|262688^MDC_DIM_PERCENT^MDC|||||F|||{t}\r\
+         OBX|5|NM|PVen^Drainage pressure^99CH|1.1.1.3|-62|266016^MDC_DIM_MMHG^MDC|||||R|||{t}\r\
+         OBX|6|NM|Hct^^99CH|1.1.1.4||%^^UCUM|||||X|||{t}\r",
+        msh("A-1", now)
+    );
+    let ack = Ack::parse(&sender.send(&first).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}\n{}", gateway.log_text());
+    assert_eq!(ack.control_id, "A-1");
+    assert_eq!(ack.locations(), ["OBX^6^5^1"]);
+    assert_eq!(ack.errors[0].2, "W");
+
+    settled(&gateway, &pki).await;
+    let stored = observations_by_identifier(&ehr);
+    assert_eq!(stored.len(), 3, "{:?}", stored.keys());
+    let at = compact(taken);
+    let flow = &stored[&format!("getinge-cardiohelp:CH-HL7-1:pump-blood-flow:{at}")];
+    assert_eq!(flow["valueQuantity"]["value"].to_string(), "4.35");
+    assert_eq!(flow["valueQuantity"]["code"], "L/min");
+    assert_eq!(flow["subject"]["identifier"]["system"], MRN_SYSTEM);
+    assert_eq!(flow["subject"]["identifier"]["value"], "MRN-HL7-1");
+    assert_eq!(flow["device"]["identifier"]["value"], "CH-HL7-1");
+    assert_eq!(flow["status"], "final");
+    let svo2 = &stored[&format!("getinge-cardiohelp:CH-HL7-1:drainage-blood-saturation:{at}")];
+    assert_eq!(svo2["valueQuantity"]["value"].to_string(), "71.5");
+    let pven = &stored[&format!("getinge-cardiohelp:CH-HL7-1:drainage-pressure:{at}")];
+    assert_eq!(pven["valueQuantity"]["value"].to_string(), "-62");
+    assert_eq!(pven["valueQuantity"]["code"], "mm[Hg]");
+
+    // The same message again (a sender that missed the ACK): AA, nothing twice. A new reading
+    // after it is delivered behind anything the resend could have queued.
+    let ack = Ack::parse(&sender.send(&first).await.unwrap());
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AA", "A-1"));
+    let later = now - time::Duration::seconds(30);
+    let next = format!(
+        "{}PID|||MRN-HL7-1^^^HOSP^MR\r\
+         OBX|1|NM|RPM^Pump speed^99CH|1.1.1.5|3480|/min^^UCUM|||||F|||{}||||CH-HL7-1^CARDIOHELP-i\r",
+        msh("A-2", now),
+        dtm(later)
+    );
+    let ack = Ack::parse(&sender.send(&next).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}");
+    settled(&gateway, &pki).await;
+    let counts = ehr.ehr.identifier_counts("Observation");
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let speed = &observations_by_identifier(&ehr)
+        [&format!("getinge-cardiohelp:CH-HL7-1:pump-speed:{}", compact(later))];
+    assert_eq!(speed["valueQuantity"]["value"].to_string(), "3480");
+
+    // Content the mapping refuses: AE, each problem at the field it came from, nothing kept.
+    let bad = format!(
+        "{}PID|||MRN-HL7-1^^^HOSP^MR\r\
+         OBX|1|NM|Flow^^99CH|1.1.1.1|4.1|gal/min^^UCUM|||||F|||{t}||||CH-HL7-1^CARDIOHELP-i\r\
+         OBX|2|NM|Flw^^99CH|1.1.1.2|4.1|L/min^^UCUM|||||F|||{t}\r\
+         OBX|3|NM|Flow^^99CH|1.1.1.3|40|L/min^^UCUM|||||F|||{t}\r",
+        msh("B-1", now)
+    );
+    let ack = Ack::parse(&sender.send(&bad).await.unwrap());
+    assert_eq!(ack.code, "AE", "{ack:?}");
+    assert_eq!(ack.control_id, "B-1");
+    assert_eq!(ack.locations(), ["OBX^1^6^1", "OBX^2^3^1", "OBX^3^5^1"]);
+    let codes: Vec<&str> = ack.errors.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(codes, ["103", "103", "102"]);
+    assert!(ack.errors[0].3.contains("gal/min"), "{ack:?}");
+    // v2's own syntax: a comma decimal, and a time without a zone.
+    let syntax = format!(
+        "{}OBX|1|NM|Flow^^99CH|1.1.1.1|4,1|L/min^^UCUM|||||F|||{t}||||CH-HL7-1^CARDIOHELP-i\r\
+         OBX|2|NM|Flow^^99CH|1.1.1.2|4.1|L/min^^UCUM|||||F|||{}\r",
+        msh("B-2", now),
+        &t[..14]
+    );
+    let ack = Ack::parse(&sender.send(&syntax).await.unwrap());
+    assert_eq!(ack.code, "AE");
+    assert_eq!(ack.locations(), ["OBX^1^5^1", "OBX^2^14^1"]);
+
+    // Not a message the gateway takes: AR naming MSH-9.
+    let adt = msh("C-1", now).replace("ORU^R01^ORU_R01", "ADT^A01^ADT_A01") + "PID|||1^^^HOSP\r";
+    let ack = Ack::parse(&sender.send(&adt).await.unwrap());
+    assert_eq!((ack.code.as_str(), ack.control_id.as_str()), ("AR", "C-1"));
+    assert_eq!(ack.locations(), ["MSH^1^9^1^1"]);
+    assert_eq!(ack.errors[0].1, "200");
+    // Wrong encoding characters: AR naming MSH-2 (no control id can be read).
+    let ack = Ack::parse(&sender.send("MSH|^^\\&|X\rOBX|1").await.unwrap());
+    assert_eq!(ack.code, "AR");
+    assert_eq!(ack.locations(), ["MSH^1^2^1"]);
+    // The connection still works after refusals.
+    let after = format!(
+        "{}PID|||MRN-HL7-1^^^HOSP^MR\r\
+         OBX|1|NM|RPM^^99CH|1.1.1.5|3490|rpm^^L|||||F|||{}||||CH-HL7-1^CARDIOHELP-i\r",
+        msh("A-3", now),
+        dtm(now - time::Duration::seconds(20))
+    );
+    let ack = Ack::parse(&sender.send(&after).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}");
+
+    // Another vendor's certificate may not post for this device: AE naming OBX-18.1.
+    let mut spectrum = connect(SPECTRUM).await.unwrap();
+    let ack = Ack::parse(&spectrum.send(&next.replace("A-2", "S-1")).await.unwrap());
+    assert_eq!(ack.code, "AE", "{ack:?}");
+    assert_eq!(ack.locations(), ["OBX^1^18^1^1"]);
+    assert_eq!(ack.errors[0].1, "204");
+
+    // A certificate that is no vendor gets no ACK: the connection is closed.
+    let mut stranger = connect(UNCONFIGURED).await.unwrap();
+    assert!(stranger.send(&next).await.is_err());
+
+    // Bytes outside a frame: AR, then the connection is closed (it cannot be re-synchronised).
+    let mut garbage = connect(GETINGE).await.unwrap();
+    garbage.write_raw(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let ack = Ack::parse(&garbage.ack().await.unwrap());
+    assert_eq!(ack.code, "AR");
+    assert!(garbage.closed().await);
+    // A frame that never ends is closed after the read timeout, nothing recorded.
+    let mut truncated = connect(GETINGE).await.unwrap();
+    truncated
+        .write_raw(format!("\x0b{}", msh("T-1", now)).as_bytes())
+        .await
+        .unwrap();
+    assert!(truncated.closed().await);
+
+    settled(&gateway, &pki).await;
+    let counts = ehr.ehr.identifier_counts("Observation");
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let log = gateway.log_text();
+    for private in ["MRN-HL7-1", "4.35", "M\\XC3BC\\ller", "Müller"] {
+        assert!(!log.contains(private), "the log names '{private}'");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_mllp_on_a_device_network_posts_as_its_configured_vendor() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        + &hl7v2_section("tls = false\nplain_vendor = \"integration\"");
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let mut sender = MllpSender::plain(gateway.mllp.unwrap()).await.unwrap();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let taken = now - time::Duration::minutes(2);
+    // A Hemochron ACT by LOINC code (LN), Latin-1 with a name that needs it.
+    let act = format!(
+        "{}PID|||MRN-ACT-1^^^&1.2.36.146.595.217.0.1&ISO^MR||Gr\u{fc}n^Ana\r\
+         OBX|1|NM|3184-9^ACT^LN|1.1.1.1|182|s^^UCUM|||||F|||{}||||HEM-77^Hemochron Signature Elite\r",
+        msh("H-1", now).replace("UNICODE UTF-8", "8859/1"),
+        dtm(taken)
+    );
+    let latin1: Vec<u8> = act.chars().map(|c| c as u8).collect();
+    let ack = Ack::parse(&sender.send_bytes(&latin1).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}\n{}", gateway.log_text());
+    settled(&gateway, &pki).await;
+    let stored = observations_by_identifier(&ehr);
+    assert_eq!(stored.len(), 1, "{:?}", stored.keys());
+    let (id, act) = stored.iter().next().unwrap();
+    assert!(id.starts_with("werfen-hemochron:HEM-77:"), "{id}");
+    assert!(id.ends_with(&compact(taken)), "{id}");
+    assert_eq!(act["valueQuantity"]["value"].to_string(), "182");
+    assert_eq!(act["subject"]["identifier"]["value"], "MRN-ACT-1");
+
+    // The plain vendor's policy still holds: a Cardiohelp is not the integration vendor's.
+    let cardiohelp = format!(
+        "{}OBX|1|NM|Flow^^99CH|1.1.1.1|4.1|L/min^^UCUM|||||F|||{}||||CH-9^CARDIOHELP-i\r",
+        msh("H-2", now),
+        dtm(taken)
+    );
+    let ack = Ack::parse(&sender.send(&cardiohelp).await.unwrap());
+    assert_eq!(ack.code, "AE");
+    assert_eq!(ack.errors[0].1, "204");
+}
