@@ -129,6 +129,25 @@ pub fn seeds() -> Result<Vec<Seed>, gateway::BoxError> {
         data: all.join(FILE_SEPARATOR),
     });
 
+    // HL7 v2: each sample message alone, and all of them framed in one MLLP stream.
+    let samples = crate::mllp::sample_messages("20260601120000+0000")?;
+    let mut stream = Vec::new();
+    for (name, message) in &samples {
+        seeds.push(Seed {
+            target: Target::Hl7v2,
+            name: name.clone(),
+            data: message.clone().into_bytes(),
+        });
+        stream.push(0x0B);
+        stream.extend_from_slice(message.as_bytes());
+        stream.extend_from_slice(&[0x1C, 0x0D]);
+    }
+    seeds.push(Seed {
+        target: Target::Hl7v2,
+        name: "all-samples-framed".into(),
+        data: stream,
+    });
+
     let example = std::fs::read_to_string(repo_dir().join("gateway/gateway.example.toml"))?;
     // The example as shipped, and with every commented-out `key = value` line set.
     let uncommented: String = example

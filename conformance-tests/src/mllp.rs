@@ -150,3 +150,25 @@ impl Ack {
         self.errors.iter().map(|e| e.0.as_str()).collect()
     }
 }
+
+/// The sample messages of `conformance-tests/scenarios/hl7v2` as (file stem, message): `{{time}}`
+/// replaced by `time` (an HL7 DTM), segments ended by CR.
+pub fn sample_messages(time: &str) -> Result<Vec<(String, String)>, BoxError> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/hl7v2");
+    let mut samples = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "hl7") {
+            let text = std::fs::read_to_string(&path)?;
+            let message: String = text
+                .replace("{{time}}", time)
+                .lines()
+                .flat_map(|line| [line, "\r"])
+                .collect();
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            samples.push((stem.into_owned(), message));
+        }
+    }
+    samples.sort();
+    Ok(samples)
+}

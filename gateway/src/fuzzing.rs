@@ -48,6 +48,9 @@ pub enum Target {
     MappingTables,
     /// The gateway's TOML config.
     Config,
+    /// HL7 v2 over MLLP: MLLP frames when the input begins with a frame's start byte, else
+    /// one whole message; each is read, mapped and acknowledged as the MLLP listener does.
+    Hl7v2,
 }
 
 /// Between run events in a [`Target::RunEvents`] input.
@@ -60,13 +63,14 @@ pub const FUZZ_RUN: &str = "RUN-1";
 pub const FUZZ_VENDOR: &str = "fuzz-vendor";
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::ObservationsJson,
         Target::ObservationsXml,
         Target::FhirNative,
         Target::RunEvents,
         Target::MappingTables,
         Target::Config,
+        Target::Hl7v2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +81,7 @@ impl Target {
             Target::RunEvents => "run_events",
             Target::MappingTables => "mapping_tables",
             Target::Config => "config",
+            Target::Hl7v2 => "hl7v2_messages",
         }
     }
 
@@ -96,6 +101,7 @@ impl Target {
                 config(data);
                 vec![]
             }
+            Target::Hl7v2 => hl7v2(data),
         }
     }
 }
@@ -383,6 +389,102 @@ fn run_events(data: &[u8]) -> Vec<http::StatusCode> {
     statuses
 }
 
+thread_local! {
+    /// The MLLP listener's per-message parts; like the readings path, stateless per input.
+    static HL7V2_PARTS: std::cell::RefCell<Option<crate::hl7v2::listener::MllpParts>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Each message answered as the listener answers it; the ACK must be a readable ACK^R01
+/// whose MSA-1 is AA, AE or AR, and never AR with 207 (the gateway's own failure). The
+/// statuses say AA as 200, AE as 422, AR as 400.
+fn hl7v2(data: &[u8]) -> Vec<http::StatusCode> {
+    use crate::hl7v2::{er7, listener, mllp::MllpCodec};
+    use tokio_util::codec::Decoder;
+    let parts = HL7V2_PARTS.with_borrow_mut(|cached| {
+        cached
+            .get_or_insert_with(|| {
+                let shared = shared();
+                let mappings: crate::reload::LiveMappings = shared.mappings.clone().into();
+                let window = mappings::TimeWindow {
+                    received_at: time::OffsetDateTime::UNIX_EPOCH,
+                    max_future_skew: time::Duration::minutes(5),
+                    max_past_age: time::Duration::days(100 * 365),
+                };
+                listener::MllpParts {
+                    path: crate::ingress::stack::observation_path(
+                        &mappings,
+                        &shared.schemas,
+                        &shared.readings_runs,
+                        window,
+                        &Arc::default(),
+                        Arc::new(CheckingHandoff {
+                            conformance: shared.conformance.clone(),
+                        }),
+                    ),
+                    mappings,
+                    options: Arc::new(listener::MllpOptions {
+                        max_frame_bytes: 1 << 20,
+                        idle_timeout: Duration::from_secs(60),
+                        read_timeout: Duration::from_secs(60),
+                        handshake_timeout: Duration::from_secs(10),
+                        request_timeout: Duration::from_secs(60),
+                        max_connections: 1,
+                        pcd01: crate::hl7v2::pcd01::Pcd01Settings {
+                            patient_identifier_systems: [(
+                                "HOSP".to_owned(),
+                                "urn:oid:1.2.36.146.595.217.0.1".to_owned(),
+                            )]
+                            .into_iter()
+                            .collect(),
+                        },
+                    }),
+                }
+            })
+            .clone()
+    });
+    let vendor = shared()
+        .vendors
+        .for_peer(&PeerIdentity::named(&[FUZZ_VENDOR]))
+        .expect("the fuzz vendor");
+    let frames: Vec<Bytes> = if data.first() == Some(&0x0B) {
+        let mut codec = MllpCodec::new(1 << 20);
+        let mut buf = bytes::BytesMut::from(data);
+        let mut frames = Vec::new();
+        while let Ok(Some(frame)) = codec.decode(&mut buf) {
+            frames.push(frame);
+            if frames.len() == 16 {
+                break;
+            }
+        }
+        frames
+    } else {
+        vec![Bytes::copy_from_slice(data)]
+    };
+    let mut statuses = Vec::new();
+    for frame in frames {
+        let ack = shared()
+            .runtime
+            .block_on(listener::handle(frame, &vendor, &parts));
+        let (text, delimiters, _) = er7::decode(&ack).expect("the ACK is readable");
+        let message = er7::Message::parse(&text, delimiters).expect("the ACK parses");
+        let msa = message.first("MSA").expect("the ACK has an MSA");
+        let code = msa.field(1);
+        for err in message.segments().iter().filter(|s| s.id == "ERR") {
+            assert!(
+                !(code == "AR" && er7::component(err.field(3), 1, delimiters) == "207"),
+                "bad input answered as the gateway's own failure: {text}"
+            );
+        }
+        statuses.push(match code {
+            "AA" => http::StatusCode::OK,
+            "AE" => http::StatusCode::UNPROCESSABLE_ENTITY,
+            "AR" => http::StatusCode::BAD_REQUEST,
+            other => panic!("MSA-1 '{other}' is not AA, AE or AR: {text}"),
+        });
+    }
+    statuses
+}
+
 fn mapping_tables(data: &[u8]) {
     let files: Vec<(String, String)> = split(data, FILE_SEPARATOR)
         .into_iter()
@@ -422,6 +524,13 @@ mod tests {
                  "readings":[{"parameter":"Flow","value":4.2,"unit":"L/min","time":"2026-06-01T12:00:00Z"}]}"#,
         );
         assert_eq!(statuses, vec![http::StatusCode::OK]);
+        let message = "MSH|^~\\&|DIS|ICU|GW|HOSP|20260601120000+0000||ORU^R01|M1|P|2.6\r\
+            PID|||MRN-F1^^^HOSP^MR\r\
+            OBX|1|NM|Flow^^99CH|1.1.1.1|4.2|L/min^^UCUM|||||F|||20260601120000+0000||||CH-F1^CARDIOHELP-i\r";
+        assert_eq!(
+            Target::Hl7v2.run(message.as_bytes()),
+            vec![http::StatusCode::OK]
+        );
         for target in Target::ALL {
             for garbage in [&b""[..], b"\xff\xfe{<", b"{}"] {
                 let statuses = target.run(garbage);

@@ -136,6 +136,7 @@ fn the_seeds_cover_every_kind_of_input() {
                 .any(|w| w == FILE_SEPARATOR))
     );
     assert!(count(Target::Config) >= 1);
+    assert!(count(Target::Hl7v2) >= 4);
 }
 
 /// Writes the seed corpus for `cargo fuzz` into gateway/fuzz/corpus (README, "Fuzzing").

@@ -72,23 +72,44 @@ fn observations_by_identifier(ehr: &conformance_tests::ehr::RunningEhr) -> HashM
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the_field() {
+/// A test PKI, the reference EHR and the gateway on an outbox with `[hl7v2]` (`transport`).
+async fn start(
+    transport: &str,
+) -> (
+    TestPki,
+    conformance_tests::ehr::RunningEhr,
+    tempfile::TempDir,
+    GatewayProcess,
+) {
     let pki = TestPki::generate().unwrap();
     let ehr = mtls_ehr(&pki).await;
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite")) + &hl7v2_section("");
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        + &hl7v2_section(transport);
     let gateway = GatewayProcess::start(&config).unwrap();
+    (pki, ehr, dir, gateway)
+}
+
+/// An MLLP connection over mutual TLS with the PKI's certificate `stem`.
+async fn tls_sender(
+    gateway: &GatewayProcess,
+    pki: &TestPki,
+    stem: &str,
+) -> Result<MllpSender, gateway::BoxError> {
     let mllp = gateway.mllp.expect("the MLLP listener's address is logged");
-    let connect = |stem: &str| {
-        let (ca, cert, key) = (
-            pki.path("ca.pem"),
-            pki.path(&format!("{stem}.pem")),
-            pki.path(&format!("{stem}.key")),
-        );
-        async move { MllpSender::tls(mllp, &ca, &cert, &key).await }
-    };
+    MllpSender::tls(
+        mllp,
+        &pki.path("ca.pem"),
+        &pki.path(&format!("{stem}.pem")),
+        &pki.path(&format!("{stem}.key")),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the_field() {
+    let (pki, ehr, _dir, gateway) = start("").await;
+    let connect = |stem| tls_sender(&gateway, &pki, stem);
     let mut sender = connect(GETINGE).await.unwrap();
 
     // A Cardiohelp through a device integration system: the MDS and VMD describe the device
@@ -236,12 +257,7 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_mllp_on_a_device_network_posts_as_its_configured_vendor() {
-    let pki = TestPki::generate().unwrap();
-    let ehr = mtls_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
-        + &hl7v2_section("tls = false\nplain_vendor = \"integration\"");
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let (pki, ehr, _dir, gateway) = start("tls = false\nplain_vendor = \"integration\"").await;
     let mut sender = MllpSender::plain(gateway.mllp.unwrap()).await.unwrap();
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let taken = now - time::Duration::minutes(2);
@@ -273,4 +289,58 @@ async fn plain_mllp_on_a_device_network_posts_as_its_configured_vendor() {
     let ack = Ack::parse(&sender.send(&cardiohelp).await.unwrap());
     assert_eq!(ack.code, "AE");
     assert_eq!(ack.errors[0].1, "204");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sample_messages_get_the_acks_their_shapes_call_for() {
+    let (pki, ehr, _dir, gateway) = start("").await;
+    let mut sender = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let taken =
+        OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::minutes(1);
+    let expected: HashMap<&str, (&str, Vec<&str>)> = [
+        ("dis-cardiohelp", ("AA", vec![])),
+        (
+            "nist-shape-pulse-oximeter",
+            ("AE", vec!["PID^1^3^1^4", "OBX^1^14^1"]),
+        ),
+        (
+            "pocd-shape-enumeration-and-waveform",
+            (
+                "AE",
+                vec![
+                    "OBX^1^18^1^2",
+                    "OBX^2^18^1^1",
+                    "PID^1^3^1^4",
+                    "OBX^4^6^1^1",
+                    "OBX^5^2^1",
+                    "OBX^6^2^1",
+                ],
+            ),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let samples = conformance_tests::mllp::sample_messages(&dtm(taken)).unwrap();
+    assert_eq!(samples.len(), expected.len());
+    for (name, message) in samples {
+        let (code, locations) = &expected[name.as_str()];
+        let latin1 = message.contains("|8859/1|");
+        let bytes: Vec<u8> = if latin1 {
+            message.chars().map(|c| c as u8).collect()
+        } else {
+            message.into_bytes()
+        };
+        let ack = Ack::parse(&sender.send_bytes(&bytes).await.unwrap());
+        assert_eq!(&ack.code, code, "{name}: {ack:?}");
+        assert_eq!(&ack.locations(), locations, "{name}: {ack:?}");
+    }
+    settled(&gateway, &pki).await;
+    let stored = observations_by_identifier(&ehr);
+    assert_eq!(stored.len(), 7, "{:?}", stored.keys());
+    let setting = &stored[&format!(
+        "getinge-cardiohelp:CH-2001:pump-speed-setting:{}",
+        compact(taken)
+    )];
+    assert_eq!(setting["valueQuantity"]["value"].to_string(), "3500");
+    assert_eq!(setting["subject"]["identifier"]["value"], "MRN-4711");
 }
