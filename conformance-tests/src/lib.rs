@@ -10,4 +10,5 @@ pub mod fhir_xml;
 pub mod fuzz_seeds;
 pub mod harness;
 pub mod mllp;
+pub mod mllp_receiver;
 pub mod suite;

@@ -287,7 +287,11 @@ pub struct VendorSettings {
 #[serde(deny_unknown_fields)]
 pub struct DestinationSettings {
     pub name: String,
-    /// FHIR base URL, `https://`.
+    /// What the destination speaks: FHIR R4 over HTTPS (the default) or HL7 v2 ORU^R01 over
+    /// MLLP with TLS.
+    #[serde(default)]
+    pub kind: DestinationKind,
+    /// FHIR base URL, `https://`; for `kind = "hl7v2"` the receiver, `mllps://host:port`.
     pub base_url: String,
     /// PEM CA certificates the EHR's server certificate must chain to.
     pub ca: Vec<PathBuf>,
@@ -363,6 +367,40 @@ pub struct DestinationSettings {
     /// Literal references: how long an id the EHR gave (or a search found) is used.
     #[serde(default = "defaults::reference_cache_ttl", with = "humantime_serde")]
     pub reference_cache_ttl: Duration,
+    /// `kind = "hl7v2"`: the MSH sender and receiver names.
+    #[serde(default)]
+    pub hl7v2: OruSettings,
+}
+
+/// The protocol of a destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DestinationKind {
+    #[default]
+    Fhir,
+    /// ORU^R01 (IHE PCD-01 layout) over MLLP with mutual TLS; Observations only.
+    Hl7v2,
+}
+
+/// MSH-3 to MSH-6 of the ORU^R01 messages a `kind = "hl7v2"` destination gets.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OruSettings {
+    pub sending_application: String,
+    pub sending_facility: String,
+    pub receiving_application: String,
+    pub receiving_facility: String,
+}
+
+impl Default for OruSettings {
+    fn default() -> Self {
+        Self {
+            sending_application: "ECMO_GATEWAY".into(),
+            sending_facility: String::new(),
+            receiving_application: String::new(),
+            receiving_facility: String::new(),
+        }
+    }
 }
 
 /// SMART Backend Services (SMART App Launch 2.x): `client_credentials` with a client assertion
@@ -755,11 +793,16 @@ impl Config {
             if !names.insert(d.name.as_str()) {
                 return Err(format!("destination '{}' is defined twice", d.name));
             }
+            if d.kind == DestinationKind::Hl7v2 {
+                self.check_oru_destination(d)?;
+            }
             let uri: http::Uri = d
                 .base_url
                 .parse()
                 .map_err(|e| format!("destination '{}': base_url: {e}", d.name))?;
-            if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            if d.kind == DestinationKind::Fhir
+                && (uri.scheme_str() != Some("https") || uri.host().is_none())
+            {
                 return Err(format!(
                     "destination '{}': base_url must be an https:// URL",
                     d.name
@@ -817,6 +860,37 @@ impl Config {
                     d.name
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// What an HL7 v2 destination cannot do: it takes Observations only, through the outbox,
+    /// with the gateway's client certificate.
+    fn check_oru_destination(&self, d: &DestinationSettings) -> Result<(), String> {
+        let fail = |why: &str| {
+            Err(format!(
+                "destination '{}' (kind = \"hl7v2\"): {why}",
+                d.name
+            ))
+        };
+        if crate::delivery::oru::mllps_address(&d.base_url).is_none() {
+            return fail("base_url must be mllps://host:port");
+        }
+        if self.delivery.mode != DeliveryMode::Outbox {
+            return fail("needs [delivery] mode = \"outbox\"");
+        }
+        if d.smart.is_some() || d.client_cert.is_none() {
+            return fail(
+                "MLLP has no bearer tokens: give client_cert and client_key, no [destination.smart]",
+            );
+        }
+        if d.references != crate::delivery::references::ReferenceStyle::Identifier {
+            return fail(
+                "PID-3 carries the patient's identifier: references must stay \"identifier\"",
+            );
+        }
+        if d.only.resource_types.iter().any(|t| t != "Observation") {
+            return fail("ORU^R01 carries Observations only (only.resource_types)");
         }
         Ok(())
     }
@@ -939,9 +1013,48 @@ keys = ["smart.pem"]
                 format!("{MINIMAL}{SMART}").replace("https://ehr/token", "http://ehr/token"),
                 "token_url must be an https:// URL",
             ),
+            (
+                MINIMAL.replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]\nkind = \"hl7v2\""),
+                "base_url must be mllps://host:port",
+            ),
+            (
+                MINIMAL
+                    .replace(
+                        "[[destination]]",
+                        "[delivery]\nmode = \"direct\"\n\n[[destination]]\nkind = \"hl7v2\"",
+                    )
+                    .replace("https://127.0.0.1:9443/fhir", "mllps://127.0.0.1:2575"),
+                "needs [delivery] mode = \"outbox\"",
+            ),
+            (
+                MINIMAL
+                    .replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]\nkind = \"hl7v2\"\nreferences = \"literal\"")
+                    .replace("https://127.0.0.1:9443/fhir", "mllps://127.0.0.1:2575"),
+                "references must stay",
+            ),
+            (
+                format!("{MINIMAL}[destination.only]\nresource_types = [\"Procedure\"]\n")
+                    .replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]\nkind = \"hl7v2\"")
+                    .replace("https://127.0.0.1:9443/fhir", "mllps://127.0.0.1:2575"),
+                "Observations only",
+            ),
+            (
+                MINIMAL.replace("[hl7v2]", "").replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\ntls = false\n\n[[vendor]]"),
+                "tls = false needs plain_vendor",
+            ),
+            (
+                MINIMAL.replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\nplain_vendor = \"getinge\"\n\n[[vendor]]"),
+                "plain_vendor is for tls = false only",
+            ),
+            (
+                MINIMAL.replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\ntls = false\nplain_vendor = \"nobody\"\n\n[[vendor]]"),
+                "is not a configured [[vendor]]",
+            ),
         ];
         for (text, expected) in cases {
-            let e = load(&text).unwrap_err().to_string();
+            let e = load(&text)
+                .map(|_| "(the config loaded without an error)".to_owned())
+                .unwrap_or_else(|e| e.to_string());
             assert!(e.contains(expected), "expected '{expected}' in: {e}");
         }
     }

@@ -2,12 +2,13 @@
 //! system's, sent to the real gateway over mutual TLS (and plain TCP where configured), each
 //! answered by an ACK; what the ACK promises is checked at the reference EHR.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use conformance_tests::harness::{
     GETINGE, GatewayProcess, SPECTRUM, TestPki, UNCONFIGURED, admin_until, durable_config, mtls_ehr,
 };
 use conformance_tests::mllp::{Ack, MllpSender};
+use conformance_tests::mllp_receiver::{ReceiverFault, ReferenceReceiver, RunningReceiver};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -343,4 +344,163 @@ async fn sample_messages_get_the_acks_their_shapes_call_for() {
     )];
     assert_eq!(setting["valueQuantity"]["value"].to_string(), "3500");
     assert_eq!(setting["subject"]["identifier"]["value"], "MRN-4711");
+}
+
+/// The gateway with a FHIR EHR and an HL7 v2 receiver as destinations.
+async fn start_with_receiver() -> (
+    TestPki,
+    conformance_tests::ehr::RunningEhr,
+    RunningReceiver,
+    tempfile::TempDir,
+    GatewayProcess,
+) {
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let receiver = ReferenceReceiver::start(pki.ehr_tls("ca.pem"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        + &format!(
+            r#"
+[[destination]]
+name = "v2-ehr"
+kind = "hl7v2"
+base_url = "{url}"
+ca = ["{ca}"]
+client_cert = "{cert}"
+client_key = "{key}"
+timeout = "2s"
+linger = "5ms"
+breaker_failures = 100
+retry_backoff_max = "500ms"
+
+[destination.hl7v2]
+receiving_application = "EHR_V2_IN"
+receiving_facility = "HOSP"
+"#,
+            url = receiver.url(),
+            ca = pki.path("ca.pem").display(),
+            cert = pki.path("gateway-client.pem").display(),
+            key = pki.path("gateway-client.key").display(),
+        );
+    let gateway = GatewayProcess::start(&config).unwrap();
+    (pki, ehr, receiver, dir, gateway)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corrections() {
+    let (pki, ehr, receiver, _dir, gateway) = start_with_receiver().await;
+    let v2 = &receiver.receiver;
+    // The receiver is busy once, loses one ACK after keeping the message, and drops one
+    // connection: every reading still arrives, once.
+    v2.fail_next(ReceiverFault::Reject, 1);
+    v2.fail_next(ReceiverFault::LoseAck, 1);
+    v2.fail_next(ReceiverFault::Drop, 1);
+    let taken =
+        OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::minutes(1);
+    let rfc3339 = |at: OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let batch = |readings: Value| {
+        serde_json::json!({
+            "device": {"serial": "CH-V2-1", "model": "CARDIOHELP-i"},
+            "patient": {"system": MRN_SYSTEM, "value": "MRN-V2-1"},
+            "readings": readings
+        })
+    };
+    let post = |body: Value| {
+        let client = pki.client(GETINGE);
+        let url = gateway.url("/v1/observations");
+        async move {
+            client
+                .post_json(&url, &body)
+                .await
+                .unwrap()
+                .expect_status(202)
+        }
+    };
+    post(batch(serde_json::json!([
+        {"parameter": "Flow", "value": 4.35, "unit": "L/min", "time": rfc3339(taken)},
+        {"parameter": "RPM", "value": 3480, "unit": "rpm", "time": rfc3339(taken)},
+        {"parameter": "SvO2", "value": -32000, "unit": "%", "time": rfc3339(taken)}
+    ])))
+    .await;
+    settled(&gateway, &pki).await;
+    let results = v2.results();
+    assert_eq!(results.len(), 3, "{results:?}\n{}", gateway.log_text());
+    assert!(v2.duplicates() >= 1, "the lost ACK's message came again");
+    let ids: HashSet<&str> = results.iter().map(|r| r.control_id.as_str()).collect();
+    assert_eq!(ids.len(), 3);
+    for r in &results {
+        assert_eq!(
+            r.patient,
+            format!("MRN-V2-1^^^&{}&ISO^MR", &MRN_SYSTEM[8..])
+        );
+        assert_eq!(r.device, "CH-V2-1");
+        // The reading's own time, in the zone it was sent in (UTC).
+        assert_eq!(
+            r.time,
+            format!("{}+0000", &compact(taken)[..15].replace('T', ""))
+        );
+    }
+    let flow = results
+        .iter()
+        .find(|r| r.code.contains("pump-blood-flow"))
+        .unwrap();
+    assert_eq!(
+        (
+            flow.value.as_str(),
+            flow.unit.as_str(),
+            flow.status.as_str()
+        ),
+        ("4.35", "L/min^L/min^UCUM", "F")
+    );
+    // SvO2 by its MDC code first; the console's invalid marker is no value, status X.
+    let svo2 = results
+        .iter()
+        .find(|r| r.code.starts_with("150332^MDC_SAT_O2_VEN^MDC^"))
+        .unwrap();
+    assert_eq!((svo2.value.as_str(), svo2.status.as_str()), ("", "X"));
+    // The FHIR destination got the same readings, and its Provenance; the receiver none.
+    assert_eq!(ehr.ehr.count("Observation"), 3);
+
+    // A corrected value is a new message, OBX-11 C, never dropped as a duplicate.
+    post(batch(serde_json::json!([
+        {"parameter": "Flow", "value": 4.5, "unit": "L/min", "time": rfc3339(taken)}
+    ])))
+    .await;
+    settled(&gateway, &pki).await;
+    let results = v2.results();
+    assert_eq!(results.len(), 4, "{results:?}");
+    let correction = results.last().unwrap();
+    assert!(correction.code.contains("pump-blood-flow"));
+    assert_eq!(
+        (correction.value.as_str(), correction.status.as_str()),
+        ("4.5", "C")
+    );
+
+    // Content the receiver refuses (AE) is dead-lettered there, not retried forever; the FHIR
+    // destination still gets it.
+    v2.fail_next(ReceiverFault::Error, 1);
+    post(batch(serde_json::json!([
+        {"parameter": "PVen", "value": -60, "unit": "mmHg", "time": rfc3339(taken)}
+    ])))
+    .await;
+    let queues = admin_until(&gateway, &pki.client("admin"), "/admin/v1/queues", |q| {
+        q["destinations"]
+            .as_array()
+            .is_some_and(|d| d.iter().all(|d| d["pending"] == 0))
+    })
+    .await;
+    let v2_stats = queues["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["destination"] == "v2-ehr")
+        .unwrap();
+    assert_eq!(v2_stats["dead"], 1, "{queues}");
+    assert_eq!(v2.results().len(), 4);
+    assert_eq!(ehr.ehr.count("Observation"), 4);
 }

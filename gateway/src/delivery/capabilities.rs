@@ -277,6 +277,10 @@ pub async fn check(settings: &DestinationSettings, client: &EhrClient) -> Capabi
         gaps: scope_gaps(settings),
         smart: None,
     };
+    if settings.kind == crate::config::DestinationKind::Hl7v2 {
+        // An HL7 v2 receiver has no CapabilityStatement: its ACKs say what it takes.
+        return report;
+    }
     let url = format!("{}/metadata", settings.base_url.trim_end_matches('/'));
     let request = Request::builder()
         .method(Method::GET)

@@ -30,6 +30,8 @@ pub enum ClientError {
     Backoff(String, String),
     #[error("destination '{0}': {1}")]
     Smart(String, crate::delivery::smart::SmartError),
+    #[error(transparent)]
+    Oru(#[from] crate::delivery::oru::OruConfigError),
 }
 
 /// TCP with Nagle off: a request's headers and body leave at once instead of waiting ~40 ms

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod capabilities;
 pub mod client;
 pub mod fleet;
+pub mod oru;
 pub mod references;
 pub mod request_builder;
 pub mod response;
@@ -200,6 +201,8 @@ pub struct Destination {
     client: EhrClient,
     /// Literal references, for destinations that need them.
     references: Option<Arc<references::LiteralReferences>>,
+    /// HL7 v2 receivers (`kind = "hl7v2"`): Observations go out as ORU^R01 over MLLP.
+    oru: Option<Arc<oru::OruSender>>,
 }
 
 impl Destination {
@@ -226,7 +229,18 @@ impl Destination {
                     .with_encounter(settings.encounter),
                 )
             }),
+            oru: match settings.kind {
+                crate::config::DestinationKind::Hl7v2 => {
+                    Some(Arc::new(oru::OruSender::new(settings)?))
+                }
+                crate::config::DestinationKind::Fhir => None,
+            },
         })
+    }
+
+    /// The ORU^R01 sender of an HL7 v2 destination.
+    pub fn oru(&self) -> Option<&oru::OruSender> {
+        self.oru.as_deref()
     }
 
     /// `resources` as this destination needs them for one request (`together`: one

@@ -317,6 +317,9 @@ impl Shared {
                 )),
             }
         }
+        if let Some(oru) = self.destination.oru() {
+            return self.deliver_oru(oru, resources, outcomes).await;
+        }
         let builder = self.destination.request_builder();
         let client = self.destination.client();
         let transactions = self.destination.bundle_mode() == BundleMode::Transaction;
@@ -428,6 +431,40 @@ impl Shared {
                 };
                 outcomes.push((*id, settle));
             }
+        }
+        (outcomes, health)
+    }
+
+    /// An HL7 v2 receiver: one ORU^R01 per Observation, in order, each settled by its ACK.
+    /// Once the receiver is unreachable the rest wait for the next attempt unsent.
+    async fn deliver_oru(
+        &self,
+        oru: &crate::delivery::oru::OruSender,
+        resources: Vec<(i64, u32, MappedResource)>,
+        mut outcomes: Vec<(i64, Settle)>,
+    ) -> (Vec<(i64, Settle)>, Health) {
+        let mut health = Health::Up;
+        let mut down: Option<DeliveryError> = None;
+        for (id, attempts, resource) in &resources {
+            if let Some(error) = &down {
+                outcomes.push((*id, self.reschedule(*attempts, error)));
+                continue;
+            }
+            let settle = match oru.send(resource).await {
+                Ok(entry) => Settle::Delivered {
+                    status: entry.status,
+                    location: None,
+                },
+                Err(error) => {
+                    let settle = self.reschedule(*attempts, &error);
+                    if !matches!(error, DeliveryError::Rejected { .. }) {
+                        health = self.health_of(&error);
+                        down = Some(error);
+                    }
+                    settle
+                }
+            };
+            outcomes.push((*id, settle));
         }
         (outcomes, health)
     }

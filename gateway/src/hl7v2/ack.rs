@@ -62,7 +62,7 @@ pub fn write(
         text.push_str(part);
     }
     text.push(f);
-    text.push_str(&dtm(now));
+    text.push_str(&er7::dtm(now));
     text.push(f);
     text.push(f);
     text.push_str("ACK");
@@ -143,14 +143,6 @@ fn write_location(text: &mut String, location: &Location, d: Delimiters) {
             text.push_str(&n.to_string());
         }
     }
-}
-
-/// An HL7 DTM with seconds and offset.
-fn dtm(now: time::OffsetDateTime) -> String {
-    let format = time::macros::format_description!(
-        "[year][month][day][hour][minute][second][offset_hour sign:mandatory][offset_minute]"
-    );
-    now.format(&format).unwrap_or_default()
 }
 
 /// A header for answering a frame that could not be read at all (default delimiters, no

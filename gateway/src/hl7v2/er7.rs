@@ -486,6 +486,14 @@ pub fn escape_into(out: &mut String, text: &str, delimiters: Delimiters) {
     }
 }
 
+/// An HL7 DTM to the second, with the offset: `YYYYMMDDHHMMSS+HHMM`.
+pub fn dtm(at: time::OffsetDateTime) -> String {
+    let format = time::macros::format_description!(
+        "[year][month][day][hour][minute][second][offset_hour sign:mandatory][offset_minute]"
+    );
+    at.format(&format).unwrap_or_default()
+}
+
 /// Text in the character set a message is written in: characters it cannot hold become `?`.
 pub fn encode(text: &str, charset: Charset) -> Vec<u8> {
     match charset {

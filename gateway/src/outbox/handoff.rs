@@ -30,11 +30,17 @@ pub struct Route {
 
 impl From<&crate::config::DestinationSettings> for Route {
     fn from(settings: &crate::config::DestinationSettings) -> Self {
+        // An HL7 v2 receiver gets Observations (ORU^R01 has no place for the rest).
+        let oru = settings.kind == crate::config::DestinationKind::Hl7v2;
+        let mut only = settings.only.clone();
+        if oru {
+            only.resource_types = vec!["Observation".into()];
+        }
         Self {
             destination: settings.name.clone(),
-            only: settings.only.clone(),
+            only,
             corrections: settings.corrections,
-            provenance: settings.provenance,
+            provenance: settings.provenance && !oru,
         }
     }
 }
