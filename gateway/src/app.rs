@@ -14,8 +14,8 @@ use crate::hl7v2::listener::{MllpOptions, MllpParts, MllpTransport};
 use crate::hl7v2::pcd01::Pcd01Settings;
 use crate::ingress::client_identity::LiveVendors;
 use crate::ingress::device_clocks::DeviceClocks;
-use crate::ingress::stack::observation_path;
-use crate::ingress::{IngressParts, IngressSettings, build_stack};
+use crate::ingress::stack::{Admission, build_stack_with, observation_path};
+use crate::ingress::{IngressParts, IngressSettings};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
 use crate::outbox::retention::RetentionPolicy;
@@ -296,6 +296,8 @@ impl Gateway {
             max_future_skew: self.config.readings.max_future_skew,
             max_past_age: self.config.readings.max_past_age,
         };
+        // One request limit and one share per vendor for both ways in.
+        let admission = Admission::new(&settings);
         if let Some(hl7) = &self.config.hl7v2 {
             let mllp_listener =
                 TcpListener::bind(hl7.listen)
@@ -316,14 +318,14 @@ impl Gateway {
                 },
             };
             let parts = MllpParts {
-                path: observation_path(
+                path: admission.admit(observation_path(
                     &live_mappings,
                     &self.schemas,
                     &runs,
                     settings.time_window(),
                     &clocks,
                     handoff.clone(),
-                ),
+                )),
                 mappings: live_mappings.clone(),
                 options: Arc::new(MllpOptions {
                     max_frame_bytes: hl7.max_frame_bytes,
@@ -345,7 +347,7 @@ impl Gateway {
             ));
             tracing::info!(mllp = %mllp_addr, tls = hl7.tls, "HL7 v2 listening (MLLP, IHE PCD-01 ORU^R01)");
         }
-        let stack = build_stack(
+        let stack = build_stack_with(
             settings,
             self.vendors,
             IngressParts {
@@ -356,6 +358,7 @@ impl Gateway {
                 clocks: clocks.clone(),
             },
             handoff,
+            admission,
         );
         let options = ServeOptions {
             handshake_timeout: server.handshake_timeout,

@@ -504,3 +504,71 @@ async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corre
     assert_eq!(v2.results().len(), 4);
     assert_eq!(ehr.ehr.count("Observation"), 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mllp_counts_against_the_same_vendor_share_as_https() {
+    // Direct delivery, so a request stays in progress while the EHR takes its time.
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let config = conformance_tests::harness::gateway_config(
+        &pki,
+        &ehr.base_url,
+        conformance_tests::harness::WriteStyle::TRANSACTION_CONDITIONAL,
+        "gateway-client",
+    )
+    .replace(
+        "max_body_bytes = 262144",
+        "max_body_bytes = 262144\nmax_concurrent_requests_per_vendor = 1",
+    ) + &hl7v2_section("");
+    let gateway = GatewayProcess::start(&config).unwrap();
+    ehr.ehr.fail_next(
+        conformance_tests::ehr::Fault::delay(std::time::Duration::from_secs(3)),
+        1,
+    );
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let message = |id: &str, rpm: u32| {
+        format!(
+            "{}PID|||MRN-Q-1^^^HOSP^MR\rOBX|1|NM|RPM^^99CH|1.1.1.1|{rpm}|rpm^^L|||||F|||{}||||CH-Q-1^CARDIOHELP-i\r",
+            msh(id, now),
+            dtm(now - time::Duration::seconds(i64::from(rpm % 50)))
+        )
+    };
+    let mut slow = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let first = message("Q-1", 3001);
+    let held = tokio::spawn(async move { Ack::parse(&slow.send(&first).await.unwrap()) });
+    // Polled, not slept: the first message is at the EHR (and so holds Getinge's one place).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ehr.ehr.max_concurrent_writes() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            gateway.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A second message of the same vendor on another connection: refused for now (AR, resend).
+    let mut eager = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let ack = Ack::parse(&eager.send(&message("Q-2", 3002)).await.unwrap());
+    assert_eq!(ack.code, "AR", "{ack:?}");
+    assert_eq!(ack.errors[0].1, "207");
+    assert!(ack.errors[0].3.contains("share"), "{ack:?}");
+    // Over HTTPS too: the same share.
+    let answer = pki
+        .client(GETINGE)
+        .post_json(
+            &gateway.url("/v1/observations"),
+            &serde_json::json!({
+                "device": {"serial": "CH-Q-2", "model": "CARDIOHELP-i"},
+                "patient": {"system": MRN_SYSTEM, "value": "MRN-Q-1"},
+                "readings": [{"parameter": "RPM", "value": 3003, "unit": "rpm",
+                              "time": now.format(&time::format_description::well_known::Rfc3339).unwrap()}]
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status.as_u16(), 503);
+    // The first completes; afterwards the second goes through.
+    assert_eq!(held.await.unwrap().code, "AA");
+    let ack = Ack::parse(&eager.send(&message("Q-2", 3002)).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}");
+}

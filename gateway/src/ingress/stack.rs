@@ -64,6 +64,41 @@ pub struct IngressParts {
     pub clocks: Arc<DeviceClocks>,
 }
 
+/// The request limit and the vendors' shares of it: one for the whole gateway, so that the
+/// HTTPS and MLLP listeners count against the same limits.
+#[derive(Clone)]
+pub struct Admission {
+    requests: Arc<tokio::sync::Semaphore>,
+    vendor_shares: vendor_share::VendorShares,
+}
+
+impl Admission {
+    pub fn new(settings: &IngressSettings) -> Self {
+        Self {
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_requests,
+            )),
+            vendor_shares: vendor_share::VendorShares::new(
+                settings.max_concurrent_requests_per_vendor,
+            ),
+        }
+    }
+
+    /// `path` behind the request limit (a request over it is shed at once: 503) and the
+    /// vendor's share of it (503 too). Requests carry their `Arc<VendorPolicy>`.
+    pub fn admit(&self, path: ObservationPath) -> ObservationPath {
+        BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+                    self.requests.clone(),
+                ))
+                .layer(self.vendor_shares.layer())
+                .service(path),
+        )
+    }
+}
+
 /// Builds the stack once; the accept loop clones it per connection, and every clone shares
 /// the concurrency limit.
 pub fn build_stack<B>(
@@ -71,6 +106,25 @@ pub fn build_stack<B>(
     vendors: impl Into<client_identity::LiveVendors>,
     parts: IngressParts,
     handoff: Arc<dyn Handoff>,
+) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
++ Clone
++ Send
++ 'static
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + std::error::Error + Send + Sync + 'static,
+{
+    let admission = Admission::new(&settings);
+    build_stack_with(settings, vendors, parts, handoff, admission)
+}
+
+/// [`build_stack`] counting against `admission`, shared with other listeners.
+pub fn build_stack_with<B>(
+    settings: IngressSettings,
+    vendors: impl Into<client_identity::LiveVendors>,
+    parts: IngressParts,
+    handoff: Arc<dyn Handoff>,
+    admission: Admission,
 ) -> impl Service<Request<B>, Response = Response<BoxBody>, Error = BoxError, Future = impl Send>
 + Clone
 + Send
@@ -149,14 +203,12 @@ where
         .layer(RequestBodyLimitLayer::new(settings.max_body_bytes))
         .timeout(settings.request_timeout)
         .load_shed()
-        .layer(GlobalConcurrencyLimitLayer::new(
-            settings.max_concurrent_requests,
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            admission.requests.clone(),
         ))
         .layer(client_identity::layer(vendors.into()))
         // Inside the global limit: a vendor over its share gives its global slot back at once.
-        .layer(vendor_share::layer(
-            settings.max_concurrent_requests_per_vendor,
-        ))
+        .layer(admission.vendor_shares.layer())
         .service(Router::new(
             BoxCloneSyncService::new(observations),
             BoxCloneSyncService::new(run_events),

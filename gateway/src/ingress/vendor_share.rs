@@ -50,8 +50,15 @@ impl VendorShares {
 }
 
 pub fn layer(share: usize) -> VendorShareLayer {
-    VendorShareLayer {
-        shares: VendorShares::new(share),
+    VendorShares::new(share).layer()
+}
+
+impl VendorShares {
+    /// A layer counting against these shares (several listeners may share them).
+    pub fn layer(&self) -> VendorShareLayer {
+        VendorShareLayer {
+            shares: self.clone(),
+        }
     }
 }
 
