@@ -128,7 +128,8 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
          OBX|3|NM|Flow^Blood flow^99CH|1.1.1.1|4.35|265216^MDC_DIM_X_L_PER_MIN^MDC|||||F|||{t}\r\
          OBX|4|NM|150332^MDC_SAT_O2_VEN^MDC|1.1.1.2|71.5|262688^MDC_DIM_PERCENT^MDC|||||F|||{t}\r\
          OBX|5|NM|PVen^Drainage pressure^99CH|1.1.1.3|-62|266016^MDC_DIM_MMHG^MDC|||||R|||{t}\r\
-         OBX|6|NM|Hct^^99CH|1.1.1.4||%^^UCUM|||||X|||{t}\r",
+         OBX|6|NM|Hct^^99CH|1.1.1.4||%^^UCUM|||||X|||{t}\r\
+         OBX|7|CWE|Bubble^Bubble detected^99CH|1.1.1.6|N^No^HL70136||||||F|||{t}\r",
         msh("A-1", now)
     );
     let ack = Ack::parse(&sender.send(&first).await.unwrap());
@@ -139,8 +140,10 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
 
     settled(&gateway, &pki).await;
     let stored = observations_by_identifier(&ehr);
-    assert_eq!(stored.len(), 3, "{:?}", stored.keys());
+    assert_eq!(stored.len(), 4, "{:?}", stored.keys());
     let at = compact(taken);
+    let bubble = &stored[&format!("getinge-cardiohelp:CH-HL7-1:bubble-detected:{at}")];
+    assert_eq!(bubble["valueBoolean"], false);
     let flow = &stored[&format!("getinge-cardiohelp:CH-HL7-1:pump-blood-flow:{at}")];
     assert_eq!(flow["valueQuantity"]["value"].to_string(), "4.35");
     assert_eq!(flow["valueQuantity"]["code"], "L/min");
@@ -169,7 +172,7 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
     assert_eq!(ack.code, "AA", "{ack:?}");
     settled(&gateway, &pki).await;
     let counts = ehr.ehr.identifier_counts("Observation");
-    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert_eq!(counts.len(), 5, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
     let speed = &observations_by_identifier(&ehr)
         [&format!("getinge-cardiohelp:CH-HL7-1:pump-speed:{}", compact(later))];
@@ -248,7 +251,7 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
 
     settled(&gateway, &pki).await;
     let counts = ehr.ehr.identifier_counts("Observation");
-    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert_eq!(counts.len(), 6, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
     let log = gateway.log_text();
     for private in ["MRN-HL7-1", "4.35", "M\\XC3BC\\ller", "Müller"] {
@@ -313,7 +316,7 @@ async fn sample_messages_get_the_acks_their_shapes_call_for() {
                     "OBX^2^18^1^1",
                     "PID^1^3^1^4",
                     "OBX^4^6^1^1",
-                    "OBX^5^2^1",
+                    "OBX^5^5^1^1",
                     "OBX^6^2^1",
                 ],
             ),

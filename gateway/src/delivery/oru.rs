@@ -340,6 +340,7 @@ pub fn encode(
             ));
         }
     };
+    let mut value_type = "NM";
     let (value, unit, status) = if let Some(quantity) = observation.get("valueQuantity") {
         let value = quantity["value"].to_string();
         if !value
@@ -351,7 +352,13 @@ pub fn encode(
         let ucum = quantity["code"].as_str().unwrap_or_default();
         (value, format!("{}^{}^UCUM", esc(ucum), esc(ucum)), status)
     } else if let Some(flag) = observation["valueBoolean"].as_bool() {
-        (u8::from(flag).to_string(), String::new(), status)
+        value_type = "CWE";
+        let yes_no = if flag {
+            "Y^Yes^HL70136"
+        } else {
+            "N^No^HL70136"
+        };
+        (yes_no.to_owned(), String::new(), status)
     } else if status == "W" {
         (String::new(), String::new(), status)
     } else {
@@ -361,7 +368,7 @@ pub fn encode(
         .as_str()
         .unwrap_or_default();
     text.push_str(&format!(
-        "OBX|1|NM|{identifier}|1.1.1.1|{value}|{unit}|||||{status}|||{when}|||AMEAS^auto-measurement^MDC|{}\r",
+        "OBX|1|{value_type}|{identifier}|1.1.1.1|{value}|{unit}|||||{status}|||{when}|||AMEAS^auto-measurement^MDC|{}\r",
         esc(device)
     ));
     Ok(text)
@@ -448,6 +455,14 @@ mod tests {
             encode(&retracted, "X", &OruSettings::default(), at)
                 .unwrap()
                 .contains("|||||W|||")
+        );
+        let mut bubble = observation();
+        bubble.as_object_mut().unwrap().remove("valueQuantity");
+        bubble["valueBoolean"] = json!(false);
+        assert!(
+            encode(&bubble, "X", &OruSettings::default(), at)
+                .unwrap()
+                .contains("OBX|1|CWE|150332^MDC_SAT_O2_VEN^MDC^drainage-blood-saturation^Drainage blood O2 saturation^99ECMO|1.1.1.1|N^No^HL70136||||||F|")
         );
         let mut amended = observation();
         amended["status"] = json!("amended");

@@ -478,12 +478,13 @@ fn reading_of(
     let problem = |code, location: Location, text: String| {
         Skipped::Problem(Er7Error::new(code, Some(location), text))
     };
-    if value_type != "NM" {
+    let coded = matches!(value_type, "CWE" | "CE" | "CNE" | "ST");
+    if value_type != "NM" && !coded {
         return Err(problem(
             ErrorCode::DataType,
             obx.location(2),
             format!(
-                "value type '{value_type}' is not taken: the gateway maps numeric results (NM); other types are refused rather than dropped"
+                "value type '{value_type}' is not taken: the gateway maps numeric results (NM) and yes/no states (CWE, CE, CNE or ST with Y or N); waveforms (NA) and other types are refused rather than dropped"
             ),
         ));
     }
@@ -522,17 +523,34 @@ fn reading_of(
             "OBX-5 has no value".into(),
         ));
     }
-    let value = nm_number(value_raw).ok_or_else(|| {
-        problem(
-            ErrorCode::DataType,
-            obx.location(5),
-            "OBX-5 is not an NM number (digits with an optional sign and decimal point)".into(),
-        )
-    })?;
+    let value = if coded {
+        // HL7 table 0136 (yes/no indicator), as a boolean the mapping table checks.
+        match component(value_raw, 1, d).trim() {
+            "Y" => Value::Bool(true),
+            "N" => Value::Bool(false),
+            other => {
+                return Err(problem(
+                    ErrorCode::TableValueNotFound,
+                    obx.location(5).component(1),
+                    format!(
+                        "{value_type} value '{other}' is not taken: coded results are yes/no states, Y or N (HL7 table 0136)"
+                    ),
+                ));
+            }
+        }
+    } else {
+        Value::Number(nm_number(value_raw).ok_or_else(|| {
+            problem(
+                ErrorCode::DataType,
+                obx.location(5),
+                "OBX-5 is not an NM number (digits with an optional sign and decimal point)".into(),
+            )
+        })?)
+    };
     let parameter = parameter_of(obx, d, family).map_err(Skipped::Problem)?;
     let mut reading = Map::new();
     reading.insert("parameter".into(), Value::String(parameter));
-    reading.insert("value".into(), Value::Number(value));
+    reading.insert("value".into(), value);
     let mut fields = vec![
         ("parameter", obx.location(3)),
         ("value", obx.location(5)),
@@ -774,7 +792,8 @@ mod tests {
              OBX|2|NM|Flow^Blood flow^99CH|1.1.1.1|+4.20|265216^MDC_DIM_X_L_PER_MIN^MDC|||||F|||20261206101455+0100\r\
              OBX|3|NM|150332^MDC_SAT_O2_VEN^MDC|1.1.1.2|72|%^^UCUM|||||F\r\
              OBX|4|NM|RPM^Pump speed^99CH|1.1.1.3|3500|/min^^UCUM|||||X|||20261206101455+0100\r\
-             OBX|5|NM|PVen^^99CH|1.1.1.4||mm[Hg]^^UCUM|||||X|||20261206101455+0100\r",
+             OBX|5|NM|PVen^^99CH|1.1.1.4||mm[Hg]^^UCUM|||||X|||20261206101455+0100\r\
+             OBX|6|CWE|Bubble^Bubble detected^99CH|1.1.1.5|N^No^HL70136||||||F|||20261206101455+0100\r",
         ))
         .unwrap();
         // As JSON text: the value keeps the device's digits (4.20, not 4.2).
@@ -785,7 +804,8 @@ mod tests {
                 "readings": [
                     {"parameter": "Flow", "value": 4.20, "unit": "L/min", "time": "2026-12-06T10:14:55+01:00"},
                     {"parameter": "SvO2", "value": 72, "unit": "%", "time": "2026-12-06T10:15:00+01:00"},
-                    {"parameter": "RPM", "value": 3500, "unit": "/min", "time": "2026-12-06T10:14:55+01:00", "flags": ["invalid"]}
+                    {"parameter": "RPM", "value": 3500, "unit": "/min", "time": "2026-12-06T10:14:55+01:00", "flags": ["invalid"]},
+                    {"parameter": "Bubble", "value": false, "time": "2026-12-06T10:14:55+01:00"}
                 ]
             }"#,
         )
@@ -851,7 +871,7 @@ mod tests {
             [
                 "OBX[7]-18.1",
                 "PID-3.4",
-                "OBX-2",
+                "OBX-5.1",
                 "OBX[2]-5",
                 "OBX[3]-14",
                 "OBX[4]-11",
