@@ -133,16 +133,23 @@ async fn converse<S>(
     let mut codec = MllpCodec::new(options.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     tracing::info!(%remote, vendor = %vendor.name, "MLLP connection open");
+    // When the frame being read began: it must be complete by then plus the read timeout,
+    // however slowly its bytes trickle in.
+    let mut frame_began: Option<tokio::time::Instant> = None;
     let ended = loop {
         let frame = match codec.decode(&mut buf) {
-            Ok(Some(frame)) => frame,
+            Ok(Some(frame)) => {
+                frame_began = None;
+                frame
+            }
             Ok(None) => {
-                let limit = if MllpCodec::in_frame(&buf) {
-                    options.read_timeout
+                let now = tokio::time::Instant::now();
+                let deadline = if MllpCodec::in_frame(&buf) {
+                    *frame_began.get_or_insert(now) + options.read_timeout
                 } else {
-                    options.idle_timeout
+                    now + options.idle_timeout
                 };
-                match tokio::time::timeout(limit, stream.read_buf(&mut buf)).await {
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
                     Err(_) => break "timed out",
                     Ok(Err(_)) => break "read failed",
                     Ok(Ok(0)) => {
@@ -332,4 +339,52 @@ fn record(code: AckCode) {
         .hl7_messages
         .get_or_create(&crate::metrics::AckLabel { ack: code.as_str() })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::client_identity::VendorPolicy;
+
+    fn parts(read_timeout: Duration) -> MllpParts {
+        let refuse_all = tower::service_fn(|_: Request<serde_json::Value>| async {
+            Err::<http::Response<crate::BoxBody>, crate::BoxError>("no path in this test".into())
+        });
+        MllpParts {
+            path: tower::util::BoxCloneSyncService::new(refuse_all),
+            mappings: Arc::new(mappings::Mappings::embedded().unwrap()).into(),
+            options: Arc::new(MllpOptions {
+                max_frame_bytes: 1024,
+                idle_timeout: Duration::from_secs(600),
+                read_timeout,
+                handshake_timeout: Duration::from_secs(10),
+                request_timeout: Duration::from_secs(10),
+                max_connections: 1,
+                pcd01: Pcd01Settings::default(),
+            }),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_trickling_in_is_cut_off_at_the_read_timeout() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let parts = parts(Duration::from_secs(30));
+        let vendor = Arc::new(VendorPolicy::of_models("v", &[]));
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let connection =
+            tokio::spawn(async move { converse(server, remote, vendor, &parts).await });
+        client.write_all(b"\x0bMSH").await.unwrap();
+        // A byte every 20 s: each read is within the timeout, the frame as a whole is not.
+        let mut closed_after = None;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            if client.write_all(b"|").await.is_err() || connection.is_finished() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+        let closed_after = closed_after.expect("the connection is closed");
+        assert!(closed_after <= Duration::from_secs(40), "{closed_after:?}");
+    }
 }
