@@ -575,3 +575,46 @@ async fn mllp_counts_against_the_same_vendor_share_as_https() {
     let ack = Ack::parse(&eager.send(&message("Q-2", 3002)).await.unwrap());
     assert_eq!(ack.code, "AA", "{ack:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_revoked_mid_connection_is_refused_at_its_next_message() {
+    let (pki, _ehr, _dir, gateway) = start("").await;
+    let mut sender = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let message = |id: &str, seconds: i64| {
+        format!(
+            "{}PID|||MRN-R-1^^^HOSP^MR\rOBX|1|NM|RPM^^99CH|1.1.1.1|3100|rpm^^L|||||F|||{}||||CH-R-1^CARDIOHELP-i\r",
+            msh(id, now),
+            dtm(now - time::Duration::seconds(seconds))
+        )
+    };
+    assert_eq!(
+        Ack::parse(&sender.send(&message("R-1", 10)).await.unwrap()).code,
+        "AA"
+    );
+    // The operators revoke the certificate this connection was opened with.
+    let pem = std::fs::read_to_string(pki.path(&format!("{GETINGE}.pem"))).unwrap();
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    };
+    let sha256 = gateway::revocations::hex(&gateway::revocations::fingerprint(der.as_ref()));
+    pki.client("admin")
+        .post_json(
+            &gateway.admin_url(&format!("/admin/v1/revoked-certificates/{sha256}")),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap()
+        .expect_status(201);
+    // The same open connection: the next message is refused, naming it, and the connection
+    // is closed.
+    let ack = Ack::parse(&sender.send(&message("R-2", 5)).await.unwrap());
+    assert_eq!(
+        (ack.code.as_str(), ack.control_id.as_str()),
+        ("AR", "R-2"),
+        "{ack:?}"
+    );
+    assert!(ack.errors[0].3.contains("revoked"), "{ack:?}");
+    assert!(sender.closed().await);
+}

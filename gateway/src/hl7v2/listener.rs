@@ -82,13 +82,11 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let connection = async {
-                match transport {
-                    MllpTransport::Plain { vendors, name } => match vendors.load().by_name(&name) {
-                        Some(vendor) => converse(tcp, remote, vendor, &parts).await,
-                        None => {
-                            tracing::warn!(%remote, vendor = %name, "hl7v2.plain_vendor is no longer a configured vendor; connection closed");
-                        }
-                    },
+                let sender = match transport {
+                    MllpTransport::Plain { vendors, name } => {
+                        converse(tcp, remote, Sender::Plain { vendors, name }, &parts).await;
+                        return;
+                    }
                     MllpTransport::Tls { tls, vendors } => {
                         let acceptor = TlsAcceptor::from(tls.load_full());
                         let Some((stream, Some(peer))) = crate::server::handshake(
@@ -102,14 +100,10 @@ pub async fn serve(
                         else {
                             return;
                         };
-                        match vendors.load().for_peer(&peer) {
-                            Ok(vendor) => converse(stream, remote, vendor, &parts).await,
-                            Err(refused) => {
-                                tracing::info!(%remote, certificate = %peer.label(), reason = %refused, "MLLP certificate refused as a vendor");
-                            }
-                        }
+                        (stream, Sender::Certificate { vendors, peer })
                     }
-                }
+                };
+                converse(sender.0, remote, sender.1, &parts).await;
             };
             tokio::select! {
                 _ = connection => {}
@@ -120,15 +114,44 @@ pub async fn serve(
     let _ = stop.send(true);
 }
 
+/// Who a connection posts as, looked up again for every message: a certificate revoked, or a
+/// vendor removed by a reload, is not taken from its next message on.
+enum Sender {
+    Certificate {
+        vendors: LiveVendors,
+        peer: crate::peer::PeerIdentity,
+    },
+    Plain {
+        vendors: LiveVendors,
+        name: String,
+    },
+}
+
+impl Sender {
+    fn vendor(&self) -> Result<Arc<VendorPolicy>, String> {
+        match self {
+            Self::Certificate { vendors, peer } => {
+                vendors.load().for_peer(peer).map_err(|e| e.to_string())
+            }
+            Self::Plain { vendors, name } => vendors.load().by_name(name).ok_or_else(|| {
+                format!("hl7v2.plain_vendor '{name}' is no longer a configured vendor")
+            }),
+        }
+    }
+}
+
 /// One connection: frames in, an ACK for each, until the sender closes or a limit is hit.
-async fn converse<S>(
-    mut stream: S,
-    remote: SocketAddr,
-    vendor: Arc<VendorPolicy>,
-    parts: &MllpParts,
-) where
+async fn converse<S>(mut stream: S, remote: SocketAddr, sender: Sender, parts: &MllpParts)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let vendor = match sender.vendor() {
+        Ok(vendor) => vendor,
+        Err(refused) => {
+            tracing::info!(%remote, reason = %refused, "MLLP connection refused: not a vendor");
+            return;
+        }
+    };
     let options = &parts.options;
     let mut codec = MllpCodec::new(options.max_frame_bytes);
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -179,6 +202,26 @@ async fn converse<S>(
                 };
             }
         };
+        let vendor = match sender.vendor() {
+            Ok(vendor) => vendor,
+            Err(refused) => {
+                tracing::info!(%remote, reason = %refused, "MLLP sender no longer accepted; connection closed");
+                let refusal = Er7Error::new(
+                    ErrorCode::UnknownKeyIdentifier,
+                    None,
+                    format!("this connection is no longer accepted: {refused}"),
+                );
+                let answer = ack::write(
+                    &header_of(&frame),
+                    AckCode::Reject,
+                    &[(Severity::Error, &refusal)],
+                    &new_control_id(),
+                    time::OffsetDateTime::now_utc(),
+                );
+                let _ = send(&mut stream, &answer, options.read_timeout).await;
+                break "sender no longer accepted";
+            }
+        };
         let answer = handle(frame, &vendor, parts).await;
         if send(&mut stream, &answer, options.read_timeout)
             .await
@@ -208,6 +251,17 @@ async fn send<S: AsyncWrite + Unpin>(
     {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
+    }
+}
+
+/// The MSH of `frame` as far as it can be read, for answering it.
+fn header_of(frame: &[u8]) -> Header {
+    match er7::decode(frame) {
+        Ok((text, delimiters, charset)) => match Message::parse(&text, delimiters) {
+            Ok(message) => Header::read(&message, charset),
+            Err(_) => ack::unreadable_header(),
+        },
+        Err(_) => ack::unreadable_header(),
     }
 }
 
@@ -344,7 +398,6 @@ fn record(code: AckCode) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::client_identity::VendorPolicy;
 
     fn parts(read_timeout: Duration) -> MllpParts {
         let refuse_all = tower::service_fn(|_: Request<serde_json::Value>| async {
@@ -365,15 +418,33 @@ mod tests {
         }
     }
 
+    /// A plain connection posting as vendor `v`.
+    fn plain_sender() -> Sender {
+        let vendors = crate::ingress::Vendors::new(
+            &[crate::config::VendorSettings {
+                name: "v".into(),
+                identity: "v".into(),
+                models: vec!["CARDIOHELP-i".into()],
+                ..Default::default()
+            }],
+            &[],
+            None,
+        )
+        .unwrap();
+        Sender::Plain {
+            vendors: vendors.into(),
+            name: "v".into(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_frame_trickling_in_is_cut_off_at_the_read_timeout() {
         let (mut client, server) = tokio::io::duplex(64);
         let parts = parts(Duration::from_secs(30));
-        let vendor = Arc::new(VendorPolicy::of_models("v", &[]));
         let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let started = tokio::time::Instant::now();
         let connection =
-            tokio::spawn(async move { converse(server, remote, vendor, &parts).await });
+            tokio::spawn(async move { converse(server, remote, plain_sender(), &parts).await });
         client.write_all(b"\x0bMSH").await.unwrap();
         // A byte every 20 s: each read is within the timeout, the frame as a whole is not.
         let mut closed_after = None;
