@@ -703,7 +703,7 @@ fn start_gateway(
     .replace(
         "max_attempts = 1\nlinger = \"5ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nretry_backoff_max = \"2s\"\n",
         tune,
-    );
+    ) + "\n[hl7v2]\nlisten = \"127.0.0.1:0\"\n\n[hl7v2.patient_identifier_systems]\nHOSP = \"urn:oid:1.2.36.146.595.217.0.1\"\n";
     GatewayProcess::start(&config)
 }
 
@@ -850,6 +850,60 @@ async fn main() -> Result<(), BoxError> {
     }
     for failure in &failures {
         println!("\nfirst failure: {failure}");
+    }
+
+    // HL7 v2 in: the same readings as ORU^R01 over MLLP with mutual TLS, compared with HTTPS.
+    if let Some(mllp) = gateway.mllp {
+        println!(
+            "\n## HL7 v2 in: ORU^R01 over MLLP, mutual TLS (medians of {} run(s))\n",
+            args.repeat
+        );
+        println!(
+            "| workload | messages/s | readings/s | p50 ms | p99 ms | p99.9 ms | failed | server CPU | x the same over HTTPS (readings/s) |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (per_message, https) in [
+            (args.batch_readings, Workload::Batches),
+            (1, Workload::Single),
+        ] {
+            let mut runs = Vec::new();
+            for run in 0..args.repeat {
+                let measured = with_delivery(
+                    &ehr.ehr,
+                    &accepted,
+                    Duration::from_secs(args.seconds * 12),
+                    mllp_closed_loop(
+                        &args,
+                        &pki,
+                        mllp,
+                        gateway.pid(),
+                        &format!("H{run}-{per_message}"),
+                        per_message,
+                        &accepted,
+                    ),
+                )
+                .await
+                .0;
+                runs.push(measured);
+            }
+            let row = Row::of(&runs);
+            let over_https = Row::of(&results[&(gateway_index, https)]);
+            println!(
+                "| {} reading(s) per message, closed loop | {} | {} | {} | {} | {} | {} | {}% | {:.2} |",
+                per_message,
+                with_thousands(row.req_s),
+                with_thousands(row.readings_s),
+                fmt(row.p50, 2),
+                fmt(row.p99, 2),
+                fmt(row.p999, 2),
+                row.failures,
+                fmt(row.cpu, 0),
+                row.readings_s / over_https.readings_s,
+            );
+            if let Some(why) = row.first_failure {
+                println!("\nfirst failure: {why}");
+            }
+        }
     }
 
     // The EHR on its own: the Bundles the gateway would send, posted straight to it.
@@ -1093,4 +1147,117 @@ fn interleave(jobs: Vec<Vec<Job>>, count: usize) -> Vec<Job> {
         .flat_map(|i| jobs.iter().filter_map(move |j| j.get(i).cloned()))
         .take(count)
         .collect()
+}
+
+/// One ORU^R01 per request of `per_message` readings (RPM and Flow in turn, a second apart)
+/// from console `serial`, as a device integration system sends them.
+fn oru_messages(serial: &str, per_message: usize, count: usize) -> Vec<String> {
+    let mut at = OffsetDateTime::now_utc() - time::Duration::days(1);
+    let offset = time::macros::offset!(+1);
+    let dtm = |t: OffsetDateTime| {
+        let t = t.to_offset(offset);
+        format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}+0100",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    };
+    (0..count)
+        .map(|n| {
+            let mut message = format!(
+                "MSH|^~\\&|BENCH|ICU|GW|HOSP|{}||ORU^R01^ORU_R01|{serial}-{n}|P|2.6|||NE|AL||UNICODE UTF-8\rPID|||MRN-{serial}^^^HOSP^MR\rOBX|1||ECMO^ECMO console^99ECMO|1.0.0.0|||||||X|||||||{serial}^CARDIOHELP-i\r",
+                dtm(at)
+            );
+            for i in 0..per_message {
+                let (code, value, unit) = if i % 2 == 0 {
+                    ("RPM", format!("{}", 3000 + (n + i) % 500), "/min^^UCUM")
+                } else {
+                    ("Flow", format!("4.{}", (n + i) % 90 + 10), "L/min^^UCUM")
+                };
+                message.push_str(&format!(
+                    "OBX|{}|NM|{code}^^99CH|1.1.1.{}|{value}|{unit}|||||F|||{}\r",
+                    i + 2,
+                    i % 2 + 1,
+                    dtm(at)
+                ));
+                if i % 2 == 1 {
+                    at += time::Duration::seconds(1);
+                }
+            }
+            at += time::Duration::seconds(1);
+            message
+        })
+        .collect()
+}
+
+/// Each client sends its messages over its own MLLP connection, one at a time, until the
+/// phase ends; an ACK other than AA is a failure.
+async fn mllp_closed_loop(
+    args: &Args,
+    pki: &TestPki,
+    mllp: std::net::SocketAddr,
+    pid: u32,
+    phase: &str,
+    per_message: usize,
+    accepted: &Accepted,
+) -> Measured {
+    let budget = if per_message > 1 { 2_000 } else { 15_000 } * args.seconds as usize;
+    let per_client = budget.div_ceil(args.clients).max(1);
+    let mut senders = Vec::new();
+    for _ in 0..args.clients {
+        match conformance_tests::mllp::MllpSender::tls(
+            mllp,
+            &pki.path("ca.pem"),
+            &pki.path(&format!("{GETINGE}.pem")),
+            &pki.path(&format!("{GETINGE}.key")),
+        )
+        .await
+        {
+            Ok(sender) => senders.push(sender),
+            Err(e) => {
+                return Measured {
+                    failures: 1,
+                    first_failure: Some(format!("MLLP connect: {e}")),
+                    ..Measured::default()
+                };
+            }
+        }
+    }
+    let start = Instant::now();
+    let ticks = cpu_ticks(pid);
+    let deadline = start + Duration::from_secs(args.seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (c, mut sender) in senders.into_iter().enumerate() {
+        let messages = oru_messages(&format!("{phase}-{c:03}"), per_message, per_client);
+        let accepted = accepted.clone();
+        tasks.spawn(async move {
+            let mut m = Measured::default();
+            for message in messages {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let sent = Instant::now();
+                let job = Job {
+                    path: "".into(),
+                    body: Bytes::new(),
+                    readings: per_message,
+                };
+                let outcome = match sender.send(&message).await {
+                    Ok(ack) => match conformance_tests::mllp::Ack::parse(&ack) {
+                        ack if ack.code == "AA" => Ok(()),
+                        ack => Err(format!("{} {:?}", ack.code, ack.errors.first())),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                record(&mut m, outcome, &job, &accepted);
+                m.latencies.push(sent.elapsed());
+            }
+            m
+        });
+    }
+    finish(tasks, start, Some(pid), ticks).await
 }
