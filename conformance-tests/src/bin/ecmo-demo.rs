@@ -66,7 +66,7 @@ async fn main() -> Result<(), gateway::BoxError> {
     let outbox = dir.join("outbox.sqlite");
     let _ = std::fs::remove_file(&outbox);
     let config = format!(
-        "# Written by ecmo-demo; every key is explained in gateway/gateway.example.toml.\n{}",
+        "# Written by ecmo-demo; every key is explained in gateway/gateway.example.toml.\n{}\n[hl7v2]\nlisten = \"127.0.0.1:0\"\n",
         durable_config(&dir, &running_ehr.base_url, &outbox)
     );
     std::fs::write(p("gateway.toml"), &config)?;
@@ -202,6 +202,39 @@ async fn main() -> Result<(), gateway::BoxError> {
         answer.status.as_u16(),
         indent(&serde_json::to_string_pretty(&answer.json())?)
     );
+
+    if let Some(mllp) = gateway.mllp {
+        println!(
+            "== 7b. The hospital's device integration system sends a Terumo CDI 500's readings as HL7 v2 (IHE PCD-01 ORU^R01, MLLP over mutual TLS, {mllp})"
+        );
+        let now = OffsetDateTime::now_utc();
+        let dtm = format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}+0000",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second()
+        );
+        let message = format!(
+            "MSH|^~\\&|DIS|ICU|ECMO_GW|HOSP|{dtm}||ORU^R01^ORU_R01|DEMO-CDI-1|P|2.6|||NE|AL||UNICODE UTF-8\r\
+             PID|||MRN-DEMO-1^^^&1.2.36.146.595.217.0.1&ISO^MR\r\
+             OBR|1|||182777000^monitoring of patient^SCT|||{dtm}\r\
+             OBX|1||CDI^Blood parameter monitor^99ECMO|1.0.0.0|||||||X|||||||CDI-7001^CDI 500\r\
+             OBX|2|NM|SO2^Venous oxygen saturation^99CDI|1.1.1.1|71.8|%^^UCUM|||||F|||{dtm}\r\
+             OBX|3|NM|HCT^Hematocrit^99CDI|1.1.1.2|29|%^^UCUM|||||F|||{dtm}\r"
+        );
+        let mut sender = conformance_tests::mllp::MllpSender::tls(
+            mllp,
+            &p("ca.pem"),
+            &p("vendor-integration.pem"),
+            &p("vendor-integration.key"),
+        )
+        .await?;
+        let ack = sender.send(&message).await?;
+        println!("   ACK: {}", ack.trim_end().replace('\r', "\n        "));
+    }
 
     println!("== 8. The run ends: the last cannula is removed, the patient came off alive");
     let ended = vendor
