@@ -395,8 +395,9 @@ thread_local! {
 }
 
 /// Each message answered as the listener answers it; the ACK must be a readable ACK^R01
-/// whose MSA-1 is AA, AE or AR, and never AR with 207 (the gateway's own failure). The
-/// statuses say AA as 200, AE as 422, AR as 400.
+/// whose MSA-1 is AA, AE or AR (CA, CE or CR where MSH-15 asks for a commit ACK), and never
+/// AR or CR with 207 (the gateway's own failure). The statuses say AA/CA as 200, AE/CE as 422,
+/// AR/CR as 400, and no answer (MSH-15/16 asked for none) as 204.
 fn hl7v2(data: &[u8]) -> Vec<http::StatusCode> {
     use crate::hl7v2::{er7, listener, mllp::MllpCodec};
     use tokio_util::codec::Decoder;
@@ -462,24 +463,30 @@ fn hl7v2(data: &[u8]) -> Vec<http::StatusCode> {
     };
     let mut statuses = Vec::new();
     for frame in frames {
-        let ack = shared()
+        let Some(ack) = shared()
             .runtime
-            .block_on(listener::handle(frame, &vendor, &parts));
+            .block_on(listener::handle(frame, &vendor, &parts))
+        else {
+            // The sender asked for no acknowledgment of this outcome (MSH-15/16).
+            statuses.push(http::StatusCode::NO_CONTENT);
+            continue;
+        };
         let (text, delimiters, _) = er7::decode(&ack).expect("the ACK is readable");
         let message = er7::Message::parse(&text, delimiters).expect("the ACK parses");
         let msa = message.first("MSA").expect("the ACK has an MSA");
         let code = msa.field(1);
         for err in message.segments().iter().filter(|s| s.id == "ERR") {
             assert!(
-                !(code == "AR" && er7::component(err.field(3), 1, delimiters) == "207"),
+                !(matches!(code, "AR" | "CR")
+                    && er7::component(err.field(3), 1, delimiters) == "207"),
                 "bad input answered as the gateway's own failure: {text}"
             );
         }
         statuses.push(match code {
-            "AA" => http::StatusCode::OK,
-            "AE" => http::StatusCode::UNPROCESSABLE_ENTITY,
-            "AR" => http::StatusCode::BAD_REQUEST,
-            other => panic!("MSA-1 '{other}' is not AA, AE or AR: {text}"),
+            "AA" | "CA" => http::StatusCode::OK,
+            "AE" | "CE" => http::StatusCode::UNPROCESSABLE_ENTITY,
+            "AR" | "CR" => http::StatusCode::BAD_REQUEST,
+            other => panic!("MSA-1 '{other}' is no acknowledgment code: {text}"),
         });
     }
     statuses

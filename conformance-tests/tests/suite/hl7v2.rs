@@ -308,9 +308,10 @@ async fn sample_messages_get_the_acks_their_shapes_call_for() {
             ("AE", vec!["PID^1^3^1^4", "OBX^1^14^1"]),
         ),
         (
+            // MSH-15 AL, MSH-16 NE: a commit ACK (CE) rather than an application ACK.
             "pocd-shape-enumeration-and-waveform",
             (
-                "AE",
+                "CE",
                 vec![
                     "OBX^1^18^1^2",
                     "OBX^2^18^1^1",
@@ -617,4 +618,40 @@ async fn a_certificate_revoked_mid_connection_is_refused_at_its_next_message() {
     );
     assert!(ack.errors[0].3.contains("revoked"), "{ack:?}");
     assert!(sender.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sender_asking_for_commit_acks_on_errors_only_gets_none_for_a_success() {
+    let (pki, ehr, _dir, gateway) = start("").await;
+    let mut sender = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    // MSH-15 ER (a commit ACK for errors only), MSH-16 NE (no application ACK).
+    let message = |id: &str, unit: &str| {
+        format!(
+            "{}PID|||MRN-E-1^^^HOSP^MR\rOBX|1|NM|RPM^^99CH|1.1.1.1|3200|{unit}|||||F|||{}||||CH-E-1^CARDIOHELP-i\r",
+            msh(id, now).replace("|NE|AL|", "|ER|NE|"),
+            dtm(now - time::Duration::seconds(7))
+        )
+    };
+    sender
+        .write_raw(
+            &[
+                &b"\x0b"[..],
+                message("E-1", "rpm^^L").as_bytes(),
+                b"\x1c\x0d",
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+    // The next answer on the connection is the one for the bad second message: the first,
+    // a success, got none.
+    let ack = Ack::parse(&sender.send(&message("E-2", "furlongs^^L")).await.unwrap());
+    assert_eq!(
+        (ack.code.as_str(), ack.control_id.as_str()),
+        ("CE", "E-2"),
+        "{ack:?}"
+    );
+    settled(&gateway, &pki).await;
+    assert_eq!(ehr.ehr.count("Observation"), 1);
 }

@@ -8,6 +8,12 @@
 //!   now (outbox full, storage unavailable: resend later).
 //!
 //! An AA can carry ERR segments of severity W (a result skipped because the device sent none).
+//!
+//! A sender asking for an accept acknowledgment (MSH-15 `AL`, or `ER`/`SU` when it applies)
+//! gets the commit ACK instead, CA/CE/CR, with the same meaning: the gateway's commit is the
+//! durable outbox. Otherwise MSH-16 says whether the application ACK is sent (`NE` never, `ER`
+//! only for errors, `SU` only for successes; empty or `AL`: always), on the same connection, as
+//! IHE PCD-01 does. The answer is never sent later on a connection of the gateway's own.
 
 use super::er7::{self, Charset, Delimiters, Er7Error, Location};
 use super::pcd01::Header;
@@ -28,6 +34,42 @@ impl AckCode {
             Self::Reject => "AR",
         }
     }
+
+    /// The commit (accept) acknowledgment of the same outcome.
+    fn as_commit_str(self) -> &'static str {
+        match self {
+            Self::Accept => "CA",
+            Self::Error => "CE",
+            Self::Reject => "CR",
+        }
+    }
+}
+
+/// MSA-1 of the answer to a message with `header` whose outcome is `code`, as MSH-15 and
+/// MSH-16 ask for it; None when the sender asked for no answer in this case.
+pub fn answer_code(header: &Header, code: AckCode) -> Option<&'static str> {
+    let wanted = |condition: &str| match condition {
+        "NE" => false,
+        "ER" => code != AckCode::Accept,
+        "SU" => code == AckCode::Accept,
+        _ => true,
+    };
+    let accept = header.accept_ack.as_str();
+    if matches!(accept, "AL" | "ER" | "SU") && wanted(accept) {
+        return Some(code.as_commit_str());
+    }
+    wanted(&header.application_ack).then(|| code.as_str())
+}
+
+/// The ACK of a message as its sender asked for it (see [`answer_code`]); None for none.
+pub fn respond(
+    header: &Header,
+    code: AckCode,
+    problems: &[(Severity, &Er7Error)],
+    control_id: &str,
+    now: time::OffsetDateTime,
+) -> Option<Vec<u8>> {
+    answer_code(header, code).map(|msa| write_as(header, msa, problems, control_id, now))
 }
 
 /// ERR-4 (HL7 table 0516).
@@ -37,10 +79,22 @@ pub enum Severity {
     Warning,
 }
 
-/// Writes the ACK, in the message's delimiters and character set.
+/// Writes the ACK with MSA-1 `code`, whatever MSH-15 and MSH-16 ask (for frames whose header
+/// cannot be trusted, and for receivers that always answer).
 pub fn write(
     header: &Header,
     code: AckCode,
+    problems: &[(Severity, &Er7Error)],
+    control_id: &str,
+    now: time::OffsetDateTime,
+) -> Vec<u8> {
+    write_as(header, code.as_str(), problems, control_id, now)
+}
+
+/// Writes the ACK, in the message's delimiters and character set.
+fn write_as(
+    header: &Header,
+    msa: &str,
     problems: &[(Severity, &Er7Error)],
     control_id: &str,
     now: time::OffsetDateTime,
@@ -93,7 +147,7 @@ pub fn write(
 
     text.push_str("MSA");
     text.push(f);
-    text.push_str(code.as_str());
+    text.push_str(msa);
     text.push(f);
     text.push_str(&header.control_id);
     text.push('\r');
@@ -158,6 +212,8 @@ pub fn unreadable_header() -> Header {
         control_id: String::new(),
         processing_id: String::new(),
         version: String::new(),
+        accept_ack: String::new(),
+        application_ack: String::new(),
     }
 }
 
@@ -165,6 +221,38 @@ pub fn unreadable_header() -> Header {
 mod tests {
     use super::*;
     use crate::hl7v2::er7::{ErrorCode, Message};
+
+    #[test]
+    fn msh_15_and_16_choose_the_answer() {
+        let header = |accept: &str, application: &str| Header {
+            accept_ack: accept.into(),
+            application_ack: application.into(),
+            ..unreadable_header()
+        };
+        use AckCode::{Accept, Error, Reject};
+        for (accept, application, outcome, answer) in [
+            ("", "", Accept, Some("AA")),
+            ("", "", Error, Some("AE")),
+            ("NE", "AL", Accept, Some("AA")),
+            ("NE", "AL", Reject, Some("AR")),
+            ("AL", "NE", Accept, Some("CA")),
+            ("AL", "NE", Error, Some("CE")),
+            ("AL", "AL", Reject, Some("CR")),
+            ("ER", "NE", Accept, None),
+            ("ER", "NE", Error, Some("CE")),
+            ("SU", "AL", Error, Some("AE")),
+            ("NE", "NE", Accept, None),
+            ("NE", "ER", Accept, None),
+            ("NE", "ER", Error, Some("AE")),
+            ("NE", "SU", Accept, Some("AA")),
+        ] {
+            assert_eq!(
+                answer_code(&header(accept, application), outcome),
+                answer,
+                "{accept}|{application} {outcome:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_ack_echoes_the_control_id_and_names_each_problem() {

@@ -222,7 +222,9 @@ where
                 break "sender no longer accepted";
             }
         };
-        let answer = handle(frame, &vendor, parts).await;
+        let Some(answer) = handle(frame, &vendor, parts).await else {
+            continue;
+        };
         if send(&mut stream, &answer, options.read_timeout)
             .await
             .is_err()
@@ -269,14 +271,19 @@ fn new_control_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// One message -> its ACK.
-pub async fn handle(frame: Bytes, vendor: &Arc<VendorPolicy>, parts: &MllpParts) -> Vec<u8> {
+/// One message -> its ACK, as MSH-15 and MSH-16 ask for it (None: the sender asked for none
+/// in this case). A frame whose MSH cannot be read is always answered.
+pub async fn handle(
+    frame: Bytes,
+    vendor: &Arc<VendorPolicy>,
+    parts: &MllpParts,
+) -> Option<Vec<u8>> {
     let now = time::OffsetDateTime::now_utc();
     let control_id = new_control_id();
     let refuse = |header: &Header, code: AckCode, errors: &[Er7Error]| {
         let problems: Vec<(Severity, &Er7Error)> =
             errors.iter().map(|e| (Severity::Error, e)).collect();
-        ack::write(header, code, &problems, &control_id, now)
+        ack::respond(header, code, &problems, &control_id, now)
     };
     let (text, delimiters, charset) = match er7::decode(&frame) {
         Ok(decoded) => decoded,
@@ -329,7 +336,7 @@ pub async fn handle(frame: Bytes, vendor: &Arc<VendorPolicy>, parts: &MllpParts)
                 .map(|w| (Severity::Warning, w))
                 .collect();
             record(AckCode::Accept);
-            return ack::write(&header, AckCode::Accept, &warnings, &control_id, now);
+            return ack::respond(&header, AckCode::Accept, &warnings, &control_id, now);
         }
         Ok(Ok(response)) => {
             tracing::warn!(status = %response.status(), "HL7 v2 message answered without success");

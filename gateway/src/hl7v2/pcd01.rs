@@ -57,6 +57,9 @@ pub struct Header {
     pub control_id: String,
     pub processing_id: String,
     pub version: String,
+    /// MSH-15 and MSH-16: the accept (commit) and application acknowledgments asked for.
+    pub accept_ack: String,
+    pub application_ack: String,
 }
 
 impl Header {
@@ -75,6 +78,8 @@ impl Header {
             control_id: field(10),
             processing_id: component(&field(11), 1, d).to_owned(),
             version: component(&field(12), 1, d).to_owned(),
+            accept_ack: field(15).trim().to_owned(),
+            application_ack: field(16).trim().to_owned(),
         }
     }
 }
