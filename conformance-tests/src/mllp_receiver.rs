@@ -28,6 +28,9 @@ pub enum ReceiverFault {
     LoseAck,
     /// Closes the connection without keeping the message.
     Drop,
+    /// Keeps the message and answers AA, then closes the connection (as interfaces that close
+    /// idle connections do).
+    CloseAfterAck,
 }
 
 /// One kept message, read.
@@ -140,21 +143,30 @@ impl ReferenceReceiver {
                 },
                 Err(_) => return,
             };
-            let Some(answer) = self.answer(&frame) else {
+            let (answer, close_after) = self.answer(&frame);
+            let Some(answer) = answer else {
                 return;
             };
             let mut out = BytesMut::new();
             if codec.encode(&answer, &mut out).is_err()
                 || stream.write_all(&out).await.is_err()
                 || stream.flush().await.is_err()
+                || close_after
             {
+                let _ = stream.shutdown().await;
                 return;
             }
         }
     }
 
-    /// The ACK of one message; None to close the connection instead.
-    fn answer(&self, frame: &[u8]) -> Option<Vec<u8>> {
+    /// The ACK of one message (None: close the connection instead), and whether to close the
+    /// connection after it.
+    fn answer(&self, frame: &[u8]) -> (Option<Vec<u8>>, bool) {
+        let close_after = self.lock().faults.front() == Some(&ReceiverFault::CloseAfterAck);
+        (self.answer_one(frame), close_after)
+    }
+
+    fn answer_one(&self, frame: &[u8]) -> Option<Vec<u8>> {
         let (text, delimiters, charset) = er7::decode(frame).ok()?;
         let message = Message::parse(&text, delimiters).ok()?;
         let header = Header::read(&message, charset);
@@ -172,7 +184,7 @@ impl ReferenceReceiver {
                 return Some(refusal(AckCode::Error, "this result cannot be filed"));
             }
             Some(ReceiverFault::Drop) => return None,
-            Some(ReceiverFault::LoseAck) | None => {}
+            Some(ReceiverFault::LoseAck | ReceiverFault::CloseAfterAck) | None => {}
         }
         if state.seen.insert(header.control_id.clone()) {
             let obx = message.first("OBX");

@@ -507,6 +507,39 @@ async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corre
     assert_eq!(v2_stats["dead"], 1, "{queues}");
     assert_eq!(v2.results().len(), 4);
     assert_eq!(ehr.ehr.count("Observation"), 4);
+
+    // The receiver closes its connection after an ACK (as interfaces that drop idle
+    // connections do): the next message goes on a new connection in the same attempt.
+    v2.fail_next(ReceiverFault::CloseAfterAck, 1);
+    let mut tracking = Vec::new();
+    for (parameter, value, unit) in [("Hct", 30, "%"), ("Hb", 10, "g/dL")] {
+        let receipt = post(batch(serde_json::json!([
+            {"parameter": parameter, "value": value, "unit": unit, "time": rfc3339(taken)}
+        ])))
+        .await;
+        tracking.push(receipt.tracking_id());
+        settled(&gateway, &pki).await;
+    }
+    assert_eq!(v2.results().len(), 6);
+    let second = pki
+        .client("admin")
+        .get(&gateway.admin_url(&format!("/admin/v1/deliveries/{}", tracking[1])))
+        .await
+        .unwrap()
+        .expect_status(200)
+        .json();
+    let to_v2 = second["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "v2-ehr")
+        .unwrap()
+        .clone();
+    assert_eq!(to_v2["state"], "delivered", "{second}");
+    assert_eq!(
+        to_v2["attempts"], 1,
+        "no retry for a connection closed while idle: {second}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,19 +105,43 @@ impl OruSender {
 
     /// Writes `message` on an open connection (or a new one) and reads the answer.
     async fn exchange(&self, message: &[u8]) -> Result<Vec<u8>, DeliveryError> {
-        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut stream = match reused {
-            Some(stream) => stream,
-            None => self.connect().await?,
-        };
-        let mut codec = MllpCodec::new(MAX_ACK_BYTES);
         let mut out = BytesMut::with_capacity(message.len() + 3);
-        codec
+        MllpCodec::new(MAX_ACK_BYTES)
             .encode(message, &mut out)
             .map_err(|e| self.unavailable(e.to_string()))?;
+        // A kept connection the receiver has closed since fails before any answer: the message
+        // goes again on a new one (the same control id, so at most once at the receiver).
+        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(stream) = reused {
+            match self.over(stream, &out).await {
+                Err(Exchange::NoAnswer(_)) => {}
+                Err(Exchange::Failed(error)) => return Err(error),
+                Ok(frame) => return Ok(frame),
+            }
+        }
+        match self.over(self.connect().await?, &out).await {
+            Ok(frame) => Ok(frame),
+            Err(Exchange::NoAnswer(error) | Exchange::Failed(error)) => Err(error),
+        }
+    }
+
+    /// Writes the framed message on `stream` and reads one answer frame; a stream that ends
+    /// cleanly is kept for the next message.
+    async fn over(
+        &self,
+        mut stream: TlsStream<TcpStream>,
+        framed: &[u8],
+    ) -> Result<Vec<u8>, Exchange> {
         let io = |e: std::io::Error| self.unavailable(format!("MLLP connection: {e}"));
-        stream.write_all(&out).await.map_err(io)?;
-        stream.flush().await.map_err(io)?;
+        let mut codec = MllpCodec::new(MAX_ACK_BYTES);
+        stream
+            .write_all(framed)
+            .await
+            .map_err(|e| Exchange::NoAnswer(io(e)))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| Exchange::NoAnswer(io(e)))?;
         let mut buf = BytesMut::with_capacity(1024);
         loop {
             match codec.decode(&mut buf) {
@@ -129,12 +153,26 @@ impl OruSender {
                     return Ok(frame.to_vec());
                 }
                 Ok(None) => {}
-                Err(e) => return Err(self.unavailable(format!("the answer is not an ACK: {e}"))),
+                Err(e) => {
+                    return Err(Exchange::Failed(
+                        self.unavailable(format!("the answer is not an ACK: {e}")),
+                    ));
+                }
             }
-            if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
-                return Err(
-                    self.unavailable("the receiver closed the connection without an ACK".into())
-                );
+            let read = stream.read_buf(&mut buf).await;
+            match read {
+                Ok(0) | Err(_) if buf.is_empty() => {
+                    return Err(Exchange::NoAnswer(self.unavailable(
+                        "the receiver closed the connection without an ACK".into(),
+                    )));
+                }
+                Ok(0) => {
+                    return Err(Exchange::Failed(self.unavailable(
+                        "the receiver closed the connection in the middle of its ACK".into(),
+                    )));
+                }
+                Err(e) => return Err(Exchange::Failed(io(e))),
+                Ok(_) => {}
             }
         }
     }
@@ -213,6 +251,13 @@ impl OruSender {
             outcome: Some(outcome.unwrap_or_else(|| json!({"reason": why}))),
         }
     }
+}
+
+/// How one exchange on one connection failed: before any answer came (a kept connection the
+/// receiver had closed: worth one more try on a new one), or otherwise.
+enum Exchange {
+    NoAnswer(DeliveryError),
+    Failed(DeliveryError),
 }
 
 /// `mllps://host:port` -> (host, port).
