@@ -1154,18 +1154,7 @@ fn interleave(jobs: Vec<Vec<Job>>, count: usize) -> Vec<Job> {
 fn oru_messages(serial: &str, per_message: usize, count: usize) -> Vec<String> {
     let mut at = OffsetDateTime::now_utc() - time::Duration::days(1);
     let offset = time::macros::offset!(+1);
-    let dtm = |t: OffsetDateTime| {
-        let t = t.to_offset(offset);
-        format!(
-            "{:04}{:02}{:02}{:02}{:02}{:02}+0100",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        )
-    };
+    let dtm = |t: OffsetDateTime| gateway::hl7v2::er7::dtm(t.to_offset(offset));
     (0..count)
         .map(|n| {
             let mut message = format!(

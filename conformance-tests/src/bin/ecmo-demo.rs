@@ -208,15 +208,7 @@ async fn main() -> Result<(), gateway::BoxError> {
             "== 7b. The hospital's device integration system sends a Terumo CDI 500's readings as HL7 v2 (IHE PCD-01 ORU^R01, MLLP over mutual TLS, {mllp})"
         );
         let now = OffsetDateTime::now_utc();
-        let dtm = format!(
-            "{:04}{:02}{:02}{:02}{:02}{:02}+0000",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second()
-        );
+        let dtm = gateway::hl7v2::er7::dtm(now);
         let message = format!(
             "MSH|^~\\&|DIS|ICU|ECMO_GW|HOSP|{dtm}||ORU^R01^ORU_R01|DEMO-CDI-1|P|2.6|||NE|AL||UNICODE UTF-8\r\
              PID|||MRN-DEMO-1^^^&1.2.36.146.595.217.0.1&ISO^MR\r\

@@ -23,16 +23,7 @@ fn hl7v2_section(transport: &str) -> String {
 
 /// An HL7 DTM in UTC+01:00, to the second.
 fn dtm(at: OffsetDateTime) -> String {
-    let local = at.to_offset(time::macros::offset!(+1));
-    format!(
-        "{:04}{:02}{:02}{:02}{:02}{:02}+0100",
-        local.year(),
-        u8::from(local.month()),
-        local.day(),
-        local.hour(),
-        local.minute(),
-        local.second()
-    )
+    gateway::hl7v2::er7::dtm(at.to_offset(time::macros::offset!(+1)))
 }
 
 /// The gateway's identifier time of `at` (UTC, compact).

@@ -186,16 +186,8 @@ where
             }
             Err(error) => {
                 // The stream cannot be re-synchronised: say why once, then close.
-                let reason = error.to_string();
-                let refusal = Er7Error::new(ErrorCode::SegmentSequence, None, reason);
-                let answer = ack::write(
-                    &ack::unreadable_header(),
-                    AckCode::Reject,
-                    &[(Severity::Error, &refusal)],
-                    &new_control_id(),
-                    time::OffsetDateTime::now_utc(),
-                );
-                let _ = send(&mut stream, &answer, options.read_timeout).await;
+                let refusal = Er7Error::new(ErrorCode::SegmentSequence, None, error.to_string());
+                reject_and_close(&mut stream, &ack::unreadable_header(), &refusal, options).await;
                 break match error {
                     MllpError::TooLarge(_) => "frame too large",
                     _ => "bytes outside a frame",
@@ -211,14 +203,7 @@ where
                     None,
                     format!("this connection is no longer accepted: {refused}"),
                 );
-                let answer = ack::write(
-                    &header_of(&frame),
-                    AckCode::Reject,
-                    &[(Severity::Error, &refusal)],
-                    &new_control_id(),
-                    time::OffsetDateTime::now_utc(),
-                );
-                let _ = send(&mut stream, &answer, options.read_timeout).await;
+                reject_and_close(&mut stream, &header_of(&frame), &refusal, options).await;
                 break "sender no longer accepted";
             }
         };
@@ -234,6 +219,24 @@ where
     };
     let _ = stream.shutdown().await;
     tracing::info!(%remote, vendor = %vendor.name, reason = ended, "MLLP connection closed");
+}
+
+/// The last answer on a connection about to close: AR with `refusal`, sent if the peer reads
+/// it in time.
+async fn reject_and_close<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    header: &Header,
+    refusal: &Er7Error,
+    options: &MllpOptions,
+) {
+    let answer = ack::write(
+        header,
+        AckCode::Reject,
+        &[(Severity::Error, refusal)],
+        &new_control_id(),
+        time::OffsetDateTime::now_utc(),
+    );
+    let _ = send(stream, &answer, options.read_timeout).await;
 }
 
 async fn send<S: AsyncWrite + Unpin>(
