@@ -790,6 +790,13 @@ impl Config {
         }
         let mut names = HashSet::new();
         for d in &self.destinations {
+            // The name keys the outbox, labels metrics and is a path segment of the admin API.
+            if d.name.trim().is_empty() || d.name.chars().any(char::is_control) {
+                return Err(format!(
+                    "destination name {:?}: must not be empty or hold control characters",
+                    d.name
+                ));
+            }
             if !names.insert(d.name.as_str()) {
                 return Err(format!("destination '{}' is defined twice", d.name));
             }
@@ -971,6 +978,10 @@ keys = ["smart.pem"]
     fn refuses_what_would_break_at_run_time() {
         let cases = [
             (MINIMAL.replace("https://127", "http://127"), "https://"),
+            (
+                MINIMAL.replace("name = \"ehr\"", "name = \"e\\u0000hr\""),
+                "must not be empty or hold control characters",
+            ),
             (
                 MINIMAL.replace("models = [\"CARDIOHELP-i\"]", ""),
                 "could post for no device",

@@ -67,26 +67,40 @@ const UPSERT_STATE: &str = "INSERT INTO resource_state (resource_type, time_key,
 /// is due, read only as far as needed (the index gives that order, so nothing is sorted): a
 /// bound `LIMIT` would make SQLite plan the statement again on every call. Bodies are read
 /// apart, only for the messages taken.
-static DUE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+fn due_sql(destination: &str) -> String {
     format!(
-        "SELECT id, next_attempt_ms <= ?2 AND {NOT_BLOCKED}, resource_type, logical_id,
+        "SELECT id, next_attempt_ms <= ?1 AND {NOT_BLOCKED}, resource_type, logical_id,
                 identifier_system, identifier_value, attempts, upsert
          FROM messages m INDEXED BY messages_pending
-         WHERE destination = ?1 AND state = 'pending' AND id >= ?3
-         ORDER BY id"
+         WHERE destination = {} AND state = 'pending' AND id >= ?2
+         ORDER BY id",
+        sql_literal(destination)
     )
-});
+}
 
 /// The earliest retry time of a destination's pending messages (a covering index answers it).
-const EARLIEST_DUE: &str =
-    "SELECT MIN(next_attempt_ms) FROM messages WHERE destination = ?1 AND state = 'pending'";
+fn earliest_due_sql(destination: &str) -> String {
+    format!(
+        "SELECT MIN(next_attempt_ms) FROM messages WHERE destination = {} AND state = 'pending'",
+        sql_literal(destination)
+    )
+}
 
 /// The same, over the messages that no pending predecessor holds back.
-static EARLIEST_UNBLOCKED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+fn earliest_unblocked_sql(destination: &str) -> String {
     format!(
-        "SELECT MIN(next_attempt_ms) FROM messages m WHERE destination = ?1 AND state = 'pending' AND {NOT_BLOCKED}"
+        "SELECT MIN(next_attempt_ms) FROM messages m WHERE destination = {} AND state = 'pending' AND {NOT_BLOCKED}",
+        sql_literal(destination)
     )
-});
+}
+
+/// `text` as an SQL string literal. The delivery reads name their destination this way, not
+/// as a bound parameter: SQLite ties the plan of an ORDER BY or MIN beside an equality on a
+/// bound value to that value, and plans such a statement again on every use (a tenth of the
+/// gateway's CPU went to that); a statement per destination keeps its plan.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
 
 /// Columns added after the first release, for outbox files written by it.
 const ADDED_COLUMNS: [(&str, &str); 2] = [
@@ -1195,8 +1209,8 @@ impl Outbox for SqliteOutbox {
             let mut parked = None;
             let mut examined = from - 1;
             {
-                let mut due = conn.prepare_cached(&DUE)?;
-                let mut rows = due.query(params![destination, now_ms, from])?;
+                let mut due = conn.prepare_cached(&due_sql(&destination))?;
+                let mut rows = due.query(params![now_ms, from])?;
                 while messages.len() < limit {
                     let Some(row) = rows.next()? else { break };
                     let id = row.get(0)?;
@@ -1243,16 +1257,16 @@ impl Outbox for SqliteOutbox {
             // come (so what is due waits behind a retrying predecessor) are the blocked ones
             // looked past, row by row.
             let earliest: Option<i64> = conn
-                .prepare_cached(EARLIEST_DUE)?
-                .query_row(params![destination], |row| row.get(0))
+                .prepare_cached(&earliest_due_sql(&destination))?
+                .query_row([], |row| row.get(0))
                 .optional()?
                 .flatten();
             if earliest.is_none_or(|at| at > now_ms()) {
                 return Ok(earliest);
             }
             Ok(conn
-                .prepare_cached(&EARLIEST_UNBLOCKED)?
-                .query_row(params![destination], |row| row.get::<_, Option<i64>>(0))
+                .prepare_cached(&earliest_unblocked_sql(&destination))?
+                .query_row([], |row| row.get::<_, Option<i64>>(0))
                 .optional()?
                 .flatten())
         })
@@ -1488,9 +1502,8 @@ mod tests {
     /// value (rusqlite clears the bindings of a statement going back to its cache, and SQLite
     /// then expires it): a LEFT JOIN on bound constants did, and re-parsing that statement per
     /// resource cost a fifth of the gateway's CPU. The statements run per resource, used as the
-    /// writer uses them, keep one plan. (The delivery reader's `DUE` and `EARLIEST_DUE`,
-    /// run once per bundle, are planned per call: SQLite does that for an ORDER BY or MIN beside
-    /// an equality on a bound value.)
+    /// writer uses them, keep one plan; so do delivery's reads, run per bundle, which name
+    /// their destination as a literal (see [`sql_literal`]).
     #[test]
     fn the_statements_run_per_resource_are_planned_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -1522,6 +1535,34 @@ mod tests {
                 "{name} was planned again"
             );
         }
+        // Delivery's reads, as `due` and `next_due` make them, on a second connection.
+        let reader = open(&path).unwrap();
+        for now in 0..5 {
+            let mut due = reader.prepare_cached(&due_sql("ehr")).unwrap();
+            let mut rows = due.query(params![now, 1]).unwrap();
+            while rows.next().unwrap().is_some() {}
+            drop(rows);
+            drop(due);
+            for sql in [earliest_due_sql("ehr"), earliest_unblocked_sql("ehr")] {
+                reader
+                    .prepare_cached(&sql)
+                    .unwrap()
+                    .query_row([], |row| row.get::<_, Option<i64>>(0))
+                    .unwrap();
+            }
+        }
+        for (name, sql) in [
+            ("due", due_sql("ehr")),
+            ("earliest due", earliest_due_sql("ehr")),
+            ("earliest unblocked", earliest_unblocked_sql("ehr")),
+        ] {
+            let statement = reader.prepare_cached(&sql).unwrap();
+            assert_eq!(
+                statement.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{name} was planned again"
+            );
+        }
     }
 
     /// The queries of delivery and of the admin API read the partial indexes, not the table.
@@ -1531,9 +1572,12 @@ mod tests {
         let conn = open(&dir.path().join("outbox.sqlite")).unwrap();
         conn.execute_batch(SCHEMA).unwrap();
         for (sql, index) in [
-            (DUE.as_str(), "messages_pending"),
-            (EARLIEST_DUE, "COVERING INDEX messages_pending_due"),
-            (DEAD_LETTERS.as_str(), "messages_dead"),
+            (due_sql("ehr"), "messages_pending"),
+            (
+                earliest_due_sql("ehr"),
+                "COVERING INDEX messages_pending_due",
+            ),
+            (DEAD_LETTERS.clone(), "messages_dead"),
         ] {
             let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             // Unbound parameters are NULL: the plan does not depend on them.
@@ -1684,6 +1728,24 @@ mod tests {
             status: "201".into(),
             location: None,
         }
+    }
+
+    /// Delivery's reads name the destination as a literal: a quote in its name is escaped.
+    #[tokio::test]
+    async fn a_destination_named_with_a_quote_gets_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("outbox.sqlite")).unwrap();
+        let name = "st. mary's ehr";
+        let messages = vec![message(name, 0), message("ehr", 1), message(name, 2)];
+        let ids = ids(outbox.enqueue("b1".into(), messages, None).await.unwrap());
+        let due = outbox
+            .due(name, now_ms(), 10, &Default::default(), 0)
+            .await
+            .unwrap();
+        let due: Vec<i64> = due.messages.iter().map(|m| m.id).collect();
+        assert_eq!(due, vec![ids[0], ids[2]]);
+        assert!(outbox.next_due(name).await.unwrap().is_some());
+        assert!(outbox.next_due("o'neil").await.unwrap().is_none());
     }
 
     #[tokio::test]
