@@ -4,8 +4,9 @@
 //! profiles/fhir). One failure refuses the whole request with an OperationOutcome naming the
 //! rule and the path; nothing of it is queued, and the failure is counted.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use http::{Request, StatusCode};
 use mappings::ProfileValidator;
@@ -103,10 +104,61 @@ impl ConformanceRules {
 #[derive(Clone)]
 pub struct CheckConformance {
     rules: Arc<ConformanceRules>,
+    passed: Arc<Mutex<Passed>>,
 }
 
 pub fn layer(rules: Arc<ConformanceRules>) -> FilterLayer<CheckConformance> {
-    FilterLayer::new(CheckConformance { rules })
+    FilterLayer::new(CheckConformance::new(rules))
+}
+
+impl CheckConformance {
+    fn new(rules: Arc<ConformanceRules>) -> Self {
+        Self {
+            rules,
+            passed: Arc::default(),
+        }
+    }
+}
+
+/// How many passed resources [`Passed`] remembers.
+const PASSED_KEPT: usize = 4096;
+
+/// The resources that passed, by a hash of type and bytes. A run sends all its Procedures
+/// again with every event, most of them unchanged (a run with 40 weaning trials has 40 child
+/// Procedures), and the check is a function of the bytes alone: each distinct resource is
+/// checked once, not once per event. Bounded; the oldest are forgotten first.
+#[derive(Default)]
+struct Passed {
+    hashes: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Passed {
+    fn key(resource_type: &str, json: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(resource_type.as_bytes());
+        hasher.update([0]);
+        hasher.update(json);
+        hasher.finalize().into()
+    }
+
+    fn insert(&mut self, key: [u8; 32]) {
+        if self.hashes.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > PASSED_KEPT
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.hashes.remove(&oldest);
+            }
+        }
+    }
+}
+
+impl CheckConformance {
+    fn passed(&self) -> std::sync::MutexGuard<'_, Passed> {
+        self.passed.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Predicate<Request<OutboundBatch>> for CheckConformance {
@@ -118,6 +170,10 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
     ) -> Result<Request<OutboundBatch>, BoxError> {
         let mut issues = Vec::new();
         for resource in request.body().resources.iter() {
+            let key = Passed::key(resource.resource_type, &resource.json);
+            if self.passed().hashes.contains(&key) {
+                continue;
+            }
             let value: serde_json::Value = match serde_json::from_slice(&resource.json) {
                 Ok(value) => value,
                 Err(e) => {
@@ -132,6 +188,8 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
             issues.extend(self.rules.issues(resource.resource_type, value));
             if issues.len() > before {
                 VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.passed().insert(key);
             }
         }
         if issues.is_empty() {
@@ -198,9 +256,7 @@ mod tests {
 
     #[test]
     fn refuses_what_breaks_a_profile_naming_rule_and_path() {
-        let mut check = CheckConformance {
-            rules: Arc::new(ConformanceRules::embedded().unwrap()),
-        };
+        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
         let error = check
             .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"meta":{"profile":["https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-circuit-observation"]}}"#))
             .unwrap_err();
@@ -218,6 +274,34 @@ mod tests {
                 .iter()
                 .any(|i| i.details.contains("required binding"))
         );
+    }
+
+    /// A resource that passed is not checked again; one that failed is refused every time;
+    /// what is remembered is bounded.
+    #[test]
+    fn remembers_what_passed_and_never_what_failed() {
+        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
+        let samples = mappings::Mappings::embedded()
+            .unwrap()
+            .shape_samples()
+            .unwrap();
+        let valid = samples[0].resource.json.clone();
+        let mut request = batch(&valid);
+        request.body_mut().resources = vec![samples[0].resource.clone()].into();
+        check.check(request).unwrap();
+        let key = Passed::key(samples[0].resource.resource_type, &valid);
+        assert!(check.passed().hashes.contains(&key));
+        let broken = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#;
+        for _ in 0..2 {
+            assert!(check.check(batch(broken)).is_err());
+        }
+        assert_eq!(check.passed().hashes.len(), 1);
+        let mut passed = Passed::default();
+        for n in 0..=PASSED_KEPT {
+            passed.insert(Passed::key("Observation", n.to_string().as_bytes()));
+        }
+        assert_eq!(passed.hashes.len(), PASSED_KEPT);
+        assert!(!passed.hashes.contains(&Passed::key("Observation", b"0")));
     }
 
     #[test]
@@ -299,9 +383,7 @@ mod tests {
 
     #[test]
     fn refuses_broken_primitives_that_the_typed_model_lets_through() {
-        let mut check = CheckConformance {
-            rules: Arc::new(ConformanceRules::embedded().unwrap()),
-        };
+        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
         // A decimal written as text and a dateTime without a time zone.
         let error = check
             .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"effectiveDateTime":"2026-11-21T10:15:00","valueQuantity":{"value":"4.2"}}"#))
