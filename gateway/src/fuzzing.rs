@@ -217,7 +217,10 @@ fn stack(
 + 'static {
     let shared = shared();
     let settings = IngressSettings {
-        request_timeout: Duration::from_secs(60),
+        // No wall-clock limit of the stack's own: a fuzzer starved of CPU by a build beside it
+        // (or paused) would get a 503 for a request that replays in milliseconds. A hang is
+        // libFuzzer's `-timeout` to find.
+        request_timeout: Duration::from_secs(24 * 3600),
         max_body_bytes: 1 << 20,
         max_concurrent_requests: 4,
         max_concurrent_requests_per_vendor: 4,
