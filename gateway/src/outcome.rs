@@ -134,7 +134,7 @@ pub fn operation_outcome(issues: &[Issue]) -> Value {
     })
 }
 
-pub fn fhir_json_response(status: StatusCode, body: &Value) -> Response<BoxBody> {
+pub fn fhir_json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<BoxBody> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut response = Response::new(full_body(bytes));
     *response.status_mut() = status;

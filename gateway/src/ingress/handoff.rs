@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
-use serde_json::{Value, json};
+use serde::Serialize;
 use tower::Service;
 
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt};
@@ -130,64 +130,127 @@ fn direct_disposition(
     }
 }
 
-fn receipt_json(
-    request_id: &str,
-    resources: &[mappings::MappedResource],
-    receipt: &Receipt,
-) -> Value {
-    let entries: Vec<Value> = resources
+/// The answer to a request that was delivered or queued, written straight from borrowed
+/// parts: a `serde_json::Value` built per resource and then serialized was a twentieth of the
+/// gateway's CPU on batches of 100.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReceiptBody<'a> {
+    status: &'static str,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracking_id: Option<&'a str>,
+    resources: Vec<ReceiptEntry<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReceiptEntry<'a> {
+    resource_type: &'a str,
+    identifier: ReceiptIdentifier<'a>,
+    /// Delivered: each destination's status line for the resource.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destinations: Option<PerDestination<'a, &'a str>>,
+    /// Queued: the outbox message per destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<PerDestination<'a, i64>>,
+    dispositions: PerDestination<'a, &'static str>,
+}
+
+#[derive(Serialize)]
+struct ReceiptIdentifier<'a> {
+    system: &'a str,
+    value: &'a str,
+}
+
+/// A JSON object from destination names, in the order of the destinations.
+struct PerDestination<'a, V>(Vec<(&'a str, V)>);
+
+impl<V: Serialize> Serialize for PerDestination<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+    }
+}
+
+fn receipt_json<'a>(
+    request_id: &'a str,
+    resources: &'a [mappings::MappedResource],
+    receipt: &'a Receipt,
+) -> ReceiptBody<'a> {
+    let entries = resources
         .iter()
         .enumerate()
         .map(|(index, resource)| {
-            let mut per_destination = serde_json::Map::new();
+            let identifier = ReceiptIdentifier {
+                system: &resource.identifier_system,
+                value: &resource.identifier_value,
+            };
             match receipt {
                 Receipt::Delivered { destinations } => {
-                    let mut dispositions = serde_json::Map::new();
-                    for destination in destinations {
-                        if let Some(entry) = destination.entries.get(index) {
-                            per_destination.insert(destination.destination.clone(), json!(entry.status));
-                            dispositions.insert(
-                                destination.destination.clone(),
-                                json!(direct_disposition(entry, resource.upsert)),
-                            );
-                        }
+                    let reached = || {
+                        destinations.iter().filter_map(move |destination| {
+                            Some((
+                                destination.destination.as_str(),
+                                destination.entries.get(index)?,
+                            ))
+                        })
+                    };
+                    ReceiptEntry {
+                        resource_type: resource.resource_type,
+                        identifier,
+                        destinations: Some(PerDestination(
+                            reached()
+                                .map(|(name, entry)| (name, entry.status.as_str()))
+                                .collect(),
+                        )),
+                        messages: None,
+                        dispositions: PerDestination(
+                            reached()
+                                .map(|(name, entry)| {
+                                    (name, direct_disposition(entry, resource.upsert))
+                                })
+                                .collect(),
+                        ),
                     }
-                    json!({
-                        "resourceType": resource.resource_type,
-                        "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
-                        "destinations": per_destination,
-                        "dispositions": dispositions,
-                    })
                 }
                 Receipt::Accepted { messages, .. } => {
-                    let mut dispositions = serde_json::Map::new();
-                    for (destination, enqueued) in messages.get(index).into_iter().flatten() {
-                        per_destination.insert(destination.clone(), json!(enqueued.message_id));
-                        dispositions.insert(
-                            destination.clone(),
-                            json!(enqueued.disposition.as_str()),
-                        );
+                    let queued = messages.get(index).map(Vec::as_slice).unwrap_or_default();
+                    ReceiptEntry {
+                        resource_type: resource.resource_type,
+                        identifier,
+                        destinations: None,
+                        messages: Some(PerDestination(
+                            queued
+                                .iter()
+                                .map(|(name, enqueued)| (name.as_str(), enqueued.message_id))
+                                .collect(),
+                        )),
+                        dispositions: PerDestination(
+                            queued
+                                .iter()
+                                .map(|(name, enqueued)| {
+                                    (name.as_str(), enqueued.disposition.as_str())
+                                })
+                                .collect(),
+                        ),
                     }
-                    json!({
-                        "resourceType": resource.resource_type,
-                        "identifier": {"system": resource.identifier_system, "value": resource.identifier_value},
-                        "messages": per_destination,
-                        "dispositions": dispositions,
-                    })
                 }
             }
         })
         .collect();
     match receipt {
-        Receipt::Delivered { .. } => {
-            json!({"status": "delivered", "requestId": request_id, "resources": entries})
-        }
-        Receipt::Accepted { tracking_id, .. } => json!({
-            "status": "accepted",
-            "requestId": request_id,
-            "trackingId": tracking_id,
-            "resources": entries,
-        }),
+        Receipt::Delivered { .. } => ReceiptBody {
+            status: "delivered",
+            request_id,
+            tracking_id: None,
+            resources: entries,
+        },
+        Receipt::Accepted { tracking_id, .. } => ReceiptBody {
+            status: "accepted",
+            request_id,
+            tracking_id: Some(tracking_id),
+            resources: entries,
+        },
     }
 }
 
@@ -339,6 +402,52 @@ pub fn refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resource(value: &str) -> mappings::MappedResource {
+        mappings::MappedResource {
+            resource_type: "Observation",
+            id: "0".into(),
+            identifier_system: "urn:x".into(),
+            identifier_value: value.into(),
+            json: vec![],
+            upsert: false,
+        }
+    }
+
+    /// The receipts as vendors read them: keys in this order, destinations in theirs.
+    #[test]
+    fn receipts_name_each_resource_and_what_each_destination_did() {
+        let resources = [resource("a"), resource("b")];
+        let queued = |id| crate::outbox::Enqueued {
+            message_id: id,
+            disposition: crate::outbox::Disposition::Created,
+        };
+        let accepted = Receipt::Accepted {
+            tracking_id: "t-1".into(),
+            messages: vec![
+                vec![("ehr".into(), queued(7)), ("archive".into(), queued(8))],
+                vec![],
+            ],
+        };
+        assert_eq!(
+            serde_json::to_string(&receipt_json("r-1", &resources, &accepted)).unwrap(),
+            r#"{"status":"accepted","requestId":"r-1","trackingId":"t-1","resources":[{"resourceType":"Observation","identifier":{"system":"urn:x","value":"a"},"messages":{"ehr":7,"archive":8},"dispositions":{"ehr":"created","archive":"created"}},{"resourceType":"Observation","identifier":{"system":"urn:x","value":"b"},"messages":{},"dispositions":{}}]}"#
+        );
+        let entry = |status: &str| crate::delivery::response::EntryOutcome {
+            status: status.into(),
+            location: None,
+        };
+        let delivered = Receipt::Delivered {
+            destinations: vec![crate::delivery::DestinationReceipt {
+                destination: "ehr".into(),
+                entries: vec![entry("201 Created"), entry("200 OK")],
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&receipt_json("r-2", &resources, &delivered)).unwrap(),
+            r#"{"status":"delivered","requestId":"r-2","resources":[{"resourceType":"Observation","identifier":{"system":"urn:x","value":"a"},"destinations":{"ehr":"201 Created"},"dispositions":{"ehr":"created"}},{"resourceType":"Observation","identifier":{"system":"urn:x","value":"b"},"destinations":{"ehr":"200 OK"},"dispositions":{"ehr":"existing"}}]}"#
+        );
+    }
 
     #[test]
     fn a_full_outbox_queue_is_a_503_with_retry_after() {
