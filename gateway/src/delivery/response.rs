@@ -25,6 +25,8 @@ impl EntryOutcome {
 }
 
 pub mod classify {
+    use std::borrow::Cow;
+
     use super::*;
 
     /// A single create/update answer.
@@ -78,20 +80,56 @@ pub mod classify {
         Ok(entries)
     }
 
+    /// The parts of a JSON `transaction-response` that tell what happened, read as borrowed
+    /// fields; the rest (a returned resource, an OperationOutcome per entry) is skipped
+    /// without being built.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ResponseBundle<'a> {
+        #[serde(borrow)]
+        resource_type: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        entry: Option<Vec<ResponseEntry<'a>>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ResponseEntry<'a> {
+        #[serde(borrow)]
+        response: Option<EntryResponse<'a>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct EntryResponse<'a> {
+        #[serde(borrow)]
+        status: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        location: Option<Cow<'a, str>>,
+    }
+
     fn json_transaction_response(body: &[u8]) -> Result<Vec<EntryOutcome>, String> {
-        let bundle: Value = serde_json::from_slice(body).map_err(|_| "is not JSON".to_owned())?;
-        if bundle["resourceType"] != "Bundle" {
+        let bundle: ResponseBundle<'_> = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                format!("is not a Bundle of entries with responses ({e})")
+            } else {
+                "is not JSON".to_owned()
+            }
+        })?;
+        if bundle.resource_type.as_deref() != Some("Bundle") {
             return Err("is not a Bundle".into());
         }
-        let entries = bundle["entry"].as_array().ok_or("has no entries")?;
+        let entries = bundle.entry.ok_or("has no entries")?;
         Ok(entries
-            .iter()
-            .map(|entry| EntryOutcome {
-                status: entry["response"]["status"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                location: entry["response"]["location"].as_str().map(str::to_owned),
+            .into_iter()
+            .map(|entry| {
+                let response = entry.response;
+                EntryOutcome {
+                    status: response
+                        .as_ref()
+                        .and_then(|r| r.status.as_deref())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    location: response.and_then(|r| r.location).map(Cow::into_owned),
+                }
             })
             .collect())
     }
@@ -286,6 +324,32 @@ mod tests {
             Some("Observation/9/_history/1")
         );
         assert!(classify::transaction("ehr", answer(200, body), 2).is_err());
+    }
+
+    /// What an EHR adds to its answer (the resources it stored, an outcome per entry, escaped
+    /// text) is read past; an answer of the wrong shape is a malformed answer, retried.
+    #[test]
+    fn a_transaction_answer_is_read_for_status_and_location_only() {
+        let body = r#"{"resourceType":"Bundle","id":"x","type":"transaction-response","entry":[{"resource":{"resourceType":"Observation","valueQuantity":{"value":3.140000000000000000001}},"response":{"status":"201 Created","location":"Observation\/9\/_history\/1","outcome":{"resourceType":"OperationOutcome","issue":[]}}}]}"#;
+        let entries = classify::transaction("ehr", answer(200, body), 1).unwrap();
+        assert_eq!(entries[0].status, "201 Created");
+        assert_eq!(
+            entries[0].location.as_deref(),
+            Some("Observation/9/_history/1")
+        );
+        for (body, why) in [
+            ("not json", "is not JSON"),
+            (r#"{"resourceType":"Bundle","entry":[{"response":{"status":201}}]}"#, "is not a Bundle of entries"),
+            (r#"{"resourceType":"OperationOutcome","issue":[]}"#, "is not a Bundle"),
+            (r#"{"resourceType":"Bundle","type":"transaction-response"}"#, "has no entries"),
+        ] {
+            match classify::transaction("ehr", answer(200, body), 1) {
+                Err(DeliveryError::Unavailable { reason, .. }) => {
+                    assert!(reason.contains(why), "{body}: {reason}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
     }
 
     #[test]
