@@ -187,9 +187,9 @@ struct CheckingHandoff {
 impl Handoff for CheckingHandoff {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
         for resource in batch.resources.iter() {
-            let value: Value = serde_json::from_slice(&resource.json)
-                .unwrap_or_else(|e| panic!("a mapped {} is not JSON: {e}", resource.resource_type));
-            let issues = self.conformance.issues(resource.resource_type, value);
+            let issues = self
+                .conformance
+                .issues_in(resource.resource_type, &resource.json);
             assert!(
                 issues.is_empty(),
                 "an accepted input mapped to a {} its profile refuses: {issues:?}",

@@ -10,13 +10,19 @@ pub struct CodeSystemCodes {
 }
 
 impl CodeSystemCodes {
-    /// The CodeSystem shipped in profiles/fhir.
+    /// The CodeSystem shipped in profiles/fhir, parsed once per process: every load of the
+    /// tables (start, each reload) takes it.
     pub fn embedded() -> Self {
-        Self::parse(
-            "profiles/fhir/CodeSystem-ecmo.json",
-            include_str!("../../profiles/fhir/CodeSystem-ecmo.json"),
-        )
-        .expect("the embedded CodeSystem is checked by the tests")
+        static EMBEDDED: std::sync::OnceLock<CodeSystemCodes> = std::sync::OnceLock::new();
+        EMBEDDED
+            .get_or_init(|| {
+                Self::parse(
+                    "profiles/fhir/CodeSystem-ecmo.json",
+                    include_str!("../../profiles/fhir/CodeSystem-ecmo.json"),
+                )
+                .expect("the embedded CodeSystem is checked by the tests")
+            })
+            .clone()
     }
 
     pub fn parse(file: &str, text: &str) -> Result<Self, TableError> {

@@ -339,9 +339,18 @@ mod tests {
         );
         for (body, why) in [
             ("not json", "is not JSON"),
-            (r#"{"resourceType":"Bundle","entry":[{"response":{"status":201}}]}"#, "is not a Bundle of entries"),
-            (r#"{"resourceType":"OperationOutcome","issue":[]}"#, "is not a Bundle"),
-            (r#"{"resourceType":"Bundle","type":"transaction-response"}"#, "has no entries"),
+            (
+                r#"{"resourceType":"Bundle","entry":[{"response":{"status":201}}]}"#,
+                "is not a Bundle of entries",
+            ),
+            (
+                r#"{"resourceType":"OperationOutcome","issue":[]}"#,
+                "is not a Bundle",
+            ),
+            (
+                r#"{"resourceType":"Bundle","type":"transaction-response"}"#,
+                "has no entries",
+            ),
         ] {
             match classify::transaction("ehr", answer(200, body), 1) {
                 Err(DeliveryError::Unavailable { reason, .. }) => {

@@ -24,6 +24,7 @@ pub static VALIDATION_FAILURES: AtomicU64 = AtomicU64::new(0);
 pub struct ConformanceRules {
     pub profiles: ProfileValidator,
     pub r4: R4Schema,
+    passed: Mutex<Passed>,
 }
 
 impl ConformanceRules {
@@ -31,7 +32,32 @@ impl ConformanceRules {
         Ok(Self {
             profiles: ProfileValidator::embedded()?,
             r4: R4Schema::embedded().map_err(|e| e.to_string())?,
+            passed: Mutex::default(),
         })
+    }
+
+    /// What `json`, a built `resource_type`, breaks ([`Self::issues`]); nothing at once for
+    /// bytes that passed before (see [`Passed`]).
+    pub fn issues_in(&self, resource_type: &str, json: &[u8]) -> Vec<Issue> {
+        let key = Passed::key(resource_type, json);
+        if self.passed().hashes.contains(&key) {
+            return Vec::new();
+        }
+        let issues = match serde_json::from_slice(json) {
+            Ok(value) => self.issues(resource_type, value),
+            Err(e) => vec![Issue::error(
+                "structure",
+                format!("{resource_type} is not JSON: {e}"),
+            )],
+        };
+        if issues.is_empty() {
+            self.passed().insert(key);
+        }
+        issues
+    }
+
+    fn passed(&self) -> std::sync::MutexGuard<'_, Passed> {
+        self.passed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Checks every shape of Observation the tables build ([`mappings::Mappings::shape_samples`]),
@@ -46,8 +72,7 @@ impl ConformanceRules {
         let mut broken = Vec::new();
         for sample in &samples {
             let resource = &sample.resource;
-            let value = serde_json::from_slice(&resource.json).map_err(|e| e.to_string())?;
-            for issue in self.issues(resource.resource_type, value) {
+            for issue in self.issues_in(resource.resource_type, &resource.json) {
                 broken.push(format!(
                     "{}: {} ({})",
                     sample.shape,
@@ -104,20 +129,10 @@ impl ConformanceRules {
 #[derive(Clone)]
 pub struct CheckConformance {
     rules: Arc<ConformanceRules>,
-    passed: Arc<Mutex<Passed>>,
 }
 
 pub fn layer(rules: Arc<ConformanceRules>) -> FilterLayer<CheckConformance> {
-    FilterLayer::new(CheckConformance::new(rules))
-}
-
-impl CheckConformance {
-    fn new(rules: Arc<ConformanceRules>) -> Self {
-        Self {
-            rules,
-            passed: Arc::default(),
-        }
-    }
+    FilterLayer::new(CheckConformance { rules })
 }
 
 /// How many passed resources [`Passed`] remembers.
@@ -125,8 +140,9 @@ const PASSED_KEPT: usize = 4096;
 
 /// The resources that passed, by a hash of type and bytes. A run sends all its Procedures
 /// again with every event, most of them unchanged (a run with 40 weaning trials has 40 child
-/// Procedures), and the check is a function of the bytes alone: each distinct resource is
-/// checked once, not once per event. Bounded; the oldest are forgotten first.
+/// Procedures), and a reload of the tables proves the shapes of the unchanged families again;
+/// the check is a function of the bytes alone, so each distinct resource is checked once.
+/// Bounded; the oldest are forgotten first.
 #[derive(Default)]
 struct Passed {
     hashes: HashSet<[u8; 32]>,
@@ -155,12 +171,6 @@ impl Passed {
     }
 }
 
-impl CheckConformance {
-    fn passed(&self) -> std::sync::MutexGuard<'_, Passed> {
-        self.passed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 impl Predicate<Request<OutboundBatch>> for CheckConformance {
     type Request = Request<OutboundBatch>;
 
@@ -170,26 +180,10 @@ impl Predicate<Request<OutboundBatch>> for CheckConformance {
     ) -> Result<Request<OutboundBatch>, BoxError> {
         let mut issues = Vec::new();
         for resource in request.body().resources.iter() {
-            let key = Passed::key(resource.resource_type, &resource.json);
-            if self.passed().hashes.contains(&key) {
-                continue;
-            }
-            let value: serde_json::Value = match serde_json::from_slice(&resource.json) {
-                Ok(value) => value,
-                Err(e) => {
-                    issues.push(Issue::error(
-                        "structure",
-                        format!("{} is not JSON: {e}", resource.resource_type),
-                    ));
-                    continue;
-                }
-            };
-            let before = issues.len();
-            issues.extend(self.rules.issues(resource.resource_type, value));
-            if issues.len() > before {
+            let found = self.rules.issues_in(resource.resource_type, &resource.json);
+            if !found.is_empty() {
                 VALIDATION_FAILURES.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.passed().insert(key);
+                issues.extend(found);
             }
         }
         if issues.is_empty() {
@@ -256,7 +250,9 @@ mod tests {
 
     #[test]
     fn refuses_what_breaks_a_profile_naming_rule_and_path() {
-        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
+        let mut check = CheckConformance {
+            rules: Arc::new(ConformanceRules::embedded().unwrap()),
+        };
         let error = check
             .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"meta":{"profile":["https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-circuit-observation"]}}"#))
             .unwrap_err();
@@ -280,7 +276,9 @@ mod tests {
     /// what is remembered is bounded.
     #[test]
     fn remembers_what_passed_and_never_what_failed() {
-        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
+        let mut check = CheckConformance {
+            rules: Arc::new(ConformanceRules::embedded().unwrap()),
+        };
         let samples = mappings::Mappings::embedded()
             .unwrap()
             .shape_samples()
@@ -290,12 +288,12 @@ mod tests {
         request.body_mut().resources = vec![samples[0].resource.clone()].into();
         check.check(request).unwrap();
         let key = Passed::key(samples[0].resource.resource_type, &valid);
-        assert!(check.passed().hashes.contains(&key));
+        assert!(check.rules.passed().hashes.contains(&key));
         let broken = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#;
         for _ in 0..2 {
             assert!(check.check(batch(broken)).is_err());
         }
-        assert_eq!(check.passed().hashes.len(), 1);
+        assert_eq!(check.rules.passed().hashes.len(), 1);
         let mut passed = Passed::default();
         for n in 0..=PASSED_KEPT {
             passed.insert(Passed::key("Observation", n.to_string().as_bytes()));
@@ -383,7 +381,9 @@ mod tests {
 
     #[test]
     fn refuses_broken_primitives_that_the_typed_model_lets_through() {
-        let mut check = CheckConformance::new(Arc::new(ConformanceRules::embedded().unwrap()));
+        let mut check = CheckConformance {
+            rules: Arc::new(ConformanceRules::embedded().unwrap()),
+        };
         // A decimal written as text and a dateTime without a time zone.
         let error = check
             .check(batch(br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"effectiveDateTime":"2026-11-21T10:15:00","valueQuantity":{"value":"4.2"}}"#))
