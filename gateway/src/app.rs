@@ -167,7 +167,9 @@ impl Gateway {
                 None,
             ),
             DeliveryMode::Outbox => {
-                let outbox: Arc<dyn Outbox> = SqliteOutbox::open(&self.config.delivery.outbox)?;
+                let sqlite = SqliteOutbox::open(&self.config.delivery.outbox)?;
+                sqlite.set_pending_limit(self.config.delivery.max_pending);
+                let outbox: Arc<dyn Outbox> = sqlite;
                 let routes = self
                     .config
                     .destinations

@@ -163,6 +163,11 @@ pub struct DeliverySettings {
     /// deletion is logged as a warning with the count).
     #[serde(default = "defaults::keep_dead", with = "humantime_serde")]
     pub keep_dead: Duration,
+    /// Undelivered messages the outbox holds at most, all destinations together; past it new
+    /// requests get 503 with Retry-After until delivery catches up (counted every second, so
+    /// it may be passed by a second of ingest). The queue's bound, before the disk's.
+    #[serde(default = "defaults::max_pending")]
+    pub max_pending: u64,
 }
 
 impl Default for DeliverySettings {
@@ -172,6 +177,7 @@ impl Default for DeliverySettings {
             outbox: defaults::outbox(),
             keep_delivered: defaults::keep_delivered(),
             keep_dead: defaults::keep_dead(),
+            max_pending: defaults::max_pending(),
         }
     }
 }
@@ -510,6 +516,10 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         1024 * 1024
     }
+    /// About 4 GiB of outbox at about 2 KiB per message.
+    pub fn max_pending() -> u64 {
+        2_000_000
+    }
     pub fn max_concurrent_requests() -> usize {
         256
     }
@@ -788,6 +798,11 @@ impl Config {
         if self.destinations.is_empty() {
             return Err("no [[destination]]: readings would have nowhere to go".into());
         }
+        if self.delivery.max_pending == 0 {
+            return Err(
+                "[delivery] max_pending must be at least 1: 0 would refuse every request".into(),
+            );
+        }
         let mut names = HashSet::new();
         for d in &self.destinations {
             // The name keys the outbox, labels metrics and is a path segment of the admin API.
@@ -978,6 +993,10 @@ keys = ["smart.pem"]
     fn refuses_what_would_break_at_run_time() {
         let cases = [
             (MINIMAL.replace("https://127", "http://127"), "https://"),
+            (
+                MINIMAL.replace("[[destination]]", "[delivery]\nmax_pending = 0\n\n[[destination]]"),
+                "max_pending must be at least 1",
+            ),
             (
                 MINIMAL.replace("name = \"ehr\"", "name = \"e\\u0000hr\""),
                 "must not be empty or hold control characters",

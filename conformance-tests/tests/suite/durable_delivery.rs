@@ -1550,3 +1550,65 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         .expect_status(200);
     assert!(session.headers.contains_key("set-cookie"));
 }
+
+/// The outbox is a bounded queue: with the EHR refusing everything, requests are taken until
+/// `max_pending` undelivered messages are counted, then refused with 503 and Retry-After
+/// (nothing of them stored); once the EHR is back every accepted reading arrives exactly once
+/// and requests are taken again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_outbox_refuses_requests_until_delivery_catches_up() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"))
+        .replace("mode = \"outbox\"", "mode = \"outbox\"\nmax_pending = 4");
+    assert!(config.contains("max_pending = 4"));
+    ehr.ehr.fail_fraction(Fault::status(503), 1.0);
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let minute = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let mut accepted = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        let at = minute - Duration::from_secs(accepted + 1);
+        let time = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let answer = post(&pki, &gateway, &flows("CH-FULL", &[(4.2, &time)])).await;
+        match answer.status.as_u16() {
+            202 => accepted += 1,
+            503 => break answer,
+            other => panic!("{other}: {}", String::from_utf8_lossy(&answer.body)),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused after {accepted} accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Each accepted reading is an Observation and a Provenance: at least 2 requests fill 4.
+    assert!(accepted >= 2, "{accepted}");
+    assert!(refusal.headers.contains_key("retry-after"));
+    let text = refusal.json().to_string();
+    assert!(
+        text.contains("undelivered messages") && text.contains("limit is 4"),
+        "{text}"
+    );
+    ehr.ehr.fail_fraction(Fault::status(503), 0.0);
+    let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(30)).await;
+    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    assert_eq!(ehr.ehr.count("Observation") as u64, accepted);
+    // Counted again within a second of catching up: taken again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = post(&pki, &gateway, &flows("CH-FULL", &[(4.3, &now_rfc3339())])).await;
+        if answer.status.as_u16() == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}",
+            answer.json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -138,6 +138,10 @@ pub enum DeliveryError {
     /// accepted, and the same batch may be sent again shortly.
     #[error("the gateway is busy")]
     Busy,
+    /// The outbox holds as many undelivered messages as it may (`[delivery] max_pending`):
+    /// nothing was accepted; the destinations have to catch up first.
+    #[error("the outbox holds {pending} undelivered messages, its limit is {limit}")]
+    Backlog { pending: u64, limit: u64 },
     /// What this delivery mode cannot do.
     #[error("{0}")]
     Unsupported(String),

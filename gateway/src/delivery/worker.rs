@@ -541,7 +541,8 @@ impl Shared {
             | DeliveryError::UnknownResources { .. }
             | DeliveryError::Unsupported(_)
             | DeliveryError::Unresolved { .. }
-            | DeliveryError::Busy => Health::Up,
+            | DeliveryError::Busy
+            | DeliveryError::Backlog { .. } => Health::Up,
             DeliveryError::Unavailable { retry_after, .. } => Health::Down {
                 retry_after: self.honoured(*retry_after),
             },
@@ -581,7 +582,7 @@ impl Shared {
                 reason, hold: true, ..
             } => self.retry_later(attempts, "held through", reason, None),
             // The gateway's own queue, not the EHR: tried again soon, no attempt spent.
-            DeliveryError::Busy => Settle::Postpone {
+            DeliveryError::Busy | DeliveryError::Backlog { .. } => Settle::Postpone {
                 at_ms: now + 1000,
                 error: error.to_string(),
             },

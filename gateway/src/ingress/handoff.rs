@@ -283,6 +283,14 @@ pub fn refusal(
             ),
         )
         .retry_after(RETRY_AFTER_BUSY),
+        DeliveryError::Backlog { pending, limit } => ApiError::one(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "throttled",
+                format!("the gateway holds {pending} undelivered messages, its limit is {limit}: its destinations are not keeping up; nothing of this request was accepted, resend it after Retry-After"),
+            ),
+        )
+        .retry_after(RETRY_AFTER_UNAVAILABLE),
         DeliveryError::Unsupported(reason) => ApiError::one(
             StatusCode::NOT_IMPLEMENTED,
             Issue::error("not-supported", reason),

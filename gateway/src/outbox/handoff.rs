@@ -166,6 +166,9 @@ impl Handoff for OutboxHandoff {
                             .collect(),
                     },
                     OutboxError::Busy => DeliveryError::Busy,
+                    OutboxError::Full { pending, limit } => {
+                        DeliveryError::Backlog { pending, limit }
+                    }
                     other => unavailable(other),
                 })?;
             let mut ids = ids.into_iter();

@@ -30,6 +30,12 @@ pub enum OutboxError {
     /// asked to come back shortly rather than the queue (and memory) growing without bound.
     #[error("the outbox has more writes queued than it has room for")]
     Busy,
+    /// As many messages are undelivered as the outbox may hold (`[delivery] max_pending`):
+    /// nothing was stored; the sender comes back once delivery has caught up.
+    #[error(
+        "the outbox holds {pending} undelivered messages, its limit is {limit}: the destinations are not keeping up"
+    )]
+    Full { pending: u64, limit: u64 },
     /// Corrections refused by destinations whose policy is `corrections = "reject"`: the
     /// messages (by index in the enqueue) and their destinations. Nothing was stored.
     #[error("{} correction(s) refused by destination policy", .0.len())]

@@ -262,6 +262,38 @@ pub struct SqliteOutbox {
     rewinds: Arc<std::sync::atomic::AtomicU64>,
     reader: Arc<Mutex<Connection>>,
     notifiers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Undelivered messages, as last counted (see [`census_loop`]).
+    pending: Arc<std::sync::atomic::AtomicU64>,
+    /// New requests are refused while `pending` is at this or above.
+    pending_limit: std::sync::atomic::AtomicU64,
+    /// Dropped with the outbox, which ends the census thread.
+    _census: std::sync::mpsc::SyncSender<()>,
+}
+
+/// How often the undelivered messages are counted for [`SqliteOutbox::set_pending_limit`].
+const CENSUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Undelivered messages in the outbox, all destinations (the partial index holds only them).
+fn count_pending(conn: &Connection) -> Result<u64, OutboxError> {
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM messages WHERE state = 'pending'")?
+        .query_row([], |row| row.get::<_, i64>(0))? as u64)
+}
+
+/// Counts the undelivered messages every [`CENSUS_EVERY`] on its own connection, until the
+/// outbox is dropped. A count rather than a tally kept by every write: a bound that may be
+/// passed by a second of ingest needs nothing of the write path.
+fn census_loop(
+    conn: Connection,
+    pending: Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CENSUS_EVERY) {
+        match count_pending(&conn) {
+            Ok(n) => pending.store(n, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "outbox census failed; the next one will retry"),
+        }
+    }
 }
 
 /// Page cache per connection, in KiB: lookups of resources corrected or resent long after
@@ -418,13 +450,31 @@ impl SqliteOutbox {
             .name("outbox-writer".into())
             .spawn(move || write_loop(writer_conn, commands, &counter, &writer_gate, &after_vacuum))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
+        let census = open(path)?;
+        let pending = Arc::new(std::sync::atomic::AtomicU64::new(count_pending(&census)?));
+        let (census_stop, stop) = std::sync::mpsc::sync_channel(0);
+        let counted = pending.clone();
+        std::thread::Builder::new()
+            .name("outbox-census".into())
+            .spawn(move || census_loop(census, counted, stop))
+            .map_err(|e| OutboxError::Storage(e.to_string()))?;
         Ok(Arc::new(Self {
             writer,
             commits,
             rewinds: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             notifiers: Mutex::new(HashMap::new()),
+            pending,
+            pending_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            _census: census_stop,
         }))
+    }
+
+    /// Refuses new requests ([`OutboxError::Full`]) while `limit` or more messages are
+    /// undelivered: the outbox is a queue and gets a bound before the disk is its bound.
+    pub fn set_pending_limit(&self, limit: u64) {
+        self.pending_limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn read<T: Send + 'static>(
@@ -1180,6 +1230,13 @@ impl Outbox for SqliteOutbox {
             d
         };
         let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
+        let pending = self.pending.load(std::sync::atomic::Ordering::Relaxed);
+        let limit = self
+            .pending_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if pending >= limit {
+            return Box::pin(async move { Err(OutboxError::Full { pending, limit }) });
+        }
         let stored =
             self.write_or_refuse(|reply| Command::Enqueue(batch, messages, provenance, reply));
         Box::pin(async move {
@@ -1728,6 +1785,56 @@ mod tests {
             status: "201".into(),
             location: None,
         }
+    }
+
+    /// At the limit of undelivered messages a new request is refused, nothing of it stored;
+    /// once delivery has caught up (counted again) requests are taken again.
+    #[tokio::test]
+    async fn a_full_outbox_refuses_new_requests_until_delivery_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("outbox.sqlite")).unwrap();
+        outbox.set_pending_limit(2);
+        let first = ids(outbox
+            .enqueue(
+                "b1".into(),
+                vec![message("ehr", 0), message("ehr", 1)],
+                None,
+            )
+            .await
+            .unwrap());
+        let recount = |outbox: &SqliteOutbox| {
+            let n = count_pending(&outbox.reader.lock().unwrap()).unwrap();
+            outbox
+                .pending
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        recount(&outbox);
+        match outbox
+            .enqueue("b2".into(), vec![message("ehr", 2)], None)
+            .await
+        {
+            Err(OutboxError::Full {
+                pending: 2,
+                limit: 2,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let delivered = Settle::Delivered {
+            status: "201 Created".into(),
+            location: None,
+        };
+        outbox.settle(vec![(first[0], delivered)]).await.unwrap();
+        recount(&outbox);
+        outbox
+            .enqueue("b3".into(), vec![message("ehr", 2)], None)
+            .await
+            .unwrap();
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            (stats[0].accepted, stats[0].pending),
+            (3, 2),
+            "b2 stored nothing"
+        );
     }
 
     /// Delivery's reads name the destination as a literal: a quote in its name is escaped.
