@@ -273,10 +273,13 @@ pub struct SqliteOutbox {
 /// How often the undelivered messages are counted for [`SqliteOutbox::set_pending_limit`].
 const CENSUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Undelivered messages in the outbox, all destinations (the partial index holds only them).
+/// Undelivered messages in the outbox, all destinations: a pending index answers it, so the
+/// count costs what is pending, not what is kept.
+const COUNT_PENDING: &str = "SELECT COUNT(*) FROM messages WHERE state = 'pending'";
+
 fn count_pending(conn: &Connection) -> Result<u64, OutboxError> {
     Ok(conn
-        .prepare_cached("SELECT COUNT(*) FROM messages WHERE state = 'pending'")?
+        .prepare_cached(COUNT_PENDING)?
         .query_row([], |row| row.get::<_, i64>(0))? as u64)
 }
 
@@ -1635,6 +1638,7 @@ mod tests {
                 "COVERING INDEX messages_pending_due",
             ),
             (DEAD_LETTERS.clone(), "messages_dead"),
+            (COUNT_PENDING.to_owned(), "INDEX messages_pending"),
         ] {
             let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             // Unbound parameters are NULL: the plan does not depend on them.
