@@ -96,7 +96,7 @@ fn earliest_unblocked_sql(destination: &str) -> String {
 
 /// `text` as an SQL string literal. The delivery reads name their destination this way, not
 /// as a bound parameter: SQLite ties the plan of an ORDER BY or MIN beside an equality on a
-/// bound value to that value, and plans such a statement again on every use (a tenth of the
+/// bound value to that value, and plans such a statement again on every use (a twentieth of
 /// gateway's CPU went to that); a statement per destination keeps its plan.
 fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
