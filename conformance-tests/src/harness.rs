@@ -320,10 +320,11 @@ pub async fn durable_gateway(
 }
 
 /// The scopes the gateway asks a SMART EHR for: every type it writes.
-pub const SMART_WRITE_SCOPES: [&str; 4] = [
+pub const SMART_WRITE_SCOPES: [&str; 5] = [
     "system/Observation.cu",
     "system/Procedure.cu",
     "system/Device.cu",
+    "system/DeviceMetric.cu",
     "system/Provenance.c",
 ];
 
@@ -738,6 +739,17 @@ impl Scenario {
             })
             .collect())
     }
+}
+
+/// How many DeviceMetrics describe one device of `model` (one per parameter code of its
+/// family's table): what the device's first readings batch adds to the outbox, ahead of its
+/// Observations.
+pub fn device_metrics_of(model: &str) -> u64 {
+    let tables = mappings::Mappings::embedded().expect("the embedded tables");
+    let family = tables.family_for_model(model).expect("a mapped model");
+    mappings::device_metrics(family, "any")
+        .expect("metrics")
+        .len() as u64
 }
 
 /// Now, in RFC 3339 with milliseconds, as a console would stamp it.

@@ -56,7 +56,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ' ',
-        default_value = "system/Observation.rs system/Procedure.rs system/Device.rs system/Provenance.rs"
+        default_value = "system/Observation.rs system/Procedure.rs system/Device.rs system/DeviceMetric.rs system/Provenance.rs"
     )]
     ehr_smart_scopes: Vec<String>,
     /// The token endpoint [default: read from the EHR's .well-known/smart-configuration].

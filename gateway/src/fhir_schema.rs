@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 const R4_SCHEMA: &str = include_str!("../../profiles/fhir-r4/fhir.schema.json");
 
 /// The resource types the gateway emits and therefore checks.
-pub const EMITTED_TYPES: &[&str] = &["Observation", "Procedure", "Device"];
+pub const EMITTED_TYPES: &[&str] = &["Observation", "Procedure", "Device", "DeviceMetric"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("FHIR R4 JSON Schema: {0}")]

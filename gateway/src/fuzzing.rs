@@ -186,7 +186,7 @@ struct CheckingHandoff {
 
 impl Handoff for CheckingHandoff {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
-        for resource in batch.resources.iter() {
+        for resource in batch.descriptions.iter().chain(batch.resources.iter()) {
             let issues = self
                 .conformance
                 .issues_in(resource.resource_type, &resource.json);

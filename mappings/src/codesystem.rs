@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 
+use crate::device_metric::MetricCategory;
 use crate::table::TableError;
 
 /// The codes of our CodeSystem with their displays: mapping tables must only use these, and the
@@ -7,6 +8,8 @@ use crate::table::TableError;
 #[derive(Debug, Clone)]
 pub struct CodeSystemCodes {
     displays: HashMap<String, String>,
+    /// A circuit parameter's `metric-category` property, where the code fixes it.
+    categories: HashMap<String, MetricCategory>,
 }
 
 impl CodeSystemCodes {
@@ -35,22 +38,46 @@ impl CodeSystemCodes {
                 crate::ECMO_CODE_SYSTEM
             )));
         }
-        let mut displays = HashMap::new();
-        collect(&value["concept"], &mut displays);
-        Ok(Self { displays })
+        let mut codes = Self {
+            displays: HashMap::new(),
+            categories: HashMap::new(),
+        };
+        codes.collect(&value["concept"]).map_err(err)?;
+        Ok(codes)
+    }
+
+    fn collect(&mut self, concepts: &serde_json::Value) -> Result<(), String> {
+        for concept in concepts.as_array().into_iter().flatten() {
+            let Some(code) = concept["code"].as_str() else {
+                continue;
+            };
+            if let Some(display) = concept["display"].as_str() {
+                self.displays.insert(code.to_owned(), display.to_owned());
+            }
+            let category = concept["property"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["code"] == "metric-category")
+                .map(|p| p["valueCode"].as_str().unwrap_or_default());
+            if let Some(category) = category {
+                let category = MetricCategory::from_code(category).ok_or_else(|| {
+                    format!("{code}: metric-category '{category}' is not measurement, setting or calculation")
+                })?;
+                self.categories.insert(code.to_owned(), category);
+            }
+            self.collect(&concept["concept"])?;
+        }
+        Ok(())
     }
 
     pub fn display(&self, code: &str) -> Option<&str> {
         self.displays.get(code).map(String::as_str)
     }
-}
 
-fn collect(concepts: &serde_json::Value, out: &mut HashMap<String, String>) {
-    for concept in concepts.as_array().into_iter().flatten() {
-        if let (Some(code), Some(display)) = (concept["code"].as_str(), concept["display"].as_str())
-        {
-            out.insert(code.to_owned(), display.to_owned());
-        }
-        collect(&concept["concept"], out);
+    /// The DeviceMetric category `code` fixes (a setting code is always a setting), or `None`
+    /// where it depends on the device.
+    pub fn category(&self, code: &str) -> Option<MetricCategory> {
+        self.categories.get(code).copied()
     }
 }

@@ -33,6 +33,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
         include_str!("../../profiles/fhir/StructureDefinition-ecmo-console-device.json"),
     ),
     (
+        "StructureDefinition-ecmo-device-metric.json",
+        include_str!("../../profiles/fhir/StructureDefinition-ecmo-device-metric.json"),
+    ),
+    (
         "StructureDefinition-ecmo-run-activity-procedure.json",
         include_str!("../../profiles/fhir/StructureDefinition-ecmo-run-activity-procedure.json"),
     ),
@@ -99,6 +103,8 @@ pub const RUN_ACTIVITY_PROFILE: &str =
     "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-run-activity-procedure";
 pub const DEVICE_PROFILE: &str =
     "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-console-device";
+pub const DEVICE_METRIC_PROFILE: &str =
+    "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-device-metric";
 
 /// (url, resource type it constrains) of every StructureDefinition in profiles/fhir.
 pub fn profiles() -> Vec<(String, String)> {

@@ -3,7 +3,8 @@
 //! missing required elements.
 
 use fhirbolt::model::r4::resources::{
-    CodeSystem, Device, Observation, Procedure, Provenance, StructureDefinition, ValueSet,
+    CodeSystem, Device, DeviceMetric, Observation, Procedure, Provenance, StructureDefinition,
+    ValueSet,
 };
 use fhirbolt::serde::{DeserializationConfig, DeserializationMode};
 
@@ -12,6 +13,7 @@ pub const CHECKED_TYPES: &[&str] = &[
     "Observation",
     "Procedure",
     "Device",
+    "DeviceMetric",
     "Provenance",
     "StructureDefinition",
     "ValueSet",
@@ -53,6 +55,7 @@ pub fn check_resource_value(
         "Observation" => fhirbolt::json::from_json_value::<Observation>(value, strict).map(drop),
         "Procedure" => fhirbolt::json::from_json_value::<Procedure>(value, strict).map(drop),
         "Device" => fhirbolt::json::from_json_value::<Device>(value, strict).map(drop),
+        "DeviceMetric" => fhirbolt::json::from_json_value::<DeviceMetric>(value, strict).map(drop),
         "Provenance" => fhirbolt::json::from_json_value::<Provenance>(value, strict).map(drop),
         "StructureDefinition" => {
             fhirbolt::json::from_json_value::<StructureDefinition>(value, strict).map(drop)

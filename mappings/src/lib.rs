@@ -11,6 +11,7 @@
 mod codesystem;
 mod conformance;
 mod datetime;
+mod device_metric;
 mod fhir_check;
 mod identity;
 mod observation;
@@ -25,10 +26,14 @@ mod xml;
 
 pub use codesystem::CodeSystemCodes;
 pub use conformance::{
-    CONFORMANCE_RESOURCES, DEVICE_PROFILE, OBSERVATION_PROFILE, RUN_ACTIVITY_PROFILE, RUN_PROFILE,
-    profiles,
+    CONFORMANCE_RESOURCES, DEVICE_METRIC_PROFILE, DEVICE_PROFILE, OBSERVATION_PROFILE,
+    RUN_ACTIVITY_PROFILE, RUN_PROFILE, profiles,
 };
 pub use datetime::{DeviceTime, TimeError, TimeWindow};
+pub use device_metric::{
+    DEVICE_METRIC_SYSTEM_PREFIX, MetricCategory, device_metrics, metric_identifier,
+    serial_of_metric,
+};
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};
 pub use observation::CheckedQuantity;

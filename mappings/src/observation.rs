@@ -113,8 +113,8 @@ impl Mappings {
                 MappedValue::Absent => ValueJson::Absent,
             },
             interpretation: &flags[..flagged],
-            serial_system: &family.serial_system,
-            serial: device.serial,
+            metric_system: &family.metric_system,
+            metric: &crate::metric_identifier(device.serial, &parameter.code),
             device_display: &device_display,
         })
     }
@@ -264,10 +264,10 @@ mod model {
             data_absent_reason,
             interpretation,
             device: Some(Box::new(Reference {
-                r#type: Some("Device".into()),
+                r#type: Some("DeviceMetric".into()),
                 identifier: Some(Box::new(Identifier {
-                    system: Some(family.serial_system.as_str().into()),
-                    value: Some(device.serial.into()),
+                    system: Some(family.metric_system.as_str().into()),
+                    value: Some(crate::metric_identifier(device.serial, &parameter.code).into()),
                     ..Default::default()
                 })),
                 display: Some(format!("{} {}", family.manufacturer, device.model).into()),
@@ -527,7 +527,17 @@ mod tests {
         assert_eq!(o["valueQuantity"]["system"], UCUM);
         assert_eq!(o["effectiveDateTime"], "2026-11-21T10:15:00Z");
         assert_eq!(o["subject"]["identifier"]["value"], "MRN-1");
-        assert_eq!(o["device"]["identifier"]["value"], "CH-0042");
+        // The Observation points at the device's metric for the parameter (PoCD), whose
+        // category says it is measured.
+        assert_eq!(o["device"]["type"], "DeviceMetric");
+        assert_eq!(
+            o["device"]["identifier"]["system"],
+            "https://fhir.ecmo-gateway.org/sid/device-metric/getinge"
+        );
+        assert_eq!(
+            o["device"]["identifier"]["value"],
+            "CH-0042:pump-blood-flow"
+        );
         assert_eq!(
             r.identifier_value,
             "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T101500.000Z"

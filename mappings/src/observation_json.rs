@@ -138,8 +138,9 @@ pub(crate) struct ObservationParts<'a> {
     pub value: ValueJson<'a>,
     /// (code, display) of each interpretation flag, in the profile's order.
     pub interpretation: &'a [(&'a str, &'a str)],
-    pub serial_system: &'a str,
-    pub serial: &'a str,
+    /// The DeviceMetric of the device's parameter: its identifier system and value.
+    pub metric_system: &'a str,
+    pub metric: &'a str,
     pub device_display: &'a str,
 }
 
@@ -271,10 +272,10 @@ pub(crate) fn render(parts: &ObservationParts<'_>) -> Result<Vec<u8>, String> {
             })
             .collect(),
         device: Reference {
-            r#type: "Device",
+            r#type: "DeviceMetric",
             identifier: Identifier {
-                system: parts.serial_system,
-                value: parts.serial,
+                system: parts.metric_system,
+                value: parts.metric,
             },
             display: Some(parts.device_display),
         },

@@ -1,4 +1,4 @@
-//! Every shape of Observation a table can build, as samples: each parameter with each accepted
+//! Every shape of Observation (and DeviceMetric) a table can build, as samples: each parameter with each accepted
 //! unit, booleans both ways, a value the device marked invalid, every flag, with and without a
 //! run. The gateway checks each sample against base R4 and the profiles once, when it loads
 //! the tables, instead of re-checking every resource it builds at run time; the tests prove
@@ -199,6 +199,13 @@ impl Mappings {
                         resource,
                     });
                 }
+            }
+            // The DeviceMetrics its Observations point at: only the serial varies.
+            for resource in crate::device_metrics(family, "SHAPE-0001")? {
+                samples.push(ShapeSample {
+                    shape: format!("{}/{} device metric", family.id, resource.identifier_value),
+                    resource,
+                });
             }
         }
         Ok(samples)

@@ -121,6 +121,9 @@ struct ParameterEntry {
     code: String,
     #[serde(default)]
     kind: Option<String>,
+    /// `measurement`, `setting` or `calculation`, where the code leaves it to the device.
+    #[serde(default)]
+    category: Option<String>,
     unit: Option<String>,
     decimals: Option<u8>,
     range: Option<[f64; 2]>,
@@ -176,6 +179,8 @@ pub struct Parameter {
     /// Display of `code`, taken from the CodeSystem so the two can never disagree.
     pub display: String,
     pub kind: ParameterKind,
+    /// Whether the device measures, sets or calculates the value (its DeviceMetric's category).
+    pub category: crate::device_metric::MetricCategory,
     /// Standard codings (SNOMED CT, LOINC, MDC) whose meaning matches: (system, code, display).
     pub codings: Vec<(String, String, String)>,
     /// The Observation's `code` built from the above, rendered once at load.
@@ -194,6 +199,8 @@ pub struct DeviceFamily {
     pub device_type: (String, String),
     /// Identifier system of this manufacturer's serial numbers.
     pub serial_system: String,
+    /// Identifier system of its devices' DeviceMetrics (`serial:code`).
+    pub metric_system: String,
     /// What exactly maps this family: `sha256:` and the first 12 hex digits of the family file
     /// and the unit table it converts with. Named in every Provenance, so an EHR can tell which
     /// table made a resource after a site changed one.
@@ -499,6 +506,7 @@ fn load_family(
                 ))
             })?
             .to_owned();
+        let category = parameter_category(codes, &p.code, p.category.as_deref()).map_err(err)?;
         let kind = match p.kind.as_deref() {
             None | Some("quantity") => {
                 let unit = p
@@ -572,6 +580,7 @@ fn load_family(
             code: p.code,
             display,
             kind,
+            category,
             codings,
         });
     }
@@ -579,6 +588,11 @@ fn load_family(
         serial_system: format!(
             "{}{}",
             crate::DEVICE_SERIAL_SYSTEM_PREFIX,
+            manufacturer_slug
+        ),
+        metric_system: format!(
+            "{}{}",
+            crate::DEVICE_METRIC_SYSTEM_PREFIX,
             manufacturer_slug
         ),
         version: String::new(),
@@ -591,6 +605,31 @@ fn load_family(
         parameters,
         by_name,
     })
+}
+
+/// The category the CodeSystem fixes for `code`, else the table's, else `measurement`. A table
+/// cannot make a setting code a measurement: the two would chart as the same thing.
+fn parameter_category(
+    codes: &CodeSystemCodes,
+    code: &str,
+    given: Option<&str>,
+) -> Result<crate::device_metric::MetricCategory, String> {
+    use crate::device_metric::MetricCategory;
+    let given = given
+        .map(|g| {
+            MetricCategory::from_code(g)
+                .ok_or_else(|| format!("category '{g}' is not measurement, setting or calculation"))
+        })
+        .transpose()?;
+    match (codes.category(code), given) {
+        (Some(fixed), Some(given)) if fixed != given => Err(format!(
+            "category '{}' contradicts code '{code}', which is always a {}",
+            given.code(),
+            fixed.code()
+        )),
+        (Some(fixed), _) => Ok(fixed),
+        (None, given) => Ok(given.unwrap_or(MetricCategory::Measurement)),
+    }
 }
 
 /// `sha256:` + 12 hex digits of the family file and the unit table together.
@@ -673,6 +712,52 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().contains(reason), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn a_parameter_is_a_measurement_a_setting_or_a_calculation_as_its_code_says() {
+        use crate::device_metric::MetricCategory;
+        let m = Mappings::embedded().unwrap();
+        let ch = m.family_for_model("CARDIOHELP-i").unwrap();
+        assert_eq!(
+            ch.parameter("RequestedRPM").unwrap().category,
+            MetricCategory::Setting
+        );
+        assert_eq!(
+            ch.parameter("RPM").unwrap().category,
+            MetricCategory::Measurement
+        );
+        assert_eq!(
+            ch.parameter("DeltaP").unwrap().category,
+            MetricCategory::Calculation
+        );
+        // Sweep gas: the code leaves it to the device, the table says it; by default measured.
+        let sweep = |category: &str| {
+            with_family(&format!(
+                "{HEADER}[[parameter]]\nvendor = \"Sweep\"\ncode = \"sweep-gas-flow\"\n{category}unit = \"L/min\"\ndecimals = 2\nrange = [0.0, 15.0]\n"
+            ))
+            .map(|m| m.family_for_model("X1").unwrap().parameter("Sweep").unwrap().category)
+        };
+        assert_eq!(sweep(""), Ok(MetricCategory::Measurement));
+        assert_eq!(
+            sweep("category = \"setting\"\n"),
+            Ok(MetricCategory::Setting)
+        );
+        let refused = |code: &str, category: &str| {
+            with_family(&format!(
+                "{HEADER}[[parameter]]\nvendor = \"P\"\ncode = \"{code}\"\ncategory = \"{category}\"\nunit = \"/min\"\ndecimals = 0\nrange = [0.0, 5000.0]\n"
+            ))
+            .unwrap_err()
+            .reason
+        };
+        assert!(
+            refused("pump-speed-setting", "measurement").contains("always a setting"),
+            "{}",
+            refused("pump-speed-setting", "measurement")
+        );
+        assert!(
+            refused("pump-speed", "guess").contains("is not measurement, setting or calculation")
+        );
     }
 
     #[test]

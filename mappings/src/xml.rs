@@ -4,7 +4,7 @@
 //! hour of compile time.
 
 use fhirbolt::model::r4::resources::{
-    CapabilityStatement, Device, Observation, OperationOutcome, Procedure, Provenance,
+    CapabilityStatement, Device, DeviceMetric, Observation, OperationOutcome, Procedure, Provenance,
 };
 use fhirbolt::serde::{
     DeserializationConfig, DeserializationMode, DeserializeResourceOwned, SerializeResource,
@@ -18,6 +18,7 @@ pub const XML_TYPES: &[&str] = &[
     "Observation",
     "Procedure",
     "Device",
+    "DeviceMetric",
     "Provenance",
     "OperationOutcome",
     "CapabilityStatement",
@@ -41,6 +42,7 @@ pub fn resource_value_to_xml(mut value: Value) -> Result<Vec<u8>, String> {
         "Observation" => via::<Observation>(value),
         "Procedure" => via::<Procedure>(value),
         "Device" => via::<Device>(value),
+        "DeviceMetric" => via::<DeviceMetric>(value),
         "Provenance" => via::<Provenance>(value),
         "OperationOutcome" => via::<OperationOutcome>(value),
         "CapabilityStatement" => via::<CapabilityStatement>(value),
@@ -81,6 +83,7 @@ pub fn resource_from_xml(resource_type: &str, xml: &[u8]) -> Result<Value, Strin
         "Observation" => back::<Observation>(xml),
         "Procedure" => back::<Procedure>(xml),
         "Device" => back::<Device>(xml),
+        "DeviceMetric" => back::<DeviceMetric>(xml),
         "Provenance" => back::<Provenance>(xml),
         "OperationOutcome" => back::<OperationOutcome>(xml),
         other => Err(format!("no XML reader for {other}")),

@@ -96,7 +96,8 @@ structure("ecmo-circuit-observation", "ECMO circuit Observation", "Observation",
     element("Observation.effective[x]", min=1, type=[{"code": "dateTime"}], short="The device's own timestamp"),
     element("Observation.value[x]", type=[{"code": "Quantity"}, {"code": "boolean"}]),
     element("Observation.interpretation", binding={"strength": "extensible", "valueSet": f"{BASE}/ValueSet/ecmo-measurement-status"}),
-    element("Observation.device", min=1, type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-console-device"]}]),
+    element("Observation.device", min=1, short="The device's metric for this parameter (HL7 PoCD): its category tells a setting from a measurement",
+            type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-device-metric"]}]),
 ])
 
 structure("ecmo-run-procedure", "ECMO run", "Procedure",
@@ -149,5 +150,16 @@ structure("ecmo-console-device", "ECMO circuit device", "Device",
     element("Device.serialNumber", min=1),
     element("Device.modelNumber", min=1),
     element("Device.type", min=1, binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-device-types"}),
+])
+structure("ecmo-device-metric", "ECMO device metric", "DeviceMetric",
+    "One parameter of one circuit device, as the HL7 Point-of-Care Device IG draws it: whether the device measures, sets or calculates the value (category), its unit and the device (source). Observations point at it.", [
+    element("DeviceMetric"),
+    element("DeviceMetric.identifier", min=1, max="1"),
+    element("DeviceMetric.identifier.system", min=1, short=f"{BASE}/sid/device-metric/<manufacturer>"),
+    element("DeviceMetric.identifier.value", min=1, short="<serial>:<parameter code>"),
+    element("DeviceMetric.type", binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-circuit-parameters"},
+            short="Our circuit-parameter code first; SNOMED CT / LOINC / MDC codings where they match"),
+    element("DeviceMetric.source", min=1, type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-console-device"]}]),
+    element("DeviceMetric.category", short="measurement, setting or calculation, as the CodeSystem's metric-category property or the device's table says"),
 ])
 print("written to", OUT)

@@ -36,7 +36,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "system/Observation.cu,system/Procedure.cu,system/Device.cu,system/Provenance.c"
+        default_value = "system/Observation.cu,system/Procedure.cu,system/Device.cu,system/DeviceMetric.cu,system/Provenance.c"
     )]
     smart_scopes: Vec<String>,
 }

@@ -1430,7 +1430,7 @@ fn outcome(status: StatusCode, code: &'static str, details: &str) -> Response<Bo
 /// What this EHR does: the interactions the gateway's writes use, its formats, and with SMART
 /// on, the OAuth endpoints (the SMART extension of `rest.security`).
 fn capability_statement(without: Without, token_url: Option<&str>) -> Value {
-    let mut resources: Vec<Value> = ["Observation", "Procedure", "Device", "Patient", "Provenance"]
+    let mut resources: Vec<Value> = ["Observation", "Procedure", "Device", "DeviceMetric", "Patient", "Provenance"]
         .iter()
         .map(|t| {
             json!({

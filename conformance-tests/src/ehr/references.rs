@@ -8,7 +8,14 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 /// Types a reference must reach literally: what this EHR holds.
-pub const HELD_TYPES: [&str; 5] = ["Patient", "Device", "Procedure", "Observation", "Encounter"];
+pub const HELD_TYPES: [&str; 6] = [
+    "Patient",
+    "Device",
+    "DeviceMetric",
+    "Procedure",
+    "Observation",
+    "Encounter",
+];
 
 /// Every `reference` string in `resource`.
 pub fn literal(resource: &Value) -> Vec<String> {

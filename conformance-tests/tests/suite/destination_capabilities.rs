@@ -118,11 +118,12 @@ async fn check_config_tells_smart_scopes_that_leave_writes_out_and_a_refused_reg
             key.display()
         )
     };
-    let all = r#""system/Observation.cu", "system/Procedure.cu", "system/Device.cu", "system/Provenance.c""#;
+    let all = r#""system/Observation.cu", "system/Procedure.cu", "system/Device.cu", "system/DeviceMetric.cu", "system/Provenance.c""#;
     ehr.ehr.register_smart_client(registered(&[
         "system/Observation.cu",
         "system/Procedure.cu",
         "system/Device.cu",
+        "system/DeviceMetric.cu",
         "system/Provenance.c",
     ]));
     let (code, out) = check_config(&smart(all));
@@ -130,7 +131,7 @@ async fn check_config_tells_smart_scopes_that_leave_writes_out_and_a_refused_reg
 
     // Provenance is written (provenance defaults to on) but no scope allows it.
     let (code, out) = check_config(&smart(
-        r#""system/Observation.cu", "system/Procedure.cu", "system/Device.cu""#,
+        r#""system/Observation.cu", "system/Procedure.cu", "system/Device.cu", "system/DeviceMetric.cu""#,
     ));
     assert_eq!(code, 78, "{out}");
     assert!(

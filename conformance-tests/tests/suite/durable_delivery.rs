@@ -13,8 +13,8 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, durable_config, durable_gateway,
-    mtls_ehr, now_rfc3339,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, device_metrics_of,
+    durable_config, durable_gateway, mtls_ehr, now_rfc3339,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -222,8 +222,12 @@ async fn errors_dropped_connections_and_an_outage_are_ridden_out() {
             stats["delivered"].as_u64(),
             stats["dead"].as_u64()
         ),
-        // 60 readings and one Provenance per request.
-        (Some(65), Some(65), Some(0)),
+        // 60 readings, the console's DeviceMetrics and one Provenance per request.
+        (
+            Some(65 + device_metrics_of("CARDIOHELP-i")),
+            Some(65 + device_metrics_of("CARDIOHELP-i")),
+            Some(0)
+        ),
         "{queues}"
     );
     assert_eq!(store.count("Observation"), 60);
@@ -273,8 +277,12 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
 
     let admin = pki.client(ADMIN);
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
-    // 11 readings and the request's Provenance.
-    assert_eq!(queues["destinations"][0]["delivered"], 12, "{queues}");
+    // 11 readings, the console's DeviceMetrics and the request's Provenance.
+    assert_eq!(
+        queues["destinations"][0]["delivered"],
+        12 + device_metrics_of("CARDIOHELP-i"),
+        "{queues}"
+    );
     assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
     assert_eq!(
         ehr.ehr.count("Observation"),
@@ -349,7 +357,7 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
             queues["destinations"][0]["delivered"].as_u64(),
             queues["destinations"][0]["dead"].as_u64()
         ),
-        (Some(13), Some(0))
+        (Some(13 + device_metrics_of("CARDIOHELP-i")), Some(0))
     );
     assert_eq!(ehr.ehr.count("Observation"), 12);
     assert_eq!(ehr.ehr.count("Provenance"), 1);
@@ -499,9 +507,10 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
         .find(|d| d["destination"] == "registry")
         .unwrap()
         .clone();
-    // 12 readings and their Provenance.
-    assert_eq!(registry["accepted"], 13);
-    assert_eq!(registry["pending"], 13);
+    // 12 readings, the console's DeviceMetrics and the Provenance.
+    let expected = 13 + device_metrics_of("CARDIOHELP-i");
+    assert_eq!(registry["accepted"], expected);
+    assert_eq!(registry["pending"], expected);
     assert!(registry["oldestPendingSeconds"].as_f64().is_some());
 }
 
@@ -1018,11 +1027,19 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
     assert_eq!(created.len(), 1, "{created:?}");
     let p = &created[0];
     assert_eq!(p["activity"]["coding"][0]["code"], "CREATE");
-    let mut targets = target_values(p);
+    // It traces the readings, and the console's DeviceMetrics written with them.
+    let (mut targets, metrics): (Vec<String>, Vec<String>) = target_values(p)
+        .into_iter()
+        .partition(|t| t.starts_with("getinge-cardiohelp:"));
     targets.sort();
     let mut expected = vec![identifier(0), identifier(1)];
     expected.sort();
     assert_eq!(targets, expected);
+    assert_eq!(metrics.len() as u64, device_metrics_of("CARDIOHELP-i"));
+    assert!(
+        metrics.iter().all(|m| m.starts_with("CH-P1:")),
+        "{metrics:?}"
+    );
     assert!(p["recorded"].as_str().unwrap().ends_with('Z'));
     assert_eq!(p["agent"][0]["type"]["coding"][0]["code"], "author");
     assert_eq!(p["agent"][0]["who"]["identifier"]["value"], "CH-P1");
@@ -1167,7 +1184,12 @@ async fn a_destination_without_provenance_gets_none() {
         .await
         .expect_status(202);
     let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(30)).await;
-    assert_eq!(queues["destinations"][0]["delivered"], 1, "{queues}");
+    // The reading and its console's DeviceMetrics.
+    assert_eq!(
+        queues["destinations"][0]["delivered"],
+        1 + device_metrics_of("CARDIOHELP-i"),
+        "{queues}"
+    );
     assert_eq!(ehr.ehr.count("Observation"), 1);
     assert_eq!(ehr.ehr.count("Provenance"), 0);
 }
@@ -1254,7 +1276,11 @@ async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes(
     ));
     post(&pki, &gateway, &batch).await.expect_status(202);
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
-    assert_eq!(queues["destinations"][0]["delivered"], 51, "{queues}");
+    assert_eq!(
+        queues["destinations"][0]["delivered"],
+        51 + device_metrics_of("CARDIOHELP-i"),
+        "{queues}"
+    );
     assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
     assert_eq!(ehr.ehr.count("Observation"), 50);
     let refused_so_far = ehr.ehr.writes().iter().filter(|w| w.status == 400).count();
@@ -1269,7 +1295,11 @@ async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes(
         .await
         .expect_status(202);
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
-    assert_eq!(queues["destinations"][0]["delivered"], 51 + 61, "{queues}");
+    assert_eq!(
+        queues["destinations"][0]["delivered"],
+        51 + 61 + device_metrics_of("CARDIOHELP-i"),
+        "{queues}"
+    );
     assert_eq!(ehr.ehr.count("Observation"), 110);
     let writes = ehr.ehr.writes();
     assert_eq!(
@@ -1419,6 +1449,7 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             "system/Observation.cus",
             "system/Procedure.cus",
             "system/Device.cus",
+            "system/DeviceMetric.cus",
             "system/Provenance.c",
             "system/Patient.s",
             "system/Encounter.s",

@@ -79,13 +79,19 @@ async fn readings(s: &Scenario, serial: &str, t: OffsetDateTime) -> Answer {
         .unwrap()
 }
 
+/// Whether Observation `o` is of device `serial`: it points at one of the device's metrics
+/// (`serial:code`).
+fn of_device(o: &Value, serial: &str) -> bool {
+    o["device"]["identifier"]["value"]
+        .as_str()
+        .and_then(|metric| metric.rsplit_once(':'))
+        .is_some_and(|(of, _)| of == serial)
+}
+
 /// Every stored Observation of `serial` points at the run's patient and Procedure.
 async fn assert_linked(s: &Scenario, serial: &str, run: &str, patient: &str) -> usize {
     let all = s.reader.all("Observation").await.unwrap();
-    let mine: Vec<&Value> = all
-        .iter()
-        .filter(|o| o["device"]["identifier"]["value"] == serial)
-        .collect();
+    let mine: Vec<&Value> = all.iter().filter(|o| of_device(o, serial)).collect();
     for o in &mine {
         assert_eq!(o["subject"]["identifier"]["value"], patient, "{o}");
         assert_eq!(o["partOf"][0]["identifier"]["system"], RUNS);
@@ -758,7 +764,7 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         .await
         .unwrap()
         .into_iter()
-        .filter(|o| o["device"]["identifier"]["value"] == "HEM-1")
+        .filter(|o| of_device(o, "HEM-1"))
         .collect();
     assert_eq!(act.len(), 1, "the ACT is stored");
     assert_eq!(act[0]["valueQuantity"]["value"], 204);
@@ -768,10 +774,7 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
     // Every monitor reading taken while it was on this circuit is this patient's and run's;
     // the one after it moved is the other patient's.
     let all = s.reader.all("Observation").await.unwrap();
-    let of_monitor: Vec<&Value> = all
-        .iter()
-        .filter(|o| o["device"]["identifier"]["value"] == "M4-7001")
-        .collect();
+    let of_monitor: Vec<&Value> = all.iter().filter(|o| of_device(o, "M4-7001")).collect();
     assert_eq!(
         of_monitor.len(),
         6,

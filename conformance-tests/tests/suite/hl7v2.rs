@@ -140,7 +140,10 @@ async fn pcd01_messages_over_mutual_tls_reach_the_ehr_once_and_refusals_name_the
     assert_eq!(flow["valueQuantity"]["code"], "L/min");
     assert_eq!(flow["subject"]["identifier"]["system"], MRN_SYSTEM);
     assert_eq!(flow["subject"]["identifier"]["value"], "MRN-HL7-1");
-    assert_eq!(flow["device"]["identifier"]["value"], "CH-HL7-1");
+    assert_eq!(
+        flow["device"]["identifier"]["value"],
+        "CH-HL7-1:pump-blood-flow"
+    );
     assert_eq!(flow["status"], "final");
     let svo2 = &stored[&format!("getinge-cardiohelp:CH-HL7-1:drainage-blood-saturation:{at}")];
     assert_eq!(svo2["valueQuantity"]["value"].to_string(), "71.5");

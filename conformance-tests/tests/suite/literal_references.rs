@@ -127,6 +127,7 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
         "Observation",
         "Procedure",
         "Device",
+        "DeviceMetric",
         "Provenance",
         "Patient",
     ]
@@ -164,12 +165,34 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
             o["encounter"]["reference"],
             format!("Encounter/{encounter_id}")
         );
-        let device = target(&stored, &o["device"]["reference"]);
+        // The Observation points at its parameter's DeviceMetric (PoCD), which points at
+        // the console.
+        let metric = target(&stored, &o["device"]["reference"]);
         assert_eq!(
-            device["identifier"][0]["value"],
+            metric["identifier"][0]["value"],
             o["device"]["identifier"]["value"]
         );
-        if o["device"]["identifier"]["value"] == "CH-L1" {
+        assert_eq!(
+            metric["type"]["coding"][0], o["code"]["coding"][0],
+            "{metric}"
+        );
+        let console = target(&stored, &metric["source"]["reference"]);
+        let serial = console["identifier"][0]["value"].as_str().unwrap();
+        assert_eq!(
+            o["device"]["identifier"]["value"],
+            format!(
+                "{serial}:{}",
+                o["code"]["coding"][0]["code"].as_str().unwrap()
+            )
+        );
+        let code = o["code"]["coding"][0]["code"].as_str().unwrap();
+        let category = match code {
+            "pump-speed-setting" | "pump-blood-flow-setting" => "setting",
+            "oxygenator-pressure-drop" => "calculation",
+            _ => "measurement",
+        };
+        assert_eq!(metric["category"], category, "{metric}");
+        if serial == "CH-L1" {
             assert_eq!(
                 target(&stored, &o["partOf"][0]["reference"])["id"],
                 run["id"]
@@ -190,6 +213,13 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
     for serial in ["CH-L1", "CH-L2"] {
         assert!(devices.iter().any(|d| d == serial), "{devices:?}");
     }
+    // Each console's parameters, described once each.
+    let tables = mappings::Mappings::embedded().unwrap();
+    let per_console =
+        mappings::device_metrics(tables.family_for_model("CARDIOHELP-i").unwrap(), "x")
+            .unwrap()
+            .len();
+    assert_eq!(ehr.ehr.count("DeviceMetric"), 2 * per_console);
     // Provenance points to what it traces.
     for (_, provenance) in stored.iter().filter(|(t, _)| t == "Provenance") {
         for t in provenance["target"].as_array().unwrap() {
@@ -203,6 +233,7 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
         .unwrap()
         .expect_status(202);
     assert_eq!(ehr.ehr.count("Observation"), 24);
+    assert_eq!(ehr.ehr.count("DeviceMetric"), 2 * per_console);
 }
 
 #[tokio::test(flavor = "multi_thread")]

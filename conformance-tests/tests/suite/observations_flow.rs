@@ -116,7 +116,11 @@ async fn readings_arrive_with_exact_codes_values_units_and_times() {
     assert_eq!(flow["effectiveDateTime"], time);
     assert_eq!(flow["subject"]["identifier"]["system"], MRN_SYSTEM);
     assert_eq!(flow["subject"]["identifier"]["value"], "MRN-881");
-    assert_eq!(flow["device"]["identifier"]["value"], "CH-0042");
+    assert_eq!(flow["device"]["type"], "DeviceMetric");
+    assert_eq!(
+        flow["device"]["identifier"]["value"],
+        "CH-0042:pump-blood-flow"
+    );
     assert_eq!(
         flow["identifier"][0]["value"],
         format!("getinge-cardiohelp:CH-0042:pump-blood-flow:{compact}")

@@ -102,7 +102,7 @@ async fn scenarios_pass_against_the_reference_ehr() {
     let r4 = gateway::fhir_schema::R4Schema::embedded().unwrap();
     let reader = reader(&pki, &ehr);
     let mut checked = 0;
-    for resource_type in ["Observation", "Procedure", "Device"] {
+    for resource_type in ["Observation", "Procedure", "Device", "DeviceMetric"] {
         for resource in reader.all(resource_type).await.unwrap() {
             let violations = r4.check(resource_type, &resource);
             assert!(violations.is_empty(), "{violations:?}\n{resource}");
@@ -273,9 +273,15 @@ async fn the_runner_checks_an_ehr_behind_smart_backend_services() {
     ehr.ehr.register_smart_client(RegisteredClient {
         client_id: "conformance-suite".into(),
         jwks: jwks_of(&suite_key),
-        scopes: ["Observation", "Procedure", "Device", "Provenance"]
-            .map(|t| format!("system/{t}.rs"))
-            .to_vec(),
+        scopes: [
+            "Observation",
+            "Procedure",
+            "Device",
+            "DeviceMetric",
+            "Provenance",
+        ]
+        .map(|t| format!("system/{t}.rs"))
+        .to_vec(),
     });
     let config = with_smart(
         &durable_config(&pki, &ehr.base_url, &pki.path("outbox.sqlite")),

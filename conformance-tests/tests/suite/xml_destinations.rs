@@ -100,7 +100,7 @@ async fn every_scenario_reaches_the_xml_ehr_exactly_as_the_json_one() {
     // Both destinations drain; then the two EHRs must hold the same resources.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut compared = 0;
-    for resource_type in ["Observation", "Procedure", "Device"] {
+    for resource_type in ["Observation", "Procedure", "Device", "DeviceMetric"] {
         loop {
             let (json, xml) = (
                 stored(&reader(&json_ehr), resource_type).await,

@@ -15,7 +15,13 @@ use crate::config::{BundleMode, Corrections, DestinationSettings, FhirFormat, Wr
 use crate::delivery::client::{EhrClient, fetch};
 
 /// The resource types the gateway writes, in the order it first writes them.
-const WRITTEN_TYPES: [&str; 4] = ["Observation", "Procedure", "Device", "Provenance"];
+const WRITTEN_TYPES: [&str; 5] = [
+    "DeviceMetric",
+    "Observation",
+    "Procedure",
+    "Device",
+    "Provenance",
+];
 
 /// What one destination's configuration needs from the EHR.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,7 +408,11 @@ mod tests {
         assert!(gaps[0].contains("no transaction Bundles"), "{gaps:?}");
         assert!(gaps[1].contains("no FHIR XML"), "{gaps:?}");
         assert!(
-            gaps[2].starts_with("Observation: no conditional create"),
+            gaps[2].starts_with("DeviceMetric: no conditional create"),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[3].starts_with("Observation: no conditional create"),
             "{gaps:?}"
         );
         assert_eq!(gaps.len(), 2 + WRITTEN_TYPES.len());

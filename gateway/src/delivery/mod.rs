@@ -52,6 +52,11 @@ pub struct OutboundBatch {
     pub source: Arc<mappings::ProvenanceSource>,
     /// Whom it is about, for the operators' message browser.
     pub subjects: Subjects,
+    /// What describes the batch's devices (their DeviceMetrics), stored ahead of `resources`
+    /// in the same write; not part of the answer to the vendor.
+    pub descriptions: Vec<MappedResource>,
+    /// The devices `descriptions` describe ([`crate::ingress::describe`]).
+    pub described: Vec<crate::ingress::describe::DescribedDevice>,
 }
 
 /// The patients (`system|value`) and ECMO runs a batch is about, each once.

@@ -409,9 +409,12 @@ pub fn encode(
     } else {
         (String::new(), String::new(), "X")
     };
-    let device = observation["device"]["identifier"]["value"]
-        .as_str()
-        .unwrap_or_default();
+    // OBX-18 names the device: the serial of the DeviceMetric the Observation points at.
+    let device = mappings::serial_of_metric(
+        observation["device"]["identifier"]["value"]
+            .as_str()
+            .unwrap_or_default(),
+    );
     text.push_str(&format!(
         "OBX|1|{value_type}|{identifier}|1.1.1.1|{value}|{unit}|||||{status}|||{when}|||AMEAS^auto-measurement^MDC|{}\r",
         esc(device)
@@ -455,7 +458,7 @@ mod tests {
             "subject": {"identifier": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN^7"}},
             "effectiveDateTime": "2026-12-06T10:14:55.250+01:00",
             "valueQuantity": {"value": 71.5, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"},
-            "device": {"identifier": {"value": "CH-1"}}
+            "device": {"type": "DeviceMetric", "identifier": {"value": "CH-1:drainage-blood-saturation"}}
         })
     }
 

@@ -3,7 +3,7 @@
 //! identifier alone, which is what the gateway builds (it cannot know the EHR's ids).
 //!
 //! Per destination and per request, each reference by identifier to a resource the EHR holds
-//! (Patient, Device, Procedure, Observation, Encounter) gets its `reference`, the identifier
+//! (Patient, Device, DeviceMetric, Procedure, Observation, Encounter) gets its `reference`, the identifier
 //! kept beside it:
 //! - a resource in the same transaction: its entry's `fullUrl` (`urn:uuid:`), which the EHR
 //!   replaces with the id it creates or finds;
@@ -35,10 +35,17 @@ use crate::delivery::client::EhrClient;
 
 /// The resource types whose references are made literal: those an EHR holds. Others (the
 /// vendor's Organization in a Provenance) stay logical, as R4 allows.
-const RESOLVED_TYPES: [&str; 5] = ["Patient", "Device", "Procedure", "Observation", "Encounter"];
+const RESOLVED_TYPES: [&str; 6] = [
+    "Patient",
+    "Device",
+    "DeviceMetric",
+    "Procedure",
+    "Observation",
+    "Encounter",
+];
 
 /// Types the gateway writes itself: a miss means "not delivered yet", never a policy matter.
-const OWN_TYPES: [&str; 3] = ["Device", "Procedure", "Observation"];
+const OWN_TYPES: [&str; 4] = ["Device", "DeviceMetric", "Procedure", "Observation"];
 
 /// Cached ids at most; beyond it the expired ones go, then all.
 const MAX_CACHED: usize = 100_000;

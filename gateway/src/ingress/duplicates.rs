@@ -130,6 +130,8 @@ mod tests {
             revision: None,
             source: crate::outbox::provenance::test_source(),
             subjects: Default::default(),
+            descriptions: Vec::new(),
+            described: Vec::new(),
         }
     }
 

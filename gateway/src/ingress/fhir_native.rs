@@ -26,6 +26,7 @@ use crate::delivery::OutboundBatch;
 use crate::ingress::client_identity::VendorPolicy;
 use crate::ingress::conformance::ConformanceRules;
 use crate::ingress::decode::{is_json, is_xml, read_body};
+use crate::ingress::describe::DeviceDescriptions;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::outcome::{ApiError, Issue};
 use crate::reload::LiveMappings;
@@ -44,6 +45,7 @@ pub struct FhirObservations {
     /// The limits; `received_at` is set per request.
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
+    descriptions: Arc<DeviceDescriptions>,
 }
 
 pub fn layer(
@@ -52,6 +54,7 @@ pub fn layer(
     rules: Arc<ConformanceRules>,
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
+    descriptions: Arc<DeviceDescriptions>,
 ) -> AsyncFilterLayer<FhirObservations> {
     let live = mappings.into();
     AsyncFilterLayer::new(FhirObservations {
@@ -61,6 +64,7 @@ pub fn layer(
         rules,
         window,
         clocks,
+        descriptions,
     })
 }
 
@@ -154,19 +158,22 @@ where
                 .iter()
                 .map(|(family, _)| crate::ingress::table_of(family))
                 .collect();
-            Ok(Request::from_parts(
-                parts,
-                OutboundBatch {
-                    request_id,
-                    vendor: vendor.name.clone(),
-                    model,
-                    resources: prepared.resources.into(),
-                    origins: prepared.origins,
-                    revision: None,
-                    source: crate::ingress::provenance_source(Some(&vendor), agents, tables, None),
-                    subjects: prepared.subjects,
-                },
-            ))
+            let mut batch = OutboundBatch {
+                request_id,
+                vendor: vendor.name.clone(),
+                model,
+                resources: prepared.resources.into(),
+                origins: prepared.origins,
+                revision: None,
+                source: crate::ingress::provenance_source(Some(&vendor), agents, tables, None),
+                subjects: prepared.subjects,
+                descriptions: Vec::new(),
+                described: Vec::new(),
+            };
+            for (family, serial) in &prepared.devices {
+                this.descriptions.attach(&mut batch, family, serial)?;
+            }
+            Ok(Request::from_parts(parts, batch))
         })
     }
 }
@@ -574,6 +581,12 @@ impl FhirObservations {
                     "system": mappings::RUN_IDENTIFIER_SYSTEM, "value": run.run_id}}]);
             }
         }
+        // The device's metric for the parameter, as in the Observations the gateway builds
+        // (PoCD): the vendor names the device, the gateway its DeviceMetric.
+        observation["device"] = json!({"type": "DeviceMetric", "identifier": {
+            "system": family.metric_system,
+            "value": mappings::metric_identifier(&serial, &code)},
+            "display": format!("{} {serial}", family.display)});
         // Ours to give: the profile, and the id (the destination assigns or derives it).
         let profiles = observation["meta"]["profile"]
             .as_array()

@@ -19,6 +19,7 @@ use tower::filter::{FilterLayer, Predicate};
 
 use crate::BoxError;
 use crate::delivery::{OutboundBatch, Subjects};
+use crate::ingress::describe::DeviceDescriptions;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::validate::ReadingIssues;
 use crate::outcome::{ApiError, Issue};
@@ -32,6 +33,7 @@ pub struct MapObservations {
     /// The limits; `received_at` is set per request.
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
+    descriptions: Arc<DeviceDescriptions>,
 }
 
 pub fn layer(
@@ -39,12 +41,14 @@ pub fn layer(
     runs: Arc<RunRegistry>,
     window: TimeWindow,
     clocks: Arc<DeviceClocks>,
+    descriptions: Arc<DeviceDescriptions>,
 ) -> FilterLayer<MapObservations> {
     FilterLayer::new(MapObservations {
         mappings: mappings.into(),
         runs,
         window,
         clocks,
+        descriptions,
     })
 }
 
@@ -176,7 +180,7 @@ impl Predicate<Request<Value>> for MapObservations {
             .extensions
             .get::<Arc<crate::ingress::VendorPolicy>>()
             .cloned();
-        let batch = OutboundBatch {
+        let mut batch = OutboundBatch {
             request_id: crate::ingress::request_id(&parts.headers),
             vendor: vendor.as_ref().map(|v| v.name.clone()).unwrap_or_default(),
             model: model.to_owned(),
@@ -185,7 +189,10 @@ impl Predicate<Request<Value>> for MapObservations {
             revision: None,
             source: device_source(vendor.as_deref(), family, &body, None),
             subjects,
+            descriptions: Vec::new(),
+            described: Vec::new(),
         };
+        self.descriptions.attach(&mut batch, family, serial)?;
         Ok(Request::from_parts(parts, batch))
     }
 }
@@ -283,6 +290,7 @@ mod tests {
                 max_past_age: time::Duration::hours(24),
             },
             clocks: Arc::default(),
+            descriptions: Arc::default(),
         };
         layer.check(Request::new(body))
     }

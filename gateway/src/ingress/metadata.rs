@@ -39,7 +39,8 @@ pub fn capability_statement() -> Value {
             "resource": [
                 {"type": "Observation", "supportedProfile": profiles("Observation"), "documentation": "One per device reading."},
                 {"type": "Procedure", "supportedProfile": profiles("Procedure"), "documentation": "One per ECMO run, and one per mode segment, circuit change and weaning trial."},
-                {"type": "Device", "supportedProfile": profiles("Device"), "documentation": "One per ECMO console."}
+                {"type": "Device", "supportedProfile": profiles("Device"), "documentation": "One per device of an ECMO circuit (console, monitor, analyser)."},
+                {"type": "DeviceMetric", "supportedProfile": profiles("DeviceMetric"), "documentation": "One per parameter of a device (HL7 PoCD): whether the device measures, sets or calculates it. Observations point at it."}
             ]
         }]
     })

@@ -18,6 +18,7 @@ pub mod authorize;
 pub mod client_identity;
 pub mod conformance;
 pub mod decode;
+pub mod describe;
 pub mod device_clocks;
 pub mod duplicates;
 pub mod fhir_native;

@@ -128,6 +128,9 @@ fn apply(runs: &RunRegistry, request: Request<Value>) -> Result<Request<Outbound
             applied.tables,
             None,
         ),
+        // A run's Devices are its own resources; their metrics come with their readings.
+        descriptions: Vec::new(),
+        described: Vec::new(),
     };
     Ok(Request::from_parts(parts, batch))
 }

@@ -18,6 +18,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::delivery::Handoff;
+use crate::ingress::describe::DeviceDescriptions;
 use crate::ingress::device_clocks::DeviceClocks;
 use crate::ingress::handoff::HandoffService;
 use crate::ingress::retract::RetractService;
@@ -153,6 +154,7 @@ where
         ));
 
     // POST /v1/fhir/Observation and /v1/fhir/Bundle, after routing.
+    let fhir_descriptions = Arc::new(DeviceDescriptions::default());
     let fhir_observations = ServiceBuilder::new()
         .layer(fhir_native::layer(
             mappings.clone(),
@@ -160,8 +162,10 @@ where
             conformance_rules.clone(),
             settings.time_window(),
             clocks,
+            fhir_descriptions.clone(),
         ))
         .layer(duplicates::layer())
+        .layer(fhir_descriptions.layer())
         .service(HandoffService::new(handoff.clone()));
 
     // POST /v1/observations/entered-in-error, after routing.
@@ -232,6 +236,7 @@ pub fn observation_path(
     clocks: &Arc<DeviceClocks>,
     handoff: Arc<dyn Handoff>,
 ) -> ObservationPath {
+    let descriptions = Arc::new(DeviceDescriptions::default());
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(locate::layer())
@@ -242,8 +247,10 @@ pub fn observation_path(
                 runs.clone(),
                 window,
                 clocks.clone(),
+                descriptions.clone(),
             ))
             .layer(duplicates::layer())
+            .layer(descriptions.layer())
             // No per-resource conformance check: every shape the tables build was checked
             // when they were loaded (`ConformanceRules::prove_tables`).
             .service(HandoffService::new(handoff)),

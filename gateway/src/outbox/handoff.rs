@@ -93,6 +93,27 @@ impl OutboxHandoff {
     }
 }
 
+/// `resource` as the message for `target`.
+fn message(
+    target: &Route,
+    resource: &mappings::MappedResource,
+    content_hash: [u8; 16],
+    revision: Option<i64>,
+) -> NewMessage {
+    NewMessage {
+        destination: target.destination.clone(),
+        resource_type: resource.resource_type.to_owned(),
+        logical_id: resource.id.clone(),
+        identifier_system: resource.identifier_system.to_string(),
+        identifier_value: resource.identifier_value.clone(),
+        body: resource.json.clone(),
+        content_hash,
+        upsert: resource.upsert,
+        revision,
+        corrections: target.corrections,
+    }
+}
+
 impl Handoff for OutboxHandoff {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
         let outbox = self.outbox.clone();
@@ -100,7 +121,22 @@ impl Handoff for OutboxHandoff {
         let routes = table.routes.clone();
         let plan = table.plan(batch.source.clone());
         Box::pin(async move {
-            let mut messages = Vec::with_capacity(batch.resources.len() * routes.len());
+            let mut messages = Vec::with_capacity(
+                (batch.descriptions.len() + batch.resources.len()) * routes.len(),
+            );
+            // The devices' descriptions first, to every destination that takes their type
+            // (none may: a destination of Observations only); the answer does not list them.
+            for resource in &batch.descriptions {
+                let hash = content_hash(&resource.json);
+                for target in routes.iter().filter(|route| {
+                    route
+                        .only
+                        .accepts(&batch.vendor, &batch.model, resource.resource_type)
+                }) {
+                    messages.push(message(target, resource, hash, None));
+                }
+            }
+            let described = messages.len();
             let mut placed = Vec::with_capacity(batch.resources.len());
             // Resource index of each message, to name a refused correction.
             let mut resource_of = Vec::with_capacity(batch.resources.len() * routes.len());
@@ -125,20 +161,10 @@ impl Handoff for OutboxHandoff {
                         .collect::<Vec<_>>(),
                 );
                 let hash = content_hash(&resource.json);
+                let revision = batch.revision.filter(|_| resource.upsert);
                 for target in targets {
                     resource_of.push(index);
-                    messages.push(NewMessage {
-                        destination: target.destination.clone(),
-                        resource_type: resource.resource_type.to_owned(),
-                        logical_id: resource.id.clone(),
-                        identifier_system: resource.identifier_system.to_string(),
-                        identifier_value: resource.identifier_value.clone(),
-                        body: resource.json.clone(),
-                        content_hash: hash,
-                        upsert: resource.upsert,
-                        revision: batch.revision.filter(|_| resource.upsert),
-                        corrections: target.corrections,
-                    });
+                    messages.push(message(target, resource, hash, revision));
                 }
             }
             let tracking_id = new_tracking_id();
@@ -160,9 +186,13 @@ impl Handoff for OutboxHandoff {
                 .await
                 .map_err(|e| match e {
                     OutboxError::CorrectionsRefused(refused) => DeliveryError::CorrectionsRefused {
+                        // A description is never a correction (it is written by update).
                         refused: refused
                             .into_iter()
-                            .map(|(message, destination)| (resource_of[message], destination))
+                            .filter_map(|(message, destination)| {
+                                let index = *resource_of.get(message.checked_sub(described)?)?;
+                                Some((index, destination))
+                            })
                             .collect(),
                     },
                     OutboxError::Busy => DeliveryError::Busy,
@@ -171,7 +201,7 @@ impl Handoff for OutboxHandoff {
                     }
                     other => unavailable(other),
                 })?;
-            let mut ids = ids.into_iter();
+            let mut ids = ids.into_iter().skip(described);
             let messages = placed
                 .into_iter()
                 .map(|targets| {
