@@ -864,6 +864,22 @@ impl Config {
                     d.name
                 ));
             }
+            let takes = |t: &str| {
+                d.only.resource_types.is_empty()
+                    || d.only
+                        .resource_types
+                        .iter()
+                        .any(|o| o.eq_ignore_ascii_case(t))
+            };
+            if d.references == crate::delivery::references::ReferenceStyle::Literal
+                && takes("Observation")
+                && !takes("DeviceMetric")
+            {
+                return Err(format!(
+                    "destination '{}': each Observation points at its device's DeviceMetric, which with references = \"literal\" must be at the EHR: add \"DeviceMetric\" to [destination.only] resource_types",
+                    d.name
+                ));
+            }
             if d.write == WriteMode::Create
                 && (d.bundle != BundleMode::Single || d.corrections != Corrections::Reject)
             {
@@ -1071,6 +1087,11 @@ keys = ["smart.pem"]
             (
                 MINIMAL.replace("[hl7v2]", "").replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\ntls = false\n\n[[vendor]]"),
                 "tls = false needs plain_vendor",
+            ),
+            (
+                format!("{MINIMAL}[destination.only]\nresource_types = [\"Observation\"]\n")
+                    .replace("[[destination]]", "[[destination]]\nreferences = \"literal\""),
+                "add \"DeviceMetric\" to [destination.only]",
             ),
             (
                 MINIMAL.replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\nplain_vendor = \"getinge\"\n\n[[vendor]]"),
