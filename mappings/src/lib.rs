@@ -47,7 +47,7 @@ pub use reading::{
     RunLink,
 };
 pub use run::{
-    AgeGroup, AttachedDeviceView, CannulaView, ComplicationView, ConsoleView,
+    AgeGroup, AttachedDeviceView, CannulaView, ComplicationView, ConsoleView, EUI64_SYSTEM,
     RUN_IDENTIFIER_SYSTEM, RunStatus, RunView, SegmentView, circuit_device, procedure_for_run,
     procedure_for_segment,
 };

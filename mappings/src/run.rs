@@ -111,6 +111,8 @@ pub struct ComplicationView {
 pub struct ConsoleView {
     pub serial: String,
     pub model: String,
+    /// The device's IEEE EUI-64, where it was given (PoCD's MDS identifier).
+    pub eui64: Option<String>,
     pub manufacturer: String,
     /// Identifier system of the manufacturer's serials.
     pub serial_system: String,
@@ -491,8 +493,11 @@ pub fn procedure_for_segment(
     ))
 }
 
+/// Identifier system of IEEE EUI-64 device identifiers (the PoCD IG's MdsDevice slice).
+pub const EUI64_SYSTEM: &str = "urn:oid:1.2.840.10004.1.1.1.0.0.1.0.0.1.2680";
+
 /// A circuit device's Device (the console, an attached monitor): created once, referenced by
-/// Observations and the run's Procedure.
+/// DeviceMetrics and the run's Procedure.
 pub fn circuit_device(console: &ConsoleView) -> Result<MappedResource, String> {
     let display = &console.device_type_display;
     let mut coding = vec![coding_of(ECMO_CODE_SYSTEM, &console.device_type, display)];
@@ -503,13 +508,19 @@ pub fn circuit_device(console: &ConsoleView) -> Result<MappedResource, String> {
             "Extracorporeal membrane oxygenator (physical object)",
         ));
     }
+    // The serial number first (what the gateway finds the Device by), then the EUI-64 as the
+    // HL7 Point-of-Care Device IG identifies a device, where known.
+    let identifier = std::iter::once((console.serial_system.as_str(), console.serial.as_str()))
+        .chain(console.eui64.as_deref().map(|eui| (EUI64_SYSTEM, eui)))
+        .map(|(system, value)| Identifier {
+            system: Some(system.into()),
+            value: Some(value.into()),
+            ..Default::default()
+        })
+        .collect();
     let device = Device {
         meta: meta(crate::DEVICE_PROFILE),
-        identifier: vec![Identifier {
-            system: Some(console.serial_system.as_str().into()),
-            value: Some(console.serial.as_str().into()),
-            ..Default::default()
-        }],
+        identifier,
         status: Some("active".into()),
         manufacturer: Some(console.manufacturer.as_str().into()),
         serial_number: Some(console.serial.as_str().into()),
@@ -570,6 +581,7 @@ mod tests {
             consoles: vec![ConsoleView {
                 serial: "CH-1".into(),
                 model: "CARDIOHELP-i".into(),
+                eui64: Some("00-1B-C5-0A-00-00-01-2C".into()),
                 manufacturer: "Getinge".into(),
                 serial_system: "https://fhir.ecmo-gateway.org/sid/device-serial/getinge".into(),
                 device_type: "ecmo-console".into(),
@@ -628,10 +640,22 @@ mod tests {
     }
 
     #[test]
-    fn device_is_valid_r4() {
+    fn device_is_valid_r4_and_carries_its_eui64_after_its_serial() {
         let d = circuit_device(&run().consoles[0]).unwrap();
         crate::check_resource_json("Device", &d.json).unwrap();
         assert!(!d.upsert);
+        let v: serde_json::Value = serde_json::from_slice(&d.json).unwrap();
+        assert_eq!(
+            crate::ProfileValidator::embedded().unwrap().check(&v),
+            vec![]
+        );
+        assert_eq!(v["identifier"][0]["value"], "CH-1");
+        assert_eq!(
+            v["identifier"][1],
+            serde_json::json!({"system": EUI64_SYSTEM, "value": "00-1B-C5-0A-00-00-01-2C"})
+        );
+        // Found by its serial, whatever else it carries.
+        assert_eq!(d.identifier_value, "CH-1");
     }
 
     /// A monitor attached for a period: the run names it in `usedReference` with the period,
@@ -642,6 +666,7 @@ mod tests {
         let monitor = ConsoleView {
             serial: "M4-1".into(),
             model: "M4".into(),
+            eui64: None,
             manufacturer: "Spectrum Medical".into(),
             serial_system: "https://fhir.ecmo-gateway.org/sid/device-serial/spectrum-medical"
                 .into(),

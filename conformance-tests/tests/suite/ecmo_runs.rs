@@ -549,7 +549,7 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         json!({
             "eventId": "s", "type": "started", "time": at(t0),
             "patient": {"system": MRN, "value": "MRN-CIRC"}, "mode": "vv",
-            "console": {"serial": "CH-A", "model": "CARDIOHELP-i"}
+            "console": {"serial": "CH-A", "model": "CARDIOHELP-i", "eui64": "00-1B-C5-0A-00-00-0C-4A"}
         }),
     )
     .await
@@ -750,6 +750,20 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         .unwrap();
     assert_eq!(monitor.len(), 1, "one Device for the monitor");
     assert_eq!(monitor[0]["manufacturer"], "Spectrum Medical");
+    assert_eq!(
+        monitor[0]["identifier"].as_array().unwrap().len(),
+        1,
+        "no EUI-64 given"
+    );
+    // The first console came with its EUI-64: its Device carries it after the serial, as the
+    // PoCD IG identifies a device, and the EHR finds it by either.
+    let console = s
+        .reader
+        .by_identifier("Device", mappings::EUI64_SYSTEM, "00-1B-C5-0A-00-00-0C-4A")
+        .await
+        .unwrap();
+    assert_eq!(console.len(), 1, "one Device for the first console");
+    assert_eq!(console[0]["identifier"][0]["value"], "CH-A");
     assert_eq!(codes(&monitor[0]["type"]), ["blood-parameter-monitor"]);
     assert_eq!(used[1]["identifier"]["value"], "CDI-1");
     assert_eq!(

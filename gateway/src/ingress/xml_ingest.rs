@@ -442,7 +442,7 @@ mod tests {
   <cannula id="d" role="drainage" laterality="left"><site code="83419000"/></cannula>
   <cannula id="r" role="return"><site code="12123001" display="internal jugular vein"/></cannula>
   <addedCannula id="a" role="return"><site code="7657000"/></addedCannula>
-  <console serial="CH-1" model="CARDIOHELP-i"/>
+  <console serial="CH-1" model="CARDIOHELP-i" eui64="00-1B-C5-0A-00-00-0C-4A"/>
 </runEvent>"#),
             IngestDocument::RunEvent,
         )
@@ -455,6 +455,11 @@ mod tests {
         );
         assert_eq!(value["cannula"]["id"], "a");
         assert_eq!(value["console"]["serial"], "CH-1");
+        assert_eq!(value["console"]["eui64"], "00-1B-C5-0A-00-00-0C-4A");
+        // The run-event schema takes what the XML gives.
+        let schemas = crate::validation::Schemas::embedded().unwrap();
+        let issues = schemas.get("run-event").unwrap().check(&value);
+        assert!(issues.is_empty(), "{issues:?}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Cannula {
 pub struct Console {
     pub serial: String,
     pub model: String,
+    /// The device's IEEE EUI-64, where the event gave it.
+    pub eui64: Option<String>,
 }
 
 /// What a run event says, by type.
@@ -116,6 +118,7 @@ fn console(v: &Value) -> Option<Console> {
     Some(Console {
         serial: text(&v["serial"])?,
         model: text(&v["model"])?,
+        eui64: text(&v["eui64"]),
     })
 }
 

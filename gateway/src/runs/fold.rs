@@ -17,6 +17,7 @@ pub struct Conflict(pub String);
 pub struct ConsolePeriod {
     pub serial: String,
     pub model: String,
+    pub eui64: Option<String>,
     pub from: OffsetDateTime,
     pub until: Option<OffsetDateTime>,
 }
@@ -265,6 +266,7 @@ impl Builder {
                 self.attached.push(ConsolePeriod {
                     serial: device.serial.clone(),
                     model: device.model.clone(),
+                    eui64: device.eui64.clone(),
                     from: event.at,
                     until: None,
                 });
@@ -385,6 +387,7 @@ impl Builder {
         self.consoles.push(ConsolePeriod {
             serial: console.serial.clone(),
             model: console.model.clone(),
+            eui64: console.eui64.clone(),
             from: at,
             until: None,
         });

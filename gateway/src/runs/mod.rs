@@ -522,6 +522,7 @@ fn device_view(period: &fold::ConsolePeriod, tables: &mappings::Mappings) -> Con
     ConsoleView {
         serial: period.serial.clone(),
         model: period.model.clone(),
+        eui64: period.eui64.clone(),
         manufacturer: family.map_or_else(|| "Unknown".to_owned(), |f| f.manufacturer.clone()),
         serial_system: family.map_or_else(
             || format!("{}unknown", mappings::DEVICE_SERIAL_SYSTEM_PREFIX),
