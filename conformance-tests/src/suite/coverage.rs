@@ -95,6 +95,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a FHIR-native Observation carrying an identifier the gateway did not derive: 422",
     ),
     (
+        "metric-differs-from-code",
+        "a FHIR-native Observation whose device names the DeviceMetric of another parameter: 422",
+    ),
+    (
         "unknown-reading",
         "taking back (entered-in-error) a reading the gateway never accepted: 404",
     ),

@@ -428,18 +428,32 @@ impl FhirObservations {
             ));
         }
         let device = &observation["device"]["identifier"];
-        let (Some(system), Some(serial)) = (device["system"].as_str(), device["value"].as_str())
+        let (Some(system), Some(value)) = (device["system"].as_str(), device["value"].as_str())
         else {
             return Err(invalid(
                 "required",
                 "/device/identifier",
                 format!(
-                    "the device must be referenced by identifier: system {}<maker>, value = serial number",
-                    mappings::DEVICE_SERIAL_SYSTEM_PREFIX
+                    "the device must be referenced by identifier: system {}<maker>, value = serial number (or, as the gateway writes it, its DeviceMetric: system {}<maker>, value = serial:code)",
+                    mappings::DEVICE_SERIAL_SYSTEM_PREFIX,
+                    mappings::DEVICE_METRIC_SYSTEM_PREFIX
                 ),
             ));
         };
-        let Some(family) = self.family_of(system) else {
+        // The device by its serial, or by its DeviceMetric for the parameter (the shape the
+        // gateway itself writes, which a vendor may echo).
+        let (family, serial, metric_code) = if let Some(family) = self.family_of(system) {
+            (family, value, None)
+        } else if let Some(family) = self.family_of_metrics(system) {
+            let Some((serial, code)) = value.rsplit_once(':') else {
+                return Err(invalid(
+                    "value",
+                    "/device/identifier/value",
+                    format!("a DeviceMetric of '{system}' is named serial:code, not '{value}'"),
+                ));
+            };
+            (family, serial, Some(code.to_owned()))
+        } else {
             return Err(invalid(
                 "code-invalid",
                 "/device/identifier/system",
@@ -481,6 +495,15 @@ impl FhirObservations {
                 ),
             ));
         };
+        if let Some(named) = metric_code.filter(|named| *named != code) {
+            return Err(invalid(
+                "value",
+                "/device/identifier/value",
+                format!(
+                    "the device names the DeviceMetric of '{named}', but the Observation's code is '{code}'"
+                ),
+            ));
+        }
         let Some(parameter) = family.parameters().iter().find(|p| p.code == code) else {
             return Err(invalid(
                 "code-invalid",
@@ -640,6 +663,13 @@ impl FhirObservations {
             .families()
             .iter()
             .find(|f| f.serial_system == serial_system)
+    }
+
+    fn family_of_metrics(&self, metric_system: &str) -> Option<&DeviceFamily> {
+        self.mappings
+            .families()
+            .iter()
+            .find(|f| f.metric_system == metric_system)
     }
 }
 
