@@ -78,6 +78,9 @@ pub struct Device {
     pub manufacturer: String,
     pub model: String,
     pub serial: String,
+    /// The IEEE EUI-64, where the run events gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eui64: Option<String>,
     pub from: Option<String>,
     pub until: Option<String>,
 }
@@ -110,6 +113,7 @@ pub fn record(view: &RunView) -> Result<RegistryRecord, NotReportable> {
             manufacturer: c.manufacturer.clone(),
             model: c.model.clone(),
             serial: c.serial.clone(),
+            eui64: c.eui64.clone(),
             from: None,
             until: None,
         })
@@ -119,6 +123,7 @@ pub fn record(view: &RunView) -> Result<RegistryRecord, NotReportable> {
         manufacturer: a.device.manufacturer.clone(),
         model: a.device.model.clone(),
         serial: a.device.serial.clone(),
+        eui64: a.device.eui64.clone(),
         from: Some(a.from.clone()),
         until: a.until.clone(),
     }));
@@ -219,7 +224,13 @@ pub fn to_csv(record: &RegistryRecord) -> Result<Vec<u8>, csv::Error> {
     for device in &record.devices {
         row(
             &format!("device ({})", device.role),
-            &format!("{} {} {}", device.manufacturer, device.model, device.serial),
+            &match &device.eui64 {
+                Some(eui) => format!(
+                    "{} {} {} (EUI-64 {eui})",
+                    device.manufacturer, device.model, device.serial
+                ),
+                None => format!("{} {} {}", device.manufacturer, device.model, device.serial),
+            },
             "",
             &or_empty(&device.from),
             &or_empty(&device.until),
@@ -267,7 +278,7 @@ mod tests {
                    "patient": {"system": "urn:x", "value": "P"}, "mode": "vv", "supportType": "respiratory",
                    "birthDate": "1980-01-01",
                    "cannulas": [{"id": "c1", "site": {"code": "83419000", "display": "femoral vein"}, "laterality": "left", "role": "drainage"}],
-                   "console": {"serial": "C1", "model": "CARDIOHELP-i"}}),
+                   "console": {"serial": "C1", "model": "CARDIOHELP-i", "eui64": "00-1B-C5-0A-00-00-00-C1"}}),
             json!({"eventId": "a", "type": "device-attached", "time": "2026-11-20T09:00:00Z", "device": {"serial": "M4-1", "model": "M4"}}),
             json!({"eventId": "m", "type": "mode-changed", "time": "2026-11-21T08:00:00Z", "mode": "vva"}),
             json!({"eventId": "k", "type": "circuit-changed", "time": "2026-11-21T10:00:00Z"}),
@@ -307,6 +318,11 @@ mod tests {
         assert_eq!(r.circuit_changes, ["2026-11-21T10:00:00Z"]);
         assert_eq!(r.complications[0].time, "2026-11-21T12:00:00Z");
         assert_eq!(r.devices.len(), 2);
+        assert_eq!(
+            r.devices[0].eui64.as_deref(),
+            Some("00-1B-C5-0A-00-00-00-C1")
+        );
+        assert_eq!(r.devices[1].eui64, None);
         assert_eq!(r.devices[1].role, "blood-parameter-monitor");
         assert_eq!(r.devices[1].until.as_deref(), Some("2026-11-22T20:30:00Z"));
 
@@ -326,6 +342,12 @@ mod tests {
             "{csv}"
         );
         assert!(lines.contains(&"duration hours,60.5,,,"), "{csv}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(
+                "device (console),Getinge CARDIOHELP-i C1 (EUI-64 00-1B-C5-0A-00-00-00-C1)"
+            )),
+            "{csv}"
+        );
 
         let mut other = events[0].clone();
         other["console"]["serial"] = json!("C2");
