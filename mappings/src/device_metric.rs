@@ -58,9 +58,14 @@ pub fn metric_identifier(serial: &str, code: &str) -> String {
     value
 }
 
+/// The serial number and code of a [`metric_identifier`] value, if it is one.
+pub fn parse_metric_identifier(value: &str) -> Option<(&str, &str)> {
+    value.rsplit_once(':')
+}
+
 /// The serial number in a [`metric_identifier`] value.
 pub fn serial_of_metric(value: &str) -> &str {
-    value.rsplit_once(':').map_or(value, |(serial, _)| serial)
+    parse_metric_identifier(value).map_or(value, |(serial, _)| serial)
 }
 
 /// The DeviceMetrics of device `serial` of `family`: one per code its table maps, in table

@@ -32,7 +32,7 @@ pub use conformance::{
 pub use datetime::{DeviceTime, TimeError, TimeWindow};
 pub use device_metric::{
     DEVICE_METRIC_SYSTEM_PREFIX, MetricCategory, device_metrics, metric_identifier,
-    serial_of_metric,
+    parse_metric_identifier, serial_of_metric,
 };
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier};

@@ -445,7 +445,7 @@ impl FhirObservations {
         let (family, serial, metric_code) = if let Some(family) = self.family_of(system) {
             (family, value, None)
         } else if let Some(family) = self.family_of_metrics(system) {
-            let Some((serial, code)) = value.rsplit_once(':') else {
+            let Some((serial, code)) = mappings::parse_metric_identifier(value) else {
                 return Err(invalid(
                     "value",
                     "/device/identifier/value",

@@ -224,13 +224,16 @@ pub fn to_csv(record: &RegistryRecord) -> Result<Vec<u8>, csv::Error> {
     for device in &record.devices {
         row(
             &format!("device ({})", device.role),
-            &match &device.eui64 {
-                Some(eui) => format!(
-                    "{} {} {} (EUI-64 {eui})",
-                    device.manufacturer, device.model, device.serial
-                ),
-                None => format!("{} {} {}", device.manufacturer, device.model, device.serial),
-            },
+            &format!(
+                "{} {} {}{}",
+                device.manufacturer,
+                device.model,
+                device.serial,
+                device
+                    .eui64
+                    .as_ref()
+                    .map_or(String::new(), |eui| format!(" (EUI-64 {eui})"))
+            ),
             "",
             &or_empty(&device.from),
             &or_empty(&device.until),
