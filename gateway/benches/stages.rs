@@ -201,6 +201,7 @@ fn outbox(c: &mut Criterion, resources: &[MappedResource]) {
                         upsert: false,
                         revision: None,
                         corrections: Corrections::Amend,
+                        chart_due_ms: None,
                     })
                     .collect::<Vec<_>>()
             },

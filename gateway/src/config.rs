@@ -376,6 +376,34 @@ pub struct DestinationSettings {
     /// `kind = "hl7v2"`: the MSH sender and receiver names.
     #[serde(default)]
     pub hl7v2: OruSettings,
+    /// Outbox mode: chart one reading per parameter per interval (a flowsheet's q15m) instead
+    /// of every reading; when absent every reading is sent.
+    pub charting: Option<ChartingSettings>,
+}
+
+/// `[destination.charting]`: of each device's parameter, one Observation per interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChartingSettings {
+    /// The interval, whole minutes that divide a day (`"1m"`, `"15m"`, `"1h"`), aligned to UTC.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Which reading of an interval is charted.
+    #[serde(default)]
+    pub summary: ChartSummary,
+    /// How long after an interval ends its value is sent: readings of the interval that
+    /// arrive by then are charted without an update at the EHR; later ones update it.
+    #[serde(default = "defaults::chart_settle", with = "humantime_serde")]
+    pub settle: Duration,
+}
+
+/// Which reading of an interval a charting destination gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChartSummary {
+    /// The latest by device time, as a nurse charts the value shown at the end of the interval.
+    #[default]
+    Last,
 }
 
 /// The protocol of a destination.
@@ -582,6 +610,9 @@ mod defaults {
     }
     pub fn breaker_cooldown() -> Duration {
         Duration::from_secs(2)
+    }
+    pub fn chart_settle() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn reference_cache_ttl() -> Duration {
         Duration::from_secs(600)
@@ -880,6 +911,29 @@ impl Config {
                     d.name
                 ));
             }
+            if let Some(charting) = &d.charting {
+                let fail = |why: &str| {
+                    Err(format!(
+                        "destination '{}': [destination.charting] {why}",
+                        d.name
+                    ))
+                };
+                if !mappings::valid_chart_interval(charting.interval) {
+                    return fail(
+                        "interval must be whole minutes that divide a day, as \"15m\" or \"1h\"",
+                    );
+                }
+                if self.delivery.mode != DeliveryMode::Outbox {
+                    return fail(
+                        "needs [delivery] mode = \"outbox\" (an interval is sent when it ends)",
+                    );
+                }
+                if d.kind != DestinationKind::Fhir || d.write == WriteMode::Create {
+                    return fail(
+                        "updates an interval's Observation when a later reading comes: it needs a FHIR destination whose write is not \"create\"",
+                    );
+                }
+            }
             if d.write == WriteMode::Create
                 && (d.bundle != BundleMode::Single || d.corrections != Corrections::Reject)
             {
@@ -1100,6 +1154,21 @@ keys = ["smart.pem"]
             (
                 MINIMAL.replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\ntls = false\nplain_vendor = \"nobody\"\n\n[[vendor]]"),
                 "is not a configured [[vendor]]",
+            ),
+            (
+                format!("{MINIMAL}[destination.charting]\ninterval = \"7m\"\n")
+                    .replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]"),
+                "interval must be whole minutes that divide a day",
+            ),
+            (
+                format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\n")
+                    .replace("[[destination]]", "[delivery]\nmode = \"direct\"\n\n[[destination]]"),
+                "needs [delivery] mode = \"outbox\" (an interval",
+            ),
+            (
+                format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\nsummary = \"mean\"\n")
+                    .replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]"),
+                "unknown variant `mean`",
             ),
         ];
         for (text, expected) in cases {

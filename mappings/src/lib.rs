@@ -8,6 +8,7 @@
 //! reads a site's own copy and refuses to start on any error, naming the file, the entry and
 //! the reason.
 
+mod charting;
 mod codesystem;
 mod conformance;
 mod datetime;
@@ -24,6 +25,7 @@ mod table;
 mod validate;
 mod xml;
 
+pub use charting::{ChartSlot, chart_slot, valid_chart_interval, with_observation_identifier};
 pub use codesystem::CodeSystemCodes;
 pub use conformance::{
     CONFORMANCE_RESOURCES, DEVICE_METRIC_PROFILE, DEVICE_PROFILE, OBSERVATION_PROFILE,

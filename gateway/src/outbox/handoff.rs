@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use crate::config::Corrections;
+use crate::config::{ChartingSettings, Corrections};
 use crate::delivery::routing::RouteFilter;
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt, RetractReceipt};
 use crate::outbox::{
-    Batch, BatchFacts, NewMessage, Outbox, OutboxError, ProvenancePlan, Retraction, content_hash,
+    Batch, BatchFacts, ChartedRetraction, NewMessage, Outbox, OutboxError, ProvenancePlan,
+    Retraction, content_hash,
 };
 
 fn unavailable(error: OutboxError) -> DeliveryError {
@@ -26,6 +27,8 @@ pub struct Route {
     pub only: RouteFilter,
     pub corrections: Corrections,
     pub provenance: bool,
+    /// One Observation per parameter per interval instead of every reading.
+    pub charting: Option<ChartingSettings>,
 }
 
 impl From<&crate::config::DestinationSettings> for Route {
@@ -41,6 +44,7 @@ impl From<&crate::config::DestinationSettings> for Route {
             only,
             corrections: settings.corrections,
             provenance: settings.provenance && !oru,
+            charting: settings.charting,
         }
     }
 }
@@ -111,7 +115,43 @@ fn message(
         upsert: resource.upsert,
         revision,
         corrections: target.corrections,
+        chart_due_ms: None,
     }
+}
+
+/// A reading as the Observation of its interval at a charting destination; `None` for what
+/// is not a reading the gateway rendered (a FHIR-native Observation keeps the vendor's
+/// identifier), which goes as it is.
+fn charted(
+    target: &Route,
+    charting: &ChartingSettings,
+    resource: &mappings::MappedResource,
+) -> Option<NewMessage> {
+    if resource.resource_type != "Observation"
+        || resource.identifier_system != mappings::OBSERVATION_IDENTIFIER_SYSTEM
+    {
+        return None;
+    }
+    let slot = mappings::chart_slot(&resource.identifier_value, charting.interval)?;
+    let body = mappings::with_observation_identifier(
+        &resource.json,
+        &resource.identifier_value,
+        &slot.identifier_value,
+    )?;
+    let settle = i64::try_from(charting.settle.as_millis()).unwrap_or(i64::MAX);
+    Some(NewMessage {
+        destination: target.destination.clone(),
+        resource_type: resource.resource_type.to_owned(),
+        logical_id: slot.logical_id,
+        identifier_system: resource.identifier_system.to_string(),
+        identifier_value: slot.identifier_value,
+        content_hash: content_hash(&body),
+        body,
+        upsert: true,
+        revision: Some(slot.reading_ms),
+        corrections: target.corrections,
+        chart_due_ms: Some(slot.end_ms.saturating_add(settle)),
+    })
 }
 
 impl Handoff for OutboxHandoff {
@@ -164,7 +204,13 @@ impl Handoff for OutboxHandoff {
                 let revision = batch.revision.filter(|_| resource.upsert);
                 for target in targets {
                     resource_of.push(index);
-                    messages.push(message(target, resource, hash, revision));
+                    messages.push(
+                        target
+                            .charting
+                            .as_ref()
+                            .and_then(|charting| charted(target, charting, resource))
+                            .unwrap_or_else(|| message(target, resource, hash, revision)),
+                    );
                 }
             }
             let tracking_id = new_tracking_id();
@@ -220,10 +266,30 @@ impl Handoff for OutboxHandoff {
 
     fn retract(
         &self,
-        resources: Vec<Retraction>,
+        mut resources: Vec<Retraction>,
         source: Arc<mappings::ProvenanceSource>,
     ) -> BoxFuture<Result<RetractReceipt, DeliveryError>> {
         let outbox = self.outbox.clone();
+        let table = self.table.load();
+        for resource in resources
+            .iter_mut()
+            .filter(|r| r.resource_type == "Observation")
+        {
+            resource.charted = table
+                .routes
+                .iter()
+                .filter_map(|route| {
+                    let slot =
+                        mappings::chart_slot(&resource.identifier_value, route.charting?.interval)?;
+                    Some(ChartedRetraction {
+                        destination: route.destination.clone(),
+                        slot_logical_id: slot.logical_id,
+                        slot_identifier_value: slot.identifier_value,
+                        reading_ms: slot.reading_ms,
+                    })
+                })
+                .collect();
+        }
         let facts = BatchFacts {
             sender: match &source.sender {
                 mappings::Sender::Vendor { name, .. } => name.clone(),
@@ -232,7 +298,7 @@ impl Handoff for OutboxHandoff {
             devices: serials(&source),
             ..BatchFacts::default()
         };
-        let plan = self.table.load().plan(source);
+        let plan = table.plan(source);
         Box::pin(async move {
             let tracking_id = new_tracking_id();
             let placements = outbox

@@ -164,6 +164,19 @@ pub struct Retraction {
     pub resource_type: String,
     pub logical_id: String,
     pub identifier_value: String,
+    /// The reading's interval at each charting destination: taken back there while it
+    /// charts this reading.
+    pub charted: Vec<ChartedRetraction>,
+}
+
+/// A retracted reading's interval at one charting destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChartedRetraction {
+    pub destination: String,
+    pub slot_logical_id: String,
+    pub slot_identifier_value: String,
+    /// The reading's device time: the interval's revision while it charts this reading.
+    pub reading_ms: i64,
 }
 
 impl Retraction {
@@ -176,6 +189,7 @@ impl Retraction {
                 &identifier_value,
             ),
             identifier_value,
+            charted: Vec::new(),
         }
     }
 }
@@ -217,6 +231,11 @@ pub struct NewMessage {
     pub revision: Option<i64>,
     /// What a changed Observation does at this destination.
     pub corrections: crate::config::Corrections,
+    /// At a charting destination, the Observation of a reading's interval (see
+    /// [`mappings::chart_slot`]; `revision` is the reading's device time, so a later reading of
+    /// the interval replaces it): not due before this time (the interval's end and the settle
+    /// time), and until it is sent a later reading rewrites it rather than queueing behind it.
+    pub chart_due_ms: Option<i64>,
 }
 
 /// A message due for delivery.

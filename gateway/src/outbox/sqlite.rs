@@ -35,6 +35,10 @@ const WRITER_QUEUE: usize = 1024;
 /// requests committed beside it do not wait long.
 const PURGE_CHUNK: u64 = 2000;
 
+/// A charting interval's message is rewritten in place only while it is due this much later
+/// than now: delivery never holds it then (see `enqueue_one`).
+const REWRITE_MARGIN_MS: i64 = 5_000;
+
 /// Free pages one vacuum command gives back (8 MiB).
 const VACUUM_PAGES: u64 = 2048;
 
@@ -50,7 +54,7 @@ const PRIOR: &str =
 
 /// Stores one message, due at once (its body goes to `message_bodies`).
 const INSERT_MESSAGE: &str = "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)";
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?11, ?9, ?10)";
 
 /// Stores one message's body.
 const INSERT_BODY: &str = "INSERT INTO message_bodies (message_id, body) VALUES (?1, ?2)";
@@ -680,10 +684,19 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                         identifier_value: &m.identifier_value,
                     })
                     .collect();
+                // A Provenance goes when the last interval it names at its destination does.
+                let due_at = |destination: &str| {
+                    messages
+                        .iter()
+                        .filter(|m| m.destination == destination)
+                        .filter_map(|m| m.chart_due_ms)
+                        .max()
+                };
                 store_provenance(
                     tx,
                     batch_id,
                     &provenance::owed(plan, batch_id, &written),
+                    &due_at,
                     now,
                 )?;
             }
@@ -706,7 +719,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             let mut targets = Vec::new();
             let mut unknown = Vec::new();
             for (index, resource) in resources.iter().enumerate() {
-                let (done, identifiers) = retract_one(tx, batch_id, resource, now)?;
+                let (mut done, mut identifiers) = retract_one(tx, batch_id, resource, now)?;
+                for charted in &resource.charted {
+                    if let Some((placed, identified)) = retract_charted(tx, batch_id, charted, now)?
+                    {
+                        done.push(placed);
+                        identifiers.extend(identified);
+                    }
+                }
                 if done.is_empty() {
                     unknown.push(index);
                 }
@@ -735,6 +755,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
                     tx,
                     batch_id,
                     &provenance::owed(plan, batch_id, &written),
+                    &|_| None,
                     now,
                 )?;
             }
@@ -935,6 +956,19 @@ fn enqueue_one(
             },
         )
         .optional()?;
+    // An interval's message not yet due cannot be in flight: a later reading rewrites it
+    // rather than queueing an update behind it. Delivery takes only what is due, and this
+    // commit lands long before the margin runs out.
+    let unsent_interval = match &prior {
+        Some(p) if m.chart_due_ms.is_some() && p.state.as_deref() == Some("pending") => tx
+            .prepare_cached(
+                "SELECT attempts = 0 AND next_attempt_ms > ?2 FROM messages WHERE id = ?1",
+            )?
+            .query_row(params![p.message_id, now_ms() + REWRITE_MARGIN_MS], |row| {
+                row.get::<_, bool>(0)
+            })?,
+        _ => false,
+    };
     let first = Write {
         upsert: m.upsert,
         status: None,
@@ -974,6 +1008,23 @@ fn enqueue_one(
                 },
                 disposition,
             }
+        }
+        Some(p) if unsent_interval => {
+            tx.prepare_cached("UPDATE message_bodies SET body = ?2 WHERE message_id = ?1")?
+                .execute(params![p.message_id, m.body])?;
+            tx.prepare_cached(UPSERT_STATE)?.execute(params![
+                m.resource_type,
+                time_key,
+                m.logical_id,
+                m.destination,
+                &m.content_hash[..],
+                m.revision,
+                p.message_id
+            ])?;
+            return Ok(Some(Enqueued {
+                message_id: p.message_id,
+                disposition: Disposition::Updated,
+            }));
         }
         Some(_) if m.upsert => Write {
             disposition: Disposition::Updated,
@@ -1015,6 +1066,7 @@ fn enqueue_one(
             upsert: write.upsert,
             predecessor: prior.as_ref().map(|p| p.message_id),
             disposition: write.disposition,
+            not_before_ms: m.chart_due_ms,
         },
         now,
     )?;
@@ -1103,6 +1155,7 @@ fn retract_one(
                 upsert: true,
                 predecessor: Some(l.message_id),
                 disposition: Disposition::Retracted,
+                not_before_ms: None,
             },
             now,
         )?;
@@ -1128,8 +1181,97 @@ fn retract_one(
     Ok((done, identified))
 }
 
+/// Takes a reading back at a charting destination: its interval's Observation is restated
+/// as entered-in-error while it charts this reading (its revision is the reading's time); a
+/// later reading of the interval already replaced it otherwise. `None` when the destination
+/// never charted the interval.
+fn retract_charted(
+    tx: &rusqlite::Transaction<'_>,
+    batch_id: &str,
+    charted: &super::ChartedRetraction,
+    now: i64,
+) -> Result<Option<(Placed, Vec<Identified>)>, OutboxError> {
+    let time_key = time_key("Observation", &charted.slot_identifier_value);
+    let Some((revision, message_id)) = tx
+        .prepare_cached(
+            "SELECT revision, message_id FROM resource_state
+             WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
+        )?
+        .query_row(
+            params![time_key, charted.slot_logical_id, charted.destination],
+            |row| Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let (identifier_system, body, disposition): (String, Vec<u8>, String) = tx
+        .prepare_cached(
+            "SELECT identifier_system, (SELECT body FROM message_bodies WHERE message_id = id), disposition
+             FROM messages WHERE id = ?1",
+        )?
+        .query_row(params![message_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?;
+    // One resource named per placement, as `retract_one` does.
+    let identified = vec![(
+        "Observation".to_owned(),
+        identifier_system.clone(),
+        charted.slot_identifier_value.clone(),
+    )];
+    if revision != Some(charted.reading_ms)
+        || Disposition::parse(&disposition) == Disposition::Retracted
+    {
+        let unchanged = Enqueued {
+            message_id,
+            disposition: Disposition::Unchanged,
+        };
+        return Ok(Some(((charted.destination.clone(), unchanged), identified)));
+    }
+    let restated = insert_message(
+        tx,
+        &MessageRow {
+            batch_id,
+            destination: &charted.destination,
+            resource_type: "Observation",
+            logical_id: &charted.slot_logical_id,
+            identifier_system: &identifier_system,
+            identifier_value: &charted.slot_identifier_value,
+            body: &with_status(&body, "entered-in-error"),
+            upsert: true,
+            predecessor: Some(message_id),
+            disposition: Disposition::Retracted,
+            not_before_ms: None,
+        },
+        now,
+    )?;
+    tx.prepare_cached(
+        "UPDATE resource_state SET message_id = ?4
+         WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
+    )?
+    .execute(params![
+        time_key,
+        charted.slot_logical_id,
+        charted.destination,
+        restated
+    ])?;
+    Ok(Some((
+        (
+            charted.destination.clone(),
+            Enqueued {
+                message_id: restated,
+                disposition: Disposition::Retracted,
+            },
+        ),
+        identified,
+    )))
+}
+
 /// A resource by type and business identifier (system, value).
 type Identified = (String, String, String);
+
+/// What a write did at one destination.
+type Placed = (String, Enqueued);
 
 /// Per destination what a retraction did, and the resource each entry is about.
 type Retracted = (Vec<(String, Enqueued)>, Vec<Identified>);
@@ -1140,6 +1282,7 @@ fn store_provenance(
     tx: &rusqlite::Transaction<'_>,
     batch_id: &str,
     owed: &[(String, mappings::MappedResource)],
+    due_at: &dyn Fn(&str) -> Option<i64>,
     now: i64,
 ) -> Result<(), OutboxError> {
     for (destination, resource) in owed {
@@ -1156,6 +1299,7 @@ fn store_provenance(
                 upsert: false,
                 predecessor: None,
                 disposition: Disposition::Created,
+                not_before_ms: due_at(destination),
             },
             now,
         )?;
@@ -1176,9 +1320,11 @@ struct MessageRow<'a> {
     /// The message before it about the same resource at the same destination.
     predecessor: Option<i64>,
     disposition: Disposition,
+    /// Not due before this time (a charting interval's end); due at once when absent.
+    not_before_ms: Option<i64>,
 }
 
-/// Stores `row` as a pending message due at `now`; its id.
+/// Stores `row` as a pending message due at `now` (or its `not_before_ms`); its id.
 fn insert_message(
     tx: &rusqlite::Transaction<'_>,
     row: &MessageRow<'_>,
@@ -1192,9 +1338,10 @@ fn insert_message(
         row.identifier_system,
         row.identifier_value,
         row.upsert,
-        now,
+        row.not_before_ms.map_or(now, |due| due.max(now)),
         row.predecessor,
         row.disposition.as_str(),
+        now,
     ])?;
     let id = tx.last_insert_rowid();
     tx.prepare_cached(INSERT_BODY)?
@@ -1551,6 +1698,7 @@ mod tests {
             upsert: false,
             revision: None,
             corrections: Corrections::Amend,
+            chart_due_ms: None,
         }
     }
 
@@ -2641,6 +2789,7 @@ mod tests {
             resource_type: "Observation".into(),
             logical_id: format!("id{n}"),
             identifier_value: format!("v{n}"),
+            charted: Vec::new(),
         };
         match outbox
             .retract("r0".into(), vec![retraction(1), retraction(7)], None)
@@ -2683,5 +2832,158 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dispositions(&resend), ["unchanged"]);
+    }
+
+    /// A reading of a charting interval (see `outbox::handoff::charted`), device time `at`.
+    fn interval_reading(at: i64, due: i64, value: u32) -> NewMessage {
+        let body = format!(
+            r#"{{"resourceType":"Observation","status":"final","valueQuantity":{{"value":{value}}}}}"#
+        );
+        NewMessage {
+            logical_id: "slot".into(),
+            identifier_value: "f:CH-1:flow:20260601T120000Z/PT15M".into(),
+            upsert: true,
+            revision: Some(at),
+            chart_due_ms: Some(due),
+            content_hash: super::super::content_hash(body.as_bytes()),
+            body: body.into_bytes(),
+            ..message("ehr", 1)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interval_is_sent_once_when_it_ends_with_its_latest_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let due = now_ms() + 600_000;
+        let first = outbox
+            .enqueue("b1".into(), vec![interval_reading(1_000, due, 1)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&first), ["created"]);
+        // Not due before the interval ends, so nothing is in flight: a later reading rewrites
+        // the message, an earlier one (late from another path) is superseded.
+        assert!(due_at(&outbox, now_ms(), &[]).await.is_empty());
+        let later = outbox
+            .enqueue("b2".into(), vec![interval_reading(2_000, due, 2)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&later), ["updated"]);
+        assert_eq!(later[0].message_id, first[0].message_id);
+        let earlier = outbox
+            .enqueue("b3".into(), vec![interval_reading(1_500, due, 3)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&earlier), ["superseded"]);
+        let sent = due_at(&outbox, due, &[]).await;
+        assert_eq!(sent.len(), 1);
+        assert!(String::from_utf8_lossy(&sent[0].body).contains(r#""value":2"#));
+        assert!(sent[0].upsert);
+        outbox
+            .settle(vec![(sent[0].id, delivered())])
+            .await
+            .unwrap();
+        // Once sent, a later reading is an update after it, due at once (its interval is over).
+        let late = outbox
+            .enqueue(
+                "b4".into(),
+                vec![interval_reading(3_000, now_ms() - 1, 4)],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&late), ["updated"]);
+        assert_ne!(late[0].message_id, first[0].message_id);
+        let update = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(update.len(), 1);
+        assert!(String::from_utf8_lossy(&update[0].body).contains(r#""value":4"#));
+    }
+
+    #[tokio::test]
+    async fn an_interval_due_soon_or_retried_is_not_rewritten_but_queued_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        // Due within the margin: delivery may be about to take it.
+        let soon = now_ms() + REWRITE_MARGIN_MS / 2;
+        let first = outbox
+            .enqueue("b1".into(), vec![interval_reading(1_000, soon, 1)], None)
+            .await
+            .unwrap();
+        let later = outbox
+            .enqueue("b2".into(), vec![interval_reading(2_000, soon, 2)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&later), ["updated"]);
+        assert_ne!(later[0].message_id, first[0].message_id);
+        // The update waits for the first; each goes in its turn.
+        let at = soon + 1;
+        let sent = due_at(&outbox, at, &[]).await;
+        assert_eq!(
+            sent.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [first[0].message_id]
+        );
+        outbox
+            .settle(vec![(sent[0].id, delivered())])
+            .await
+            .unwrap();
+        let next = due_at(&outbox, at, &[]).await;
+        assert_eq!(
+            next.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [later[0].message_id]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retracted_reading_takes_its_interval_back_only_while_it_is_charted() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let due = now_ms() - 1;
+        let charted = outbox
+            .enqueue("b1".into(), vec![interval_reading(2_000, due, 2)], None)
+            .await
+            .unwrap();
+        let retraction = |at: i64| Retraction {
+            resource_type: "Observation".into(),
+            logical_id: "reading".into(),
+            identifier_value: "f:CH-1:flow:20260601T120000.000Z".into(),
+            charted: vec![super::super::ChartedRetraction {
+                destination: "ehr".into(),
+                slot_logical_id: "slot".into(),
+                slot_identifier_value: "f:CH-1:flow:20260601T120000Z/PT15M".into(),
+                reading_ms: at,
+            }],
+        };
+        // A reading the interval does not chart: known, nothing to take back.
+        let other = outbox
+            .retract("r1".into(), vec![retraction(1_000)], None)
+            .await
+            .unwrap();
+        assert_eq!(other[0][0].1.disposition, Disposition::Unchanged);
+        assert_eq!(other[0][0].1.message_id, charted[0].message_id);
+        let retracted = outbox
+            .retract("r2".into(), vec![retraction(2_000)], None)
+            .await
+            .unwrap();
+        assert_eq!(retracted[0][0].0, "ehr");
+        assert_eq!(retracted[0][0].1.disposition, Disposition::Retracted);
+        let sent = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(
+            sent.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [charted[0].message_id]
+        );
+        outbox
+            .settle(vec![(sent[0].id, delivered())])
+            .await
+            .unwrap();
+        let restated = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(restated[0].id, retracted[0][0].1.message_id);
+        assert_eq!(restated[0].logical_id, "slot");
+        assert!(String::from_utf8_lossy(&restated[0].body).contains("entered-in-error"));
+        // A later reading of the interval charts it again.
+        let again = outbox
+            .enqueue("b2".into(), vec![interval_reading(3_000, due, 3)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&again), ["updated"]);
     }
 }
