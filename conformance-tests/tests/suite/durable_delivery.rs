@@ -1643,3 +1643,138 @@ async fn a_full_outbox_refuses_requests_until_delivery_catches_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The identifier of the one-minute interval a reading's identifier falls in, as the gateway
+/// writes it (`mappings::chart_slot`).
+fn minute_of(reading_identifier: &str, start: OffsetDateTime) -> String {
+    let (series, _) = reading_identifier.rsplit_once(':').unwrap();
+    format!(
+        "{series}:{:04}{:02}{:02}T{:02}{:02}00Z/PT1M",
+        start.year(),
+        u8::from(start.month()),
+        start.day(),
+        start.hour(),
+        start.minute()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_charting_destination_gets_the_latest_reading_of_each_interval_once() {
+    let (pki, ehr, _dir, gateway) =
+        durable_gateway("charting = { interval = \"1m\", settle = \"1s\" }\n").await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    // Two whole minutes a few minutes ago: their intervals are over, so due at once.
+    let now = OffsetDateTime::now_utc();
+    let minute = now
+        - time::Duration::minutes(5)
+        - time::Duration::seconds(now.second().into())
+        - time::Duration::nanoseconds(now.nanosecond().into());
+    let at =
+        |m: i64, s: i64| rfc3339(minute + time::Duration::minutes(m) + time::Duration::seconds(s));
+    let first = post(
+        &pki,
+        &gateway,
+        &flows(
+            "CH-Q1",
+            &[
+                (4.0, &at(0, 10)),
+                (4.1, &at(0, 50)),
+                (4.05, &at(0, 30)),
+                (4.4, &at(1, 5)),
+            ],
+        ),
+    )
+    .await
+    .expect_status(202)
+    .json();
+    let dispositions: Vec<&str> = (0..4)
+        .map(|i| {
+            first["resources"][i]["dispositions"]["ehr"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    // Written in one commit: the second rewrites the first's message, the third is older.
+    assert_eq!(
+        dispositions,
+        ["created", "updated", "superseded", "created"]
+    );
+    let reading = |i: usize| {
+        first["resources"][i]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let minute0 = minute_of(&reading(0), minute);
+    let minute1 = minute_of(&reading(3), minute + time::Duration::minutes(1));
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+
+    // One Observation per minute, written once, the minute's latest reading at its own time.
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert_eq!(flow_value(&stored), 4.1);
+    assert_eq!(stored["effectiveDateTime"], at(0, 50));
+    assert_eq!(stored["status"], "final");
+    assert_eq!(history.len(), 1, "{history:?}");
+    let (stored, _) = stored_with_history(&reader, &minute1).await;
+    assert_eq!(flow_value(&stored), 4.4);
+    // The readings themselves are not at this destination.
+    for i in 0..4 {
+        let found = reader
+            .by_identifier("Observation", OBSERVATIONS, &reading(i))
+            .await
+            .unwrap();
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    // A later reading of a minute already sent updates it; an earlier one changes nothing.
+    let late = post(
+        &pki,
+        &gateway,
+        &flows("CH-Q1", &[(4.2, &at(0, 55)), (3.0, &at(0, 1))]),
+    )
+    .await
+    .expect_status(202)
+    .json();
+    assert_eq!(late["resources"][0]["dispositions"]["ehr"], "updated");
+    assert_eq!(late["resources"][1]["dispositions"]["ehr"], "superseded");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert_eq!(flow_value(&stored), 4.2);
+    assert_eq!(stored["effectiveDateTime"], at(0, 55));
+    assert_eq!(history.len(), 2);
+
+    // Taking back a reading the minute does not chart changes nothing there; taking back the
+    // one it charts marks the minute entered-in-error.
+    let url = gateway.url("/v1/observations/entered-in-error");
+    let retraction = |time: String| {
+        json!({"device": {"serial": "CH-Q1", "model": "CARDIOHELP-i"},
+               "readings": [{"parameter": "Flow", "time": time}]})
+    };
+    let uncharted = pki
+        .client(GETINGE)
+        .post_json(&url, &retraction(at(0, 10)))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(
+        uncharted["resources"][0]["dispositions"]["ehr"],
+        "unchanged"
+    );
+    let charted = pki
+        .client(GETINGE)
+        .post_json(&url, &retraction(at(0, 55)))
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(charted["resources"][0]["dispositions"]["ehr"], "retracted");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert_eq!(stored["status"], "entered-in-error");
+    assert_eq!(flow_value(&stored), 4.2);
+    assert_eq!(history.len(), 3);
+    let (stored, _) = stored_with_history(&reader, &minute1).await;
+    assert_eq!(stored["status"], "final");
+}

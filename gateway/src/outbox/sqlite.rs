@@ -35,10 +35,6 @@ const WRITER_QUEUE: usize = 1024;
 /// requests committed beside it do not wait long.
 const PURGE_CHUNK: u64 = 2000;
 
-/// A charting interval's message is rewritten in place only while it is due this much later
-/// than now: delivery never holds it then (see `enqueue_one`).
-const REWRITE_MARGIN_MS: i64 = 5_000;
-
 /// Free pages one vacuum command gives back (8 MiB).
 const VACUUM_PAGES: u64 = 2048;
 
@@ -53,8 +49,8 @@ const PRIOR: &str =
              WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4";
 
 /// Stores one message, due at once (its body goes to `message_bodies`).
-const INSERT_MESSAGE: &str = "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?11, ?9, ?10)";
+const INSERT_MESSAGE: &str = "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition, body_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?11, ?9, ?10, ?12)";
 
 /// Stores one message's body.
 const INSERT_BODY: &str = "INSERT INTO message_bodies (message_id, body) VALUES (?1, ?2)";
@@ -74,7 +70,7 @@ const UPSERT_STATE: &str = "INSERT INTO resource_state (resource_type, time_key,
 fn due_sql(destination: &str) -> String {
     format!(
         "SELECT id, next_attempt_ms <= ?1 AND {NOT_BLOCKED}, resource_type, logical_id,
-                identifier_system, identifier_value, attempts, upsert
+                identifier_system, identifier_value, attempts, upsert, body_version
          FROM messages m INDEXED BY messages_pending
          WHERE destination = {} AND state = 'pending' AND id >= ?2
          ORDER BY id",
@@ -107,9 +103,10 @@ fn sql_literal(text: &str) -> String {
 }
 
 /// Columns added after the first release, for outbox files written by it.
-const ADDED_COLUMNS: [(&str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str); 3] = [
     ("predecessor", "INTEGER"),
     ("disposition", "TEXT NOT NULL DEFAULT 'created'"),
+    ("body_version", "INTEGER"),
 ];
 
 fn columns(conn: &Connection, table: &str) -> Result<Vec<String>, OutboxError> {
@@ -201,7 +198,10 @@ CREATE TABLE IF NOT EXISTS messages (
     -- while that one is pending, so per resource the EHR gets them in acceptance order.
     predecessor INTEGER,
     -- created, updated or amended
-    disposition TEXT NOT NULL DEFAULT 'created'
+    disposition TEXT NOT NULL DEFAULT 'created',
+    -- A charting interval's message, rewritten while pending by a later reading: how often.
+    -- NULL for every other message, which is never rewritten.
+    body_version INTEGER
 );
 -- The FHIR of each message, apart from the row that settling rewrites, so that a settle
 -- writes a few small rows per page rather than each body again.
@@ -242,7 +242,11 @@ enum Command {
         Option<ProvenancePlan>,
         oneshot::Sender<Result<Vec<Enqueued>, OutboxError>>,
     ),
-    Settle(Vec<(i64, Settle)>, oneshot::Sender<Result<(), OutboxError>>),
+    /// Outcomes, each with the body version delivery was given of a rewritable message.
+    Settle(
+        Vec<(i64, Settle, Option<i64>)>,
+        oneshot::Sender<Result<(), OutboxError>>,
+    ),
     Replay(
         Option<i64>,
         Option<String>,
@@ -272,6 +276,9 @@ pub struct SqliteOutbox {
     pending_limit: std::sync::atomic::AtomicU64,
     /// Dropped with the outbox, which ends the census thread.
     _census: std::sync::mpsc::SyncSender<()>,
+    /// The body version delivery was given of each rewritable message it holds (charting
+    /// intervals, see `enqueue_one`): settled against the version then current.
+    handed_out: Arc<Mutex<HashMap<i64, i64>>>,
 }
 
 /// How often the undelivered messages are counted for [`SqliteOutbox::set_pending_limit`].
@@ -482,6 +489,7 @@ impl SqliteOutbox {
             pending,
             pending_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
             _census: census_stop,
+            handed_out: Arc::default(),
         }))
     }
 
@@ -765,7 +773,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, O
             })
         }
         Command::Settle(outcomes, _) => {
-            for (id, settle) in outcomes {
+            for (id, settle, sent_version) in outcomes {
+                // A charting interval rewritten while its older body was in flight: what the
+                // EHR got is not what the outbox holds, so it is sent again, now.
+                if let Some(sent) = sent_version
+                    && tx
+                        .prepare_cached("SELECT body_version FROM messages WHERE id = ?1")?
+                        .query_row(params![id], |row| row.get::<_, Option<i64>>(0))
+                        .optional()?
+                        .flatten()
+                        .is_some_and(|current| current != *sent)
+                {
+                    tx.prepare_cached(
+                        "UPDATE messages SET next_attempt_ms = ?2 WHERE id = ?1 AND state = 'pending'",
+                    )?
+                    .execute(params![id, now])?;
+                    continue;
+                }
                 match settle {
                     Settle::Delivered { status, location } => tx.prepare_cached(
                         "UPDATE messages SET state = 'delivered', attempts = attempts + 1, settled_ms = ?2, status_line = ?3, location = ?4, last_error = NULL WHERE id = ?1 AND state = 'pending'",
@@ -956,17 +980,13 @@ fn enqueue_one(
             },
         )
         .optional()?;
-    // An interval's message not yet due cannot be in flight: a later reading rewrites it
-    // rather than queueing an update behind it. Delivery takes only what is due, and this
-    // commit lands long before the margin runs out.
+    // A charting interval's message still pending is rewritten by a later reading rather
+    // than followed by an update: the EHR gets one write per interval. Should delivery hold
+    // the older body, its settle sees the version moved on and sends the message again.
     let unsent_interval = match &prior {
         Some(p) if m.chart_due_ms.is_some() && p.state.as_deref() == Some("pending") => tx
-            .prepare_cached(
-                "SELECT attempts = 0 AND next_attempt_ms > ?2 FROM messages WHERE id = ?1",
-            )?
-            .query_row(params![p.message_id, now_ms() + REWRITE_MARGIN_MS], |row| {
-                row.get::<_, bool>(0)
-            })?,
+            .prepare_cached("SELECT body_version IS NOT NULL FROM messages WHERE id = ?1")?
+            .query_row(params![p.message_id], |row| row.get::<_, bool>(0))?,
         _ => false,
     };
     let first = Write {
@@ -1012,6 +1032,8 @@ fn enqueue_one(
         Some(p) if unsent_interval => {
             tx.prepare_cached("UPDATE message_bodies SET body = ?2 WHERE message_id = ?1")?
                 .execute(params![p.message_id, m.body])?;
+            tx.prepare_cached("UPDATE messages SET body_version = body_version + 1 WHERE id = ?1")?
+                .execute(params![p.message_id])?;
             tx.prepare_cached(UPSERT_STATE)?.execute(params![
                 m.resource_type,
                 time_key,
@@ -1342,6 +1364,7 @@ fn insert_message(
         row.predecessor,
         row.disposition.as_str(),
         now,
+        row.not_before_ms.map(|_| 0),
     ])?;
     let id = tx.last_insert_rowid();
     tx.prepare_cached(INSERT_BODY)?
@@ -1418,8 +1441,10 @@ impl Outbox for SqliteOutbox {
         // statement on every call.
         let in_flight: std::collections::HashSet<i64> =
             in_flight.iter().copied().filter(|id| *id >= from).collect();
+        let handed_out = self.handed_out.clone();
         self.read(move |conn| {
             let mut messages = Vec::new();
+            let mut versions = Vec::new();
             // The first message passed over because it is not due (or waits for another).
             let mut parked = None;
             let mut examined = from - 1;
@@ -1437,6 +1462,9 @@ impl Outbox for SqliteOutbox {
                         parked.get_or_insert(id);
                         continue;
                     }
+                    if let Some(version) = row.get::<_, Option<i64>>(8)? {
+                        versions.push((id, version));
+                    }
                     messages.push(Pending {
                         id,
                         resource_type: row.get(2)?,
@@ -1453,6 +1481,12 @@ impl Outbox for SqliteOutbox {
                 conn.prepare_cached("SELECT body FROM message_bodies WHERE message_id = ?1")?;
             for message in &mut messages {
                 message.body = body.query_row([message.id], |row| row.get(0))?;
+            }
+            if !versions.is_empty() {
+                handed_out
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(versions);
             }
             Ok(Due {
                 messages,
@@ -1488,7 +1522,30 @@ impl Outbox for SqliteOutbox {
     }
 
     fn settle(&self, outcomes: Vec<(i64, Settle)>) -> BoxFuture<Result<(), OutboxError>> {
-        self.write(|reply| Command::Settle(outcomes, reply))
+        let outcomes: Vec<(i64, Settle, Option<i64>)> = {
+            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            outcomes
+                .into_iter()
+                .map(|(id, settle)| {
+                    let version = handed_out.remove(&id);
+                    (id, settle, version)
+                })
+                .collect()
+        };
+        // A rewritten interval may stay pending behind where delivery looks from (it took it
+        // as delivered): delivery looks from the start again. Only charting intervals do this.
+        let rewind = outcomes
+            .iter()
+            .any(|(_, _, version)| version.is_some())
+            .then(|| self.rewinds.clone());
+        let settled = self.write(|reply| Command::Settle(outcomes, reply));
+        Box::pin(async move {
+            settled.await?;
+            if let Some(rewinds) = rewind {
+                rewinds.fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+            Ok(())
+        })
     }
 
     fn batch_status(&self, batch_id: &str) -> BoxFuture<Result<Vec<MessageStatus>, OutboxError>> {
@@ -2900,37 +2957,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_interval_due_soon_or_retried_is_not_rewritten_but_queued_behind() {
+    async fn an_interval_rewritten_while_delivery_holds_it_is_sent_again() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
-        // Due within the margin: delivery may be about to take it.
-        let soon = now_ms() + REWRITE_MARGIN_MS / 2;
+        // Its interval is over: due at once, and delivery takes it.
+        let due = now_ms() - 1;
         let first = outbox
-            .enqueue("b1".into(), vec![interval_reading(1_000, soon, 1)], None)
+            .enqueue("b1".into(), vec![interval_reading(1_000, due, 1)], None)
             .await
             .unwrap();
+        let held = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(held.len(), 1);
+        // A later reading comes while the EHR is being sent the first.
         let later = outbox
-            .enqueue("b2".into(), vec![interval_reading(2_000, soon, 2)], None)
+            .enqueue("b2".into(), vec![interval_reading(2_000, due, 2)], None)
             .await
             .unwrap();
         assert_eq!(dispositions(&later), ["updated"]);
-        assert_ne!(later[0].message_id, first[0].message_id);
-        // The update waits for the first; each goes in its turn.
-        let at = soon + 1;
-        let sent = due_at(&outbox, at, &[]).await;
-        assert_eq!(
-            sent.iter().map(|m| m.id).collect::<Vec<_>>(),
-            [first[0].message_id]
-        );
+        assert_eq!(later[0].message_id, first[0].message_id);
+        assert!(due_at(&outbox, now_ms(), &[held[0].id]).await.is_empty());
+        // What the EHR got is not what the outbox holds: not delivered, but sent again, and
+        // delivery told to look from the start (it took the message as done).
+        let rewinds = outbox.rewinds();
         outbox
-            .settle(vec![(sent[0].id, delivered())])
+            .settle(vec![(held[0].id, delivered())])
             .await
             .unwrap();
-        let next = due_at(&outbox, at, &[]).await;
-        assert_eq!(
-            next.iter().map(|m| m.id).collect::<Vec<_>>(),
-            [later[0].message_id]
-        );
+        assert_eq!(outbox.rewinds(), rewinds + 1);
+        let again = due_at(&outbox, now_ms(), &[]).await;
+        assert_eq!(again.len(), 1);
+        assert!(String::from_utf8_lossy(&again[0].body).contains(r#""value":2"#));
+        outbox
+            .settle(vec![(again[0].id, delivered())])
+            .await
+            .unwrap();
+        assert!(due_at(&outbox, now_ms(), &[]).await.is_empty());
+        let status = outbox.batch_status("b1").await.unwrap();
+        assert_eq!(status[0].state, "delivered");
+        assert_eq!(status[0].attempts, 1);
     }
 
     #[tokio::test]
