@@ -24,7 +24,9 @@ pub struct TestPki {
 /// Client certificates of [`TestPki`], by what they should make the gateway do.
 pub const GETINGE: &str = "vendor-getinge";
 pub const SPECTRUM: &str = "vendor-spectrum";
-/// A hospital's device integration system: CentriMag, Terumo CDI and Hemochron models.
+/// A hospital's device integration system: the models of every family without an interface of
+/// its own (CentriMag, LifeSPARC, Terumo CDI, Quantum Ventilation Module, Hemochron, BCS XP,
+/// Alaris).
 pub const INTEGRATION: &str = "vendor-integration";
 /// Chained to the trusted CA, but no vendor in the config has its identity.
 pub const UNCONFIGURED: &str = "vendor-unconfigured";
@@ -164,7 +166,8 @@ impl AsRef<Path> for TestPki {
 
 /// A gateway configuration for the PKI in `certs` (as `TestPki` or `gateway certs init`
 /// write it): vendors `getinge` (CARDIOHELP models), `spectrum` (serial M4-7001) and
-/// `integration` (CentriMag, CDI, Hemochron models), one destination at `ehr_url`.
+/// `integration` (the models of the families without an interface of their own), one
+/// destination at `ehr_url`.
 pub fn gateway_config(
     certs: impl AsRef<Path>,
     ehr_url: &str,
@@ -212,7 +215,7 @@ serials = ["M4-7001"]
 [[vendor]]
 name = "integration"
 identity = "device-integration"
-models = ["CentriMag", "CDI 500", "CDI 550", "Hemochron Signature Elite"]
+models = ["CentriMag", "LifeSPARC", "LS-1000", "CDI 500", "CDI 550", "Quantum Ventilation Module", "QVM2", "Hemochron Signature Elite", "BCS XP", "Alaris PC Unit", "Alaris 8015"]
 
 [[destination]]
 name = "ehr"

@@ -31,13 +31,26 @@ const EMBEDDED: &[(&str, &str)] = &[
         "abbott-centrimag.toml",
         include_str!("../tables/abbott-centrimag.toml"),
     ),
+    ("bd-alaris.toml", include_str!("../tables/bd-alaris.toml")),
     (
         "getinge-cardiohelp.toml",
         include_str!("../tables/getinge-cardiohelp.toml"),
     ),
     (
+        "livanova-lifesparc.toml",
+        include_str!("../tables/livanova-lifesparc.toml"),
+    ),
+    (
+        "siemens-bcs-xp.toml",
+        include_str!("../tables/siemens-bcs-xp.toml"),
+    ),
+    (
         "spectrum-m4.toml",
         include_str!("../tables/spectrum-m4.toml"),
+    ),
+    (
+        "spectrum-quantum-ventilation.toml",
+        include_str!("../tables/spectrum-quantum-ventilation.toml"),
     ),
     ("terumo-cdi.toml", include_str!("../tables/terumo-cdi.toml")),
     (

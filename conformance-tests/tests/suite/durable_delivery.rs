@@ -1539,7 +1539,9 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     assert!(!config.contains("../"), "every place is the test's");
 
     let gateway = GatewayProcess::start(&config).unwrap();
-    let batch = SimulatedCardiohelp::new("CH-0042", 5).next_batch(OffsetDateTime::now_utc());
+    // From 20 minutes ago: the registry charts per quarter hour, so its interval is over.
+    let batch = SimulatedCardiohelp::new("CH-0042", 5)
+        .next_batch(OffsetDateTime::now_utc() - time::Duration::minutes(20));
     pki.client(GETINGE)
         .post_json(&gateway.url("/v1/observations"), &batch)
         .await
@@ -1552,7 +1554,14 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     }
     assert_eq!(ehr.ehr.count("Observation"), 12);
     assert_eq!(ehr.ehr.count("Provenance"), 1);
+    // One per parameter and quarter hour: the batch's twelve parameters at one time.
     assert_eq!(registry.ehr.count("Observation"), 12);
+    assert!(registry.ehr.all_resources("Observation").iter().all(|o| {
+        o["identifier"][0]["value"]
+            .as_str()
+            .unwrap()
+            .ends_with("Z/PT15M")
+    }));
     // Its own Provenance of what it was given (provenance defaults to on), no Device.
     assert_eq!(registry.ehr.count("Provenance"), 1);
     assert_eq!(registry.ehr.count("Device"), 0, "only Observations");

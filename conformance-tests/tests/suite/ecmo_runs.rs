@@ -530,8 +530,9 @@ async fn monitor_readings(s: &Scenario, serial: &str, t: OffsetDateTime) -> Answ
         .unwrap()
 }
 
-/// A whole circuit: a Cardiohelp console, swapped for another after a pump failure, and a
-/// Spectrum M4 monitor attached on day 1 and detached on day 2. Each device's readings belong
+/// A whole circuit: a Cardiohelp console, swapped for another after a pump failure, a Spectrum
+/// M4 monitor attached on day 1 and detached on day 2, a Terumo CDI 500 and a Quantum gas
+/// blender; beside it a Hemochron ACT, a heparin infusion and an anti-Xa level. Each device's readings belong
 /// to the run (and its patient) for exactly the period it was on the circuit; the monitor
 /// cannot be in two runs at once; the run's Procedure names the consoles as focal devices and
 /// the monitor, with its period, as used; the monitor's Device says what it is.
@@ -616,6 +617,33 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         .await
         .unwrap()
         .expect_status(200);
+    // The gas blender that sets the sweep joins the circuit; the heparin infusion and the
+    // anti-Xa level that steers it name the patient, like the ACT.
+    event(
+        &s,
+        run,
+        json!({"eventId": "qvm-on", "type": "device-attached", "time": at(t0 + hours(3)),
+        "device": {"serial": "QVM-1", "model": "QVM2"}}),
+    )
+    .await
+    .expect_status(200);
+    let blender = json!({"device": {"serial": "QVM-1", "model": "QVM2"}, "readings": [
+        {"parameter": "SweepFlow", "value": 4.5, "unit": "L/min", "time": at(t0 + hours(4))},
+        {"parameter": "FdO2", "value": 80, "unit": "%", "time": at(t0 + hours(4))}
+    ]});
+    let heparin = json!({"device": {"serial": "ALR-1", "model": "Alaris PC Unit"},
+        "patient": {"system": MRN, "value": "MRN-CIRC"},
+        "readings": [{"parameter": "HeparinDoseRate", "value": 1200, "unit": "IU/h", "time": at(t0 + hours(4))}]});
+    let anti_xa = json!({"device": {"serial": "BCS-1", "model": "BCS XP"},
+        "patient": {"system": MRN, "value": "MRN-CIRC"},
+        "readings": [{"parameter": "AntiXa-UFH", "value": 0.35, "unit": "IU/mL", "time": at(t0 + hours(5))}]});
+    for body in [&blender, &heparin, &anti_xa] {
+        integration
+            .post_json(&s.observations_url(), body)
+            .await
+            .unwrap()
+            .expect_status(200);
+    }
 
     // Another patient's run cannot take the monitor while it is on this circuit.
     event(
@@ -734,7 +762,7 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
     let used = p["usedReference"]
         .as_array()
         .expect("the monitors are used");
-    assert_eq!(used.len(), 2, "{used:?}");
+    assert_eq!(used.len(), 3, "{used:?}");
     assert_eq!(used[0]["identifier"]["value"], "M4-7001");
     let period = &extension(&used[0], "device-use-period")["valuePeriod"];
     assert_eq!(period["start"], at(t0 + hours(2)));
@@ -772,6 +800,47 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
         "the end of the run ends the attachment"
     );
     assert_eq!(assert_linked(&s, "CDI-1", run, "MRN-CIRC").await, 2);
+    // The blender: used with its period, a gas-blender Device whose metrics are settings, its
+    // readings the run's.
+    assert_eq!(used[2]["identifier"]["value"], "QVM-1");
+    assert_eq!(assert_linked(&s, "QVM-1", run, "MRN-CIRC").await, 2);
+    let blender = s
+        .reader
+        .by_identifier(
+            "Device",
+            "https://fhir.ecmo-gateway.org/sid/device-serial/spectrum-medical",
+            "QVM-1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(codes(&blender[0]["type"]), ["gas-blender"]);
+    for code in ["sweep-gas-flow", "sweep-gas-fdo2"] {
+        let metric = s
+            .reader
+            .by_identifier(
+                "DeviceMetric",
+                "https://fhir.ecmo-gateway.org/sid/device-metric/spectrum-medical",
+                &format!("QVM-1:{code}"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(metric.len(), 1, "{code}");
+        assert_eq!(metric[0]["category"], "setting", "{code}");
+    }
+    // The heparin rate (a setting of the pump) and the anti-Xa level, the patient's.
+    for (serial, value) in [("ALR-1", 1200.0), ("BCS-1", 0.35)] {
+        let stored: Vec<Value> = s
+            .reader
+            .all("Observation")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| of_device(o, serial))
+            .collect();
+        assert_eq!(stored.len(), 1, "{serial}");
+        assert_eq!(stored[0]["valueQuantity"]["value"].as_f64(), Some(value));
+        assert_eq!(stored[0]["subject"]["identifier"]["value"], "MRN-CIRC");
+    }
     let act: Vec<Value> = s
         .reader
         .all("Observation")
@@ -848,7 +917,8 @@ async fn a_circuit_with_a_monitor_attached_and_a_console_swapped() {
             ("console", "CH-A"),
             ("console", "CH-B"),
             ("blood-parameter-monitor", "M4-7001"),
-            ("blood-parameter-monitor", "CDI-1")
+            ("blood-parameter-monitor", "CDI-1"),
+            ("gas-blender", "QVM-1")
         ]
     );
     let csv_out = registry(run, true);

@@ -431,9 +431,20 @@ impl Handoff for DirectDelivery {
         Box::pin(async move {
             // Destinations are independent: all are tried, each in its own task.
             let mut tasks = tokio::task::JoinSet::new();
+            // The devices' DeviceMetrics the Observations point at go first, as in the outbox;
+            // the receipt is about the request's own resources.
+            let descriptions: Arc<[MappedResource]> = batch.descriptions.clone().into();
             for (index, destination) in destinations.iter().cloned().enumerate() {
                 let resources = batch.resources.clone();
-                tasks.spawn(async move { (index, destination.deliver(&resources).await) });
+                let descriptions = descriptions.clone();
+                tasks.spawn(async move {
+                    if !descriptions.is_empty()
+                        && let Err(error) = destination.deliver(&descriptions).await
+                    {
+                        return (index, Err(error));
+                    }
+                    (index, destination.deliver(&resources).await)
+                });
             }
             let mut results = vec![None; destinations.len()];
             while let Some(joined) = tasks.join_next().await {

@@ -442,9 +442,13 @@ impl FhirObservations {
         };
         // The device by its serial, or by its DeviceMetric for the parameter (the shape the
         // gateway itself writes, which a vendor may echo).
-        let (family, serial, metric_code) = if let Some(family) = self.family_of(system) {
-            (family, value, None)
-        } else if let Some(family) = self.family_of_metrics(system) {
+        // A maker's families share these systems (serials are unique per maker): which family
+        // is told by the parameter, and where two of them have it, by the device's display.
+        let by_serial = self.families_of(|f| f.serial_system == system);
+        let by_metric = self.families_of(|f| f.metric_system == system);
+        let (families, serial, metric_code) = if !by_serial.is_empty() {
+            (by_serial, value, None)
+        } else if !by_metric.is_empty() {
             let Some((serial, code)) = mappings::parse_metric_identifier(value) else {
                 return Err(invalid(
                     "value",
@@ -452,7 +456,7 @@ impl FhirObservations {
                     format!("a DeviceMetric of '{system}' is named serial:code, not '{value}'"),
                 ));
             };
-            (family, serial, Some(code.to_owned()))
+            (by_metric, serial, Some(code.to_owned()))
         } else {
             return Err(invalid(
                 "code-invalid",
@@ -461,11 +465,11 @@ impl FhirObservations {
             ));
         };
         let serial = serial.to_owned();
-        if !family
-            .models
-            .iter()
-            .any(|m| vendor.may_post_for(&serial, m))
-        {
+        let families: Vec<&DeviceFamily> = families
+            .into_iter()
+            .filter(|f| f.models.iter().any(|m| vendor.may_post_for(&serial, m)))
+            .collect();
+        if families.is_empty() {
             tracing::info!(vendor = %vendor.name, "device not owned by the posting vendor");
             return Err(Refusal::Forbidden(
                 Issue::error(
@@ -504,13 +508,61 @@ impl FhirObservations {
                 ),
             ));
         }
-        let Some(parameter) = family.parameters().iter().find(|p| p.code == code) else {
-            return Err(invalid(
-                "code-invalid",
-                "/code/coding",
-                format!("'{code}' is not a parameter of {} devices", family.display),
-            ));
+        let with_code: Vec<&DeviceFamily> = families
+            .iter()
+            .copied()
+            .filter(|f| f.parameters().iter().any(|p| p.code == code))
+            .collect();
+        let display = observation["device"]["display"]
+            .as_str()
+            .unwrap_or_default();
+        let family = match with_code[..] {
+            [] => {
+                return Err(invalid(
+                    "code-invalid",
+                    "/code/coding",
+                    format!(
+                        "'{code}' is not a parameter of {} devices",
+                        families
+                            .iter()
+                            .map(|f| f.display.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                ));
+            }
+            [family] => family,
+            _ => match with_code.iter().find(|f| {
+                f.models
+                    .iter()
+                    .any(|m| display == format!("{} {m}", f.manufacturer))
+            }) {
+                Some(family) => family,
+                None => {
+                    return Err(invalid(
+                        "value",
+                        "/device/display",
+                        format!(
+                            "'{code}' is a parameter of several {} devices: device.display names the model as the gateway writes it ({})",
+                            with_code[0].manufacturer,
+                            with_code
+                                .iter()
+                                .flat_map(|f| f
+                                    .models
+                                    .iter()
+                                    .map(|m| format!("'{} {m}'", f.manufacturer)))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            },
         };
+        let parameter = family
+            .parameters()
+            .iter()
+            .find(|p| p.code == code)
+            .expect("the family was chosen by this code");
         // The same unit conversion and plausibility rules as a reading in JSON or XML.
         check_value(family, parameter, &mut observation)
             .map_err(|(field, error)| invalid(error.issue_code(), field, error.to_string()))?;
@@ -658,18 +710,12 @@ impl FhirObservations {
         ))
     }
 
-    fn family_of(&self, serial_system: &str) -> Option<&DeviceFamily> {
+    fn families_of(&self, matches: impl Fn(&DeviceFamily) -> bool) -> Vec<&DeviceFamily> {
         self.mappings
             .families()
             .iter()
-            .find(|f| f.serial_system == serial_system)
-    }
-
-    fn family_of_metrics(&self, metric_system: &str) -> Option<&DeviceFamily> {
-        self.mappings
-            .families()
-            .iter()
-            .find(|f| f.metric_system == metric_system)
+            .filter(|f| matches(f))
+            .collect()
     }
 }
 
