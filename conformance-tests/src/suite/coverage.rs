@@ -99,6 +99,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a FHIR-native Observation whose device names the DeviceMetric of another parameter: 422",
     ),
     (
+        "malformed-metric-identifier",
+        "a FHIR-native Observation naming a DeviceMetric whose identifier is not serial:code: 422",
+    ),
+    (
         "ambiguous-device-model",
         "a FHIR-native Observation of a maker with several device families that have its parameter, whose device.display names none of their models: 422",
     ),
