@@ -142,7 +142,27 @@ pub struct RunRegistry {
     conn: Mutex<Connection>,
     state: RwLock<State>,
     mappings: crate::reload::LiveMappings,
+    /// Each run's child Procedures as last rendered (see [`RenderedSegments`]).
+    segments: Mutex<HashMap<String, RenderedSegments>>,
 }
+
+/// A run's child Procedures (mode segments, circuit changes, weaning trials) by segment key,
+/// each with what it was rendered from. Every event sends them all, and all but one or two
+/// are unchanged: those are taken from here rather than built again, so an event of a run
+/// with hundreds of segments does not build hundreds of Procedures.
+type RenderedSegments = HashMap<String, (SegmentInputs, MappedResource)>;
+
+/// Everything [`mappings::procedure_for_segment`] reads.
+#[derive(PartialEq)]
+struct SegmentInputs {
+    segment: mappings::SegmentView,
+    entered_in_error: bool,
+    patient_system: String,
+    patient_value: String,
+}
+
+/// How many runs' segments are kept; past it the cache starts again (they are built anew).
+const RENDERED_RUNS: usize = 1024;
 
 fn overlaps(
     a_from: OffsetDateTime,
@@ -202,6 +222,7 @@ impl RunRegistry {
             conn: Mutex::new(conn),
             state: RwLock::new(state),
             mappings,
+            segments: Mutex::default(),
         }))
     }
 
@@ -212,6 +233,10 @@ impl RunRegistry {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute("DELETE FROM run_events", [])?;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = State::default();
+        self.segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 
@@ -434,10 +459,33 @@ impl RunRegistry {
             );
         }
         resources.push(mappings::procedure_for_run(&view).map_err(RunError::Mapping)?);
-        for segment in &view.segments {
-            resources
-                .push(mappings::procedure_for_segment(&view, segment).map_err(RunError::Mapping)?);
+        let mut rendered = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        if rendered.len() >= RENDERED_RUNS && !rendered.contains_key(&view.run_id) {
+            rendered.clear();
         }
+        let run_segments = rendered.entry(view.run_id.clone()).or_default();
+        for segment in &view.segments {
+            let inputs = SegmentInputs {
+                segment: segment.clone(),
+                entered_in_error: view.status == mappings::RunStatus::EnteredInError,
+                patient_system: view.patient_system.clone(),
+                patient_value: view.patient_value.clone(),
+            };
+            match run_segments.get(&segment.key) {
+                Some((from, resource)) if *from == inputs => resources.push(resource.clone()),
+                _ => {
+                    let resource = mappings::procedure_for_segment(&view, segment)
+                        .map_err(RunError::Mapping)?;
+                    run_segments.insert(segment.key.clone(), (inputs, resource.clone()));
+                    resources.push(resource);
+                }
+            }
+        }
+        // Segments the run no longer has (an event taken back) are not kept.
+        if run_segments.len() > view.segments.len() {
+            run_segments.retain(|key, _| view.segments.iter().any(|s| &s.key == key));
+        }
+        drop(rendered);
         Ok(Applied {
             resources,
             model: folded
@@ -608,6 +656,48 @@ mod tests {
         assert_eq!(folded(&reopened), expected);
         let at = time::macros::datetime!(2026-11-20 09:00 UTC);
         assert_eq!(reopened.console_periods("C1").at(at).unwrap().run_id, "R");
+    }
+
+    /// The child Procedures an event sends are those the run's segments render to now, whether
+    /// taken from the rendered cache or built anew: a segment that changes (the mode segment
+    /// an event ends, every segment of a run taken back, the patient corrected) is rendered
+    /// again, and one the run no longer has is not sent.
+    #[test]
+    fn cached_segment_procedures_are_always_what_the_run_renders_to_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = registry(&dir.path().join("runs.sqlite"));
+        let vendor = getinge();
+        let mut events = vec![started("C1")];
+        events.extend((1..=5).map(|n| {
+            json!({"eventId": format!("w{n}"), "type": "weaning-trial",
+                   "time": format!("2026-11-20T{:02}:30:00Z", 8 + n), "end": format!("2026-11-20T{:02}:40:00Z", 8 + n)})
+        }));
+        events.extend(later_events());
+        events.push(
+            json!({"eventId": "x", "type": "entered-in-error", "time": "2026-11-22T08:00:00Z"}),
+        );
+        for event in &events {
+            let applied = runs
+                .apply("R", event, &vendor)
+                .unwrap_or_else(|e| panic!("{event}: {e}"));
+            let view = {
+                let state = runs.state.read().unwrap();
+                view_of(&state.runs["R"].folded, &runs.mappings.load())
+            };
+            let expected: Vec<MappedResource> = view
+                .segments
+                .iter()
+                .map(|segment| mappings::procedure_for_segment(&view, segment).unwrap())
+                .collect();
+            let sent: Vec<&MappedResource> = applied
+                .resources
+                .iter()
+                .filter(|r| r.resource_type == "Procedure" && r.identifier_value.contains('/'))
+                .collect();
+            assert_eq!(sent, expected.iter().collect::<Vec<_>>(), "after {event}");
+        }
+        let cached = runs.segments.lock().unwrap();
+        assert!(cached["R"].len() >= 6, "{}", cached["R"].len());
     }
 
     /// While an event waits for the store (here another connection holds its write lock, as
