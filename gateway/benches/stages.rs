@@ -202,6 +202,7 @@ fn outbox(c: &mut Criterion, resources: &[MappedResource]) {
                         revision: None,
                         corrections: Corrections::Amend,
                         chart_due_ms: None,
+                        chart_reading: None,
                     })
                     .collect::<Vec<_>>()
             },

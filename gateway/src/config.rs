@@ -404,6 +404,25 @@ pub enum ChartSummary {
     /// The latest by device time, as a nurse charts the value shown at the end of the interval.
     #[default]
     Last,
+    /// The mean of the interval's values (a parameter whose value is not a quantity is
+    /// charted as its latest reading).
+    Mean,
+    /// The lowest of the interval's values.
+    Min,
+    /// The highest of the interval's values.
+    Max,
+}
+
+impl ChartSummary {
+    /// The statistic charted instead of the latest reading, if any.
+    pub fn statistic(self) -> Option<mappings::ChartStatistic> {
+        match self {
+            Self::Last => None,
+            Self::Mean => Some(mappings::ChartStatistic::Mean),
+            Self::Min => Some(mappings::ChartStatistic::Minimum),
+            Self::Max => Some(mappings::ChartStatistic::Maximum),
+        }
+    }
 }
 
 /// The protocol of a destination.
@@ -1166,9 +1185,9 @@ keys = ["smart.pem"]
                 "needs [delivery] mode = \"outbox\" (an interval",
             ),
             (
-                format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\nsummary = \"mean\"\n")
+                format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\nsummary = \"median\"\n")
                     .replace("[[destination]]", "[delivery]\nmode = \"outbox\"\n\n[[destination]]"),
-                "unknown variant `mean`",
+                "unknown variant `median`",
             ),
         ];
         for (text, expected) in cases {

@@ -73,6 +73,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
         include_str!("../../profiles/fhir/ValueSet-ecmo-discontinuation-reasons.json"),
     ),
     (
+        "ValueSet-ecmo-interval-statistics.json",
+        include_str!("../../profiles/fhir/ValueSet-ecmo-interval-statistics.json"),
+    ),
+    (
         "ValueSet-ecmo-measurement-status.json",
         include_str!("../../profiles/fhir/ValueSet-ecmo-measurement-status.json"),
     ),

@@ -25,7 +25,10 @@ mod table;
 mod validate;
 mod xml;
 
-pub use charting::{ChartSlot, chart_slot, valid_chart_interval, with_observation_identifier};
+pub use charting::{
+    ChartSlot, ChartStatistic, ChartValue, OBSERVATION_STATISTICS, chart_slot, chart_value,
+    summarized, valid_chart_interval, with_observation_identifier,
+};
 pub use codesystem::CodeSystemCodes;
 pub use conformance::{
     CONFORMANCE_RESOURCES, DEVICE_METRIC_PROFILE, DEVICE_PROFILE, OBSERVATION_PROFILE,

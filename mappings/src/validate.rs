@@ -576,8 +576,16 @@ mod tests {
             .unwrap()
             .remove("effectiveDateTime")
             .unwrap();
-        o["effectivePeriod"] = json!({"start": effective});
+        o["effectiveInstant"] = effective.clone();
         assert_eq!(rules_broken(&o), ["type Observation.effective[x]"]);
+        // A charting interval's statistic: the interval, and the statistic as the method.
+        o.as_object_mut().unwrap().remove("effectiveInstant");
+        o["effectivePeriod"] = json!({"start": effective});
+        o["method"] =
+            json!({"coding": [{"system": crate::OBSERVATION_STATISTICS, "code": "average"}]});
+        assert!(rules_broken(&o).is_empty());
+        o["method"]["coding"][0]["code"] = json!("median");
+        assert_eq!(rules_broken(&o), ["required binding Observation.method"]);
 
         let mut o = observation();
         o.as_object_mut().unwrap().remove("valueQuantity");

@@ -57,6 +57,15 @@ def structure(sd_id, title, base_type, description, elements, kind="resource", c
         sd["context"] = [{"type": "element", "expression": c} for c in context]
     write(sd)
 
+# What a charting destination makes of an interval's readings (codes of FHIR's own
+# observation-statistics, as Observation/$stats uses them).
+write({"resourceType": "ValueSet", "id": "ecmo-interval-statistics", "url": f"{BASE}/ValueSet/ecmo-interval-statistics", **COMMON,
+       "name": "EcmoIntervalStatistics", "title": "ECMO charting interval statistics",
+       "description": "The statistic an interval's Observation charts of the interval's readings at a destination that charts per interval: their mean, minimum or maximum.",
+       "compose": {"include": [{"system": "http://terminology.hl7.org/CodeSystem/observation-statistics",
+                                "concept": [{"code": "average", "display": "Average"}, {"code": "minimum", "display": "Minimum"},
+                                            {"code": "maximum", "display": "Maximum"}]}]}})
+
 def extension(ext_id, title, description, context, value_type, binding=None):
     value = {"id": f"Extension.value[x]", "path": "Extension.value[x]", "min": 1, "type": [{"code": value_type}]}
     if binding:
@@ -93,9 +102,12 @@ structure("ecmo-circuit-observation", "ECMO circuit Observation", "Observation",
             short="Our circuit-parameter code first; SNOMED CT / LOINC / MDC codings where they match"),
     element("Observation.subject", type=[{"code": "Reference", "targetProfile": ["http://hl7.org/fhir/StructureDefinition/Patient"]}]),
     element("Observation.partOf", max="1", type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-run-procedure"]}]),
-    element("Observation.effective[x]", min=1, type=[{"code": "dateTime"}], short="The device's own timestamp"),
+    element("Observation.effective[x]", min=1, type=[{"code": "dateTime"}, {"code": "Period"}],
+            short="The device's own timestamp; the interval, for a statistic of a charting interval"),
     element("Observation.value[x]", type=[{"code": "Quantity"}, {"code": "boolean"}]),
     element("Observation.interpretation", binding={"strength": "extensible", "valueSet": f"{BASE}/ValueSet/ecmo-measurement-status"}),
+    element("Observation.method", binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-interval-statistics"},
+            short="For a charting interval's Observation: the statistic of the interval's readings it charts"),
     element("Observation.device", min=1, short="The device's metric for this parameter (HL7 PoCD): its category tells a setting from a measurement",
             type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-device-metric"]}]),
 ])

@@ -1787,3 +1787,98 @@ async fn a_charting_destination_gets_the_latest_reading_of_each_interval_once() 
     let (stored, _) = stored_with_history(&reader, &minute1).await;
     assert_eq!(stored["status"], "final");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_charting_destination_gets_the_mean_of_each_interval_through_late_readings_and_retractions()
+ {
+    let (pki, ehr, _dir, gateway) =
+        durable_gateway("charting = { interval = \"1m\", summary = \"mean\", settle = \"1s\" }\n")
+            .await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let now = OffsetDateTime::now_utc();
+    let minute = now
+        - time::Duration::minutes(5)
+        - time::Duration::seconds(now.second().into())
+        - time::Duration::nanoseconds(now.nanosecond().into());
+    let at =
+        |m: i64, s: i64| rfc3339(minute + time::Duration::minutes(m) + time::Duration::seconds(s));
+    let first = post(
+        &pki,
+        &gateway,
+        &flows(
+            "CH-M1",
+            &[(4.0, &at(0, 10)), (4.4, &at(0, 50)), (4.2, &at(1, 5))],
+        ),
+    )
+    .await
+    .expect_status(202)
+    .json();
+    let dispositions = |answer: &Value, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                answer["resources"][i]["dispositions"]["ehr"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    // In one commit: the second reading of the first minute rewrites its queued message.
+    assert_eq!(dispositions(&first, 3), ["created", "updated", "created"]);
+    let reading = |i: usize| {
+        first["resources"][i]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+    };
+    let minute0 = minute_of(reading(0), minute);
+    let minute1 = minute_of(reading(2), minute + time::Duration::minutes(1));
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+
+    // One Observation per minute, written once: the mean over the whole minute.
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert!((flow_value(&stored) - 4.2).abs() < 1e-9, "{stored}");
+    assert_eq!(stored["method"]["coding"][0]["code"], "average");
+    assert_eq!(
+        stored["method"]["coding"][0]["system"],
+        "http://terminology.hl7.org/CodeSystem/observation-statistics"
+    );
+    assert_eq!(stored["effectivePeriod"]["start"], at(0, 0));
+    assert_eq!(stored["effectivePeriod"]["end"], at(1, 0));
+    assert!(stored.get("effectiveDateTime").is_none());
+    assert_eq!(history.len(), 1, "{history:?}");
+    let (stored, _) = stored_with_history(&reader, &minute1).await;
+    assert!((flow_value(&stored) - 4.2).abs() < 1e-9);
+
+    // A reading that comes after the minute was sent updates its mean at the EHR.
+    let late = post(&pki, &gateway, &flows("CH-M1", &[(5.0, &at(0, 30))]))
+        .await
+        .expect_status(202)
+        .json();
+    assert_eq!(dispositions(&late, 1), ["updated"]);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert!((flow_value(&stored) - 13.4 / 3.0).abs() < 0.006, "{stored}");
+    assert_eq!(history.len(), 2);
+
+    // Taking a reading back works the mean out again without it.
+    let retracted = pki
+        .client(GETINGE)
+        .post_json(
+            &gateway.url("/v1/observations/entered-in-error"),
+            &json!({"device": {"serial": "CH-M1", "model": "CARDIOHELP-i"},
+                    "readings": [{"parameter": "Flow", "time": at(0, 30)}]}),
+        )
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(dispositions(&retracted, 1), ["updated"]);
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &minute0).await;
+    assert!((flow_value(&stored) - 4.2).abs() < 1e-9, "{stored}");
+    assert_eq!(stored["status"], "final");
+    assert_eq!(history.len(), 3);
+    let (_, history) = stored_with_history(&reader, &minute1).await;
+    assert_eq!(history.len(), 1);
+}

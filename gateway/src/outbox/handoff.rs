@@ -7,8 +7,8 @@ use crate::config::{ChartingSettings, Corrections};
 use crate::delivery::routing::RouteFilter;
 use crate::delivery::{BoxFuture, DeliveryError, Handoff, OutboundBatch, Receipt, RetractReceipt};
 use crate::outbox::{
-    Batch, BatchFacts, ChartedRetraction, NewMessage, Outbox, OutboxError, ProvenancePlan,
-    Retraction, content_hash,
+    Batch, BatchFacts, ChartInterval, ChartReading, ChartedRetraction, NewMessage, Outbox,
+    OutboxError, ProvenancePlan, Retraction, content_hash,
 };
 
 fn unavailable(error: OutboxError) -> DeliveryError {
@@ -116,6 +116,7 @@ fn message(
         revision,
         corrections: target.corrections,
         chart_due_ms: None,
+        chart_reading: None,
     }
 }
 
@@ -139,6 +140,24 @@ fn charted(
         &slot.identifier_value,
     )?;
     let settle = i64::try_from(charting.settle.as_millis()).unwrap_or(i64::MAX);
+    // A statistic of the interval's quantities; a parameter of another kind (a boolean) is
+    // charted as its latest reading.
+    let chart_reading = charting.summary.statistic().and_then(|statistic| {
+        let value = match mappings::chart_value(&body) {
+            mappings::ChartValue::Decimal(value) => Some(value),
+            mappings::ChartValue::Absent => None,
+            mappings::ChartValue::Other => return None,
+        };
+        Some(ChartReading {
+            interval: ChartInterval {
+                statistic,
+                start_ms: slot.start_ms,
+                end_ms: slot.end_ms,
+            },
+            reading_ms: slot.reading_ms,
+            value,
+        })
+    });
     Some(NewMessage {
         destination: target.destination.clone(),
         resource_type: resource.resource_type.to_owned(),
@@ -151,6 +170,7 @@ fn charted(
         revision: Some(slot.reading_ms),
         corrections: target.corrections,
         chart_due_ms: Some(slot.end_ms.saturating_add(settle)),
+        chart_reading,
     })
 }
 
@@ -279,13 +299,18 @@ impl Handoff for OutboxHandoff {
                 .routes
                 .iter()
                 .filter_map(|route| {
-                    let slot =
-                        mappings::chart_slot(&resource.identifier_value, route.charting?.interval)?;
+                    let charting = route.charting?;
+                    let slot = mappings::chart_slot(&resource.identifier_value, charting.interval)?;
                     Some(ChartedRetraction {
                         destination: route.destination.clone(),
                         slot_logical_id: slot.logical_id,
                         slot_identifier_value: slot.identifier_value,
                         reading_ms: slot.reading_ms,
+                        statistic: charting.summary.statistic().map(|statistic| ChartInterval {
+                            statistic,
+                            start_ms: slot.start_ms,
+                            end_ms: slot.end_ms,
+                        }),
                     })
                 })
                 .collect();

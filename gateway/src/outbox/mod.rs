@@ -177,6 +177,28 @@ pub struct ChartedRetraction {
     pub slot_identifier_value: String,
     /// The reading's device time: the interval's revision while it charts this reading.
     pub reading_ms: i64,
+    /// At a destination that charts a statistic of the interval: which, and the interval
+    /// (the statistic is worked out again without the reading).
+    pub statistic: Option<ChartInterval>,
+}
+
+/// An interval whose Observation charts a statistic of its readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChartInterval {
+    pub statistic: mappings::ChartStatistic,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// A reading as one value of its interval's statistic (see [`NewMessage::chart_reading`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChartReading {
+    pub interval: ChartInterval,
+    /// The reading's device time: one value per reading and interval, a resend or correction
+    /// of it replaces its value.
+    pub reading_ms: i64,
+    /// Its decimal value; `None` when the device marked it invalid.
+    pub value: Option<String>,
 }
 
 impl Retraction {
@@ -236,6 +258,10 @@ pub struct NewMessage {
     /// the interval replaces it): not due before this time (the interval's end and the settle
     /// time), and until it is sent a later reading rewrites it rather than queueing behind it.
     pub chart_due_ms: Option<i64>,
+    /// At a destination that charts a statistic of each interval: `body` is the reading's
+    /// Observation of the interval, which the outbox sends with the statistic of every value
+    /// the interval has then (see [`mappings::summarized`]); `revision` is not used.
+    pub chart_reading: Option<ChartReading>,
 }
 
 /// A message due for delivery.

@@ -233,6 +233,16 @@ CREATE INDEX IF NOT EXISTS messages_dead ON messages(id) WHERE state = 'dead';
 -- The retention schedule finds the delivered messages past keeping without a scan.
 CREATE INDEX IF NOT EXISTS messages_delivered ON messages(settled_ms) WHERE state = 'delivered';
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
+-- At a destination that charts a statistic of each interval: every reading's value (NULL when
+-- the device marked it invalid), by interval and device time. Retention forgets them by time.
+CREATE TABLE IF NOT EXISTS chart_values (
+    destination TEXT NOT NULL,
+    slot_logical_id TEXT NOT NULL,
+    reading_ms INTEGER NOT NULL,
+    value TEXT,
+    PRIMARY KEY (destination, slot_logical_id, reading_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chart_values_time ON chart_values(reading_ms);
 ";
 
 enum Command {
@@ -948,6 +958,13 @@ fn purge(tx: &rusqlite::Transaction<'_>, retention: &Retention) -> Result<Purged
         delete_body.execute(params![id])?;
         delete_message.execute(params![id])?;
     }
+    // Values of intervals whose readings are older than any correction still taken.
+    tx.prepare_cached(&format!(
+        "DELETE FROM chart_values WHERE (destination, slot_logical_id, reading_ms) IN
+             (SELECT destination, slot_logical_id, reading_ms FROM chart_values INDEXED BY chart_values_time
+              WHERE reading_ms < ?1 LIMIT {PURGE_CHUNK})"
+    ))?
+    .execute(params![retention.delivered_before_ms])?;
     browse::purge(
         tx,
         retention.delivered_before_ms.min(retention.dead_before_ms),
@@ -965,6 +982,14 @@ fn enqueue_one(
     m: &NewMessage,
     now: i64,
 ) -> Result<Option<Enqueued>, OutboxError> {
+    let summarized;
+    let m = match &m.chart_reading {
+        Some(reading) => {
+            summarized = with_interval_statistic(tx, m, reading)?;
+            &summarized
+        }
+        None => m,
+    };
     let time_key = time_key(&m.resource_type, &m.identifier_value);
     let prior = tx
         .prepare_cached(PRIOR)?
@@ -1107,6 +1132,99 @@ fn enqueue_one(
     }))
 }
 
+/// A reading of an interval charted as a statistic: its value is kept with the interval's
+/// others, and the message becomes the interval's Observation with the statistic of them all,
+/// written as any update of the interval is (the same content is unchanged).
+fn with_interval_statistic(
+    tx: &rusqlite::Transaction<'_>,
+    m: &NewMessage,
+    reading: &super::ChartReading,
+) -> Result<NewMessage, OutboxError> {
+    tx.prepare_cached(
+        "INSERT INTO chart_values (destination, slot_logical_id, reading_ms, value)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (destination, slot_logical_id, reading_ms) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![
+        m.destination,
+        m.logical_id,
+        reading.reading_ms,
+        reading.value
+    ])?;
+    // An invalid reading has no unit: the interval's Observation as last written has.
+    let stored = match reading.value {
+        Some(_) => None,
+        None => stored_interval_body(tx, &m.destination, &m.logical_id, &m.identifier_value)?,
+    };
+    let body = summarize_interval(
+        tx,
+        &m.destination,
+        &m.logical_id,
+        reading.interval,
+        stored.as_deref().unwrap_or(&m.body),
+    )?
+    .unwrap_or_else(|| m.body.clone());
+    Ok(NewMessage {
+        content_hash: super::content_hash(&body),
+        body,
+        revision: None,
+        chart_reading: None,
+        ..m.clone()
+    })
+}
+
+/// The body of what a destination was last given for an interval's Observation.
+fn stored_interval_body(
+    tx: &rusqlite::Transaction<'_>,
+    destination: &str,
+    slot_logical_id: &str,
+    slot_identifier_value: &str,
+) -> Result<Option<Vec<u8>>, OutboxError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT (SELECT body FROM message_bodies WHERE message_id = s.message_id)
+             FROM resource_state s
+             WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
+        )?
+        .query_row(
+            params![
+                time_key("Observation", slot_identifier_value),
+                slot_logical_id,
+                destination
+            ],
+            |row| row.get::<_, Option<Vec<u8>>>(0),
+        )
+        .optional()?
+        .flatten())
+}
+
+/// `template` with the statistic of the interval's values as kept now; `None` when it is not
+/// an Observation that can carry it.
+fn summarize_interval(
+    tx: &rusqlite::Transaction<'_>,
+    destination: &str,
+    slot_logical_id: &str,
+    interval: super::ChartInterval,
+    template: &[u8],
+) -> Result<Option<Vec<u8>>, OutboxError> {
+    let values: Vec<String> = tx
+        .prepare_cached(
+            "SELECT value FROM chart_values
+             WHERE destination = ?1 AND slot_logical_id = ?2 AND value IS NOT NULL
+             ORDER BY reading_ms",
+        )?
+        .query_map(params![destination, slot_logical_id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    Ok(mappings::summarized(
+        template,
+        interval.statistic,
+        &values,
+        interval.start_ms,
+        interval.end_ms,
+    ))
+}
+
 /// Takes one resource back at every destination that holds a message about it.
 fn retract_one(
     tx: &rusqlite::Transaction<'_>,
@@ -1241,13 +1359,64 @@ fn retract_charted(
         identifier_system.clone(),
         charted.slot_identifier_value.clone(),
     )];
-    if revision != Some(charted.reading_ms)
-        || Disposition::parse(&disposition) == Disposition::Retracted
-    {
-        let unchanged = Enqueued {
-            message_id,
-            disposition: Disposition::Unchanged,
-        };
+    let unchanged = Enqueued {
+        message_id,
+        disposition: Disposition::Unchanged,
+    };
+    if Disposition::parse(&disposition) == Disposition::Retracted {
+        return Ok(Some(((charted.destination.clone(), unchanged), identified)));
+    }
+    if let Some(interval) = charted.statistic {
+        // The statistic of the interval's other values; with none left it is taken back.
+        let forgotten = tx
+            .prepare_cached(
+                "DELETE FROM chart_values
+                 WHERE destination = ?1 AND slot_logical_id = ?2 AND reading_ms = ?3",
+            )?
+            .execute(params![
+                charted.destination,
+                charted.slot_logical_id,
+                charted.reading_ms
+            ])?;
+        if forgotten == 0 {
+            return Ok(Some(((charted.destination.clone(), unchanged), identified)));
+        }
+        let left: i64 = tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM chart_values WHERE destination = ?1 AND slot_logical_id = ?2",
+            )?
+            .query_row(
+                params![charted.destination, charted.slot_logical_id],
+                |row| row.get(0),
+            )?;
+        if left > 0 {
+            let body = summarize_interval(
+                tx,
+                &charted.destination,
+                &charted.slot_logical_id,
+                interval,
+                &body,
+            )?
+            .unwrap_or(body);
+            let update = NewMessage {
+                destination: charted.destination.clone(),
+                resource_type: "Observation".into(),
+                logical_id: charted.slot_logical_id.clone(),
+                identifier_system,
+                identifier_value: charted.slot_identifier_value.clone(),
+                content_hash: super::content_hash(&body),
+                body,
+                upsert: true,
+                revision: None,
+                corrections: Corrections::Amend,
+                // Due at once (a queued message of the interval keeps its own time).
+                chart_due_ms: Some(now),
+                chart_reading: None,
+            };
+            let placed = enqueue_one(tx, batch_id, &update, now)?.unwrap_or(unchanged);
+            return Ok(Some(((charted.destination.clone(), placed), identified)));
+        }
+    } else if revision != Some(charted.reading_ms) {
         return Ok(Some(((charted.destination.clone(), unchanged), identified)));
     }
     let restated = insert_message(
@@ -1756,6 +1925,7 @@ mod tests {
             revision: None,
             corrections: Corrections::Amend,
             chart_due_ms: None,
+            chart_reading: None,
         }
     }
 
@@ -3015,6 +3185,7 @@ mod tests {
                 slot_logical_id: "slot".into(),
                 slot_identifier_value: "f:CH-1:flow:20260601T120000Z/PT15M".into(),
                 reading_ms: at,
+                statistic: None,
             }],
         };
         // A reading the interval does not chart: known, nothing to take back.
@@ -3049,5 +3220,169 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dispositions(&again), ["updated"]);
+    }
+
+    const MEAN_INTERVAL: super::super::ChartInterval = super::super::ChartInterval {
+        statistic: mappings::ChartStatistic::Mean,
+        start_ms: 0,
+        end_ms: 900_000,
+    };
+
+    /// A reading of an interval charted as its mean, device time `at`; `None` is a reading the
+    /// device marked invalid.
+    fn mean_reading(at: i64, value: Option<&str>) -> NewMessage {
+        let element = match value {
+            Some(v) => format!(
+                r#""valueQuantity":{{"value":{v},"unit":"L/min","system":"http://unitsofmeasure.org","code":"L/min"}}"#
+            ),
+            None => r#""dataAbsentReason":{"text":"invalid"}"#.to_owned(),
+        };
+        let body = format!(
+            r#"{{"resourceType":"Observation","status":"final","effectiveDateTime":"1970-01-01T00:00:0{}Z",{element}}}"#,
+            at / 1000
+        );
+        NewMessage {
+            logical_id: "slot".into(),
+            identifier_value: "f:CH-1:flow:19700101T000000Z/PT15M".into(),
+            upsert: true,
+            revision: Some(at),
+            chart_due_ms: Some(now_ms() - 1),
+            chart_reading: Some(super::super::ChartReading {
+                interval: MEAN_INTERVAL,
+                reading_ms: at,
+                value: value.map(str::to_owned),
+            }),
+            content_hash: super::super::content_hash(body.as_bytes()),
+            body: body.into_bytes(),
+            ..message("ehr", 1)
+        }
+    }
+
+    /// What delivery is given now: one message, as JSON; settled delivered.
+    async fn deliver_one(outbox: &SqliteOutbox) -> serde_json::Value {
+        let sent = due_at(outbox, now_ms(), &[]).await;
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        outbox
+            .settle(vec![(sent[0].id, delivered())])
+            .await
+            .unwrap();
+        serde_json::from_slice(&sent[0].body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_interval_charted_as_a_mean_follows_every_value_correction_and_retraction() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        let first = outbox
+            .enqueue(
+                "b1".into(),
+                vec![
+                    mean_reading(1_000, Some("4.0")),
+                    mean_reading(2_000, Some("4.4")),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&first), ["created", "updated"]);
+        let sent = deliver_one(&outbox).await;
+        assert_eq!(sent["valueQuantity"]["value"].to_string(), "4.2");
+        assert_eq!(sent["method"]["coding"][0]["code"], "average");
+        assert_eq!(sent["effectivePeriod"]["end"], "1970-01-01T00:15:00Z");
+        // A resend changes nothing; a correction of one value changes the mean; a reading
+        // the device marked invalid is no value (nothing changes).
+        let resend = outbox
+            .enqueue("b2".into(), vec![mean_reading(2_000, Some("4.4"))], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&resend), ["unchanged"]);
+        let corrected = outbox
+            .enqueue(
+                "b3".into(),
+                vec![mean_reading(2_000, Some("4.6")), mean_reading(3_000, None)],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&corrected), ["updated", "unchanged"]);
+        assert_eq!(
+            deliver_one(&outbox).await["valueQuantity"]["value"].to_string(),
+            "4.3"
+        );
+
+        let retraction = |at: i64| Retraction {
+            resource_type: "Observation".into(),
+            logical_id: format!("reading-{at}"),
+            identifier_value: format!("f:CH-1:flow:19700101T00000{}.000Z", at / 1000),
+            charted: vec![super::super::ChartedRetraction {
+                destination: "ehr".into(),
+                slot_logical_id: "slot".into(),
+                slot_identifier_value: "f:CH-1:flow:19700101T000000Z/PT15M".into(),
+                reading_ms: at,
+                statistic: Some(MEAN_INTERVAL),
+            }],
+        };
+        let retract = |at: i64| {
+            let outbox = outbox.clone();
+            async move {
+                let placed = outbox
+                    .retract(format!("r{at}").into(), vec![retraction(at)], None)
+                    .await
+                    .unwrap();
+                placed[0][0].1.disposition
+            }
+        };
+        // Taking a value back works the mean out again without it ...
+        assert_eq!(retract(1_000).await, Disposition::Updated);
+        assert_eq!(
+            deliver_one(&outbox).await["valueQuantity"]["value"].to_string(),
+            "4.6"
+        );
+        // ... a reading never in the interval changes nothing ...
+        assert_eq!(retract(5_000).await, Disposition::Unchanged);
+        // ... with only the invalid reading left the value is absent ...
+        assert_eq!(retract(2_000).await, Disposition::Updated);
+        let absent = deliver_one(&outbox).await;
+        assert!(absent.get("valueQuantity").is_none());
+        assert_eq!(absent["dataAbsentReason"]["coding"][0]["code"], "error");
+        // ... and with none left the interval is taken back, once.
+        assert_eq!(retract(3_000).await, Disposition::Retracted);
+        assert_eq!(deliver_one(&outbox).await["status"], "entered-in-error");
+        assert_eq!(retract(3_000).await, Disposition::Unchanged);
+        // A new reading charts the interval again.
+        let again = outbox
+            .enqueue("b4".into(), vec![mean_reading(4_000, Some("3.9"))], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&again), ["updated"]);
+        let sent = deliver_one(&outbox).await;
+        assert_eq!(sent["status"], "final");
+        assert_eq!(sent["valueQuantity"]["value"].to_string(), "3.9");
+    }
+
+    #[tokio::test]
+    async fn retention_forgets_the_values_of_old_intervals() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap();
+        outbox
+            .enqueue("b1".into(), vec![mean_reading(1_000, Some("4.0"))], None)
+            .await
+            .unwrap();
+        deliver_one(&outbox).await;
+        let count = || {
+            outbox
+                .reader
+                .lock()
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM chart_values", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(count(), 1);
+        outbox.purge(retention(1_000, 0)).await.unwrap();
+        assert_eq!(count(), 1);
+        outbox.purge(retention(1_001, 0)).await.unwrap();
+        assert_eq!(count(), 0);
     }
 }
