@@ -561,6 +561,12 @@ impl GatewayProcess {
             .join("\n")
     }
 
+    /// The log without its timestamps, for checks that no value of a reading is logged: a
+    /// time such as `10:42:04.351Z` would otherwise contain a value such as `4.35`.
+    pub fn log_text_untimed(&self) -> String {
+        without_timestamps(&self.log_text())
+    }
+
     /// Waits up to 5 s for a log line containing `needle`: the log is read by another thread,
     /// so a line written just before an answer may not have been read yet.
     pub fn wait_for_log(&self, needle: &str) -> bool {
@@ -762,4 +768,64 @@ pub fn now_rfc3339() -> String {
         .unwrap_or(now)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// `text` with every RFC 3339 date-time (`2026-12-07T10:42:04.351234Z`, or with an offset) cut.
+pub fn without_timestamps(text: &str) -> String {
+    fn timestamp_len(b: &[u8]) -> Option<usize> {
+        const SHAPE: &[u8] = b"dddd-dd-ddTdd:dd:dd";
+        if b.len() < SHAPE.len()
+            || !SHAPE.iter().zip(b).all(|(s, c)| {
+                if *s == b'd' {
+                    c.is_ascii_digit()
+                } else {
+                    s == c
+                }
+            })
+        {
+            return None;
+        }
+        let mut end = SHAPE.len();
+        if b.get(end) == Some(&b'.') {
+            end += 1;
+            while b.get(end).is_some_and(u8::is_ascii_digit) {
+                end += 1;
+            }
+        }
+        match b.get(end) {
+            Some(b'Z') => Some(end + 1),
+            Some(b'+' | b'-') if b.len() >= end + 6 => Some(end + 6),
+            _ => Some(end),
+        }
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut kept = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match timestamp_len(&bytes[i..]) {
+            Some(len) => {
+                out.push_str(&text[kept..i]);
+                i += len;
+                kept = i;
+            }
+            None => i += 1,
+        }
+    }
+    out.push_str(&text[kept..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_cut_and_nothing_else() {
+        assert_eq!(
+            super::without_timestamps(
+                "2026-12-07T10:42:04.351234Z  INFO flow 4.35 at 2026-12-07T10:42:04+01:00."
+            ),
+            "  INFO flow 4.35 at ."
+        );
+        assert!(!super::without_timestamps("2026-12-07T10:42:04.351Z x").contains("4.35"));
+    }
 }

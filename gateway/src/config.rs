@@ -379,6 +379,10 @@ pub struct DestinationSettings {
     /// Outbox mode: chart one reading per parameter per interval (a flowsheet's q15m) instead
     /// of every reading; when absent every reading is sent.
     pub charting: Option<ChartingSettings>,
+    /// Takes waveforms (readings with `samples`, written as Observations with SampledData).
+    /// Off by default: most EHRs chart numbers, not curves.
+    #[serde(default)]
+    pub waveforms: bool,
 }
 
 /// `[destination.charting]`: of each device's parameter, one Observation per interval.
@@ -930,6 +934,14 @@ impl Config {
                     d.name
                 ));
             }
+            if d.waveforms
+                && (self.delivery.mode != DeliveryMode::Outbox || d.kind != DestinationKind::Fhir)
+            {
+                return Err(format!(
+                    "destination '{}': waveforms = true needs [delivery] mode = \"outbox\" and a FHIR destination (ORU^R01 out has no waveforms)",
+                    d.name
+                ));
+            }
             if let Some(charting) = &d.charting {
                 let fail = |why: &str| {
                     Err(format!(
@@ -1183,6 +1195,10 @@ keys = ["smart.pem"]
                 format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\n")
                     .replace("[[destination]]", "[delivery]\nmode = \"direct\"\n\n[[destination]]"),
                 "needs [delivery] mode = \"outbox\" (an interval",
+            ),
+            (
+                MINIMAL.replace("[[destination]]", "[delivery]\nmode = \"direct\"\n\n[[destination]]\nwaveforms = true"),
+                "waveforms = true needs [delivery] mode = \"outbox\"",
             ),
             (
                 format!("{MINIMAL}[destination.charting]\ninterval = \"15m\"\nsummary = \"median\"\n")

@@ -168,4 +168,54 @@ mod tests {
         }));
         assert!(issues.is_empty(), "{issues:?}");
     }
+
+    #[test]
+    fn a_reading_has_a_value_or_a_waveform_of_bounded_samples() {
+        let schemas = Schemas::embedded().unwrap();
+        let schema = schemas.get("observation-batch").unwrap();
+        let reading = |extra: serde_json::Value| {
+            let mut reading = json!({"parameter": "Flow", "unit": "mL/min",
+                                     "time": "2026-11-21T10:00:00Z"});
+            reading
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            json!({"device": {"serial": "CH-0042", "model": "CARDIOHELP-i"},
+                   "readings": [reading]})
+        };
+        let pointers = |batch: serde_json::Value| -> Vec<String> {
+            schema
+                .check(&batch)
+                .into_iter()
+                .filter_map(|i| i.expression)
+                .collect()
+        };
+        assert!(
+            pointers(reading(
+                json!({"samples": {"period": 8, "data": [4200, null]}})
+            ))
+            .is_empty()
+        );
+        // Neither, or both.
+        assert_eq!(pointers(reading(json!({}))), ["/readings/0"]);
+        assert_eq!(
+            pointers(reading(
+                json!({"value": 4.2, "samples": {"period": 8, "data": [1]}})
+            )),
+            ["/readings/0"]
+        );
+        assert_eq!(
+            pointers(reading(json!({"samples": {"period": 0, "data": [1]}}))),
+            ["/readings/0/samples/period"]
+        );
+        assert_eq!(
+            pointers(reading(json!({"samples": {"period": 8, "data": [1, "2"]}}))),
+            ["/readings/0/samples/data/1"]
+        );
+        let many = vec![json!(1); 10_001];
+        assert_eq!(
+            pointers(reading(json!({"samples": {"period": 8, "data": many}}))),
+            ["/readings/0/samples/data"]
+        );
+    }
 }

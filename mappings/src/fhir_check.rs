@@ -26,10 +26,9 @@ pub const CHECKED_TYPES: &[&str] = &[
 /// fhirbolt 0.4.0 cannot read a JSON number into a FHIR decimal with the current serde_json
 /// (`arbitrary_precision` makes it ask for a string, and it fails on every `valueQuantity`).
 /// Numbers are therefore handed to it as their exact text, which its decimal reader accepts;
-/// the check still covers element names, nesting, cardinality and required elements. None of
-/// the resource types the gateway emits has an integer element that this would hide
-/// (conformance resources have a few, e.g. `ElementDefinition.min`, which fhirbolt reads from
-/// text as well).
+/// the check still covers element names, nesting, cardinality and required elements. The
+/// integer elements of what the gateway emits (a waveform's `SampledData.dimensions`, and in
+/// conformance resources e.g. `ElementDefinition.min`) are left numbers, as fhirbolt wants.
 pub fn check_resource_json(resource_type: &str, json: &[u8]) -> Result<(), String> {
     if !CHECKED_TYPES.contains(&resource_type) {
         return Ok(());
@@ -68,11 +67,14 @@ pub fn check_resource_value(
 
 /// Integer-typed elements of the checked types, which fhirbolt reads as numbers: R4's
 /// `unsignedInt`/`integer` elements here (`ElementDefinition.min`, `.maxLength`,
-/// `CodeSystem.count`, `ValueSet.expansion.total`/`.offset`) and every `[x]` choice of an
-/// integer type (`valueInteger`, `minValueUnsignedInt`, ...).
+/// `CodeSystem.count`, `ValueSet.expansion.total`/`.offset`, a waveform's
+/// `SampledData.dimensions`) and every `[x]` choice of an integer type (`valueInteger`,
+/// `minValueUnsignedInt`, ...).
 fn is_integer_element(key: &str) -> bool {
-    matches!(key, "min" | "maxLength" | "count" | "total" | "offset")
-        || key.ends_with("Integer")
+    matches!(
+        key,
+        "min" | "maxLength" | "count" | "total" | "offset" | "dimensions"
+    ) || key.ends_with("Integer")
         || key.ends_with("UnsignedInt")
         || key.ends_with("PositiveInt")
 }

@@ -90,6 +90,16 @@ pub struct MappedResource {
     pub upsert: bool,
 }
 
+impl MappedResource {
+    /// A waveform (an Observation with SampledData): only destinations that take waveforms
+    /// get it. Read from the JSON, so a FHIR-native waveform counts too (a member name in
+    /// the JSON cannot be forged by text inside a string, where its quotes are escaped).
+    pub fn is_waveform(&self) -> bool {
+        self.resource_type == "Observation"
+            && memchr::memmem::find(&self.json, b"\"valueSampledData\":").is_some()
+    }
+}
+
 /// The resource types this crate builds, as `'static` names.
 pub fn resource_type_name(name: &str) -> Option<&'static str> {
     CHECKED_TYPES.iter().copied().find(|t| *t == name)

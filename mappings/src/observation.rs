@@ -28,6 +28,14 @@ enum MappedValue<'a> {
     Boolean(bool),
     /// The device said the value is invalid (a flag, or the family's invalid marker).
     Absent,
+    /// A waveform in the UCUM unit: the period (ms) as the device wrote it, and the samples
+    /// as SampledData's `data` (decimals and `E` for invalid ones, space-separated).
+    Samples {
+        period: String,
+        data: String,
+        ucum: &'a str,
+        display: &'a str,
+    },
 }
 
 impl Mappings {
@@ -50,12 +58,26 @@ impl Mappings {
         device.window.check(&time)?;
         let value = map_value(parameter, reading, &family.invalid_markers)?;
 
-        let identifier_value = observation_identifier(
-            &family.id,
-            device.serial,
-            &parameter.code,
-            &time.compact_utc(),
-        );
+        let identifier_value = match reading.value {
+            // A waveform's identifier is its start and duration (ISO 8601), so that it never
+            // meets a single reading of the same time, nor a waveform of another length.
+            ReadingValue::Samples { period, data } => observation_identifier(
+                &family.id,
+                device.serial,
+                &parameter.code,
+                &format!(
+                    "{}/{}",
+                    time.compact_utc(),
+                    waveform_duration(period, data.len())
+                ),
+            ),
+            _ => observation_identifier(
+                &family.id,
+                device.serial,
+                &parameter.code,
+                &time.compact_utc(),
+            ),
+        };
         let json = self
             .render_observation(device, parameter, reading, &time, &value, &identifier_value)
             .map_err(ReadingError::Build)?;
@@ -111,6 +133,17 @@ impl Mappings {
                 },
                 MappedValue::Boolean(b) => ValueJson::Boolean(*b),
                 MappedValue::Absent => ValueJson::Absent,
+                MappedValue::Samples {
+                    period,
+                    data,
+                    ucum,
+                    display,
+                } => ValueJson::Samples {
+                    period,
+                    data,
+                    ucum,
+                    display,
+                },
             },
             interpretation: &flags[..flagged],
             metric_system: &family.metric_system,
@@ -125,7 +158,9 @@ impl Mappings {
 #[cfg(test)]
 mod model {
     use fhirbolt::model::r4::resources::{Observation, ObservationEffective, ObservationValue};
-    use fhirbolt::model::r4::types::{CodeableConcept, Identifier, Meta, Quantity, Reference};
+    use fhirbolt::model::r4::types::{
+        CodeableConcept, Identifier, Meta, Quantity, Reference, SampledData,
+    };
 
     use super::{INTERPRETATION_FLAGS, MappedValue, coding_of};
     use crate::datetime::DeviceTime;
@@ -193,6 +228,27 @@ mod model {
                 None,
             ),
             MappedValue::Boolean(b) => (Some(ObservationValue::Boolean(b.into())), None),
+            MappedValue::Samples {
+                period,
+                data,
+                ucum,
+                display,
+            } => (
+                Some(ObservationValue::SampledData(Box::new(SampledData {
+                    origin: Box::new(Quantity {
+                        value: Some("0".to_owned().into()),
+                        unit: Some(display.into()),
+                        system: Some(UCUM.into()),
+                        code: Some(ucum.into()),
+                        ..Default::default()
+                    }),
+                    period: period.into(),
+                    dimensions: 1_u32.into(),
+                    data: Some(data.into()),
+                    ..Default::default()
+                }))),
+                None,
+            ),
             MappedValue::Absent => (
                 None,
                 Some(Box::new(CodeableConcept {
@@ -316,9 +372,11 @@ impl DeviceFamily {
                 display,
             })),
             MappedValue::Absent => Ok(None),
-            MappedValue::Boolean(_) => Err(ReadingError::NotANumber {
-                parameter: parameter.vendor.clone(),
-            }),
+            MappedValue::Boolean(_) | MappedValue::Samples { .. } => {
+                Err(ReadingError::NotANumber {
+                    parameter: parameter.vendor.clone(),
+                })
+            }
         }
     }
 }
@@ -348,6 +406,9 @@ fn map_value<'p>(
     };
     match &parameter.kind {
         ParameterKind::Boolean => match reading.value {
+            ReadingValue::Samples { .. } => Err(ReadingError::NotAWaveform {
+                parameter: parameter.vendor.clone(),
+            }),
             _ if reading.flags.contains(ReadingFlags::INVALID) => Ok(MappedValue::Absent),
             ReadingValue::Boolean(b) => Ok(MappedValue::Boolean(b)),
             ReadingValue::Number(text) if is_marker(text) => Ok(MappedValue::Absent),
@@ -384,49 +445,108 @@ fn map_value<'p>(
                     parameter: parameter.vendor.clone(),
                     accepted: accepted(),
                 })?;
-            let text = match reading.value {
-                ReadingValue::Number(text) => text,
-                ReadingValue::Boolean(_) => {
-                    return Err(ReadingError::NotANumber {
-                        parameter: parameter.vendor.clone(),
-                    });
-                }
-            };
-            if reading.flags.contains(ReadingFlags::INVALID) || is_marker(text) {
-                return Ok(MappedValue::Absent);
-            }
-            let raw: f64 = text.parse().map_err(|_| ReadingError::NotANumber {
+            let not_a_number = || ReadingError::NotANumber {
                 parameter: parameter.vendor.clone(),
-            })?;
-            let converted = raw * rule.factor + rule.offset;
-            if !(converted >= *low && converted <= *high) {
-                return Err(ReadingError::OutOfRange {
-                    parameter: parameter.vendor.clone(),
-                    value: text.to_owned(),
-                    unit: unit.to_owned(),
-                    low: *low,
-                    high: *high,
-                    ucum: ucum.clone(),
-                });
-            }
-            // Unconverted values keep the device's own digits (FHIR decimals carry precision);
-            // converted ones are rounded to the precision the table gives for the parameter.
-            let decimal = if rule.is_identity() {
-                text.to_owned()
-            } else {
-                let mut s = format!("{:.*}", usize::from(*decimals), converted);
-                if s.starts_with('-') && s[1..].bytes().all(|b| b == b'0' || b == b'.') {
-                    s.remove(0);
-                }
-                s
             };
-            Ok(MappedValue::Quantity {
-                decimal,
-                ucum,
-                display,
-            })
+            // The value in the table's unit, checked against its plausible range.
+            let convert = |text: &str| -> Result<String, f64> {
+                let raw: f64 = text.parse().map_err(|_| f64::NAN)?;
+                let converted = raw * rule.factor + rule.offset;
+                if !(converted >= *low && converted <= *high) {
+                    return Err(converted);
+                }
+                // Unconverted values keep the device's own digits (FHIR decimals carry
+                // precision); converted ones are rounded to the precision the table gives.
+                Ok(if rule.is_identity() {
+                    text.to_owned()
+                } else {
+                    let mut s = format!("{:.*}", usize::from(*decimals), converted);
+                    if s.starts_with('-') && s[1..].bytes().all(|b| b == b'0' || b == b'.') {
+                        s.remove(0);
+                    }
+                    s
+                })
+            };
+            match reading.value {
+                ReadingValue::Boolean(_) => Err(not_a_number()),
+                _ if reading.flags.contains(ReadingFlags::INVALID) => Ok(MappedValue::Absent),
+                ReadingValue::Number(text) if is_marker(text) => Ok(MappedValue::Absent),
+                ReadingValue::Number(text) => match convert(text) {
+                    Ok(decimal) => Ok(MappedValue::Quantity {
+                        decimal,
+                        ucum,
+                        display,
+                    }),
+                    Err(converted) if converted.is_nan() => Err(not_a_number()),
+                    Err(_) => Err(ReadingError::OutOfRange {
+                        parameter: parameter.vendor.clone(),
+                        value: text.to_owned(),
+                        unit: unit.to_owned(),
+                        low: *low,
+                        high: *high,
+                        ucum: ucum.clone(),
+                    }),
+                },
+                ReadingValue::Samples { period, data } => {
+                    let mut samples = String::with_capacity(data.len() * 6);
+                    for (index, sample) in data.iter().enumerate() {
+                        if index > 0 {
+                            samples.push(' ');
+                        }
+                        let text = match sample {
+                            serde_json::Value::Number(number) => number.as_str(),
+                            serde_json::Value::Null => {
+                                samples.push('E');
+                                continue;
+                            }
+                            _ => return Err(not_a_number()),
+                        };
+                        if is_marker(text) {
+                            samples.push('E');
+                            continue;
+                        }
+                        match convert(text) {
+                            // SampledData's data is plain decimals: no exponent.
+                            Ok(decimal) if decimal.contains(['e', 'E']) => samples.push_str(
+                                &decimal
+                                    .parse::<f64>()
+                                    .map_err(|_| not_a_number())?
+                                    .to_string(),
+                            ),
+                            Ok(decimal) => samples.push_str(&decimal),
+                            Err(converted) if converted.is_nan() => return Err(not_a_number()),
+                            Err(_) => {
+                                return Err(ReadingError::SampleOutOfRange {
+                                    parameter: parameter.vendor.clone(),
+                                    index,
+                                    value: text.to_owned(),
+                                    unit: unit.to_owned(),
+                                    low: *low,
+                                    high: *high,
+                                    ucum: ucum.clone(),
+                                });
+                            }
+                        }
+                    }
+                    Ok(MappedValue::Samples {
+                        period: period.to_owned(),
+                        data: samples,
+                        ucum,
+                        display,
+                    })
+                }
+            }
         }
     }
+}
+
+/// How long a waveform of `count` samples every `period` milliseconds lasts, as an ISO 8601
+/// duration to the millisecond (`PT8S`, `PT0.195S`).
+fn waveform_duration(period: &str, count: usize) -> String {
+    let millis = (period.parse::<f64>().unwrap_or(0.0) * count as f64).round();
+    let seconds = format!("{:.3}", millis / 1000.0);
+    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
+    format!("PT{seconds}S")
 }
 
 #[cfg(test)]
@@ -543,6 +663,76 @@ mod tests {
             "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T101500.000Z"
         );
         assert_eq!(o["identifier"][0]["value"], r.identifier_value.as_str());
+    }
+
+    #[test]
+    fn a_waveform_becomes_one_observation_with_sampled_data() {
+        let m = Mappings::embedded().unwrap();
+        let device = context(&m, "CARDIOHELP-i");
+        let data: Vec<serde_json::Value> =
+            serde_json::from_str("[4200, 4250.5, null, -32000, 4300]").unwrap();
+        let mut wave = reading("Flow", "", "mL/min");
+        wave.value = ReadingValue::Samples {
+            period: "8",
+            data: &data,
+        };
+        let r = m.map_reading(&device, &wave).unwrap();
+        let o = json(&r);
+        // Its identifier is its start and duration: never a single reading's.
+        assert_eq!(
+            r.identifier_value,
+            "getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T101500.000Z/PT0.04S"
+        );
+        let sampled = &o["valueSampledData"];
+        assert_eq!(sampled["origin"]["value"].to_string(), "0");
+        assert_eq!(sampled["origin"]["code"], "L/min");
+        assert_eq!(sampled["period"].to_string(), "8");
+        assert_eq!(sampled["dimensions"].to_string(), "1");
+        // Converted and rounded as single readings are; invalid samples (null, the
+        // console's marker) are E.
+        assert_eq!(sampled["data"], "4.20 4.25 E E 4.30");
+        assert!(o.get("valueQuantity").is_none());
+        assert_eq!(o["effectiveDateTime"], "2026-11-21T10:15:00Z");
+        crate::check_resource_json("Observation", &r.json).unwrap();
+        assert_eq!(
+            crate::ProfileValidator::embedded().unwrap().check(&o),
+            vec![]
+        );
+
+        // The device's own digits where nothing is converted; exponents written out.
+        let data: Vec<serde_json::Value> = serde_json::from_str("[4.125, 4e0]").unwrap();
+        let mut same_unit = reading("Flow", "", "L/min");
+        same_unit.value = ReadingValue::Samples {
+            period: "1.5",
+            data: &data,
+        };
+        let o = json(&m.map_reading(&device, &same_unit).unwrap());
+        assert_eq!(o["valueSampledData"]["data"], "4.125 4");
+        assert_eq!(o["valueSampledData"]["period"].to_string(), "1.5");
+
+        // A sample out of range is refused by its index; a boolean has no waveform.
+        let data: Vec<serde_json::Value> = serde_json::from_str("[4200, 99000]").unwrap();
+        wave.value = ReadingValue::Samples {
+            period: "8",
+            data: &data,
+        };
+        let error = m.map_reading(&device, &wave).unwrap_err();
+        assert!(
+            matches!(error, ReadingError::SampleOutOfRange { index: 1, .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.field().name(), "samples");
+        let mut bubble = reading("Bubble", "", "");
+        bubble.unit = None;
+        bubble.value = ReadingValue::Samples {
+            period: "8",
+            data: &data,
+        };
+        let error = m.map_reading(&device, &bubble).unwrap_err();
+        assert!(
+            matches!(error, ReadingError::NotAWaveform { .. }),
+            "{error:?}"
+        );
     }
 
     #[test]

@@ -115,6 +115,15 @@ struct Quantity<'a> {
     code: &'a str,
 }
 
+/// A waveform as FHIR R4 SampledData: one dimension, origin 0 in the value's unit.
+#[derive(Serialize)]
+struct SampledData<'a> {
+    origin: Quantity<'a>,
+    period: serde_json::Number,
+    dimensions: u8,
+    data: &'a str,
+}
+
 /// The Observation's value, as the table mapped it.
 pub(crate) enum ValueJson<'a> {
     Quantity {
@@ -125,6 +134,13 @@ pub(crate) enum ValueJson<'a> {
     Boolean(bool),
     /// The device said the value is invalid.
     Absent,
+    /// A waveform: period (ms) and SampledData `data`.
+    Samples {
+        period: &'a str,
+        data: &'a str,
+        ucum: &'a str,
+        display: &'a str,
+    },
 }
 
 /// What varies between the Observations of one parameter.
@@ -160,6 +176,8 @@ struct Observation<'a> {
     effective_date_time: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     value_quantity: Option<Quantity<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_sampled_data: Option<SampledData<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     value_boolean: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -204,6 +222,7 @@ static DEVICE_ERROR: LazyLock<PreRendered> = LazyLock::new(|| {
 /// The Observation as FHIR JSON. Fails only on a decimal that is not a JSON number, which
 /// the ingest path never hands over.
 pub(crate) fn render(parts: &ObservationParts<'_>) -> Result<Vec<u8>, String> {
+    let mut value_sampled_data = None;
     let (value_quantity, value_boolean, data_absent_reason) = match parts.value {
         ValueJson::Quantity {
             decimal,
@@ -223,6 +242,27 @@ pub(crate) fn render(parts: &ObservationParts<'_>) -> Result<Vec<u8>, String> {
         ),
         ValueJson::Boolean(b) => (None, Some(b), None),
         ValueJson::Absent => (None, None, Some(&*DEVICE_ERROR)),
+        ValueJson::Samples {
+            period,
+            data,
+            ucum,
+            display,
+        } => {
+            value_sampled_data = Some(SampledData {
+                origin: Quantity {
+                    value: serde_json::Number::from(0),
+                    unit: display,
+                    system: UCUM,
+                    code: ucum,
+                },
+                period: period
+                    .parse()
+                    .map_err(|_| format!("'{period}' is not a decimal"))?,
+                dimensions: 1,
+                data,
+            });
+            (None, None, None)
+        }
     };
     let observation = Observation {
         resource_type: "Observation",
@@ -258,6 +298,7 @@ pub(crate) fn render(parts: &ObservationParts<'_>) -> Result<Vec<u8>, String> {
         }),
         effective_date_time: parts.effective,
         value_quantity,
+        value_sampled_data,
         value_boolean,
         data_absent_reason,
         interpretation: parts

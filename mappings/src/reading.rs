@@ -26,6 +26,12 @@ pub struct PatientRef<'a> {
 pub enum ReadingValue<'a> {
     Number(&'a str),
     Boolean(bool),
+    /// A waveform: samples every `period` milliseconds (a JSON number's text) from the
+    /// reading's time; a sample is a JSON number, or null for one the device marked invalid.
+    Samples {
+        period: &'a str,
+        data: &'a [serde_json::Value],
+    },
 }
 
 /// Device status flags of one reading, as a bit set (no allocation per reading).
@@ -94,6 +100,7 @@ pub enum ReadingField {
     Value,
     Unit,
     Time,
+    Samples,
 }
 
 impl ReadingField {
@@ -103,6 +110,7 @@ impl ReadingField {
             Self::Value => "value",
             Self::Unit => "unit",
             Self::Time => "time",
+            Self::Samples => "samples",
         }
     }
 }
@@ -144,6 +152,22 @@ pub enum ReadingError {
         "value {value} is the device's marker for an invalid '{parameter}' reading: a FHIR Observation says so with dataAbsentReason, not a value"
     )]
     InvalidMarker { parameter: String, value: String },
+    #[error(
+        "sample {index} of the waveform, {value} {unit}, is outside the plausible range {low} to {high} {ucum} for parameter '{parameter}'"
+    )]
+    SampleOutOfRange {
+        parameter: String,
+        index: usize,
+        value: String,
+        unit: String,
+        low: f64,
+        high: f64,
+        ucum: String,
+    },
+    #[error(
+        "parameter '{parameter}' takes true or false: it has no waveform, send single readings"
+    )]
+    NotAWaveform { parameter: String },
     #[error("time {0}")]
     Time(#[from] TimeError),
     #[error("internal error while building the resource: {0}")]
@@ -161,6 +185,7 @@ impl ReadingError {
             | Self::InvalidMarker { .. }
             | Self::Build(_) => ReadingField::Value,
             Self::Time(_) => ReadingField::Time,
+            Self::SampleOutOfRange { .. } | Self::NotAWaveform { .. } => ReadingField::Samples,
         }
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct SampleInput {
 pub(crate) enum SampleValue {
     Number(String),
     Boolean(bool),
+    /// A waveform every 8 ms: valid samples, and one the device marked invalid.
+    Waveform(Vec<serde_json::Value>),
 }
 
 const EVERY_FLAG: ReadingFlags = ReadingFlags::QUESTIONABLE
@@ -90,6 +92,27 @@ pub(crate) fn inputs(family: &DeviceFamily, parameter: &Parameter) -> Vec<Sample
                     Some(unit),
                     ReadingFlags::INVALID,
                     true,
+                );
+                let number = |text: &str| {
+                    serde_json::Value::Number(text.parse().expect("a formatted f64 is a number"))
+                };
+                push(
+                    &format!("waveform in {unit}, every flag, in a run"),
+                    SampleValue::Waveform(vec![
+                        number(&text),
+                        serde_json::Value::Null,
+                        number(&text),
+                    ]),
+                    Some(unit),
+                    EVERY_FLAG,
+                    true,
+                );
+                push(
+                    &format!("waveform in {unit}, marked invalid"),
+                    SampleValue::Waveform(vec![number(&text)]),
+                    Some(unit),
+                    ReadingFlags::INVALID,
+                    false,
                 );
                 for marker in &family.invalid_markers {
                     push(
@@ -170,6 +193,7 @@ pub(crate) fn with_reading<T>(
         value: match &input.value {
             SampleValue::Number(text) => ReadingValue::Number(text),
             SampleValue::Boolean(b) => ReadingValue::Boolean(*b),
+            SampleValue::Waveform(data) => ReadingValue::Samples { period: "8", data },
         },
         unit: input.unit.as_deref(),
         time: &time,

@@ -1882,3 +1882,97 @@ async fn a_charting_destination_gets_the_mean_of_each_interval_through_late_read
     let (_, history) = stored_with_history(&reader, &minute1).await;
     assert_eq!(history.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waveform_reaches_a_destination_that_takes_waveforms_as_sampled_data_and_no_other() {
+    let (pki, ehr, _dir, gateway) = durable_gateway("waveforms = true\n").await;
+    let admin = pki.client(ADMIN);
+    let reader = reader(&pki, &ehr);
+    let console = pki.client(GETINGE);
+    let url = gateway.url("/v1/observations");
+    let start = rfc3339(OffsetDateTime::now_utc() - time::Duration::minutes(2));
+    let batch = json!({
+        "device": {"serial": "CH-W1", "model": "CARDIOHELP-i"},
+        "patient": {"system": MRN, "value": "MRN-CH-W1"},
+        "readings": [
+            {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": start},
+            {"parameter": "Flow", "unit": "mL/min", "time": start,
+             "samples": {"period": 8, "data": [4200, null, 4300, -32000]}}
+        ]
+    });
+    let accepted = console
+        .post_json(&url, &batch)
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    let identifier = |answer: &Value, i: usize| {
+        answer["resources"][i]["identifier"]["value"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let waveform = identifier(&accepted, 1);
+    assert!(waveform.ends_with("Z/PT0.032S"), "{waveform}");
+    assert_eq!(accepted["resources"][1]["dispositions"]["ehr"], "created");
+    // The same waveform in XML is the same resource: nothing new.
+    let xml = format!(
+        r#"<observationBatch xmlns="https://fhir.ecmo-gateway.org/ns/ingest">
+             <device serial="CH-W1" model="CARDIOHELP-i"/>
+             <patient system="{MRN}" value="MRN-CH-W1"/>
+             <reading parameter="Flow" unit="mL/min" time="{start}">
+               <samples period="8"><sample value="4200"/><sample/><sample value="4300"/><sample value="-32000"/></samples>
+             </reading>
+           </observationBatch>"#
+    );
+    let again = console
+        .send(
+            http::Method::POST,
+            &url,
+            Some("application/xml"),
+            bytes::Bytes::from(xml),
+        )
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(identifier(&again, 0), waveform);
+    assert_eq!(again["resources"][0]["dispositions"]["ehr"], "unchanged");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &waveform).await;
+    assert_eq!(history.len(), 1);
+    let sampled = &stored["valueSampledData"];
+    assert_eq!(sampled["data"], "4.20 E 4.30 E");
+    assert_eq!(sampled["period"].as_f64(), Some(8.0));
+    assert_eq!(sampled["dimensions"].as_u64(), Some(1));
+    assert_eq!(sampled["origin"]["code"], "L/min");
+    assert_eq!(stored["effectiveDateTime"], start.as_str());
+    // The single reading of the same time is its own Observation.
+    let (single, _) = stored_with_history(&reader, &identifier(&accepted, 0)).await;
+    assert!((flow_value(&single) - 4.2).abs() < 1e-9);
+
+    // A gateway whose destinations take no waveforms refuses one, naming it, and keeps
+    // nothing of the request.
+    let (pki, other_ehr, _dir, gateway) = durable_gateway("").await;
+    let refused = pki
+        .client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(422)
+        .json();
+    assert_eq!(refused["resourceType"], "OperationOutcome");
+    assert_eq!(refused["issue"][0]["code"], "not-supported");
+    assert_eq!(refused["issue"][0]["expression"][0], "/readings/1/samples");
+    let stats = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(30)).await;
+    assert_eq!(
+        stats["destinations"],
+        json!([]),
+        "nothing accepted: {stats}"
+    );
+    let found = self::reader(&pki, &other_ehr)
+        .by_identifier("Observation", OBSERVATIONS, &identifier(&accepted, 0))
+        .await
+        .unwrap();
+    assert!(found.is_empty(), "{found:?}");
+}

@@ -132,6 +132,9 @@ pub enum DeliveryError {
     /// The routing rules send this resource to no destination: a configuration gap.
     #[error("no destination takes {resource_type} resources from this device")]
     Unroutable { resource_type: String },
+    /// A waveform (resource index in the batch) that no destination takes (`waveforms`).
+    #[error("no destination takes waveforms")]
+    WaveformsNotTaken { index: usize },
     /// Readings that correct what a destination already has, where its policy is to never
     /// overwrite (`corrections = "reject"`): `(resource index in the batch, destination)`.
     #[error("{} correction(s) refused by destination policy", refused.len())]
@@ -429,6 +432,10 @@ impl Handoff for DirectDelivery {
     fn submit(&self, batch: OutboundBatch) -> BoxFuture<Result<Receipt, DeliveryError>> {
         let destinations = self.destinations.clone();
         Box::pin(async move {
+            // A destination takes waveforms only in outbox mode (the config says so).
+            if let Some(index) = batch.resources.iter().position(|r| r.is_waveform()) {
+                return Err(DeliveryError::WaveformsNotTaken { index });
+            }
             // Destinations are independent: all are tried, each in its own task.
             let mut tasks = tokio::task::JoinSet::new();
             // The devices' DeviceMetrics the Observations point at go first, as in the outbox;

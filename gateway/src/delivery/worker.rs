@@ -537,6 +537,7 @@ impl Shared {
         match error {
             DeliveryError::Rejected { .. }
             | DeliveryError::Unroutable { .. }
+            | DeliveryError::WaveformsNotTaken { .. }
             | DeliveryError::CorrectionsRefused { .. }
             | DeliveryError::UnknownResources { .. }
             | DeliveryError::Unsupported(_)
@@ -571,6 +572,7 @@ impl Shared {
                 outcome: None,
             },
             DeliveryError::CorrectionsRefused { .. }
+            | DeliveryError::WaveformsNotTaken { .. }
             | DeliveryError::UnknownResources { .. }
             | DeliveryError::Unsupported(_)
             | DeliveryError::Unresolved { hold: false, .. } => Settle::Dead {

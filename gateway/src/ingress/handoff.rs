@@ -295,6 +295,17 @@ pub fn refusal(
             StatusCode::NOT_IMPLEMENTED,
             Issue::error("not-supported", reason),
         ),
+        DeliveryError::WaveformsNotTaken { index } => ApiError::one(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Issue::error(
+                "not-supported",
+                "no destination of this gateway takes waveforms; nothing of this request was accepted. Send single readings (value), or ask the integration team for a destination with waveforms = true",
+            )
+            .at(format!(
+                "{}/samples",
+                origins.get(index).map_or("", String::as_str)
+            )),
+        ),
         DeliveryError::CorrectionsRefused { refused } => ApiError::new(
             StatusCode::CONFLICT,
             refused

@@ -250,9 +250,16 @@ pub(crate) fn device_of<'a, 'm>(
 
 /// A reading borrowed from the JSON: no copies of its strings.
 fn reading_of(value: &Value) -> Option<Reading<'_>> {
-    let reading_value = match &value["value"] {
-        Value::Number(number) => ReadingValue::Number(number.as_str()),
-        Value::Bool(b) => ReadingValue::Boolean(*b),
+    let reading_value = match (&value["value"], &value["samples"]) {
+        (Value::Number(number), Value::Null) => ReadingValue::Number(number.as_str()),
+        (Value::Bool(b), Value::Null) => ReadingValue::Boolean(*b),
+        (Value::Null, Value::Object(samples)) => ReadingValue::Samples {
+            period: match samples.get("period")? {
+                Value::Number(period) => period.as_str(),
+                _ => return None,
+            },
+            data: samples.get("data")?.as_array()?,
+        },
         _ => return None,
     };
     let mut flags = ReadingFlags::default();

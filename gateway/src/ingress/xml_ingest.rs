@@ -51,6 +51,8 @@ const ELEMENTS: &[(&str, &str, &str, bool, bool)] = &[
     ("observationBatch", "patient", "patient", false, false),
     ("observationBatch", "reading", "readings", true, false),
     ("reading", "flag", "flags", true, true),
+    ("reading", "samples", "samples", false, false),
+    ("samples", "sample", "data", true, true),
     ("runEvent", "patient", "patient", false, false),
     ("runEvent", "encounter", "encounter", false, false),
     ("runEvent", "console", "console", false, false),
@@ -333,12 +335,12 @@ fn attributes(
 }
 
 /// Attribute text as the JSON type the schema expects: a reading's value is a number or a
-/// boolean, `alive` a boolean; anything that does not parse stays text for the schema to name.
+/// boolean, a waveform's period and samples numbers, `alive` a boolean; anything that does not parse stays text for the schema to name.
 fn typed(element: &str, key: &str, text: &str) -> Value {
     match (element, key, text) {
         ("reading", "value", "true") | ("runEvent", "alive", "true") => Value::Bool(true),
         ("reading", "value", "false") | ("runEvent", "alive", "false") => Value::Bool(false),
-        ("reading", "value", _) => text
+        ("reading", "value", _) | ("samples", "period", _) | ("sample", "value", _) => text
             .parse::<Number>()
             .map(Value::Number)
             .unwrap_or_else(|_| Value::String(text.to_owned())),

@@ -29,6 +29,8 @@ pub struct Route {
     pub provenance: bool,
     /// One Observation per parameter per interval instead of every reading.
     pub charting: Option<ChartingSettings>,
+    /// Takes waveforms (Observations with SampledData); others never get them.
+    pub waveforms: bool,
 }
 
 impl From<&crate::config::DestinationSettings> for Route {
@@ -45,6 +47,7 @@ impl From<&crate::config::DestinationSettings> for Route {
             corrections: settings.corrections,
             provenance: settings.provenance && !oru,
             charting: settings.charting,
+            waveforms: settings.waveforms && !oru,
         }
     }
 }
@@ -201,14 +204,19 @@ impl Handoff for OutboxHandoff {
             // Resource index of each message, to name a refused correction.
             let mut resource_of = Vec::with_capacity(batch.resources.len() * routes.len());
             for (index, resource) in batch.resources.iter().enumerate() {
+                let waveform = resource.is_waveform();
                 let targets: Vec<&Route> = routes
                     .iter()
                     .filter(|route| {
                         route
                             .only
                             .accepts(&batch.vendor, &batch.model, resource.resource_type)
+                            && (route.waveforms || !waveform)
                     })
                     .collect();
+                if targets.is_empty() && waveform {
+                    return Err(DeliveryError::WaveformsNotTaken { index });
+                }
                 if targets.is_empty() {
                     return Err(DeliveryError::Unroutable {
                         resource_type: resource.resource_type.to_owned(),
