@@ -143,7 +143,14 @@ pub struct RunRegistry {
     state: RwLock<State>,
     mappings: crate::reload::LiveMappings,
     /// Each run's child Procedures as last rendered (see [`RenderedSegments`]).
-    segments: Mutex<HashMap<String, RenderedSegments>>,
+    segments: Mutex<RenderedRuns>,
+}
+
+/// The runs' rendered child Procedures, with how many there are in all.
+#[derive(Default)]
+struct RenderedRuns {
+    runs: HashMap<String, RenderedSegments>,
+    procedures: usize,
 }
 
 /// A run's child Procedures (mode segments, circuit changes, weaning trials) by segment key,
@@ -161,8 +168,9 @@ struct SegmentInputs {
     patient_value: String,
 }
 
-/// How many runs' segments are kept; past it the cache starts again (they are built anew).
-const RENDERED_RUNS: usize = 1024;
+/// How many rendered child Procedures are kept in all (a few KiB each: a few tens of MiB at
+/// most); past it the cache starts again and they are built anew.
+const RENDERED_PROCEDURES: usize = 8192;
 
 fn overlaps(
     a_from: OffsetDateTime,
@@ -233,10 +241,7 @@ impl RunRegistry {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute("DELETE FROM run_events", [])?;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = State::default();
-        self.segments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        *self.segments.lock().unwrap_or_else(|p| p.into_inner()) = RenderedRuns::default();
         Ok(())
     }
 
@@ -460,10 +465,14 @@ impl RunRegistry {
         }
         resources.push(mappings::procedure_for_run(&view).map_err(RunError::Mapping)?);
         let mut rendered = self.segments.lock().unwrap_or_else(|p| p.into_inner());
-        if rendered.len() >= RENDERED_RUNS && !rendered.contains_key(&view.run_id) {
-            rendered.clear();
+        let RenderedRuns { runs, procedures } = &mut *rendered;
+        let kept_before = runs.get(&view.run_id).map_or(0, HashMap::len);
+        if *procedures - kept_before + view.segments.len() > RENDERED_PROCEDURES {
+            runs.clear();
+            *procedures = 0;
         }
-        let run_segments = rendered.entry(view.run_id.clone()).or_default();
+        let run_segments = runs.entry(view.run_id.clone()).or_default();
+        let kept_before = run_segments.len();
         for segment in &view.segments {
             let inputs = SegmentInputs {
                 segment: segment.clone(),
@@ -485,6 +494,7 @@ impl RunRegistry {
         if run_segments.len() > view.segments.len() {
             run_segments.retain(|key, _| view.segments.iter().any(|s| &s.key == key));
         }
+        *procedures = *procedures - kept_before + run_segments.len();
         drop(rendered);
         Ok(Applied {
             resources,
@@ -697,7 +707,8 @@ mod tests {
             assert_eq!(sent, expected.iter().collect::<Vec<_>>(), "after {event}");
         }
         let cached = runs.segments.lock().unwrap();
-        assert!(cached["R"].len() >= 6, "{}", cached["R"].len());
+        assert!(cached.runs["R"].len() >= 6, "{}", cached.runs["R"].len());
+        assert_eq!(cached.procedures, cached.runs["R"].len());
     }
 
     /// While an event waits for the store (here another connection holds its write lock, as
