@@ -17,6 +17,24 @@ pub fn observation_identifier(family: &str, serial: &str, code: &str, compact_ut
     value
 }
 
+/// A waveform's Observation identifier value: a reading's, with the waveform's duration after
+/// its start (ISO 8601, `...:20261121T081500.250Z/PT8S`), so that it never meets a single
+/// reading of the same time, nor a waveform of another length. `period` is the milliseconds
+/// between samples as the device wrote them.
+pub fn waveform_identifier(
+    family: &str,
+    serial: &str,
+    code: &str,
+    compact_utc: &str,
+    period: &str,
+    count: usize,
+) -> String {
+    let millis = (period.parse::<f64>().unwrap_or(0.0) * count as f64).round();
+    let seconds = format!("{:.3}", millis / 1000.0);
+    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
+    observation_identifier(family, serial, code, &format!("{compact_utc}/PT{seconds}S"))
+}
+
 /// A FHIR logical id (`[A-Za-z0-9\-\.]{1,64}`) derived from an identifier: the first 128 bits of
 /// SHA-256 over `system|value`, in hex. Destinations that accept client-assigned ids get a PUT
 /// to this id, which is as idempotent as a conditional create and needs no search.

@@ -40,7 +40,7 @@ pub use device_metric::{
     parse_metric_identifier, serial_of_metric,
 };
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
-pub use identity::{logical_id, observation_identifier};
+pub use identity::{logical_id, observation_identifier, waveform_identifier};
 pub use observation::CheckedQuantity;
 pub use provenance::{
     DeviceAgent, GATEWAY_IDENTIFIER_SYSTEM, OPERATOR_IDENTIFIER_SYSTEM, PROVENANCE_TAG_SYSTEM,

@@ -61,15 +61,13 @@ impl Mappings {
         let identifier_value = match reading.value {
             // A waveform's identifier is its start and duration (ISO 8601), so that it never
             // meets a single reading of the same time, nor a waveform of another length.
-            ReadingValue::Samples { period, data } => observation_identifier(
+            ReadingValue::Samples { period, data } => crate::waveform_identifier(
                 &family.id,
                 device.serial,
                 &parameter.code,
-                &format!(
-                    "{}/{}",
-                    time.compact_utc(),
-                    waveform_duration(period, data.len())
-                ),
+                &time.compact_utc(),
+                period,
+                data.len(),
             ),
             _ => observation_identifier(
                 &family.id,
@@ -538,15 +536,6 @@ fn map_value<'p>(
             }
         }
     }
-}
-
-/// How long a waveform of `count` samples every `period` milliseconds lasts, as an ISO 8601
-/// duration to the millisecond (`PT8S`, `PT0.195S`).
-fn waveform_duration(period: &str, count: usize) -> String {
-    let millis = (period.parse::<f64>().unwrap_or(0.0) * count as f64).round();
-    let seconds = format!("{:.3}", millis / 1000.0);
-    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
-    format!("PT{seconds}S")
 }
 
 #[cfg(test)]

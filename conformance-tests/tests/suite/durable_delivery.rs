@@ -1950,6 +1950,32 @@ async fn a_waveform_reaches_a_destination_that_takes_waveforms_as_sampled_data_a
     // The single reading of the same time is its own Observation.
     let (single, _) = stored_with_history(&reader, &identifier(&accepted, 0)).await;
     assert!((flow_value(&single) - 4.2).abs() < 1e-9);
+    // Taken back by its start, period and number of samples; the single reading stays.
+    let retracted = console
+        .post_json(
+            &gateway.url("/v1/observations/entered-in-error"),
+            &json!({"device": {"serial": "CH-W1", "model": "CARDIOHELP-i"},
+                    "readings": [{"parameter": "Flow", "time": start,
+                                  "samples": {"period": 8, "count": 4}}]}),
+        )
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    assert_eq!(
+        retracted["resources"][0]["identifier"]["value"],
+        waveform.as_str()
+    );
+    assert_eq!(
+        retracted["resources"][0]["dispositions"]["ehr"],
+        "retracted"
+    );
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored, history) = stored_with_history(&reader, &waveform).await;
+    assert_eq!(stored["status"], "entered-in-error");
+    assert_eq!(history.len(), 2);
+    let (single, _) = stored_with_history(&reader, &identifier(&accepted, 0)).await;
+    assert_eq!(single["status"], "final");
 
     // A gateway whose destinations take no waveforms refuses one, naming it, and keeps
     // nothing of the request.

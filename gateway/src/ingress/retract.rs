@@ -99,12 +99,26 @@ impl Predicate<Request<Value>> for NameRetractions {
                         continue;
                     }
                 };
-            let identifier = mappings::observation_identifier(
-                &family.id,
-                serial,
-                &parameter.code,
-                &time.compact_utc(),
-            );
+            // A waveform is named by its start, period and number of samples.
+            let waveform = reading["samples"]["period"]
+                .as_number()
+                .zip(reading["samples"]["count"].as_u64());
+            let identifier = match waveform {
+                Some((period, count)) => mappings::waveform_identifier(
+                    &family.id,
+                    serial,
+                    &parameter.code,
+                    &time.compact_utc(),
+                    period.as_str(),
+                    usize::try_from(count).unwrap_or(usize::MAX),
+                ),
+                None => mappings::observation_identifier(
+                    &family.id,
+                    serial,
+                    &parameter.code,
+                    &time.compact_utc(),
+                ),
+            };
             named
                 .resources
                 .push(Retraction::observation(identifier.clone()));
