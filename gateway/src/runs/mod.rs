@@ -168,9 +168,11 @@ struct SegmentInputs {
     patient_value: String,
 }
 
-/// How many rendered child Procedures are kept in all (a few KiB each: a few tens of MiB at
-/// most); past it the cache starts again and they are built anew.
-const RENDERED_PROCEDURES: usize = 8192;
+/// How many rendered child Procedures are kept in all (a few KiB each with what they were
+/// rendered from: at 8,192 the bench's run-event phase ended 25 MiB larger, at 2,048 a few
+/// MiB); past it the cache starts again and they are built anew. Twenty runs of a hundred
+/// segments each fit.
+const RENDERED_PROCEDURES: usize = 2048;
 
 fn overlaps(
     a_from: OffsetDateTime,
