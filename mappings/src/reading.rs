@@ -168,6 +168,10 @@ pub enum ReadingError {
         "parameter '{parameter}' takes true or false: it has no waveform, send single readings"
     )]
     NotAWaveform { parameter: String },
+    #[error(
+        "a waveform as FHIR (valueSampledData) is not taken: post it as a reading with samples to /v1/observations, where the mapping table checks every sample"
+    )]
+    NativeWaveform,
     #[error("time {0}")]
     Time(#[from] TimeError),
     #[error("internal error while building the resource: {0}")]
@@ -185,7 +189,9 @@ impl ReadingError {
             | Self::InvalidMarker { .. }
             | Self::Build(_) => ReadingField::Value,
             Self::Time(_) => ReadingField::Time,
-            Self::SampleOutOfRange { .. } | Self::NotAWaveform { .. } => ReadingField::Samples,
+            Self::SampleOutOfRange { .. } | Self::NotAWaveform { .. } | Self::NativeWaveform => {
+                ReadingField::Samples
+            }
         }
     }
 
@@ -194,6 +200,7 @@ impl ReadingError {
         match self {
             Self::UnknownParameter { .. } | Self::UnitNotAccepted { .. } => "code-invalid",
             Self::MissingUnit { .. } => "required",
+            Self::NativeWaveform => "not-supported",
             Self::Build(_) => "exception",
             _ => "value",
         }

@@ -71,6 +71,10 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
         "a value outside the parameter's plausible range: 422",
     ),
     (
+        "waveform-not-taken",
+        "a waveform where none is taken (FHIR-native SampledData, or samples that no destination takes): 422",
+    ),
+    (
         "fhir-profile-violation",
         "a FHIR resource from a FHIR-native device that breaks the ECMO profile: 422, each rule with its path",
     ),

@@ -726,6 +726,13 @@ fn check_value(
     parameter: &mappings::Parameter,
     observation: &mut Value,
 ) -> Result<(), (&'static str, Box<mappings::ReadingError>)> {
+    // Its samples would reach the EHR unchecked by the table: waveforms come as readings.
+    if !observation["valueSampledData"].is_null() {
+        return Err((
+            "/valueSampledData",
+            Box::new(mappings::ReadingError::NativeWaveform),
+        ));
+    }
     let quantity = &observation["valueQuantity"];
     let boolean_kind = matches!(parameter.kind, mappings::ParameterKind::Boolean);
     if quantity.is_null() {
