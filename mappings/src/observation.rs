@@ -683,6 +683,11 @@ mod tests {
         assert!(o.get("valueQuantity").is_none());
         assert_eq!(o["effectiveDateTime"], "2026-11-21T10:15:00Z");
         crate::check_resource_json("Observation", &r.json).unwrap();
+        // An EHR that takes XML gets the same waveform.
+        let xml = crate::resource_to_xml(&r.json).unwrap();
+        let back = crate::resource_from_xml("Observation", &xml).unwrap();
+        assert_eq!(back["valueSampledData"]["data"], "4.20 4.25 E E 4.30");
+        assert_eq!(back["valueSampledData"]["dimensions"].to_string(), "1");
         assert_eq!(
             crate::ProfileValidator::embedded().unwrap().check(&o),
             vec![]
