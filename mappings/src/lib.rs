@@ -41,7 +41,7 @@ pub use device_metric::{
 };
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};
 pub use identity::{logical_id, observation_identifier, waveform_identifier};
-pub use observation::CheckedQuantity;
+pub use observation::{CheckedQuantity, CheckedWaveform};
 pub use provenance::{
     DeviceAgent, GATEWAY_IDENTIFIER_SYSTEM, OPERATOR_IDENTIFIER_SYSTEM, PROVENANCE_TAG_SYSTEM,
     ProvenanceActivity, ProvenanceSource, ProvenanceTarget, Sender, TRACKING_ID_SYSTEM,

@@ -379,6 +379,51 @@ impl DeviceFamily {
     }
 }
 
+/// A waveform as the gateway writes it: SampledData `data` in the table's UCUM unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedWaveform<'a> {
+    pub data: String,
+    pub ucum: &'a str,
+    pub display: &'a str,
+}
+
+impl DeviceFamily {
+    /// Samples with their unit for `parameter`, through the same table rules as a reading's
+    /// waveform: accepted unit, conversion, plausible range (an error names the sample),
+    /// precision; `null` (or the invalid marker) is `E`. For FHIR-native SampledData.
+    pub fn check_waveform<'p>(
+        &self,
+        parameter: &'p Parameter,
+        period: &str,
+        data: &[serde_json::Value],
+        unit: &str,
+    ) -> Result<CheckedWaveform<'p>, ReadingError> {
+        let reading = Reading {
+            parameter: &parameter.vendor,
+            value: ReadingValue::Samples { period, data },
+            unit: Some(unit),
+            time: "",
+            flags: ReadingFlags::default(),
+            run: None,
+        };
+        match map_value(parameter, &reading, &self.invalid_markers)? {
+            MappedValue::Samples {
+                data,
+                ucum,
+                display,
+                ..
+            } => Ok(CheckedWaveform {
+                data,
+                ucum,
+                display,
+            }),
+            _ => Err(ReadingError::NotANumber {
+                parameter: parameter.vendor.clone(),
+            }),
+        }
+    }
+}
+
 pub(crate) fn coding_of(
     system: &str,
     code: &str,

@@ -169,7 +169,7 @@ pub enum ReadingError {
     )]
     NotAWaveform { parameter: String },
     #[error(
-        "a waveform as FHIR (valueSampledData) is not taken: post it as a reading with samples to /v1/observations, where the mapping table checks every sample"
+        "a waveform as FHIR SampledData is taken with one dimension, a numeric origin with its unit code, an optional factor, decimal or E samples, and no limits (lowerLimit, upperLimit, L, U: they are in the device's terms)"
     )]
     NativeWaveform,
     #[error("time {0}")]

@@ -72,7 +72,7 @@ pub const ERROR_CLASSES: &[(&str, &str)] = &[
     ),
     (
         "waveform-not-taken",
-        "a waveform where none is taken (FHIR-native SampledData, or samples that no destination takes): 422",
+        "a waveform the gateway cannot take (FHIR SampledData in several dimensions or with limits, or samples no destination takes): 422",
     ),
     (
         "fhir-profile-violation",

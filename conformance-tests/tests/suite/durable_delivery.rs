@@ -1950,6 +1950,41 @@ async fn a_waveform_reaches_a_destination_that_takes_waveforms_as_sampled_data_a
     // The single reading of the same time is its own Observation.
     let (single, _) = stored_with_history(&reader, &identifier(&accepted, 0)).await;
     assert!((flow_value(&single) - 4.2).abs() < 1e-9);
+    // A device that speaks FHIR sends SampledData: converted sample by sample as a reading's
+    // waveform is (here mL/min scaled by its factor), and identified the same way.
+    let native_start = rfc3339(OffsetDateTime::now_utc() - time::Duration::minutes(3));
+    let native = console
+        .send(
+            http::Method::POST,
+            &gateway.url("/v1/fhir/Observation"),
+            Some("application/fhir+json"),
+            bytes::Bytes::from(
+                json!({
+                    "resourceType": "Observation", "status": "final",
+                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "procedure"}]},
+                                 {"coding": [{"system": "http://snomed.info/sct", "code": "182744004"}]}],
+                    "code": {"coding": [{"system": "https://fhir.ecmo-gateway.org/CodeSystem/ecmo", "code": "pump-blood-flow"}]},
+                    "subject": {"identifier": {"system": MRN, "value": "MRN-CH-W1"}},
+                    "effectiveDateTime": native_start,
+                    "valueSampledData": {"origin": {"value": 0, "code": "mL/min"}, "period": 4,
+                                         "factor": 10, "dimensions": 1, "data": "420 E 431"},
+                    "device": {"identifier": {"system": "https://fhir.ecmo-gateway.org/sid/device-serial/getinge", "value": "CH-W1"}}
+                })
+                .to_string(),
+            ),
+        )
+        .await
+        .unwrap()
+        .expect_status(202)
+        .json();
+    let native_waveform = identifier(&native, 0);
+    assert!(native_waveform.ends_with("Z/PT0.012S"), "{native_waveform}");
+    wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
+    let (stored_native, _) = stored_with_history(&reader, &native_waveform).await;
+    assert_eq!(stored_native["valueSampledData"]["data"], "4.20 E 4.31");
+    assert_eq!(stored_native["valueSampledData"]["origin"]["code"], "L/min");
+    assert!(stored_native["valueSampledData"].get("factor").is_none());
+
     // Taken back by its start, period and number of samples; the single reading stays.
     let retracted = console
         .post_json(

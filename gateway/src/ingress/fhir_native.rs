@@ -583,8 +583,19 @@ impl FhirObservations {
         // The business identifier is the gateway's, derived from the device the vendor owns,
         // the parameter and the time, as for a reading: a vendor cannot write into another
         // device's (or another vendor's) Observations by choosing an identifier.
-        let identifier_value =
-            mappings::observation_identifier(&family.id, &serial, &code, &time.compact_utc());
+        let identifier_value = match waveform_shape(&observation) {
+            Some((period, count)) => mappings::waveform_identifier(
+                &family.id,
+                &serial,
+                &code,
+                &time.compact_utc(),
+                &period,
+                count,
+            ),
+            None => {
+                mappings::observation_identifier(&family.id, &serial, &code, &time.compact_utc())
+            }
+        };
         if let Some(given) = observation["identifier"].as_array()
             && let Some(index) = given.iter().position(|i| {
                 i["system"] != mappings::OBSERVATION_IDENTIFIER_SYSTEM
@@ -726,12 +737,8 @@ fn check_value(
     parameter: &mappings::Parameter,
     observation: &mut Value,
 ) -> Result<(), (&'static str, Box<mappings::ReadingError>)> {
-    // Its samples would reach the EHR unchecked by the table: waveforms come as readings.
     if !observation["valueSampledData"].is_null() {
-        return Err((
-            "/valueSampledData",
-            Box::new(mappings::ReadingError::NativeWaveform),
-        ));
+        return check_waveform(family, parameter, observation);
     }
     let quantity = &observation["valueQuantity"];
     let boolean_kind = matches!(parameter.kind, mappings::ParameterKind::Boolean);
@@ -795,6 +802,114 @@ fn check_value(
             }),
         )),
         Err(e) => Err((field(&e), Box::new(e))),
+    }
+}
+
+/// The period and sample count of a checked waveform Observation, which its identifier ends
+/// with as a reading's waveform's does.
+fn waveform_shape(observation: &Value) -> Option<(String, usize)> {
+    let sampled = &observation["valueSampledData"];
+    let period = sampled["period"].as_number()?.as_str().to_owned();
+    let count = sampled["data"].as_str()?.split_whitespace().count();
+    Some((period, count))
+}
+
+/// `valueSampledData` through the family's table as a reading's waveform: one dimension, the
+/// samples (`origin` + `factor` x each, `E` for an error) converted into the table's unit,
+/// each in range (the error names the sample), written with origin 0 and no factor. Limits
+/// (`lowerLimit`, `upperLimit`, `L`/`U` samples) are in the device's terms and refused rather
+/// than carried over unconverted.
+fn check_waveform(
+    family: &DeviceFamily,
+    parameter: &mappings::Parameter,
+    observation: &mut Value,
+) -> Result<(), (&'static str, Box<mappings::ReadingError>)> {
+    let refused =
+        |field: &'static str| Err((field, Box::new(mappings::ReadingError::NativeWaveform)));
+    if matches!(parameter.kind, mappings::ParameterKind::Boolean) {
+        return Err((
+            "/valueSampledData",
+            Box::new(mappings::ReadingError::NotAWaveform {
+                parameter: parameter.vendor.clone(),
+            }),
+        ));
+    }
+    let sampled = &observation["valueSampledData"];
+    if sampled["dimensions"].as_u64() != Some(1) {
+        return refused("/valueSampledData/dimensions");
+    }
+    if !sampled["lowerLimit"].is_null() || !sampled["upperLimit"].is_null() {
+        return refused("/valueSampledData/lowerLimit");
+    }
+    let Some(period) = sampled["period"].as_number().map(|p| p.as_str().to_owned()) else {
+        return refused("/valueSampledData/period");
+    };
+    let number = |value: &Value| {
+        value
+            .as_number()
+            .and_then(|n| n.as_str().parse::<f64>().ok())
+    };
+    let origin = &sampled["origin"];
+    let (Some(offset), Some(unit)) = (
+        number(&origin["value"]),
+        origin["code"].as_str().or_else(|| origin["unit"].as_str()),
+    ) else {
+        return refused("/valueSampledData/origin");
+    };
+    let factor = match &sampled["factor"] {
+        Value::Null => 1.0,
+        value => match number(value) {
+            Some(factor) => factor,
+            None => return refused("/valueSampledData/factor"),
+        },
+    };
+    let unit = unit.to_owned();
+    let mut data = Vec::new();
+    for token in sampled["data"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        data.push(match token {
+            "E" => Value::Null,
+            _ => match token.parse::<f64>() {
+                // Written as the device did where nothing is scaled.
+                Ok(_) if offset == 0.0 && factor == 1.0 => {
+                    Value::Number(token.parse().map_err(|_| {
+                        (
+                            "/valueSampledData/data",
+                            Box::new(mappings::ReadingError::NativeWaveform),
+                        )
+                    })?)
+                }
+                Ok(raw) => serde_json::Number::from_f64(offset + factor * raw)
+                    .map_or(Value::Null, Value::Number),
+                Err(_) => return refused("/valueSampledData/data"),
+            },
+        });
+    }
+    if data.is_empty() {
+        return refused("/valueSampledData/data");
+    }
+    match family.check_waveform(parameter, &period, &data, &unit) {
+        Ok(checked) => {
+            let period: Value = serde_json::from_str(&period).unwrap_or(Value::Null);
+            observation["valueSampledData"] = json!({
+                "origin": {"value": 0, "unit": checked.display, "system": mappings::UCUM,
+                           "code": checked.ucum},
+                "period": period,
+                "dimensions": 1,
+                "data": checked.data,
+            });
+            Ok(())
+        }
+        Err(e) => Err((
+            match e.field() {
+                mappings::ReadingField::Unit => "/valueSampledData/origin/code",
+                _ => "/valueSampledData/data",
+            },
+            Box::new(e),
+        )),
     }
 }
 

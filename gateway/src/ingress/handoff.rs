@@ -301,10 +301,15 @@ pub fn refusal(
                 "not-supported",
                 "no destination of this gateway takes waveforms; nothing of this request was accepted. Send single readings (value), or ask the integration team for a destination with waveforms = true",
             )
-            .at(format!(
-                "{}/samples",
-                origins.get(index).map_or("", String::as_str)
-            )),
+            .at({
+                // A reading's samples, or a FHIR Observation's SampledData.
+                let origin = origins.get(index).map_or("", String::as_str);
+                if origin.starts_with("/readings/") {
+                    format!("{origin}/samples")
+                } else {
+                    format!("{}/valueSampledData", origin.trim_end_matches('/'))
+                }
+            }),
         ),
         DeliveryError::CorrectionsRefused { refused } => ApiError::new(
             StatusCode::CONFLICT,
