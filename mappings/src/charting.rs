@@ -299,7 +299,7 @@ pub fn chart_value(json: &[u8]) -> ChartValue {
 /// The Observation of an interval charted as `statistic` of its `values`: `template` (a
 /// reading of the interval as charted, or what was last sent for it) with that value, the
 /// interval as `effectivePeriod`, the statistic as `method`, and no interpretation flags,
-/// which belong to single readings. Without values (the device marked every reading of the
+/// which belong to single readings; its status is `final`. Without values (the device marked every reading of the
 /// interval invalid) the value is absent for that reason. `None` when `template` is not such
 /// an Observation (or has no unit for a value).
 pub fn summarized(
@@ -351,6 +351,10 @@ pub fn summarized(
                     out.insert("dataAbsentReason".into(), absent());
                 }
             },
+            // What was sent last may have been taken back: a statistic of values is final.
+            "status" => {
+                out.insert(key, Value::from("final"));
+            }
             "interpretation" | "method" => {}
             "device" => {
                 out.insert("method".into(), method.clone());
@@ -567,6 +571,32 @@ mod tests {
             assert!(absent.get("valueQuantity").is_none());
             assert_eq!(absent["dataAbsentReason"]["coding"][0]["code"], "error");
             assert_eq!(absent["method"]["coding"][0]["code"], "maximum");
+            // An interval taken back and charted again is final again.
+            let mut withdrawn = absent.clone();
+            withdrawn["status"] = "entered-in-error".into();
+            let again = summarized(
+                &serde_json::to_vec(&withdrawn).unwrap(),
+                ChartStatistic::Maximum,
+                &["4.2"],
+                slot.start_ms,
+                slot.end_ms,
+            );
+            // (no unit in that template: an invalid-only interval has none)
+            assert_eq!(again, None);
+            let again = summarized(
+                &serde_json::to_vec(&{
+                    let mut m = mean.clone();
+                    m["status"] = "entered-in-error".into();
+                    m
+                })
+                .unwrap(),
+                ChartStatistic::Maximum,
+                &["4.2"],
+                slot.start_ms,
+                slot.end_ms,
+            )
+            .unwrap();
+            assert_eq!(check(&again)["status"], "final");
             assert_eq!(summarized(b"[]", ChartStatistic::Mean, &["1"], 0, 1), None);
         });
     }

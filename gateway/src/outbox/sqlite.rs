@@ -234,12 +234,15 @@ CREATE INDEX IF NOT EXISTS messages_dead ON messages(id) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS messages_delivered ON messages(settled_ms) WHERE state = 'delivered';
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 -- At a destination that charts a statistic of each interval: every reading's value (NULL when
--- the device marked it invalid), by interval and device time. Retention forgets them by time.
+-- the device marked it invalid), by interval and device time, and whether the reading was
+-- taken back (a resend of the same value does not bring it back, as for a reading).
+-- Retention forgets them by time.
 CREATE TABLE IF NOT EXISTS chart_values (
     destination TEXT NOT NULL,
     slot_logical_id TEXT NOT NULL,
     reading_ms INTEGER NOT NULL,
     value TEXT,
+    retracted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (destination, slot_logical_id, reading_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chart_values_time ON chart_values(reading_ms);
@@ -1143,7 +1146,9 @@ fn with_interval_statistic(
     tx.prepare_cached(
         "INSERT INTO chart_values (destination, slot_logical_id, reading_ms, value)
          VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (destination, slot_logical_id, reading_ms) DO UPDATE SET value = excluded.value",
+         ON CONFLICT (destination, slot_logical_id, reading_ms) DO UPDATE SET
+             retracted = CASE WHEN value IS excluded.value THEN retracted ELSE 0 END,
+             value = excluded.value",
     )?
     .execute(params![
         m.destination,
@@ -1210,7 +1215,7 @@ fn summarize_interval(
     let values: Vec<String> = tx
         .prepare_cached(
             "SELECT value FROM chart_values
-             WHERE destination = ?1 AND slot_logical_id = ?2 AND value IS NOT NULL
+             WHERE destination = ?1 AND slot_logical_id = ?2 AND value IS NOT NULL AND retracted = 0
              ORDER BY reading_ms",
         )?
         .query_map(params![destination, slot_logical_id], |row| row.get(0))?
@@ -1370,8 +1375,8 @@ fn retract_charted(
         // The statistic of the interval's other values; with none left it is taken back.
         let forgotten = tx
             .prepare_cached(
-                "DELETE FROM chart_values
-                 WHERE destination = ?1 AND slot_logical_id = ?2 AND reading_ms = ?3",
+                "UPDATE chart_values SET retracted = 1
+                 WHERE destination = ?1 AND slot_logical_id = ?2 AND reading_ms = ?3 AND retracted = 0",
             )?
             .execute(params![
                 charted.destination,
@@ -1383,7 +1388,8 @@ fn retract_charted(
         }
         let left: i64 = tx
             .prepare_cached(
-                "SELECT COUNT(*) FROM chart_values WHERE destination = ?1 AND slot_logical_id = ?2",
+                "SELECT COUNT(*) FROM chart_values
+                 WHERE destination = ?1 AND slot_logical_id = ?2 AND retracted = 0",
             )?
             .query_row(
                 params![charted.destination, charted.slot_logical_id],
@@ -1419,6 +1425,7 @@ fn retract_charted(
     } else if revision != Some(charted.reading_ms) {
         return Ok(Some(((charted.destination.clone(), unchanged), identified)));
     }
+    let withdrawn = with_status(&body, "entered-in-error");
     let restated = insert_message(
         tx,
         &MessageRow {
@@ -1428,7 +1435,7 @@ fn retract_charted(
             logical_id: &charted.slot_logical_id,
             identifier_system: &identifier_system,
             identifier_value: &charted.slot_identifier_value,
-            body: &with_status(&body, "entered-in-error"),
+            body: &withdrawn,
             upsert: true,
             predecessor: Some(message_id),
             disposition: Disposition::Retracted,
@@ -1436,15 +1443,21 @@ fn retract_charted(
         },
         now,
     )?;
+    // A statistic's interval holds what it was last sent: a later reading whose statistic
+    // comes out as before charts it again (its readings' resends are kept out by their flag).
+    let content_hash = charted
+        .statistic
+        .map(|_| super::content_hash(&withdrawn).to_vec());
     tx.prepare_cached(
-        "UPDATE resource_state SET message_id = ?4
+        "UPDATE resource_state SET message_id = ?4, content_hash = COALESCE(?5, content_hash)
          WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
     )?
     .execute(params![
         time_key,
         charted.slot_logical_id,
         charted.destination,
-        restated
+        restated,
+        content_hash
     ])?;
     Ok(Some((
         (
@@ -3338,6 +3351,12 @@ mod tests {
             deliver_one(&outbox).await["valueQuantity"]["value"].to_string(),
             "4.6"
         );
+        // ... a resend of the reading taken back does not bring it back, as for a reading ...
+        let resend = outbox
+            .enqueue("b6".into(), vec![mean_reading(1_000, Some("4.0"))], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&resend), ["unchanged"]);
         // ... a reading never in the interval changes nothing ...
         assert_eq!(retract(5_000).await, Disposition::Unchanged);
         // ... with only the invalid reading left the value is absent ...
@@ -3349,7 +3368,16 @@ mod tests {
         assert_eq!(retract(3_000).await, Disposition::Retracted);
         assert_eq!(deliver_one(&outbox).await["status"], "entered-in-error");
         assert_eq!(retract(3_000).await, Disposition::Unchanged);
-        // A new reading charts the interval again.
+        // A new reading charts the interval again: first an invalid one (its value absent) ...
+        let invalid = outbox
+            .enqueue("b5".into(), vec![mean_reading(4_500, None)], None)
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&invalid), ["updated"]);
+        let sent = deliver_one(&outbox).await;
+        assert_eq!(sent["status"], "final");
+        assert!(sent.get("valueQuantity").is_none());
+        // ... then a value.
         let again = outbox
             .enqueue("b4".into(), vec![mean_reading(4_000, Some("3.9"))], None)
             .await
