@@ -56,6 +56,15 @@ impl Mappings {
                 })?;
         let time = DeviceTime::parse(reading.time)?;
         device.window.check(&time)?;
+        // A waveform's last sample must not lie ahead of the clock either.
+        if let ReadingValue::Samples { period, data } = reading.value {
+            let span_ms =
+                period.parse::<f64>().unwrap_or(0.0) * data.len().saturating_sub(1) as f64;
+            device.window.check(&DeviceTime {
+                text: time.text,
+                instant: time.instant + time::Duration::seconds_f64(span_ms / 1000.0),
+            })?;
+        }
         let value = map_value(parameter, reading, &family.invalid_markers)?;
 
         let identifier_value = match reading.value {
@@ -748,6 +757,23 @@ mod tests {
         let o = json(&m.map_reading(&device, &same_unit).unwrap());
         assert_eq!(o["valueSampledData"]["data"], "4.125 4");
         assert_eq!(o["valueSampledData"]["period"].to_string(), "1.5");
+
+        // A waveform whose last sample is ahead of the clock is refused (10,000 samples of
+        // a second from 10:15:00 end hours after the gateway's 10:20).
+        let long: Vec<serde_json::Value> = vec![serde_json::json!(4200); 10_000];
+        let mut ahead = reading("Flow", "", "mL/min");
+        ahead.value = ReadingValue::Samples {
+            period: "1000",
+            data: &long,
+        };
+        let error = m.map_reading(&device, &ahead).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ReadingError::Time(crate::datetime::TimeError::InFuture { .. })
+            ),
+            "{error:?}"
+        );
 
         // A sample out of range is refused by its index; a boolean has no waveform.
         let data: Vec<serde_json::Value> = serde_json::from_str("[4200, 99000]").unwrap();
