@@ -360,15 +360,7 @@ impl DeviceFamily {
         value: &str,
         unit: &str,
     ) -> Result<Option<CheckedQuantity<'p>>, ReadingError> {
-        let reading = Reading {
-            parameter: &parameter.vendor,
-            value: ReadingValue::Number(value),
-            unit: Some(unit),
-            time: "",
-            flags: ReadingFlags::default(),
-            run: None,
-        };
-        match map_value(parameter, &reading, &self.invalid_markers)? {
+        match self.map_value_alone(parameter, ReadingValue::Number(value), unit)? {
             MappedValue::Quantity {
                 decimal,
                 ucum,
@@ -385,6 +377,24 @@ impl DeviceFamily {
                 })
             }
         }
+    }
+
+    /// `value` in `unit` through `parameter`'s table rules, as a reading without flags.
+    fn map_value_alone<'p>(
+        &self,
+        parameter: &'p Parameter,
+        value: ReadingValue<'_>,
+        unit: &str,
+    ) -> Result<MappedValue<'p>, ReadingError> {
+        let reading = Reading {
+            parameter: &parameter.vendor,
+            value,
+            unit: Some(unit),
+            time: "",
+            flags: ReadingFlags::default(),
+            run: None,
+        };
+        map_value(parameter, &reading, &self.invalid_markers)
     }
 }
 
@@ -407,15 +417,7 @@ impl DeviceFamily {
         data: &[serde_json::Value],
         unit: &str,
     ) -> Result<CheckedWaveform<'p>, ReadingError> {
-        let reading = Reading {
-            parameter: &parameter.vendor,
-            value: ReadingValue::Samples { period, data },
-            unit: Some(unit),
-            time: "",
-            flags: ReadingFlags::default(),
-            run: None,
-        };
-        match map_value(parameter, &reading, &self.invalid_markers)? {
+        match self.map_value_alone(parameter, ReadingValue::Samples { period, data }, unit)? {
             MappedValue::Samples {
                 data,
                 ucum,

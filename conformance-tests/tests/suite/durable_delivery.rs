@@ -1655,6 +1655,14 @@ async fn a_full_outbox_refuses_requests_until_delivery_catches_up() {
 
 /// The identifier of the one-minute interval a reading's identifier falls in, as the gateway
 /// writes it (`mappings::chart_slot`).
+/// The start of the minute `minutes` ago: an interval that is over, so due at once.
+fn whole_minute_ago(minutes: i64) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now - time::Duration::minutes(minutes)
+        - time::Duration::seconds(now.second().into())
+        - time::Duration::nanoseconds(now.nanosecond().into())
+}
+
 fn minute_of(reading_identifier: &str, start: OffsetDateTime) -> String {
     let (series, _) = reading_identifier.rsplit_once(':').unwrap();
     format!(
@@ -1674,11 +1682,7 @@ async fn a_charting_destination_gets_the_latest_reading_of_each_interval_once() 
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
     // Two whole minutes a few minutes ago: their intervals are over, so due at once.
-    let now = OffsetDateTime::now_utc();
-    let minute = now
-        - time::Duration::minutes(5)
-        - time::Duration::seconds(now.second().into())
-        - time::Duration::nanoseconds(now.nanosecond().into());
+    let minute = whole_minute_ago(5);
     let at =
         |m: i64, s: i64| rfc3339(minute + time::Duration::minutes(m) + time::Duration::seconds(s));
     let first = post(
@@ -1796,11 +1800,7 @@ async fn a_charting_destination_gets_the_mean_of_each_interval_through_late_read
             .await;
     let admin = pki.client(ADMIN);
     let reader = reader(&pki, &ehr);
-    let now = OffsetDateTime::now_utc();
-    let minute = now
-        - time::Duration::minutes(5)
-        - time::Duration::seconds(now.second().into())
-        - time::Duration::nanoseconds(now.nanosecond().into());
+    let minute = whole_minute_ago(5);
     let at =
         |m: i64, s: i64| rfc3339(minute + time::Duration::minutes(m) + time::Duration::seconds(s));
     let first = post(

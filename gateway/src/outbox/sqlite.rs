@@ -1169,12 +1169,20 @@ fn with_interval_statistic(
         stored.as_deref().unwrap_or(&m.body),
     )?
     .unwrap_or_else(|| m.body.clone());
+    // Field by field: the reading's own body is not copied only to be replaced.
     Ok(NewMessage {
+        destination: m.destination.clone(),
+        resource_type: m.resource_type.clone(),
+        logical_id: m.logical_id.clone(),
+        identifier_system: m.identifier_system.clone(),
+        identifier_value: m.identifier_value.clone(),
         content_hash: super::content_hash(&body),
         body,
+        upsert: m.upsert,
         revision: None,
+        corrections: m.corrections,
+        chart_due_ms: m.chart_due_ms,
         chart_reading: None,
-        ..m.clone()
     })
 }
 
