@@ -107,7 +107,7 @@ fn framed(values: &[String]) -> String {
     text
 }
 
-fn unframed(text: Option<String>) -> Vec<String> {
+pub(super) fn unframed(text: Option<String>) -> Vec<String> {
     text.unwrap_or_default()
         .split('\n')
         .filter(|v| !v.is_empty())
@@ -122,6 +122,7 @@ pub(super) fn record(
     facts: &BatchFacts,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
+    let (devices, patients, runs) = framed_facts(facts);
     tx.prepare_cached(
         "INSERT OR IGNORE INTO batches (batch_id, received_ms, sender, devices, patients, runs)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -130,11 +131,20 @@ pub(super) fn record(
         batch_id,
         now_ms,
         facts.sender,
+        devices,
+        patients,
+        runs
+    ])
+    .map(drop)
+}
+
+/// A request's devices, patients and runs as stored.
+pub(super) fn framed_facts(facts: &BatchFacts) -> (String, String, String) {
+    (
         framed(&facts.devices),
         framed(&facts.patients),
         framed(&facts.runs),
-    ])
-    .map(drop)
+    )
 }
 
 /// Forgets requests older than `before_ms` none of whose messages are kept any more.
@@ -175,30 +185,65 @@ fn summary_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<MessageSummary> {
     })
 }
 
+/// The SQL engine a statement is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The placeholder of the `n`th parameter (from 1).
+    fn placeholder(self, n: usize) -> String {
+        match self {
+            Self::Sqlite => format!("?{n}"),
+            Self::Postgres => format!("${n}"),
+        }
+    }
+
+    /// `haystack` holds the `n`th parameter.
+    fn contains(self, haystack: &str, n: usize) -> String {
+        match self {
+            Self::Sqlite => format!("instr({haystack}, ?{n}) > 0"),
+            Self::Postgres => format!("strpos({haystack}, ${n}) > 0"),
+        }
+    }
+}
+
+/// A bound value of a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Param {
+    Text(String),
+    Integer(i64),
+}
+
 /// The SQL and its parameters for `query`: only the conditions asked for, so that a tracking
 /// id is looked up by its index and the rest walks messages from the newest until `limit`.
-fn search_sql(query: &MessageQuery) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value as Sql;
-    let mut conditions: Vec<&str> = Vec::new();
-    let mut values: Vec<Sql> = Vec::new();
-    let mut text = |condition: &'static str, value: String| {
-        conditions.push(condition);
-        values.push(Sql::Text(value));
-    };
+pub(super) fn search_sql(query: &MessageQuery, dialect: Dialect) -> (String, Vec<Param>) {
+    enum Test {
+        Equals(&'static str),
+        Contains(&'static str),
+        /// An SQL prefix, then `contains` on the column.
+        ObservationContains(&'static str),
+        AtLeast(&'static str),
+        Below(&'static str),
+    }
+    let mut tests: Vec<(Test, Param)> = Vec::new();
+    let text = |value: &str| Param::Text(value.to_owned());
     if let Some(id) = &query.tracking_id {
-        text("m.batch_id = ?", id.clone());
+        tests.push((Test::Equals("m.batch_id"), text(id)));
     }
     if let Some(destination) = &query.destination {
-        text("m.destination = ?", destination.clone());
+        tests.push((Test::Equals("m.destination"), text(destination)));
     }
     if let Some(state) = &query.state {
-        text("m.state = ?", state.clone());
+        tests.push((Test::Equals("m.state"), text(state)));
     }
     if let Some(vendor) = &query.vendor {
-        text("b.sender = ?", vendor.clone());
+        tests.push((Test::Equals("b.sender"), text(vendor)));
     }
     if let Some(device) = &query.device {
-        text("instr(b.devices, ?) > 0", format!("\n{device}\n"));
+        tests.push((Test::Contains("b.devices"), text(&format!("\n{device}\n"))));
     }
     if let Some(patient) = &query.patient {
         // A bare value matches it under any system.
@@ -207,36 +252,52 @@ fn search_sql(query: &MessageQuery) -> (String, Vec<rusqlite::types::Value>) {
         } else {
             format!("|{patient}\n")
         };
-        text("instr(b.patients, ?) > 0", needle);
+        tests.push((Test::Contains("b.patients"), Param::Text(needle)));
     }
     if let Some(run) = &query.run {
-        text("instr(b.runs, ?) > 0", format!("\n{run}\n"));
+        tests.push((Test::Contains("b.runs"), Param::Text(run_needle(run))));
     }
     if let Some(parameter) = &query.parameter {
         // family:serial:code:time (mappings::observation_identifier).
-        text(
-            "m.resource_type = 'Observation' AND instr(m.identifier_value, ?) > 0",
-            format!(":{parameter}:"),
-        );
+        tests.push((
+            Test::ObservationContains("m.identifier_value"),
+            text(&format!(":{parameter}:")),
+        ));
     }
     if let Some(since) = query.since_ms {
-        conditions.push("m.created_ms >= ?");
-        values.push(Sql::Integer(since));
+        tests.push((Test::AtLeast("m.created_ms"), Param::Integer(since)));
     }
     if let Some(until) = query.until_ms {
-        conditions.push("m.created_ms < ?");
-        values.push(Sql::Integer(until));
+        tests.push((Test::Below("m.created_ms"), Param::Integer(until)));
+    }
+    let mut conditions = Vec::with_capacity(tests.len());
+    let mut values = Vec::with_capacity(tests.len() + 1);
+    for (n, (test, value)) in tests.into_iter().enumerate() {
+        let n = n + 1;
+        let p = dialect.placeholder(n);
+        conditions.push(match test {
+            Test::Equals(column) => format!("{column} = {p}"),
+            Test::Contains(column) => dialect.contains(column, n),
+            Test::ObservationContains(column) => format!(
+                "m.resource_type = 'Observation' AND {}",
+                dialect.contains(column, n)
+            ),
+            Test::AtLeast(column) => format!("{column} >= {p}"),
+            Test::Below(column) => format!("{column} < {p}"),
+        });
+        values.push(value);
     }
     let filter = if conditions.is_empty() {
         String::new()
     } else {
         format!("WHERE {}", conditions.join(" AND "))
     };
-    values.push(Sql::Integer(query.limit as i64));
+    values.push(Param::Integer(query.limit as i64));
     (
         format!(
             "SELECT {SUMMARY_COLUMNS} FROM messages m LEFT JOIN batches b ON b.batch_id = m.batch_id
-             {filter} ORDER BY m.id DESC LIMIT ?"
+             {filter} ORDER BY m.id DESC LIMIT {}",
+            dialect.placeholder(values.len())
         ),
         values,
     )
@@ -246,10 +307,39 @@ pub(super) fn search(
     conn: &Connection,
     query: &MessageQuery,
 ) -> Result<Vec<MessageSummary>, OutboxError> {
-    let (sql, values) = search_sql(query);
+    let (sql, values) = search_sql(query, Dialect::Sqlite);
+    let values = values.into_iter().map(|v| match v {
+        Param::Text(t) => rusqlite::types::Value::Text(t),
+        Param::Integer(i) => rusqlite::types::Value::Integer(i),
+    });
     let mut statement = conn.prepare_cached(&sql)?;
     let rows = statement.query_map(rusqlite::params_from_iter(values), summary_of)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One message with its body and outcome (columns 18 and 19), by id.
+pub(super) fn message_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT {SUMMARY_COLUMNS}, mb.body, m.outcome
+         FROM messages m LEFT JOIN batches b ON b.batch_id = m.batch_id
+         LEFT JOIN message_bodies mb ON mb.message_id = m.id WHERE m.id = {}",
+        dialect.placeholder(1)
+    )
+}
+
+/// A message as the browser shows it, from its summary, body and the EHR's outcome.
+pub(super) fn detail(
+    summary: MessageSummary,
+    body: Option<Vec<u8>>,
+    outcome: Option<String>,
+) -> MessageDetail {
+    MessageDetail {
+        summary,
+        resource: body
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null),
+        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+    }
 }
 
 pub(super) fn message(
@@ -257,11 +347,7 @@ pub(super) fn message(
     message_id: i64,
 ) -> Result<Option<MessageDetail>, OutboxError> {
     let found = conn
-        .prepare_cached(&format!(
-            "SELECT {SUMMARY_COLUMNS}, mb.body, m.outcome
-             FROM messages m LEFT JOIN batches b ON b.batch_id = m.batch_id
-             LEFT JOIN message_bodies mb ON mb.message_id = m.id WHERE m.id = ?1"
-        ))?
+        .prepare_cached(&message_sql(Dialect::Sqlite))?
         .query_row(params![message_id], |row| {
             Ok((
                 summary_of(row)?,
@@ -270,13 +356,7 @@ pub(super) fn message(
             ))
         })
         .optional()?;
-    Ok(found.map(|(summary, body, outcome)| MessageDetail {
-        summary,
-        resource: body
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null),
-        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
-    }))
+    Ok(found.map(|(summary, body, outcome)| detail(summary, body, outcome)))
 }
 
 /// A reading's chart point from its Observation: our code, the quantity and the device time.
@@ -300,37 +380,65 @@ fn reading_of(body: &[u8]) -> Option<RunReading> {
     })
 }
 
+/// What a request's runs hold when it was about run `run_id`.
+pub(super) fn run_needle(run_id: &str) -> String {
+    format!("\n{run_id}\n")
+}
+
+/// A run's Observations, newest first: identifier value, disposition and body, for
+/// [`latest_readings`]; the run's needle and a row limit are the parameters.
+pub(super) fn run_readings_sql(dialect: Dialect) -> String {
+    format!(
+        "SELECT m.identifier_value, m.disposition, mb.body
+         FROM messages m JOIN batches b ON b.batch_id = m.batch_id
+         JOIN message_bodies mb ON mb.message_id = m.id
+         WHERE m.resource_type = 'Observation' AND {}
+         ORDER BY m.id DESC LIMIT {}",
+        dialect.contains("b.runs", 1),
+        dialect.placeholder(2)
+    )
+}
+
+/// Rows to read for `limit` readings: several destinations hold several rows per reading.
+pub(super) fn run_readings_rows(limit: usize) -> i64 {
+    (limit * 4) as i64
+}
+
+/// Each reading once, as last accepted, whatever the number of destinations; a retracted one
+/// not at all; up to `limit`.
+pub(super) fn latest_readings(
+    rows: impl Iterator<Item = (String, String, Vec<u8>)>,
+    limit: usize,
+) -> Vec<RunReading> {
+    let mut seen = std::collections::HashSet::new();
+    let mut readings = Vec::new();
+    for (identifier, disposition, body) in rows {
+        if readings.len() == limit {
+            break;
+        }
+        if !seen.insert(identifier) || disposition == Disposition::Retracted.as_str() {
+            continue;
+        }
+        if let Some(reading) = reading_of(&body) {
+            readings.push(reading);
+        }
+    }
+    readings
+}
+
 pub(super) fn run_readings(
     conn: &Connection,
     run_id: &str,
     limit: usize,
 ) -> Result<Vec<RunReading>, OutboxError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT m.identifier_value, m.disposition, mb.body
-         FROM messages m JOIN batches b ON b.batch_id = m.batch_id
-         JOIN message_bodies mb ON mb.message_id = m.id
-         WHERE m.resource_type = 'Observation' AND instr(b.runs, ?1) > 0
-         ORDER BY m.id DESC LIMIT ?2",
-    )?;
-    // Each reading once, as last accepted, whatever the number of destinations; a retracted
-    // one not at all. Several destinations: several rows per reading, hence the headroom.
-    let mut seen = std::collections::HashSet::new();
-    let mut readings = Vec::new();
-    let mut rows = statement.query(params![format!("\n{run_id}\n"), (limit * 4) as i64])?;
-    while let Some(row) = rows.next()? {
-        let identifier: String = row.get(0)?;
-        let disposition: String = row.get(1)?;
-        if !seen.insert(identifier) || disposition == Disposition::Retracted.as_str() {
-            continue;
-        }
-        if let Some(reading) = reading_of(&row.get::<_, Vec<u8>>(2)?) {
-            readings.push(reading);
-        }
-        if readings.len() == limit {
-            break;
-        }
-    }
-    Ok(readings)
+    let mut statement = conn.prepare_cached(&run_readings_sql(Dialect::Sqlite))?;
+    let rows = statement
+        .query_map(
+            params![run_needle(run_id), run_readings_rows(limit)],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(latest_readings(rows.into_iter(), limit))
 }
 
 #[cfg(test)]
@@ -349,20 +457,26 @@ mod tests {
 
     #[test]
     fn only_the_conditions_asked_for_are_in_the_query() {
-        let (sql, values) = search_sql(&MessageQuery {
+        let query = MessageQuery {
             tracking_id: Some("t".into()),
             patient: Some("MRN-1".into()),
             limit: 5,
             ..Default::default()
-        });
-        assert!(sql.contains("m.batch_id = ?") && sql.contains("instr(b.patients, ?)"));
+        };
+        let (sql, values) = search_sql(&query, Dialect::Sqlite);
+        assert!(sql.contains("m.batch_id = ?1") && sql.contains("instr(b.patients, ?2)"));
+        assert!(sql.ends_with("LIMIT ?3"), "{sql}");
         assert!(!sql.contains("instr(b.runs") && !sql.contains("created_ms >="));
         assert_eq!(values.len(), 3);
         assert_eq!(
             values[1],
-            rusqlite::types::Value::Text("|MRN-1\n".into()),
+            Param::Text("|MRN-1\n".into()),
             "a bare patient value matches under any system"
         );
+        let (sql, postgres_values) = search_sql(&query, Dialect::Postgres);
+        assert!(sql.contains("m.batch_id = $1") && sql.contains("strpos(b.patients, $2) > 0"));
+        assert!(sql.ends_with("LIMIT $3"), "{sql}");
+        assert_eq!(postgres_values, values);
     }
 
     #[test]

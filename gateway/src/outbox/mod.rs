@@ -14,7 +14,9 @@ pub mod browse;
 pub mod handoff;
 pub mod provenance;
 pub mod retention;
+
 pub mod sqlite;
+mod writes;
 
 use serde::Serialize;
 
@@ -113,7 +115,7 @@ impl Disposition {
         }
     }
 
-    fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         match text {
             "updated" => Self::Updated,
             "amended" => Self::Amended,
@@ -154,6 +156,9 @@ pub fn with_status(body: &[u8], status: &str) -> Vec<u8> {
 }
 
 pub use provenance::ProvenancePlan;
+
+/// A message is due only when no earlier message about its resource is still pending.
+const NOT_BLOCKED: &str = "(m.predecessor IS NULL OR NOT EXISTS (SELECT 1 FROM messages p WHERE p.id = m.predecessor AND p.state = 'pending'))";
 
 /// Per resource, each destination with what happened there.
 pub type Placements = Vec<Vec<(String, Enqueued)>>;

@@ -6,40 +6,26 @@
 //! each caller is answered only after the commit that holds its rows. Reads use their own
 //! connection (WAL lets them run beside the writer).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 
-use super::{
-    Batch, DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NewMessage,
-    Outbox, OutboxError, Pending, Placements, ProvenancePlan, Purged, Retention, Retraction,
-    Settle, now_ms, time_key, with_status,
+use super::writes::{
+    self, Applied, Command, Holder, MAX_GROUP, MessageRow, Prior, Settled, SettledState, StateKey,
+    WRITER_QUEUE, WriteTx, Writer,
 };
-use crate::config::Corrections;
+use super::{
+    Batch, DeadLetter, DestinationStats, Disposition, Due, Enqueued, MessageStatus, NOT_BLOCKED,
+    NewMessage, Outbox, OutboxError, Pending, Placements, ProvenancePlan, Purged, Retention,
+    Retraction, Settle, now_ms, time_key,
+};
 use crate::delivery::BoxFuture;
 use crate::outbox::browse;
-use crate::outbox::provenance::{self, Written};
-
-/// Commands more than this many are committed in the next group.
-const MAX_GROUP: usize = 512;
-
-/// Commands queued for the writer at most. Requests are bounded upstream too (the request
-/// limit), but this is the bound that holds whatever sends: a request that finds it full gets
-/// 503 with Retry-After, the delivery workers and retention wait for room.
-const WRITER_QUEUE: usize = 1024;
-
-/// Messages one retention command deletes: a bounded share of one group commit, so the
-/// requests committed beside it do not wait long.
-const PURGE_CHUNK: u64 = 2000;
 
 /// Free pages one vacuum command gives back (8 MiB).
 const VACUUM_PAGES: u64 = 2048;
-
-/// A message is due only when no earlier message about its resource is still pending.
-const NOT_BLOCKED: &str = "(m.predecessor IS NULL OR NOT EXISTS (SELECT 1 FROM messages p WHERE p.id = m.predecessor AND p.state = 'pending'))";
 
 /// What a destination was last given for a resource, with that message's state (a scalar
 /// subquery: the same as a LEFT JOIN, which SQLite planned again on every use).
@@ -248,50 +234,11 @@ CREATE TABLE IF NOT EXISTS chart_values (
 CREATE INDEX IF NOT EXISTS chart_values_time ON chart_values(reading_ms);
 ";
 
-enum Command {
-    Enqueue(
-        Batch,
-        Vec<NewMessage>,
-        Option<ProvenancePlan>,
-        oneshot::Sender<Result<Vec<Enqueued>, OutboxError>>,
-    ),
-    /// Outcomes, each with the body version delivery was given of a rewritable message.
-    Settle(
-        Vec<(i64, Settle, Option<i64>)>,
-        oneshot::Sender<Result<(), OutboxError>>,
-    ),
-    Replay(
-        Option<i64>,
-        Option<String>,
-        oneshot::Sender<Result<u64, OutboxError>>,
-    ),
-    /// Deletes up to [`PURGE_CHUNK`] messages past keeping.
-    Purge(Retention, oneshot::Sender<Result<Purged, OutboxError>>),
-    /// Gives up to [`VACUUM_PAGES`] free pages back; answers how many, and how many are left.
-    Vacuum(oneshot::Sender<Result<(u64, u64), OutboxError>>),
-    Retract(
-        Batch,
-        Vec<Retraction>,
-        Option<ProvenancePlan>,
-        oneshot::Sender<Result<Placements, OutboxError>>,
-    ),
-}
-
 pub struct SqliteOutbox {
-    writer: mpsc::Sender<Command>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
-    rewinds: Arc<std::sync::atomic::AtomicU64>,
+    writer: Arc<Writer>,
     reader: Arc<Mutex<Connection>>,
-    notifiers: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Undelivered messages, as last counted (see [`census_loop`]).
-    pending: Arc<std::sync::atomic::AtomicU64>,
-    /// New requests are refused while `pending` is at this or above.
-    pending_limit: std::sync::atomic::AtomicU64,
     /// Dropped with the outbox, which ends the census thread.
     _census: std::sync::mpsc::SyncSender<()>,
-    /// The body version delivery was given of each rewritable message it holds (charting
-    /// intervals, see `enqueue_one`): settled against the version then current.
-    handed_out: Arc<Mutex<HashMap<i64, i64>>>,
 }
 
 /// How often the undelivered messages are counted for [`SqliteOutbox::set_pending_limit`].
@@ -494,23 +441,16 @@ impl SqliteOutbox {
             .spawn(move || census_loop(census, counted, stop))
             .map_err(|e| OutboxError::Storage(e.to_string()))?;
         Ok(Arc::new(Self {
-            writer,
-            commits,
-            rewinds: Arc::default(),
+            writer: Arc::new(Writer::new(writer, commits, pending)),
             reader: Arc::new(Mutex::new(reader)),
-            notifiers: Mutex::new(HashMap::new()),
-            pending,
-            pending_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
             _census: census_stop,
-            handed_out: Arc::default(),
         }))
     }
 
     /// Refuses new requests ([`OutboxError::Full`]) while `limit` or more messages are
     /// undelivered: the outbox is a queue and gets a bound before the disk is its bound.
     pub fn set_pending_limit(&self, limit: u64) {
-        self.pending_limit
-            .store(limit, std::sync::atomic::Ordering::Relaxed);
+        self.writer.set_pending_limit(limit);
     }
 
     fn read<T: Send + 'static>(
@@ -526,49 +466,6 @@ impl SqliteOutbox {
             .await
             .map_err(|e| OutboxError::Storage(e.to_string()))?
         })
-    }
-
-    /// Hands a write that a vendor waits for to the writer, or refuses it at once with
-    /// [`OutboxError::Busy`] when the queue is full.
-    fn write_or_refuse<T: Send + 'static>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
-    ) -> BoxFuture<Result<T, OutboxError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.writer.try_send(command(tx));
-        Box::pin(async move {
-            sent.map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => OutboxError::Busy,
-                mpsc::error::TrySendError::Closed(_) => OutboxError::Closed,
-            })?;
-            rx.await.map_err(|_| OutboxError::Closed)?
-        })
-    }
-
-    /// Hands a write of the gateway's own (settling, replay, retention) to the writer, waiting
-    /// for room in the queue.
-    fn write<T: Send + 'static>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
-    ) -> BoxFuture<Result<T, OutboxError>> {
-        Box::pin(send(self.writer.clone(), command))
-    }
-}
-
-/// Hands `command` to the writer thread once it has room; resolves once the commit that holds
-/// it is durable.
-fn send<T: Send + 'static>(
-    writer: mpsc::Sender<Command>,
-    command: impl FnOnce(oneshot::Sender<Result<T, OutboxError>>) -> Command,
-) -> impl std::future::Future<Output = Result<T, OutboxError>> + Send + 'static {
-    let (tx, rx) = oneshot::channel();
-    let command = command(tx);
-    async move {
-        writer
-            .send(command)
-            .await
-            .map_err(|_| OutboxError::Closed)?;
-        rx.await.map_err(|_| OutboxError::Closed)?
     }
 }
 
@@ -589,7 +486,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = apply_group(&mut conn, &group);
+        let result = commit_group(&mut conn, &group);
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if group.iter().any(|c| matches!(c, Command::Vacuum(_))) {
             // The file shrinks when a checkpoint has copied the vacuum back, which the WAL's
@@ -597,69 +494,23 @@ fn write_loop(
             let _ = wake_checkpointer.try_send(());
         }
         // Answer only after the commit (or its failure): that is the durability promise.
-        for (command, outcome) in group.into_iter().zip(result) {
-            match command {
-                Command::Enqueue(_, _, _, reply) => {
-                    let _ = reply.send(outcome.map(|o| o.enqueued));
-                }
-                Command::Settle(_, reply) => {
-                    let _ = reply.send(outcome.map(|_| ()));
-                }
-                Command::Replay(_, _, reply) => {
-                    let _ = reply.send(outcome.map(|o| o.count));
-                }
-                Command::Purge(_, reply) => {
-                    let _ = reply.send(outcome.map(|o| o.purged));
-                }
-                Command::Vacuum(reply) => {
-                    let _ = reply.send(outcome.map(|o| (o.purged.pages_freed, o.count)));
-                }
-                Command::Retract(_, _, _, reply) => {
-                    let _ = reply.send(outcome.map(|o| o.retracted));
-                }
-            }
-        }
+        writes::answer(group, result);
     }
 }
 
-#[derive(Default)]
-struct Applied {
-    enqueued: Vec<Enqueued>,
-    count: u64,
-    retracted: Placements,
-    purged: Purged,
-}
-
-fn apply_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
-    let failed = |e: &dyn std::fmt::Display| {
-        (0..group.len())
-            .map(|_| Err(OutboxError::Storage(e.to_string())))
-            .collect()
-    };
+fn commit_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
     // Immediate: the write lock is taken (waiting out a restart checkpoint) before anything is
     // read, as a read transaction cannot wait to become a write one.
-    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+    let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return failed(&e),
+        Err(e) => return writes::failed(group, &e),
     };
-    let mut results = Vec::with_capacity(group.len());
-    for command in group {
-        // Each command is all or nothing inside the shared commit.
-        let result = run_cached(&tx, "SAVEPOINT command")
-            .map_err(OutboxError::from)
-            .and_then(|()| apply(&tx, command));
-        let ended = if result.is_ok() {
-            run_cached(&tx, "RELEASE command")
-        } else {
-            run_cached(&tx, "ROLLBACK TO command").and_then(|()| run_cached(&tx, "RELEASE command"))
-        };
-        if let Err(e) = ended {
-            return failed(&e);
-        }
-        results.push(result);
-    }
+    let results = match writes::apply_group(&mut tx, group) {
+        Ok(results) => results,
+        Err(e) => return writes::failed(group, &e),
+    };
     if let Err(e) = tx.commit() {
-        return failed(&e);
+        return writes::failed(group, &e);
     }
     results
 }
@@ -669,897 +520,394 @@ fn run_cached(tx: &rusqlite::Transaction<'_>, sql: &str) -> rusqlite::Result<()>
     tx.prepare_cached(sql)?.raw_execute().map(drop)
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, command: &Command) -> Result<Applied, OutboxError> {
-    let now = now_ms();
-    match command {
-        Command::Enqueue(
-            Batch {
-                id: batch_id,
-                facts,
-            },
-            messages,
-            plan,
-            _,
-        ) => {
-            browse::record(tx, batch_id, facts, now)?;
-            let mut enqueued = Vec::with_capacity(messages.len());
-            let mut refused = Vec::new();
-            for (index, message) in messages.iter().enumerate() {
-                match enqueue_one(tx, batch_id, message, now)? {
-                    Some(done) => enqueued.push(done),
-                    None => refused.push((index, message.destination.clone())),
-                }
-            }
-            if !refused.is_empty() {
-                return Err(OutboxError::CorrectionsRefused(refused));
-            }
-            if let Some(plan) = plan {
-                let written: Vec<Written<'_>> = messages
-                    .iter()
-                    .zip(&enqueued)
-                    .map(|(m, done)| Written {
-                        destination: &m.destination,
-                        disposition: done.disposition,
-                        resource_type: &m.resource_type,
-                        identifier_system: &m.identifier_system,
-                        identifier_value: &m.identifier_value,
+fn settled_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<Settled> {
+    Ok(Settled {
+        id: row.get(0)?,
+        resource_type: row.get(1)?,
+        identifier_value: row.get(2)?,
+        logical_id: row.get(3)?,
+        destination: row.get(4)?,
+    })
+}
+
+impl WriteTx for rusqlite::Transaction<'_> {
+    fn savepoint(&mut self) -> Result<(), OutboxError> {
+        Ok(run_cached(self, "SAVEPOINT command")?)
+    }
+
+    fn release(&mut self) -> Result<(), OutboxError> {
+        Ok(run_cached(self, "RELEASE command")?)
+    }
+
+    fn rollback_to_savepoint(&mut self) -> Result<(), OutboxError> {
+        Ok(run_cached(self, "ROLLBACK TO command")?)
+    }
+
+    fn record_batch(
+        &mut self,
+        batch_id: &str,
+        facts: &super::BatchFacts,
+        now: i64,
+    ) -> Result<(), OutboxError> {
+        Ok(browse::record(self, batch_id, facts, now)?)
+    }
+
+    fn prior(&mut self, key: StateKey<'_>) -> Result<Option<Prior>, OutboxError> {
+        Ok(self
+            .prepare_cached(PRIOR)?
+            .query_row(
+                params![
+                    key.resource_type,
+                    key.time_key,
+                    key.logical_id,
+                    key.destination
+                ],
+                |row| {
+                    Ok(Prior {
+                        content_hash: row.get(0)?,
+                        revision: row.get(1)?,
+                        message_id: row.get(2)?,
+                        state: row.get(3)?,
                     })
-                    .collect();
-                // A Provenance goes when the last interval it names at its destination does.
-                let due_at = |destination: &str| {
-                    messages
-                        .iter()
-                        .filter(|m| m.destination == destination)
-                        .filter_map(|m| m.chart_due_ms)
-                        .max()
-                };
-                store_provenance(
-                    tx,
-                    batch_id,
-                    &provenance::owed(plan, batch_id, &written),
-                    &due_at,
-                    now,
-                )?;
-            }
-            Ok(Applied {
-                enqueued,
-                ..Applied::default()
-            })
-        }
-        Command::Retract(
-            Batch {
-                id: batch_id,
-                facts,
-            },
-            resources,
-            plan,
-            _,
-        ) => {
-            browse::record(tx, batch_id, facts, now)?;
-            let mut retracted = Vec::with_capacity(resources.len());
-            let mut targets = Vec::new();
-            let mut unknown = Vec::new();
-            for (index, resource) in resources.iter().enumerate() {
-                let (mut done, mut identifiers) = retract_one(tx, batch_id, resource, now)?;
-                for charted in &resource.charted {
-                    if let Some((placed, identified)) = retract_charted(tx, batch_id, charted, now)?
-                    {
-                        done.push(placed);
-                        identifiers.extend(identified);
-                    }
-                }
-                if done.is_empty() {
-                    unknown.push(index);
-                }
-                targets.extend(identifiers);
-                retracted.push(done);
-            }
-            if !unknown.is_empty() {
-                return Err(OutboxError::Unknown(unknown));
-            }
-            if let Some(plan) = plan {
-                let written: Vec<Written<'_>> = retracted
-                    .iter()
-                    .flatten()
-                    .zip(&targets)
-                    .map(
-                        |((destination, done), (resource_type, system, value))| Written {
-                            destination,
-                            disposition: done.disposition,
-                            resource_type,
-                            identifier_system: system,
-                            identifier_value: value,
-                        },
-                    )
-                    .collect();
-                store_provenance(
-                    tx,
-                    batch_id,
-                    &provenance::owed(plan, batch_id, &written),
-                    &|_| None,
-                    now,
-                )?;
-            }
-            Ok(Applied {
-                retracted,
-                ..Applied::default()
-            })
-        }
-        Command::Settle(outcomes, _) => {
-            for (id, settle, sent_version) in outcomes {
-                // A charting interval rewritten while its older body was in flight: what the
-                // EHR got is not what the outbox holds, so it is sent again, now.
-                if let Some(sent) = sent_version
-                    && tx
-                        .prepare_cached("SELECT body_version FROM messages WHERE id = ?1")?
-                        .query_row(params![id], |row| row.get::<_, Option<i64>>(0))
-                        .optional()?
-                        .flatten()
-                        .is_some_and(|current| current != *sent)
-                {
-                    tx.prepare_cached(
-                        "UPDATE messages SET next_attempt_ms = ?2 WHERE id = ?1 AND state = 'pending'",
-                    )?
-                    .execute(params![id, now])?;
-                    continue;
-                }
-                match settle {
-                    Settle::Delivered { status, location } => tx.prepare_cached(
-                        "UPDATE messages SET state = 'delivered', attempts = attempts + 1, settled_ms = ?2, status_line = ?3, location = ?4, last_error = NULL WHERE id = ?1 AND state = 'pending'",
-                    )?.execute(params![id, now, status, location])?,
-                    Settle::Retry { at_ms, error } => tx.prepare_cached(
-                        "UPDATE messages SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
-                    )?.execute(params![id, at_ms, error])?,
-                    Settle::Postpone { at_ms, error } => tx.prepare_cached(
-                        "UPDATE messages SET next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
-                    )?.execute(params![id, at_ms, error])?,
-                    Settle::Dead { error, outcome } => tx.prepare_cached(
-                        "UPDATE messages SET state = 'dead', attempts = attempts + 1, settled_ms = ?2, last_error = ?3, outcome = ?4 WHERE id = ?1 AND state = 'pending'",
-                    )?.execute(params![id, now, error, outcome])?,
-                };
-            }
-            Ok(Applied::default())
-        }
-        Command::Purge(retention, _) => Ok(Applied {
-            purged: purge(tx, retention)?,
-            ..Applied::default()
-        }),
-        Command::Vacuum(_) => {
-            let free = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<u64> {
-                tx.query_row("PRAGMA freelist_count", [], |row| row.get::<_, i64>(0))
-                    .map(|pages| pages as u64)
-            };
-            let before = free(tx)?;
-            tx.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
-            let left = free(tx)?;
-            Ok(Applied {
-                count: left,
-                purged: Purged {
-                    pages_freed: before - left,
-                    ..Purged::default()
                 },
-                ..Applied::default()
-            })
-        }
-        Command::Replay(id, destination, _) => {
-            // Only the latest message about a resource: replaying an older one would take the
-            // destination back to a state it has moved on from.
-            let dead: Vec<(i64, String, String, String, String)> = tx
-                .prepare_cached(
-                    "SELECT id, resource_type, identifier_value, logical_id, destination
-                     FROM messages INDEXED BY messages_dead WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR destination = ?2)",
-                )?
-                .query_map(params![id, destination], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
-                })?
-                .collect::<Result<_, _>>()?;
-            let mut count = 0;
-            for (id, resource_type, identifier_value, logical_id, destination) in dead {
-                // What the destination was last given for the resource: its message id.
-                let latest: Option<i64> = tx
-                    .prepare_cached(PRIOR)?
-                    .query_row(
-                        params![
-                            resource_type,
-                            time_key(&resource_type, &identifier_value),
-                            logical_id,
-                            destination
-                        ],
-                        |row| row.get(2),
-                    )
-                    .optional()?;
-                if latest.is_some_and(|latest| latest != id) {
-                    continue;
-                }
-                count += tx
-                    .prepare_cached(
-                        "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?2, settled_ms = NULL
-                         WHERE id = ?1",
-                    )?
-                    .execute(params![id, now])? as u64;
-            }
-            Ok(Applied {
-                count,
-                ..Applied::default()
-            })
-        }
+            )
+            .optional()?)
     }
-}
 
-/// What the destination was last given for a resource, with that message's state.
-struct Prior {
-    content_hash: Vec<u8>,
-    revision: Option<i64>,
-    message_id: i64,
-    /// `None` once the message has been purged (it was delivered).
-    state: Option<String>,
-}
-
-/// How one message is stored, decided against the destination's [`Prior`].
-struct Write {
-    upsert: bool,
-    /// The `status` the body is sent with instead of its own.
-    status: Option<&'static str>,
-    disposition: Disposition,
-}
-
-/// Stores one message unless it changes nothing; `None` when its destination refuses the
-/// correction it is.
-/// Deletes up to [`PURGE_CHUNK`] messages past keeping: delivered ones first, then dead
-/// letters. A delivered reading goes with what its destination was given for it (readings
-/// are many; runs and devices are few and keep theirs, for the order of their updates); a
-/// dead letter goes with it for every resource, or a resend of the same content would be
-/// taken for one already delivered.
-fn purge(tx: &rusqlite::Transaction<'_>, retention: &Retention) -> Result<Purged, OutboxError> {
-    type Row = (i64, String, String, String, String);
-    let row = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
-        Ok((
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-            row.get(4)?,
-        ))
-    };
-    let delivered: Vec<Row> = tx
-        .prepare_cached(&format!(
-            "SELECT id, resource_type, identifier_value, logical_id, destination
-             FROM messages INDEXED BY messages_delivered
-             WHERE state = 'delivered' AND settled_ms < ?1 LIMIT {PURGE_CHUNK}"
-        ))?
-        .query_map(params![retention.delivered_before_ms], row)?
-        .collect::<Result<_, _>>()?;
-    let room = PURGE_CHUNK - delivered.len() as u64;
-    let dead: Vec<Row> = tx
-        .prepare_cached(
-            "SELECT id, resource_type, identifier_value, logical_id, destination
-             FROM messages INDEXED BY messages_dead
-             WHERE state = 'dead' AND settled_ms < ?1 LIMIT ?2",
-        )?
-        .query_map(params![retention.dead_before_ms, room as i64], row)?
-        .collect::<Result<_, _>>()?;
-    let mut forget_state = tx.prepare_cached(
-        "DELETE FROM resource_state WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3
-             AND destination = ?4 AND message_id = ?5",
-    )?;
-    let mut delete_body = tx.prepare_cached("DELETE FROM message_bodies WHERE message_id = ?1")?;
-    let mut delete_message = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
-    for (is_dead, (id, resource_type, identifier_value, logical_id, destination)) in delivered
-        .iter()
-        .map(|m| (false, m))
-        .chain(dead.iter().map(|m| (true, m)))
-    {
-        if is_dead || resource_type == "Observation" {
-            forget_state.execute(params![
-                resource_type,
-                time_key(resource_type, identifier_value),
-                logical_id,
-                destination,
-                id
-            ])?;
-        }
-        delete_body.execute(params![id])?;
-        delete_message.execute(params![id])?;
-    }
-    // Values of intervals whose readings are older than any correction still taken.
-    tx.prepare_cached(&format!(
-        "DELETE FROM chart_values WHERE (destination, slot_logical_id, reading_ms) IN
-             (SELECT destination, slot_logical_id, reading_ms FROM chart_values INDEXED BY chart_values_time
-              WHERE reading_ms < ?1 LIMIT {PURGE_CHUNK})"
-    ))?
-    .execute(params![retention.delivered_before_ms])?;
-    browse::purge(
-        tx,
-        retention.delivered_before_ms.min(retention.dead_before_ms),
-    )?;
-    Ok(Purged {
-        delivered: delivered.len() as u64,
-        dead: dead.len() as u64,
-        pages_freed: 0,
-    })
-}
-
-fn enqueue_one(
-    tx: &rusqlite::Transaction<'_>,
-    batch_id: &str,
-    m: &NewMessage,
-    now: i64,
-) -> Result<Option<Enqueued>, OutboxError> {
-    let summarized;
-    let m = match &m.chart_reading {
-        Some(reading) => {
-            summarized = with_interval_statistic(tx, m, reading)?;
-            &summarized
-        }
-        None => m,
-    };
-    let time_key = time_key(&m.resource_type, &m.identifier_value);
-    let prior = tx
-        .prepare_cached(PRIOR)?
-        .query_row(
-            params![m.resource_type, time_key, m.logical_id, m.destination],
-            |row| {
-                Ok(Prior {
-                    content_hash: row.get(0)?,
-                    revision: row.get(1)?,
-                    message_id: row.get(2)?,
-                    state: row.get(3)?,
-                })
-            },
-        )
-        .optional()?;
-    // A charting interval's message still pending is rewritten by a later reading rather
-    // than followed by an update: the EHR gets one write per interval. Should delivery hold
-    // the older body, its settle sees the version moved on and sends the message again.
-    let unsent_interval = match &prior {
-        Some(p) if m.chart_due_ms.is_some() && p.state.as_deref() == Some("pending") => tx
+    fn is_rewritable(&mut self, message_id: i64) -> Result<bool, OutboxError> {
+        Ok(self
             .prepare_cached("SELECT body_version IS NOT NULL FROM messages WHERE id = ?1")?
-            .query_row(params![p.message_id], |row| row.get::<_, bool>(0))?,
-        _ => false,
-    };
-    let first = Write {
-        upsert: m.upsert,
-        status: None,
-        disposition: Disposition::Created,
-    };
-    let write = match &prior {
-        None => first,
-        Some(p)
-            if m.upsert
-                && m.revision
-                    .zip(p.revision)
-                    .is_some_and(|(new, old)| new < old) =>
-        {
-            return Ok(Some(Enqueued {
-                message_id: p.message_id,
-                disposition: Disposition::Superseded,
-            }));
-        }
-        Some(p) if p.content_hash == m.content_hash && p.state.as_deref() != Some("dead") => {
-            return Ok(Some(Enqueued {
-                message_id: p.message_id,
-                disposition: Disposition::Unchanged,
-            }));
-        }
-        // The same content again after the destination refused it: written as it was then.
-        Some(p) if p.content_hash == m.content_hash => {
-            let (upsert, disposition): (bool, String) = tx
-                .prepare_cached("SELECT upsert, disposition FROM messages WHERE id = ?1")?
-                .query_row(params![p.message_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            let disposition = Disposition::parse(&disposition);
-            Write {
-                upsert,
-                status: match disposition {
-                    Disposition::Amended => Some("amended"),
-                    Disposition::Retracted => Some("entered-in-error"),
-                    _ => None,
-                },
-                disposition,
-            }
-        }
-        Some(p) if unsent_interval => {
-            tx.prepare_cached("UPDATE message_bodies SET body = ?2 WHERE message_id = ?1")?
-                .execute(params![p.message_id, m.body])?;
-            tx.prepare_cached("UPDATE messages SET body_version = body_version + 1 WHERE id = ?1")?
-                .execute(params![p.message_id])?;
-            tx.prepare_cached(UPSERT_STATE)?.execute(params![
-                m.resource_type,
-                time_key,
-                m.logical_id,
-                m.destination,
-                &m.content_hash[..],
-                m.revision,
-                p.message_id
-            ])?;
-            return Ok(Some(Enqueued {
-                message_id: p.message_id,
-                disposition: Disposition::Updated,
-            }));
-        }
-        Some(_) if m.upsert => Write {
-            disposition: Disposition::Updated,
-            ..first
-        },
-        Some(_) if m.resource_type == "Observation" => match m.corrections {
-            Corrections::Amend => Write {
-                upsert: true,
-                status: Some("amended"),
-                disposition: Disposition::Amended,
-            },
-            Corrections::Reject => return Ok(None),
-        },
-        // A changed resource without an "amended" status (a Device): brought up to date.
-        Some(_) => Write {
-            upsert: true,
-            status: None,
-            disposition: Disposition::Updated,
-        },
-    };
-    let restated;
-    let body = match write.status {
-        Some(status) => {
-            restated = with_status(&m.body, status);
-            &restated
-        }
-        None => &m.body,
-    };
-    let message_id = insert_message(
-        tx,
-        &MessageRow {
-            batch_id,
-            destination: &m.destination,
-            resource_type: &m.resource_type,
-            logical_id: &m.logical_id,
-            identifier_system: &m.identifier_system,
-            identifier_value: &m.identifier_value,
-            body,
-            upsert: write.upsert,
-            predecessor: prior.as_ref().map(|p| p.message_id),
-            disposition: write.disposition,
-            not_before_ms: m.chart_due_ms,
-        },
-        now,
-    )?;
-    tx.prepare_cached(UPSERT_STATE)?.execute(params![
-        m.resource_type,
-        time_key,
-        m.logical_id,
-        m.destination,
-        &m.content_hash[..],
-        m.revision,
-        message_id
-    ])?;
-    Ok(Some(Enqueued {
-        message_id,
-        disposition: write.disposition,
-    }))
-}
-
-/// A reading of an interval charted as a statistic: its value is kept with the interval's
-/// others, and the message becomes the interval's Observation with the statistic of them all,
-/// written as any update of the interval is (the same content is unchanged).
-fn with_interval_statistic(
-    tx: &rusqlite::Transaction<'_>,
-    m: &NewMessage,
-    reading: &super::ChartReading,
-) -> Result<NewMessage, OutboxError> {
-    tx.prepare_cached(
-        "INSERT INTO chart_values (destination, slot_logical_id, reading_ms, value)
-         VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (destination, slot_logical_id, reading_ms) DO UPDATE SET
-             retracted = CASE WHEN value IS excluded.value THEN retracted ELSE 0 END,
-             value = excluded.value",
-    )?
-    .execute(params![
-        m.destination,
-        m.logical_id,
-        reading.reading_ms,
-        reading.value
-    ])?;
-    // An invalid reading has no unit: the interval's Observation as last written has.
-    let stored = match reading.value {
-        Some(_) => None,
-        None => stored_interval_body(tx, &m.destination, &m.logical_id, &m.identifier_value)?,
-    };
-    let body = summarize_interval(
-        tx,
-        &m.destination,
-        &m.logical_id,
-        reading.interval,
-        stored.as_deref().unwrap_or(&m.body),
-    )?
-    .unwrap_or_else(|| m.body.clone());
-    // Field by field: the reading's own body is not copied only to be replaced.
-    Ok(NewMessage {
-        destination: m.destination.clone(),
-        resource_type: m.resource_type.clone(),
-        logical_id: m.logical_id.clone(),
-        identifier_system: m.identifier_system.clone(),
-        identifier_value: m.identifier_value.clone(),
-        content_hash: super::content_hash(&body),
-        body,
-        upsert: m.upsert,
-        revision: None,
-        corrections: m.corrections,
-        chart_due_ms: m.chart_due_ms,
-        chart_reading: None,
-    })
-}
-
-/// The body of what a destination was last given for an interval's Observation.
-fn stored_interval_body(
-    tx: &rusqlite::Transaction<'_>,
-    destination: &str,
-    slot_logical_id: &str,
-    slot_identifier_value: &str,
-) -> Result<Option<Vec<u8>>, OutboxError> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT (SELECT body FROM message_bodies WHERE message_id = s.message_id)
-             FROM resource_state s
-             WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
-        )?
-        .query_row(
-            params![
-                time_key("Observation", slot_identifier_value),
-                slot_logical_id,
-                destination
-            ],
-            |row| row.get::<_, Option<Vec<u8>>>(0),
-        )
-        .optional()?
-        .flatten())
-}
-
-/// `template` with the statistic of the interval's values as kept now; `None` when it is not
-/// an Observation that can carry it.
-fn summarize_interval(
-    tx: &rusqlite::Transaction<'_>,
-    destination: &str,
-    slot_logical_id: &str,
-    interval: super::ChartInterval,
-    template: &[u8],
-) -> Result<Option<Vec<u8>>, OutboxError> {
-    let values: Vec<String> = tx
-        .prepare_cached(
-            "SELECT value FROM chart_values
-             WHERE destination = ?1 AND slot_logical_id = ?2 AND value IS NOT NULL AND retracted = 0
-             ORDER BY reading_ms",
-        )?
-        .query_map(params![destination, slot_logical_id], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
-    let values: Vec<&str> = values.iter().map(String::as_str).collect();
-    Ok(mappings::summarized(
-        template,
-        interval.statistic,
-        &values,
-        interval.start_ms,
-        interval.end_ms,
-    ))
-}
-
-/// Takes one resource back at every destination that holds a message about it.
-fn retract_one(
-    tx: &rusqlite::Transaction<'_>,
-    batch_id: &str,
-    resource: &Retraction,
-    now: i64,
-) -> Result<Retracted, OutboxError> {
-    struct Latest {
-        destination: String,
-        message_id: i64,
-        identifier_system: String,
-        identifier_value: String,
-        body: Vec<u8>,
-        disposition: String,
+            .query_row(params![message_id], |row| row.get(0))?)
     }
-    let time_key = time_key(&resource.resource_type, &resource.identifier_value);
-    let latest: Vec<Latest> = tx
-        .prepare_cached(
-            "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value,
-                    (SELECT body FROM message_bodies WHERE message_id = m.id), m.disposition
-             FROM resource_state s JOIN messages m ON m.id = s.message_id
-             WHERE s.resource_type = ?1 AND s.time_key = ?2 AND s.logical_id = ?3
-             ORDER BY s.destination",
+
+    fn written_as(&mut self, message_id: i64) -> Result<(bool, Disposition), OutboxError> {
+        let (upsert, disposition): (bool, String) = self
+            .prepare_cached("SELECT upsert, disposition FROM messages WHERE id = ?1")?
+            .query_row(params![message_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok((upsert, Disposition::parse(&disposition)))
+    }
+
+    fn rewrite_body(&mut self, message_id: i64, body: &[u8]) -> Result<(), OutboxError> {
+        self.prepare_cached("UPDATE message_bodies SET body = ?2 WHERE message_id = ?1")?
+            .execute(params![message_id, body])?;
+        self.prepare_cached("UPDATE messages SET body_version = body_version + 1 WHERE id = ?1")?
+            .execute(params![message_id])?;
+        Ok(())
+    }
+
+    fn upsert_state(
+        &mut self,
+        key: StateKey<'_>,
+        content_hash: &[u8],
+        revision: Option<i64>,
+        message_id: i64,
+    ) -> Result<(), OutboxError> {
+        self.prepare_cached(UPSERT_STATE)?.execute(params![
+            key.resource_type,
+            key.time_key,
+            key.logical_id,
+            key.destination,
+            content_hash,
+            revision,
+            message_id
+        ])?;
+        Ok(())
+    }
+
+    fn point_state(
+        &mut self,
+        key: StateKey<'_>,
+        message_id: i64,
+        content_hash: Option<&[u8]>,
+    ) -> Result<(), OutboxError> {
+        self.prepare_cached(
+            "UPDATE resource_state SET message_id = ?5, content_hash = COALESCE(?6, content_hash)
+             WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
         )?
-        .query_map(
-            params![resource.resource_type, time_key, resource.logical_id],
-            |row| {
-                Ok(Latest {
+        .execute(params![
+            key.resource_type,
+            key.time_key,
+            key.logical_id,
+            key.destination,
+            message_id,
+            content_hash
+        ])?;
+        Ok(())
+    }
+
+    fn state_body(&mut self, key: StateKey<'_>) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self
+            .prepare_cached(
+                "SELECT (SELECT body FROM message_bodies WHERE message_id = s.message_id)
+                 FROM resource_state s
+                 WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
+            )?
+            .query_row(
+                params![key.resource_type, key.time_key, key.logical_id, key.destination],
+                |row| row.get::<_, Option<Vec<u8>>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    fn insert_message(&mut self, row: &MessageRow<'_>, now: i64) -> Result<i64, OutboxError> {
+        self.prepare_cached(INSERT_MESSAGE)?.execute(params![
+            row.batch_id,
+            row.destination,
+            row.resource_type,
+            row.logical_id,
+            row.identifier_system,
+            row.identifier_value,
+            row.upsert,
+            row.due_ms(now),
+            row.predecessor,
+            row.disposition.as_str(),
+            now,
+            row.body_version(),
+        ])?;
+        let id = self.last_insert_rowid();
+        self.prepare_cached(INSERT_BODY)?
+            .execute(params![id, row.body])?;
+        Ok(id)
+    }
+
+    fn holders(
+        &mut self,
+        resource_type: &str,
+        time_key: &str,
+        logical_id: &str,
+    ) -> Result<Vec<Holder>, OutboxError> {
+        let holders = self
+            .prepare_cached(
+                "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value,
+                        (SELECT body FROM message_bodies WHERE message_id = m.id), m.disposition
+                 FROM resource_state s JOIN messages m ON m.id = s.message_id
+                 WHERE s.resource_type = ?1 AND s.time_key = ?2 AND s.logical_id = ?3
+                 ORDER BY s.destination",
+            )?
+            .query_map(params![resource_type, time_key, logical_id], |row| {
+                Ok(Holder {
                     destination: row.get(0)?,
                     message_id: row.get(1)?,
                     identifier_system: row.get(2)?,
                     identifier_value: row.get(3)?,
                     body: row.get(4)?,
-                    disposition: row.get(5)?,
+                    disposition: Disposition::parse(&row.get::<_, String>(5)?),
                 })
-            },
-        )?
-        .collect::<Result<_, _>>()?;
-    let mut done = Vec::with_capacity(latest.len());
-    let mut identified = Vec::with_capacity(latest.len());
-    for l in latest {
-        identified.push((
-            resource.resource_type.clone(),
-            l.identifier_system.clone(),
-            l.identifier_value.clone(),
-        ));
-        if Disposition::parse(&l.disposition) == Disposition::Retracted {
-            done.push((
-                l.destination,
-                Enqueued {
-                    message_id: l.message_id,
-                    disposition: Disposition::Unchanged,
-                },
-            ));
-            continue;
-        }
-        // The content hash stays the device's: a resend of the retracted value changes nothing.
-        let message_id = insert_message(
-            tx,
-            &MessageRow {
-                batch_id,
-                destination: &l.destination,
-                resource_type: &resource.resource_type,
-                logical_id: &resource.logical_id,
-                identifier_system: &l.identifier_system,
-                identifier_value: &l.identifier_value,
-                body: &with_status(&l.body, "entered-in-error"),
-                upsert: true,
-                predecessor: Some(l.message_id),
-                disposition: Disposition::Retracted,
-                not_before_ms: None,
-            },
-            now,
-        )?;
-        tx.prepare_cached(
-            "UPDATE resource_state SET message_id = ?5
-             WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3 AND destination = ?4",
-        )?
-        .execute(params![
-            resource.resource_type,
-            time_key,
-            resource.logical_id,
-            l.destination,
-            message_id
-        ])?;
-        done.push((
-            l.destination,
-            Enqueued {
-                message_id,
-                disposition: Disposition::Retracted,
-            },
-        ));
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(holders)
     }
-    Ok((done, identified))
-}
 
-/// Takes a reading back at a charting destination: its interval's Observation is restated
-/// as entered-in-error while it charts this reading (its revision is the reading's time); a
-/// later reading of the interval already replaced it otherwise. `None` when the destination
-/// never charted the interval.
-fn retract_charted(
-    tx: &rusqlite::Transaction<'_>,
-    batch_id: &str,
-    charted: &super::ChartedRetraction,
-    now: i64,
-) -> Result<Option<(Placed, Vec<Identified>)>, OutboxError> {
-    let time_key = time_key("Observation", &charted.slot_identifier_value);
-    let Some((revision, message_id)) = tx
-        .prepare_cached(
-            "SELECT revision, message_id FROM resource_state
-             WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
-        )?
-        .query_row(
-            params![time_key, charted.slot_logical_id, charted.destination],
-            |row| Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, i64>(1)?)),
-        )
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let (identifier_system, body, disposition): (String, Vec<u8>, String) = tx
-        .prepare_cached(
-            "SELECT identifier_system, (SELECT body FROM message_bodies WHERE message_id = id), disposition
-             FROM messages WHERE id = ?1",
-        )?
-        .query_row(params![message_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })?;
-    // One resource named per placement, as `retract_one` does.
-    let identified = vec![(
-        "Observation".to_owned(),
-        identifier_system.clone(),
-        charted.slot_identifier_value.clone(),
-    )];
-    let unchanged = Enqueued {
-        message_id,
-        disposition: Disposition::Unchanged,
-    };
-    if Disposition::parse(&disposition) == Disposition::Retracted {
-        return Ok(Some(((charted.destination.clone(), unchanged), identified)));
+    fn restating(
+        &mut self,
+        message_id: i64,
+    ) -> Result<(String, Vec<u8>, Disposition), OutboxError> {
+        let (system, body, disposition): (String, Vec<u8>, String) = self
+            .prepare_cached(
+                "SELECT identifier_system, (SELECT body FROM message_bodies WHERE message_id = id), disposition
+                 FROM messages WHERE id = ?1",
+            )?
+            .query_row(params![message_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+        Ok((system, body, Disposition::parse(&disposition)))
     }
-    if let Some(interval) = charted.statistic {
-        // The statistic of the interval's other values; with none left it is taken back.
-        let forgotten = tx
+
+    fn keep_chart_value(
+        &mut self,
+        destination: &str,
+        slot_logical_id: &str,
+        reading_ms: i64,
+        value: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        self.prepare_cached(
+            "INSERT INTO chart_values (destination, slot_logical_id, reading_ms, value)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (destination, slot_logical_id, reading_ms) DO UPDATE SET
+                 retracted = CASE WHEN value IS excluded.value THEN retracted ELSE 0 END,
+                 value = excluded.value",
+        )?
+        .execute(params![destination, slot_logical_id, reading_ms, value])?;
+        Ok(())
+    }
+
+    fn chart_values(
+        &mut self,
+        destination: &str,
+        slot_logical_id: &str,
+    ) -> Result<Vec<String>, OutboxError> {
+        let values = self
+            .prepare_cached(
+                "SELECT value FROM chart_values
+                 WHERE destination = ?1 AND slot_logical_id = ?2 AND value IS NOT NULL AND retracted = 0
+                 ORDER BY reading_ms",
+            )?
+            .query_map(params![destination, slot_logical_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(values)
+    }
+
+    fn retract_chart_value(
+        &mut self,
+        destination: &str,
+        slot_logical_id: &str,
+        reading_ms: i64,
+    ) -> Result<bool, OutboxError> {
+        let flagged = self
             .prepare_cached(
                 "UPDATE chart_values SET retracted = 1
                  WHERE destination = ?1 AND slot_logical_id = ?2 AND reading_ms = ?3 AND retracted = 0",
             )?
-            .execute(params![
-                charted.destination,
-                charted.slot_logical_id,
-                charted.reading_ms
-            ])?;
-        if forgotten == 0 {
-            return Ok(Some(((charted.destination.clone(), unchanged), identified)));
-        }
-        let left: i64 = tx
+            .execute(params![destination, slot_logical_id, reading_ms])?;
+        Ok(flagged > 0)
+    }
+
+    fn chart_readings_left(
+        &mut self,
+        destination: &str,
+        slot_logical_id: &str,
+    ) -> Result<u64, OutboxError> {
+        let left: i64 = self
             .prepare_cached(
                 "SELECT COUNT(*) FROM chart_values
                  WHERE destination = ?1 AND slot_logical_id = ?2 AND retracted = 0",
             )?
-            .query_row(
-                params![charted.destination, charted.slot_logical_id],
-                |row| row.get(0),
-            )?;
-        if left > 0 {
-            let body = summarize_interval(
-                tx,
-                &charted.destination,
-                &charted.slot_logical_id,
-                interval,
-                &body,
+            .query_row(params![destination, slot_logical_id], |row| row.get(0))?;
+        Ok(left as u64)
+    }
+
+    fn body_version(&mut self, id: i64) -> Result<Option<i64>, OutboxError> {
+        Ok(self
+            .prepare_cached("SELECT body_version FROM messages WHERE id = ?1")?
+            .query_row(params![id], |row| row.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten())
+    }
+
+    fn make_due(&mut self, id: i64, at_ms: i64) -> Result<(), OutboxError> {
+        self.prepare_cached(
+            "UPDATE messages SET next_attempt_ms = ?2 WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![id, at_ms])?;
+        Ok(())
+    }
+
+    fn settle(&mut self, id: i64, outcome: &Settle, now: i64) -> Result<(), OutboxError> {
+        match outcome {
+            Settle::Delivered { status, location } => self.prepare_cached(
+                "UPDATE messages SET state = 'delivered', attempts = attempts + 1, settled_ms = ?2, status_line = ?3, location = ?4, last_error = NULL WHERE id = ?1 AND state = 'pending'",
+            )?.execute(params![id, now, status, location])?,
+            Settle::Retry { at_ms, error } => self.prepare_cached(
+                "UPDATE messages SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
+            )?.execute(params![id, at_ms, error])?,
+            Settle::Postpone { at_ms, error } => self.prepare_cached(
+                "UPDATE messages SET next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
+            )?.execute(params![id, at_ms, error])?,
+            Settle::Dead { error, outcome } => self.prepare_cached(
+                "UPDATE messages SET state = 'dead', attempts = attempts + 1, settled_ms = ?2, last_error = ?3, outcome = ?4 WHERE id = ?1 AND state = 'pending'",
+            )?.execute(params![id, now, error, outcome])?,
+        };
+        Ok(())
+    }
+
+    fn dead_letters(
+        &mut self,
+        id: Option<i64>,
+        destination: Option<&str>,
+    ) -> Result<Vec<Settled>, OutboxError> {
+        let dead = self
+            .prepare_cached(
+                "SELECT id, resource_type, identifier_value, logical_id, destination
+                 FROM messages INDEXED BY messages_dead WHERE state = 'dead' AND (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR destination = ?2)",
             )?
-            .unwrap_or(body);
-            let update = NewMessage {
-                destination: charted.destination.clone(),
-                resource_type: "Observation".into(),
-                logical_id: charted.slot_logical_id.clone(),
-                identifier_system,
-                identifier_value: charted.slot_identifier_value.clone(),
-                content_hash: super::content_hash(&body),
-                body,
-                upsert: true,
-                revision: None,
-                corrections: Corrections::Amend,
-                // Due at once (a queued message of the interval keeps its own time).
-                chart_due_ms: Some(now),
-                chart_reading: None,
-            };
-            let placed = enqueue_one(tx, batch_id, &update, now)?.unwrap_or(unchanged);
-            return Ok(Some(((charted.destination.clone(), placed), identified)));
-        }
-    } else if revision != Some(charted.reading_ms) {
-        return Ok(Some(((charted.destination.clone(), unchanged), identified)));
+            .query_map(params![id, destination], settled_of)?
+            .collect::<Result<_, _>>()?;
+        Ok(dead)
     }
-    let withdrawn = with_status(&body, "entered-in-error");
-    let restated = insert_message(
-        tx,
-        &MessageRow {
-            batch_id,
-            destination: &charted.destination,
-            resource_type: "Observation",
-            logical_id: &charted.slot_logical_id,
-            identifier_system: &identifier_system,
-            identifier_value: &charted.slot_identifier_value,
-            body: &withdrawn,
-            upsert: true,
-            predecessor: Some(message_id),
-            disposition: Disposition::Retracted,
-            not_before_ms: None,
-        },
-        now,
-    )?;
-    // A statistic's interval holds what it was last sent: a later reading whose statistic
-    // comes out as before charts it again (its readings' resends are kept out by their flag).
-    let content_hash = charted
-        .statistic
-        .map(|_| super::content_hash(&withdrawn).to_vec());
-    tx.prepare_cached(
-        "UPDATE resource_state SET message_id = ?4, content_hash = COALESCE(?5, content_hash)
-         WHERE resource_type = 'Observation' AND time_key = ?1 AND logical_id = ?2 AND destination = ?3",
-    )?
-    .execute(params![
-        time_key,
-        charted.slot_logical_id,
-        charted.destination,
-        restated,
-        content_hash
-    ])?;
-    Ok(Some((
-        (
-            charted.destination.clone(),
-            Enqueued {
-                message_id: restated,
-                disposition: Disposition::Retracted,
-            },
-        ),
-        identified,
-    )))
-}
 
-/// A resource by type and business identifier (system, value).
-type Identified = (String, String, String);
-
-/// What a write did at one destination.
-type Placed = (String, Enqueued);
-
-/// Per destination what a retraction did, and the resource each entry is about.
-type Retracted = (Vec<(String, Enqueued)>, Vec<Identified>);
-
-/// Stores the Provenances a write owes, as messages of the same batch: each is new (its key
-/// names the batch), so it has no predecessor and no resource state.
-fn store_provenance(
-    tx: &rusqlite::Transaction<'_>,
-    batch_id: &str,
-    owed: &[(String, mappings::MappedResource)],
-    due_at: &dyn Fn(&str) -> Option<i64>,
-    now: i64,
-) -> Result<(), OutboxError> {
-    for (destination, resource) in owed {
-        insert_message(
-            tx,
-            &MessageRow {
-                batch_id,
-                destination,
-                resource_type: resource.resource_type,
-                logical_id: &resource.id,
-                identifier_system: &resource.identifier_system,
-                identifier_value: &resource.identifier_value,
-                body: &resource.json,
-                upsert: false,
-                predecessor: None,
-                disposition: Disposition::Created,
-                not_before_ms: due_at(destination),
-            },
-            now,
-        )?;
+    fn make_pending_again(&mut self, id: i64, now: i64) -> Result<u64, OutboxError> {
+        Ok(self
+            .prepare_cached(
+                "UPDATE messages SET state = 'pending', attempts = 0, next_attempt_ms = ?2, settled_ms = NULL
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, now])? as u64)
     }
-    Ok(())
-}
 
-/// One message as stored, due at once.
-struct MessageRow<'a> {
-    batch_id: &'a str,
-    destination: &'a str,
-    resource_type: &'a str,
-    logical_id: &'a str,
-    identifier_system: &'a str,
-    identifier_value: &'a str,
-    body: &'a [u8],
-    upsert: bool,
-    /// The message before it about the same resource at the same destination.
-    predecessor: Option<i64>,
-    disposition: Disposition,
-    /// Not due before this time (a charting interval's end); due at once when absent.
-    not_before_ms: Option<i64>,
-}
+    fn settled_before(
+        &mut self,
+        state: SettledState,
+        before_ms: i64,
+        limit: u64,
+    ) -> Result<Vec<Settled>, OutboxError> {
+        let sql = match state {
+            SettledState::Delivered => {
+                "SELECT id, resource_type, identifier_value, logical_id, destination
+                 FROM messages INDEXED BY messages_delivered
+                 WHERE state = 'delivered' AND settled_ms < ?1 LIMIT ?2"
+            }
+            SettledState::Dead => {
+                "SELECT id, resource_type, identifier_value, logical_id, destination
+                 FROM messages INDEXED BY messages_dead
+                 WHERE state = 'dead' AND settled_ms < ?1 LIMIT ?2"
+            }
+        };
+        let settled = self
+            .prepare_cached(sql)?
+            .query_map(params![before_ms, limit as i64], settled_of)?
+            .collect::<Result<_, _>>()?;
+        Ok(settled)
+    }
 
-/// Stores `row` as a pending message due at `now` (or its `not_before_ms`); its id.
-fn insert_message(
-    tx: &rusqlite::Transaction<'_>,
-    row: &MessageRow<'_>,
-    now: i64,
-) -> Result<i64, OutboxError> {
-    tx.prepare_cached(INSERT_MESSAGE)?.execute(params![
-        row.batch_id,
-        row.destination,
-        row.resource_type,
-        row.logical_id,
-        row.identifier_system,
-        row.identifier_value,
-        row.upsert,
-        row.not_before_ms.map_or(now, |due| due.max(now)),
-        row.predecessor,
-        row.disposition.as_str(),
-        now,
-        row.not_before_ms.map(|_| 0),
-    ])?;
-    let id = tx.last_insert_rowid();
-    tx.prepare_cached(INSERT_BODY)?
-        .execute(params![id, row.body])?;
-    Ok(id)
+    fn forget_state(&mut self, key: StateKey<'_>, message_id: i64) -> Result<(), OutboxError> {
+        self.prepare_cached(
+            "DELETE FROM resource_state WHERE resource_type = ?1 AND time_key = ?2 AND logical_id = ?3
+                 AND destination = ?4 AND message_id = ?5",
+        )?
+        .execute(params![
+            key.resource_type,
+            key.time_key,
+            key.logical_id,
+            key.destination,
+            message_id
+        ])?;
+        Ok(())
+    }
+
+    fn delete_message(&mut self, id: i64) -> Result<(), OutboxError> {
+        self.prepare_cached("DELETE FROM message_bodies WHERE message_id = ?1")?
+            .execute(params![id])?;
+        self.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+            .execute(params![id])?;
+        Ok(())
+    }
+
+    fn forget_chart_values(&mut self, before_ms: i64, limit: u64) -> Result<(), OutboxError> {
+        self.prepare_cached(
+            "DELETE FROM chart_values WHERE (destination, slot_logical_id, reading_ms) IN
+                 (SELECT destination, slot_logical_id, reading_ms FROM chart_values INDEXED BY chart_values_time
+                  WHERE reading_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before_ms, limit as i64])?;
+        Ok(())
+    }
+
+    fn forget_batches(&mut self, before_ms: i64) -> Result<(), OutboxError> {
+        browse::purge(self, before_ms)?;
+        Ok(())
+    }
+
+    fn vacuum(&mut self) -> Result<(u64, u64), OutboxError> {
+        let free = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<u64> {
+            tx.query_row("PRAGMA freelist_count", [], |row| row.get::<_, i64>(0))
+                .map(|pages| pages as u64)
+        };
+        let before = free(self)?;
+        self.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
+        let left = free(self)?;
+        Ok((before - left, left))
+    }
 }
 
 fn dead_letter_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
@@ -1594,27 +942,7 @@ impl Outbox for SqliteOutbox {
         messages: Vec<NewMessage>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Vec<Enqueued>, OutboxError>> {
-        let destinations: Vec<String> = {
-            let mut d: Vec<String> = messages.iter().map(|m| m.destination.clone()).collect();
-            d.sort();
-            d.dedup();
-            d
-        };
-        let notifiers: Vec<Arc<Notify>> = destinations.iter().map(|d| self.notifier(d)).collect();
-        let pending = self.pending.load(std::sync::atomic::Ordering::Relaxed);
-        let limit = self
-            .pending_limit
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if pending >= limit {
-            return Box::pin(async move { Err(OutboxError::Full { pending, limit }) });
-        }
-        let stored =
-            self.write_or_refuse(|reply| Command::Enqueue(batch, messages, provenance, reply));
-        Box::pin(async move {
-            let enqueued = stored.await?;
-            notifiers.iter().for_each(|n| n.notify_one());
-            Ok(enqueued)
-        })
+        self.writer.enqueue(batch, messages, provenance)
     }
 
     fn due(
@@ -1631,7 +959,7 @@ impl Outbox for SqliteOutbox {
         // statement on every call.
         let in_flight: std::collections::HashSet<i64> =
             in_flight.iter().copied().filter(|id| *id >= from).collect();
-        let handed_out = self.handed_out.clone();
+        let writer = self.writer.clone();
         self.read(move |conn| {
             let mut messages = Vec::new();
             let mut versions = Vec::new();
@@ -1672,12 +1000,7 @@ impl Outbox for SqliteOutbox {
             for message in &mut messages {
                 message.body = body.query_row([message.id], |row| row.get(0))?;
             }
-            if !versions.is_empty() {
-                handed_out
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(versions);
-            }
+            writer.hand_out(versions);
             Ok(Due {
                 messages,
                 resume_from: parked.unwrap_or(examined + 1),
@@ -1686,7 +1009,7 @@ impl Outbox for SqliteOutbox {
     }
 
     fn rewinds(&self) -> u64 {
-        self.rewinds.load(std::sync::atomic::Ordering::Acquire)
+        self.writer.rewinds()
     }
 
     fn next_due(&self, destination: &str) -> BoxFuture<Result<Option<i64>, OutboxError>> {
@@ -1712,30 +1035,7 @@ impl Outbox for SqliteOutbox {
     }
 
     fn settle(&self, outcomes: Vec<(i64, Settle)>) -> BoxFuture<Result<(), OutboxError>> {
-        let outcomes: Vec<(i64, Settle, Option<i64>)> = {
-            let mut handed_out = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
-            outcomes
-                .into_iter()
-                .map(|(id, settle)| {
-                    let version = handed_out.remove(&id);
-                    (id, settle, version)
-                })
-                .collect()
-        };
-        // A rewritten interval may stay pending behind where delivery looks from (it took it
-        // as delivered): delivery looks from the start again. Only charting intervals do this.
-        let rewind = outcomes
-            .iter()
-            .any(|(_, _, version)| version.is_some())
-            .then(|| self.rewinds.clone());
-        let settled = self.write(|reply| Command::Settle(outcomes, reply));
-        Box::pin(async move {
-            settled.await?;
-            if let Some(rewinds) = rewind {
-                rewinds.fetch_add(1, std::sync::atomic::Ordering::Release);
-            }
-            Ok(())
-        })
+        self.writer.settle(outcomes)
     }
 
     fn batch_status(&self, batch_id: &str) -> BoxFuture<Result<Vec<MessageStatus>, OutboxError>> {
@@ -1818,24 +1118,7 @@ impl Outbox for SqliteOutbox {
         message_id: Option<i64>,
         destination: Option<&str>,
     ) -> BoxFuture<Result<u64, OutboxError>> {
-        let destination = destination.map(str::to_owned);
-        let notifiers: Vec<Arc<Notify>> = self
-            .notifiers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        let replayed = self.write(|reply| Command::Replay(message_id, destination, reply));
-        let rewinds = self.rewinds.clone();
-        Box::pin(async move {
-            let count = replayed.await?;
-            if count > 0 {
-                rewinds.fetch_add(1, std::sync::atomic::Ordering::Release);
-            }
-            notifiers.iter().for_each(|n| n.notify_one());
-            Ok(count)
-        })
+        self.writer.replay(message_id, destination)
     }
 
     fn retract(
@@ -1844,43 +1127,11 @@ impl Outbox for SqliteOutbox {
         resources: Vec<Retraction>,
         provenance: Option<ProvenancePlan>,
     ) -> BoxFuture<Result<Placements, OutboxError>> {
-        let notifiers: Vec<Arc<Notify>> = self
-            .notifiers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        let retracted =
-            self.write_or_refuse(|reply| Command::Retract(batch, resources, provenance, reply));
-        Box::pin(async move {
-            let retracted = retracted.await?;
-            notifiers.iter().for_each(|n| n.notify_one());
-            Ok(retracted)
-        })
+        self.writer.retract(batch, resources, provenance)
     }
 
     fn purge(&self, retention: Retention) -> BoxFuture<Result<Purged, OutboxError>> {
-        let writer = self.writer.clone();
-        Box::pin(async move {
-            let mut purged = Purged::default();
-            loop {
-                let chunk = send(writer.clone(), |reply| Command::Purge(retention, reply)).await?;
-                purged.delivered += chunk.delivered;
-                purged.dead += chunk.dead;
-                if chunk.delivered + chunk.dead < PURGE_CHUNK {
-                    break;
-                }
-            }
-            loop {
-                let (freed, left) = send(writer.clone(), Command::Vacuum).await?;
-                purged.pages_freed += freed;
-                if left == 0 || freed == 0 {
-                    break;
-                }
-            }
-            Ok(purged)
-        })
+        self.writer.purge(retention)
     }
 
     fn search(
@@ -1907,22 +1158,18 @@ impl Outbox for SqliteOutbox {
     }
 
     fn commits(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+        self.writer.commits()
     }
 
     fn notifier(&self, destination: &str) -> Arc<Notify> {
-        self.notifiers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(destination.to_owned())
-            .or_default()
-            .clone()
+        self.writer.notifier(destination)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Corrections;
     use crate::outbox::BatchFacts;
 
     fn message(destination: &str, n: usize) -> NewMessage {
@@ -1975,13 +1222,14 @@ mod tests {
         let mut writer = open(&path).unwrap();
         writer.execute_batch(SCHEMA).unwrap();
         for round in 0..5 {
-            let tx = writer.transaction().unwrap();
+            let mut tx = writer.transaction().unwrap();
             for n in 0..3 {
                 run_cached(&tx, "SAVEPOINT command").unwrap();
-                enqueue_one(&tx, "b", &reading("ehr", round * 10 + n, "{}"), 0).unwrap();
+                writes::enqueue_one(&mut tx, "b", &reading("ehr", round * 10 + n, "{}"), 0)
+                    .unwrap();
                 // A correction of the one before: an amendment with a predecessor.
                 let changed = reading("ehr", round * 10 + n, r#"{"changed":true}"#);
-                enqueue_one(&tx, "b", &changed, 0).unwrap();
+                writes::enqueue_one(&mut tx, "b", &changed, 0).unwrap();
                 run_cached(&tx, "RELEASE command").unwrap();
             }
             tx.commit().unwrap();
@@ -2213,6 +1461,7 @@ mod tests {
         let recount = |outbox: &SqliteOutbox| {
             let n = count_pending(&outbox.reader.lock().unwrap()).unwrap();
             outbox
+                .writer
                 .pending
                 .store(n, std::sync::atomic::Ordering::Relaxed);
         };
