@@ -289,6 +289,38 @@ pub async fn admin_until(
     }
 }
 
+/// Polls the admin API until no message is pending anywhere; returns the queue stats.
+pub async fn wait_until_settled(
+    admin: &crate::client::MtlsClient,
+    gateway: &GatewayProcess,
+    limit: Duration,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let queues = admin
+            .get(&gateway.admin_url("/admin/v1/queues"))
+            .await
+            .unwrap()
+            .expect_status(200)
+            .json();
+        let pending: u64 = queues["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["pending"].as_u64().unwrap())
+            .sum();
+        if pending == 0 {
+            return queues;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still pending after {limit:?}: {queues}\n{}",
+            gateway.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A reference EHR over mutual TLS that trusts the test CA's client certificates.
 pub async fn mtls_ehr(pki: &TestPki) -> crate::ehr::RunningEhr {
     crate::ehr::ReferenceEhr::new()

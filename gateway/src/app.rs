@@ -18,6 +18,7 @@ use crate::ingress::stack::{Admission, build_stack_with, observation_path};
 use crate::ingress::{IngressParts, IngressSettings};
 use crate::outbox::Outbox;
 use crate::outbox::handoff::OutboxHandoff;
+use crate::outbox::postgres::PostgresOutbox;
 use crate::outbox::retention::RetentionPolicy;
 use crate::outbox::sqlite::SqliteOutbox;
 use crate::reload::{Live, LiveError, Reloader};
@@ -43,6 +44,8 @@ pub enum StartError {
     Runs(#[from] crate::runs::RunError),
     #[error("profiles: {0}")]
     Profiles(String),
+    #[error("{0}")]
+    Store(String),
     #[error("admin TLS: {0}")]
     AdminTls(crate::tls::TlsError),
     #[error("revoked certificates: {0}")]
@@ -167,9 +170,23 @@ impl Gateway {
                 None,
             ),
             DeliveryMode::Outbox => {
-                let sqlite = SqliteOutbox::open(&self.config.delivery.outbox)?;
-                sqlite.set_pending_limit(self.config.delivery.max_pending);
-                let outbox: Arc<dyn Outbox> = sqlite;
+                let outbox: Arc<dyn Outbox> = match &self.config.delivery.postgres {
+                    None => {
+                        let sqlite = SqliteOutbox::open(&self.config.delivery.outbox)?;
+                        sqlite.set_pending_limit(self.config.delivery.max_pending);
+                        sqlite
+                    }
+                    Some(settings) => {
+                        let connection = settings.connection().map_err(StartError::Store)?;
+                        let replica = settings.replica_name(self.config.server.listen.port());
+                        let postgres =
+                            PostgresOutbox::open(connection, &replica, settings.claim_lease)
+                                .await?;
+                        postgres.set_pending_limit(self.config.delivery.max_pending);
+                        tracing::info!("outbox on PostgreSQL");
+                        postgres
+                    }
+                };
                 let routes = self
                     .config
                     .destinations

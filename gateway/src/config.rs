@@ -168,6 +168,65 @@ pub struct DeliverySettings {
     /// it may be passed by a second of ingest). The queue's bound, before the disk's.
     #[serde(default = "defaults::max_pending")]
     pub max_pending: u64,
+    /// The outbox on a PostgreSQL server instead of the SQLite file (README, "Choosing the
+    /// store").
+    #[serde(default)]
+    pub postgres: Option<PostgresSettings>,
+}
+
+/// Where the PostgreSQL outbox is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `postgresql://user@host:port/database` (or `host=... user=... dbname=...`), without a
+    /// password.
+    pub url: String,
+    /// A file whose first line is the password; relative to the config file.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// This gateway's name among the replicas sharing the store: unique to it and the same
+    /// after a restart (default: the host name and the vendor port, `host:8443`; with port 0,
+    /// the process id instead).
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// How long a replica's claim on the messages it is sending lasts (extended every third
+    /// of it while the replica lives): how long the others wait before they take over the
+    /// messages of one that died.
+    #[serde(default = "defaults::claim_lease", with = "humantime_serde")]
+    pub claim_lease: Duration,
+}
+
+impl PostgresSettings {
+    /// [`Self::replica`], or the host name and `port`.
+    pub fn replica_name(&self, port: u16) -> String {
+        self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "gateway".into());
+            match port {
+                // A port picked at start names nothing stable: the process then.
+                0 => format!("{host}:pid-{}", std::process::id()),
+                port => format!("{host}:{port}"),
+            }
+        })
+    }
+
+    /// The connection settings, with the password read from its file.
+    pub fn connection(&self) -> Result<tokio_postgres::Config, String> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| format!("[delivery.postgres] url: {e}"))?;
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!("[delivery.postgres] password_file {}: {e}", path.display())
+            })?;
+            config.password(text.lines().next().unwrap_or_default());
+        }
+        Ok(config)
+    }
 }
 
 impl Default for DeliverySettings {
@@ -178,6 +237,7 @@ impl Default for DeliverySettings {
             keep_delivered: defaults::keep_delivered(),
             keep_dead: defaults::keep_dead(),
             max_pending: defaults::max_pending(),
+            postgres: None,
         }
     }
 }
@@ -601,6 +661,10 @@ mod defaults {
     pub fn destination_concurrency() -> usize {
         8
     }
+    pub fn claim_lease() -> std::time::Duration {
+        crate::outbox::postgres::CLAIM_LEASE
+    }
+
     pub fn outbox() -> std::path::PathBuf {
         "outbox.sqlite".into()
     }
@@ -716,6 +780,9 @@ impl Config {
             fix(dir);
         }
         fix(&mut self.delivery.outbox);
+        if let Some(postgres) = &mut self.delivery.postgres {
+            postgres.password_file.iter_mut().for_each(fix);
+        }
         fix(&mut self.runs.store);
         if let Some(admin) = &mut self.admin {
             fix(&mut admin.cert);
@@ -851,6 +918,23 @@ impl Config {
         }
         if self.destinations.is_empty() {
             return Err("no [[destination]]: readings would have nowhere to go".into());
+        }
+        if let Some(postgres) = &self.delivery.postgres {
+            let url: tokio_postgres::Config = postgres
+                .url
+                .parse()
+                .map_err(|e| format!("[delivery.postgres] url: {e}"))?;
+            if url.get_password().is_some() {
+                return Err(
+                    "[delivery.postgres] url: holds a password; put it in password_file instead (the config file is not a place for secrets)".into(),
+                );
+            }
+            if self.delivery.mode != DeliveryMode::Outbox {
+                return Err("[delivery.postgres] needs [delivery] mode = \"outbox\"".into());
+            }
+            if postgres.claim_lease < Duration::from_secs(1) {
+                return Err("[delivery.postgres] claim_lease must be at least 1s".into());
+            }
         }
         if self.delivery.max_pending == 0 {
             return Err(
@@ -1061,6 +1145,55 @@ keys = ["smart.pem"]
         assert!(smart.keys[0].is_absolute(), "key paths resolved");
         assert_eq!(smart.renew_before, Duration::from_secs(60));
         assert!(c.destinations[0].client_cert.is_none());
+    }
+
+    #[test]
+    fn the_postgres_store_takes_its_password_from_a_file_never_the_url() {
+        let with = |postgres: &str| {
+            MINIMAL.replace(
+                "[[destination]]",
+                &format!("[delivery.postgres]\n{postgres}\n\n[[destination]]"),
+            )
+        };
+        let c = load(&with(
+            "url = \"postgresql://gateway@db.internal:5433/ecmo\"\npassword_file = \"pg-password\"",
+        ))
+        .unwrap();
+        let postgres = c.delivery.postgres.as_ref().unwrap();
+        assert!(postgres.password_file.as_ref().unwrap().is_absolute());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pg-password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let settings = PostgresSettings {
+            password_file: Some(file),
+            ..postgres.clone()
+        };
+        let connection = settings.connection().unwrap();
+        assert_eq!(connection.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(connection.get_ports(), [5433]);
+        for (postgres, reason) in [
+            (
+                "url = \"postgresql://gateway:s3cret@db.internal/ecmo\"",
+                "holds a password",
+            ),
+            (
+                "url = \"postgresql://db.internal:notaport/ecmo\"",
+                "[delivery.postgres] url",
+            ),
+        ] {
+            let error = load(&with(postgres)).unwrap_err().to_string();
+            assert!(error.contains(reason), "{postgres}: {error}");
+        }
+        let direct = with("url = \"postgresql://gateway@db.internal/ecmo\"").replace(
+            "[delivery.postgres]",
+            "[delivery]\nmode = \"direct\"\n\n[delivery.postgres]",
+        );
+        assert!(
+            load(&direct)
+                .unwrap_err()
+                .to_string()
+                .contains("needs [delivery] mode = \"outbox\"")
+        );
     }
 
     fn load(text: &str) -> Result<Config, ConfigError> {

@@ -14,7 +14,7 @@ use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
     ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, device_metrics_of,
-    durable_config, durable_gateway, mtls_ehr, now_rfc3339,
+    durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -23,38 +23,6 @@ use time::OffsetDateTime;
 
 async fn start_ehr(pki: &TestPki) -> RunningEhr {
     mtls_ehr(pki).await
-}
-
-/// Polls the admin API until no message is pending anywhere; returns the queue stats.
-async fn wait_until_settled(
-    admin: &MtlsClient,
-    gateway: &GatewayProcess,
-    limit: Duration,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let queues = admin
-            .get(&gateway.admin_url("/admin/v1/queues"))
-            .await
-            .unwrap()
-            .expect_status(200)
-            .json();
-        let pending: u64 = queues["destinations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["pending"].as_u64().unwrap())
-            .sum();
-        if pending == 0 {
-            return queues;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still pending after {limit:?}: {queues}\n{}",
-            gateway.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn identifiers(batch: &Value, family: &str) -> Vec<String> {
@@ -1472,6 +1440,18 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         .unwrap();
     let example = std::fs::read_to_string(workspace.join("gateway/gateway.example.toml")).unwrap();
     let place = |p: &std::path::Path| p.display().to_string();
+    // Its outbox on PostgreSQL (the SQLite file is the default every other test runs on).
+    let postgres = tokio::task::spawn_blocking(|| {
+        let cluster = gateway::outbox::throwaway_postgres::ThrowawayCluster::start()?;
+        cluster.database()?;
+        Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
+    })
+    .await
+    .unwrap()
+    .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)");
+    let password_file = dir.path().join("postgres-password");
+    // The throwaway server trusts loopback connections: the password is read, not needed.
+    std::fs::write(&password_file, "unused\n").unwrap();
     let config = example
         .replace("\"../certs/dev/", &format!("\"{}/", place(pki.as_ref())))
         .replace(
@@ -1520,7 +1500,18 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
                 gateway::admin::console::hash_password("an operator's long password").unwrap()
             ),
         )
-        .replace("# idle_timeout = \"30m\"", "idle_timeout = \"30m\"");
+        .replace("# idle_timeout = \"30m\"", "idle_timeout = \"30m\"")
+        .replace("# [delivery.postgres]", "[delivery.postgres]")
+        .replace(
+            "# url = \"postgresql://gateway@db.internal:5432/ecmo\"",
+            &format!("url = \"{}\"", postgres.url("db0")),
+        )
+        .replace(
+            "# password_file = \"/etc/ecmo-gateway/postgres-password\"",
+            &format!("password_file = \"{}\"", place(&password_file)),
+        )
+        .replace("# replica = \"gateway-1\"", "replica = \"gateway-1\"")
+        .replace("# claim_lease = \"30s\"", "claim_lease = \"30s\"");
     let commented_settings: Vec<&str> = config
         .lines()
         .filter(|line| {

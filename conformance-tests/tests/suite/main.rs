@@ -16,6 +16,7 @@ mod hot_reload;
 mod literal_references;
 mod observations_flow;
 mod operations;
+mod postgres_store;
 mod profile_conformance;
 mod scenarios;
 mod smart_backend_services;

@@ -15,7 +15,11 @@ pub mod handoff;
 pub mod provenance;
 pub mod retention;
 
+#[cfg(test)]
+mod behaviour;
+pub mod postgres;
 pub mod sqlite;
+pub mod throwaway_postgres;
 mod writes;
 
 use serde::Serialize;
