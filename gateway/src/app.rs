@@ -266,7 +266,25 @@ impl Gateway {
         }
         let clocks = Arc::new(DeviceClocks::default());
         tokio::spawn(crate::cert_expiry::warn_daily(self.config.clone()));
-        let runs = crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?;
+        let runs = match &self.config.delivery.postgres {
+            None => crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?,
+            // The replicas' shared run registry, in the outbox's database.
+            Some(settings) => {
+                let connection = settings.connection().map_err(StartError::Store)?;
+                let mappings = live_mappings.clone();
+                let runs = tokio::task::spawn_blocking(move || {
+                    let store = crate::runs::store::PostgresRunStore::connect(connection)?;
+                    crate::runs::RunRegistry::with_store(Box::new(store), mappings)
+                })
+                .await
+                .map_err(|e| StartError::Store(format!("run registry: {e}")))??;
+                tokio::spawn(crate::runs::refresh_every_second(
+                    runs.clone(),
+                    wait_stop(stopped.clone()),
+                ));
+                runs
+            }
+        };
         if let (Some(admin), Some(tls)) = (&self.config.admin, self.admin_tls.clone()) {
             let admin_listener =
                 TcpListener::bind(admin.listen)

@@ -297,3 +297,131 @@ async fn assert_every_one_delivered_once(
         "no reading is ever duplicated"
     );
 }
+
+/// One run whose events and readings go to two replicas on one PostgreSQL database: started
+/// and ended on one, its mode changed on the other, its console's readings (naming no
+/// patient) taken by the other once it has seen the run. The EHR gets one Procedure that went
+/// through all of it, and every reading charted to the run's patient and linked to the run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_events_reach_two_replicas_is_one_run() {
+    const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
+    const RUNS: &str = "https://fhir.ecmo-gateway.org/sid/ecmo-run";
+    let cluster = tokio::task::spawn_blocking(|| {
+        let cluster = ThrowawayCluster::start()?;
+        cluster.database()?;
+        Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
+    })
+    .await
+    .unwrap()
+    .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)");
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = on_postgres(
+        &durable_config(&pki, &ehr.base_url, &dir.path().join("unused.sqlite")),
+        &cluster.url("db0"),
+    );
+    // Each replica's own (unused) local run store: the runs are in PostgreSQL.
+    let replica = |name: &str| {
+        shared.replace(
+            &format!("{}", pki.path("runs.sqlite").display()),
+            &format!(
+                "{}",
+                dir.path().join(format!("{name}-runs.sqlite")).display()
+            ),
+        ) + &format!("replica = \"{name}\"\n")
+    };
+    let a = GatewayProcess::start(&replica("replica-a")).unwrap();
+    let b = GatewayProcess::start(&replica("replica-b")).unwrap();
+    let vendor = pki.client(GETINGE);
+    let t0 = OffsetDateTime::now_utc() - time::Duration::days(2);
+    let at = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let event = |gateway: &GatewayProcess, body: Value| {
+        let url = gateway.url("/v1/runs/R-REPL/events");
+        let vendor = &vendor;
+        async move {
+            let answer = vendor.post_json(&url, &body).await.unwrap();
+            assert!(
+                answer.status.is_success(),
+                "{}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+    };
+    event(
+        &a,
+        serde_json::json!({
+            "eventId": "s", "type": "started", "time": at(t0),
+            "patient": {"system": MRN, "value": "MRN-REPL-1"}, "mode": "vv",
+            "console": {"serial": "CH-R1", "model": "CARDIOHELP-i"}
+        }),
+    )
+    .await;
+    // Replica b takes the console's readings (no patient named) once it has seen the run.
+    let batch = SimulatedCardiohelp::new("CH-R1", 7)
+        .without_patient()
+        .next_batch(t0 + time::Duration::hours(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = vendor
+            .post_json(&b.url("/v1/observations"), &batch)
+            .await
+            .unwrap();
+        if answer.status == 202 {
+            break;
+        }
+        assert_eq!(
+            answer.status,
+            422,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(Instant::now() < deadline, "replica b never saw the run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    event(&b, serde_json::json!({
+        "eventId": "m", "type": "mode-changed", "time": at(t0 + time::Duration::hours(5)), "mode": "vva"
+    }))
+    .await;
+    // Replica a applies the end after b's mode change, which its turn takes in first.
+    event(
+        &a,
+        serde_json::json!({
+            "eventId": "e", "type": "ended", "time": at(t0 + time::Duration::days(1)),
+            "reason": "recovered", "alive": true
+        }),
+    )
+    .await;
+
+    let queues = wait_until_settled(&pki.client(ADMIN), &b, Duration::from_secs(60)).await;
+    assert_eq!(queues["destinations"][0]["dead"], 0, "{queues}");
+    let procedures: Vec<Value> = ehr
+        .ehr
+        .all_resources("Procedure")
+        .into_iter()
+        .filter(|p| p["identifier"][0]["system"] == RUNS)
+        .collect();
+    let run = procedures
+        .iter()
+        .find(|p| p["identifier"][0]["value"] == "R-REPL")
+        .expect("the run's Procedure");
+    assert_eq!(run["status"], "completed", "{run}");
+    let segments: Vec<&Value> = procedures
+        .iter()
+        .filter(|p| p["partOf"][0]["identifier"]["value"] == "R-REPL")
+        .collect();
+    assert!(
+        segments.len() >= 2,
+        "both modes' segments, the one changed on replica b included: {segments:?}"
+    );
+    let observations = ehr.ehr.all_resources("Observation");
+    assert!(!observations.is_empty());
+    for o in &observations {
+        assert_eq!(o["subject"]["identifier"]["value"], "MRN-REPL-1", "{o}");
+        assert_eq!(o["partOf"][0]["identifier"]["value"], "R-REPL", "{o}");
+    }
+}

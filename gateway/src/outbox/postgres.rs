@@ -32,7 +32,7 @@ use super::{
 use crate::delivery::BoxFuture;
 
 /// The migrations in `gateway/migrations/postgres`, in order: (version, name, SQL).
-const MIGRATIONS: [(i32, &str, &str); 2] = [
+const MIGRATIONS: [(i32, &str, &str); 3] = [
     (
         1,
         "0001_outbox",
@@ -42,6 +42,11 @@ const MIGRATIONS: [(i32, &str, &str); 2] = [
         2,
         "0002_delivery_claims",
         include_str!("../../migrations/postgres/0002_delivery_claims.sql"),
+    ),
+    (
+        3,
+        "0003_run_events",
+        include_str!("../../migrations/postgres/0003_run_events.sql"),
     ),
 ];
 
@@ -1221,20 +1226,15 @@ fn summary_of(row: &tokio_postgres::Row) -> MessageSummary {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use super::*;
     use crate::outbox::behaviour::{delivered, due_at, engine_tests, message};
-    use crate::outbox::throwaway_postgres::ThrowawayCluster;
+    use crate::outbox::throwaway_postgres::{ThrowawayCluster, shared_cluster};
 
-    /// One server for the tests of this process, a new database for each.
-    fn cluster() -> &'static ThrowawayCluster {
-        static CLUSTER: OnceLock<ThrowawayCluster> = OnceLock::new();
-        CLUSTER.get_or_init(|| ThrowawayCluster::start().expect("a throwaway PostgreSQL server"))
-    }
-
+    /// A new database on the tests' server.
     async fn database() -> tokio_postgres::Config {
-        tokio::task::spawn_blocking(|| cluster().database())
+        tokio::task::spawn_blocking(|| shared_cluster().database())
             .await
             .unwrap()
             .unwrap()

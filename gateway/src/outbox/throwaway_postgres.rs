@@ -206,6 +206,13 @@ impl Drop for ThrowawayCluster {
     }
 }
 
+/// One server for the unit tests of this process (each makes its own database on it).
+#[cfg(test)]
+pub(crate) fn shared_cluster() -> &'static ThrowawayCluster {
+    static CLUSTER: std::sync::OnceLock<ThrowawayCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| ThrowawayCluster::start().expect("a throwaway PostgreSQL server"))
+}
+
 /// The newest installation's `bin` directory.
 fn bindir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("ECMO_PG_BINDIR") {

@@ -13,19 +13,20 @@
 pub mod event;
 pub mod fold;
 pub mod registry;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use mappings::{AttachedDeviceView, ConsoleView, MappedResource, RunView};
-use rusqlite::{Connection, params};
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::ingress::VendorPolicy;
 use event::RunEvent;
 use fold::{Conflict, Folded};
+use store::{RunStore, SqliteRunStore, StoredEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -113,6 +114,46 @@ struct State {
 }
 
 impl State {
+    /// Every run of `events` (all of the store's, in the order received), folded.
+    fn load(&mut self, events: Vec<StoredEvent>) {
+        let mut stored: HashMap<String, Vec<(RunEvent, [u8; 16])>> = HashMap::new();
+        for (run_id, body) in events {
+            match parse_stored(&body) {
+                Some(event) => stored.entry(run_id).or_default().push(event),
+                None => tracing::error!(%run_id, "stored run event cannot be read; skipped"),
+            }
+        }
+        for (run_id, events) in stored {
+            self.refold(&run_id, events);
+        }
+    }
+
+    /// The runs that `foreign` (events another replica stored) are about, folded again from
+    /// everything the store holds for them.
+    fn catch_up(&mut self, foreign: Vec<StoredEvent>, store: &mut dyn RunStore) {
+        let mut runs: Vec<String> = foreign.into_iter().map(|(run_id, _)| run_id).collect();
+        runs.sort();
+        runs.dedup();
+        for run_id in runs {
+            match stored_events(store, &run_id) {
+                Ok(events) => self.refold(&run_id, events),
+                Err(error) => {
+                    tracing::error!(%run_id, %error, "run events of another replica cannot be read")
+                }
+            }
+        }
+    }
+
+    fn refold(&mut self, run_id: &str, events: Vec<(RunEvent, [u8; 16])>) {
+        match Run::fold(run_id, events) {
+            Ok(run) => {
+                self.runs.insert(run_id.to_owned(), run);
+                self.index(run_id);
+            }
+            Err(error) => tracing::error!(%run_id, %error, "stored run does not fold"),
+        }
+    }
+
     fn index(&mut self, run_id: &str) {
         for periods in self.consoles.values_mut() {
             periods.retain(|p| p.run.run_id != run_id);
@@ -139,7 +180,7 @@ impl State {
 }
 
 pub struct RunRegistry {
-    conn: Mutex<Connection>,
+    store: Mutex<Box<dyn RunStore>>,
     state: RwLock<State>,
     mappings: crate::reload::LiveMappings,
     /// Each run's child Procedures as last rendered (see [`RenderedSegments`]).
@@ -184,64 +225,48 @@ fn overlaps(
 }
 
 impl RunRegistry {
-    /// Opens the store and refolds every run in it.
+    /// Opens the SQLite store at `path` and refolds every run in it.
     pub fn open(
         path: &Path,
         mappings: impl Into<crate::reload::LiveMappings>,
     ) -> Result<Arc<Self>, RunError> {
-        let mappings = mappings.into();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| RunError::Storage(format!("{}: {e}", dir.display())))?;
-        }
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS run_events (
-                run_id TEXT NOT NULL, event_id TEXT NOT NULL, body TEXT NOT NULL, received_ms INTEGER NOT NULL,
-                PRIMARY KEY (run_id, event_id))",
-        )?;
-        let mut stored: HashMap<String, Vec<(RunEvent, [u8; 16])>> = HashMap::new();
-        {
-            let mut query =
-                conn.prepare("SELECT run_id, body FROM run_events ORDER BY received_ms, rowid")?;
-            let rows = query.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-            })?;
-            for row in rows {
-                let (run_id, body) = row?;
-                match parse_stored(&body) {
-                    Some(event) => stored.entry(run_id).or_default().push(event),
-                    None => tracing::error!(%run_id, "stored run event cannot be read; skipped"),
-                }
-            }
-        }
+        Self::with_store(Box::new(SqliteRunStore::open(path)?), mappings)
+    }
+
+    /// A registry on `store`, with every run in it refolded. Blocking.
+    pub fn with_store(
+        mut store: Box<dyn RunStore>,
+        mappings: impl Into<crate::reload::LiveMappings>,
+    ) -> Result<Arc<Self>, RunError> {
         let mut state = State::default();
-        for (run_id, events) in stored {
-            match Run::fold(&run_id, events) {
-                Ok(run) => {
-                    state.runs.insert(run_id.clone(), run);
-                    state.index(&run_id);
-                }
-                Err(error) => tracing::error!(%run_id, %error, "stored run does not fold"),
-            }
-        }
+        state.load(store.load()?);
         Ok(Arc::new(Self {
-            conn: Mutex::new(conn),
+            store: Mutex::new(store),
             state: RwLock::new(state),
-            mappings,
+            mappings: mappings.into(),
             segments: Mutex::default(),
         }))
+    }
+
+    /// Takes in the events other replicas stored since the last look (with a shared store;
+    /// a local one has none). Blocking: run off the async workers, about once a second.
+    pub fn refresh(&self) -> Result<(), RunError> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let foreign = store.begin()?;
+        store.commit()?;
+        if !foreign.is_empty() {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            state.catch_up(foreign, &mut **store);
+        }
+        Ok(())
     }
 
     /// Forgets every run, in the store and in memory: a fuzz input starts from nothing without
     /// the cost of a new store.
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn forget_everything(&self) -> Result<(), RunError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.execute("DELETE FROM run_events", [])?;
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.forget_everything()?;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = State::default();
         *self.segments.lock().unwrap_or_else(|p| p.into_inner()) = RenderedRuns::default();
         Ok(())
@@ -312,15 +337,39 @@ impl RunRegistry {
             why: e.to_string(),
         })?;
         let hash = crate::outbox::content_hash(raw.as_bytes());
+        // One event at a time, in turn for the store (with a shared store, across replicas):
+        // the checks below and the write see the same runs, those of other replicas included.
+        // The index is only read meanwhile, so readings go on.
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let foreign = store.begin()?;
+        if !foreign.is_empty() {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            state.catch_up(foreign, &mut **store);
+        }
+        let applied = self.apply_in_turn(&mut **store, run_id, &event, &raw, hash, vendor);
+        if applied.is_err() {
+            store.rollback();
+        }
+        applied
+    }
+
+    /// [`Self::apply`] once the store's turn is taken; commits the turn before the event
+    /// counts in memory.
+    fn apply_in_turn(
+        &self,
+        store: &mut dyn RunStore,
+        run_id: &str,
+        event: &RunEvent,
+        raw: &str,
+        hash: [u8; 16],
+        vendor: &VendorPolicy,
+    ) -> Result<Applied, RunError> {
         let reused = || {
             RunError::from(Conflict(format!(
                 "event id '{}' was already used with other content",
                 event.event_id
             )))
         };
-        // One event at a time, in turn for the store's connection: the checks below and the
-        // write see the same runs. The index is only read meanwhile, so readings go on.
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let next = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             match state.runs.get(run_id) {
@@ -331,21 +380,22 @@ impl RunRegistry {
                         }
                         // A resend: nothing changes; the same resources go out again.
                         self.authorize(&run.folded, vendor)?;
+                        store.commit()?;
                         return self.outputs(&run.folded, run.received.len());
                     }
                     run.progress
-                        .is_followed_by(&event)
+                        .is_followed_by(event)
                         .then(|| (run.progress.clone(), run.received.len()))
                 }
                 None => None,
             }
         };
         let (progress, received) = match next {
-            Some((progress, count)) => (progress.then(&event)?, Err(count)),
+            Some((progress, count)) => (progress.then(event)?, Err(count)),
             // Timed before the run's latest event (or a run the registry could not fold at
             // start): folded again from what the store holds.
             None => {
-                let mut events = stored_events(&conn, run_id)?;
+                let mut events = stored_events(store, run_id)?;
                 if let Some((_, previous)) =
                     events.iter().find(|(e, _)| e.event_id == event.event_id)
                 {
@@ -362,10 +412,8 @@ impl RunRegistry {
         let folded = progress.folded()?;
         self.authorize(&folded, vendor)?;
         self.check_consoles_free(run_id, &folded)?;
-        conn.execute(
-            "INSERT OR IGNORE INTO run_events (run_id, event_id, body, received_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![run_id, event.event_id, raw, crate::outbox::now_ms()],
-        )?;
+        store.insert(run_id, &event.event_id, raw, crate::outbox::now_ms())?;
+        store.commit()?;
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         let events = match received {
             Err(count) => {
@@ -529,6 +577,31 @@ impl Run {
     }
 }
 
+/// Takes in other replicas' run events every second until `stop` resolves, so that readings
+/// on this replica find runs whose events went to another.
+pub async fn refresh_every_second(
+    runs: Arc<RunRegistry>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let runs = runs.clone();
+        match tokio::task::spawn_blocking(move || runs.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot read other replicas' run events; the next look will retry");
+            }
+            Err(error) => tracing::error!(%error, "run registry refresh task failed"),
+        }
+    }
+}
+
 /// An event as stored, with the hash of its body.
 fn parse_stored(body: &str) -> Option<(RunEvent, [u8; 16])> {
     let value = serde_json::from_str::<Value>(body).ok()?;
@@ -539,12 +612,12 @@ fn parse_stored(body: &str) -> Option<(RunEvent, [u8; 16])> {
 }
 
 /// The events the store holds for `run_id`.
-fn stored_events(conn: &Connection, run_id: &str) -> Result<Vec<(RunEvent, [u8; 16])>, RunError> {
-    let mut query = conn.prepare_cached("SELECT body FROM run_events WHERE run_id = ?1")?;
-    let bodies = query
-        .query_map([run_id], |row| row.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(bodies
+fn stored_events(
+    store: &mut dyn RunStore,
+    run_id: &str,
+) -> Result<Vec<(RunEvent, [u8; 16])>, RunError> {
+    Ok(store
+        .events(run_id)?
         .iter()
         .filter_map(|body| parse_stored(body))
         .collect())
@@ -610,6 +683,75 @@ mod tests {
         json!({"eventId": "s", "type": "started", "time": "2026-11-20T08:00:00Z",
                "patient": {"system": "urn:x", "value": "P"}, "mode": "vv",
                "console": {"serial": serial, "model": "CARDIOHELP-i"}})
+    }
+
+    /// Two replicas on one PostgreSQL database: each applies an event in its turn, after
+    /// taking in the other's, so a console is in one run at a time and an event id is used
+    /// once across them; and readings on a replica find runs whose events went to another
+    /// once it has looked again (every second in the gateway).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_one_database_share_the_runs() {
+        let config = tokio::task::spawn_blocking(|| {
+            crate::outbox::throwaway_postgres::shared_cluster().database()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        // The outbox makes the schema, run events included.
+        let _outbox = crate::outbox::postgres::PostgresOutbox::open(
+            config.clone(),
+            "a",
+            crate::outbox::postgres::CLAIM_LEASE,
+        )
+        .await
+        .unwrap();
+        tokio::task::spawn_blocking(move || {
+            let open = || {
+                let store = store::PostgresRunStore::connect(config.clone()).unwrap();
+                RunRegistry::with_store(
+                    Box::new(store),
+                    Arc::new(mappings::Mappings::embedded().unwrap()),
+                )
+                .unwrap()
+            };
+            let (a, b) = (open(), open());
+            a.apply("run-1", &started("CH-1"), &getinge()).unwrap();
+            let mut clash = started("CH-1");
+            clash["time"] = json!("2026-11-20T09:00:00Z");
+            assert!(
+                matches!(
+                    b.apply("run-2", &clash, &getinge()),
+                    Err(RunError::Conflict(_))
+                ),
+                "the console is in run-1, which replica a took"
+            );
+            let mut reused = started("CH-1");
+            reused["mode"] = json!("va");
+            assert!(
+                matches!(
+                    b.apply("run-1", &reused, &getinge()),
+                    Err(RunError::Conflict(_))
+                ),
+                "event id 's' of run-1 was used with other content on replica a"
+            );
+            let reading_time = time::macros::datetime!(2026-11-20 10:00 UTC);
+            assert_eq!(
+                b.console_periods("CH-1").at(reading_time).unwrap().run_id,
+                "run-1"
+            );
+            // A third replica hears of a run started on a only when it looks again.
+            let c = open();
+            a.apply("run-3", &started("CH-3"), &getinge()).unwrap();
+            assert!(c.console_periods("CH-3").at(reading_time).is_none());
+            c.refresh().unwrap();
+            assert_eq!(
+                c.console_periods("CH-3").at(reading_time).unwrap().run_id,
+                "run-3"
+            );
+            assert_eq!(c.views().len(), 2);
+        })
+        .await
+        .unwrap();
     }
 
     fn later_events() -> Vec<Value> {
@@ -722,7 +864,7 @@ mod tests {
         let path = dir.path().join("runs.sqlite");
         let runs = registry(&path);
         runs.apply("R1", &started("C1"), &getinge()).unwrap();
-        let blocker = Connection::open(&path).unwrap();
+        let blocker = rusqlite::Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let writer = {
             let runs = runs.clone();
