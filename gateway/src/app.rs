@@ -177,10 +177,10 @@ impl Gateway {
                         sqlite
                     }
                     Some(settings) => {
-                        let connection = settings.connection().map_err(StartError::Store)?;
+                        let (connection, tls) = settings.connection().map_err(StartError::Store)?;
                         let replica = settings.replica_name(self.config.server.listen.port());
                         let postgres =
-                            PostgresOutbox::open(connection, &replica, settings.claim_lease)
+                            PostgresOutbox::open(connection, tls, &replica, settings.claim_lease)
                                 .await?;
                         postgres.set_pending_limit(self.config.delivery.max_pending);
                         tracing::info!("outbox on PostgreSQL");
@@ -270,10 +270,10 @@ impl Gateway {
             None => crate::runs::RunRegistry::open(&self.config.runs.store, live_mappings.clone())?,
             // The replicas' shared run registry, in the outbox's database.
             Some(settings) => {
-                let connection = settings.connection().map_err(StartError::Store)?;
+                let (connection, tls) = settings.connection().map_err(StartError::Store)?;
                 let mappings = live_mappings.clone();
                 let runs = tokio::task::spawn_blocking(move || {
-                    let store = crate::runs::store::PostgresRunStore::connect(connection)?;
+                    let store = crate::runs::store::PostgresRunStore::connect(connection, tls)?;
                     crate::runs::RunRegistry::with_store(Box::new(store), mappings)
                 })
                 .await

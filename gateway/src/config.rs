@@ -184,6 +184,11 @@ pub struct PostgresSettings {
     /// A file whose first line is the password; relative to the config file.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) that signed the server's: the connection is then TLS and
+    /// the server's certificate is checked against the url's host; relative to the config
+    /// file. Without it the connection is plain TCP.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// This gateway's name among the replicas sharing the store: unique to it and the same
     /// after a restart (default: the host name and the vendor port, `host:8443`; with port 0,
     /// the process id instead).
@@ -213,19 +218,28 @@ impl PostgresSettings {
         })
     }
 
-    /// The connection settings, with the password read from its file.
-    pub fn connection(&self) -> Result<tokio_postgres::Config, String> {
+    /// The connection settings, with the password read from its file, and the TLS to
+    /// connect with (required with a `ca`, not used without).
+    pub fn connection(
+        &self,
+    ) -> Result<(tokio_postgres::Config, crate::outbox::postgres::PostgresTls), String> {
         let mut config: tokio_postgres::Config = self
             .url
             .parse()
             .map_err(|e| format!("[delivery.postgres] url: {e}"))?;
+        let tls = crate::outbox::postgres::tls(self.ca.as_deref())
+            .map_err(|e| format!("[delivery.postgres] ca: {e}"))?;
+        config.ssl_mode(match self.ca {
+            Some(_) => tokio_postgres::config::SslMode::Require,
+            None => tokio_postgres::config::SslMode::Disable,
+        });
         if let Some(path) = &self.password_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 format!("[delivery.postgres] password_file {}: {e}", path.display())
             })?;
             config.password(text.lines().next().unwrap_or_default());
         }
-        Ok(config)
+        Ok((config, tls))
     }
 }
 
@@ -782,6 +796,7 @@ impl Config {
         fix(&mut self.delivery.outbox);
         if let Some(postgres) = &mut self.delivery.postgres {
             postgres.password_file.iter_mut().for_each(fix);
+            postgres.ca.iter_mut().for_each(fix);
         }
         fix(&mut self.runs.store);
         if let Some(admin) = &mut self.admin {
@@ -924,6 +939,13 @@ impl Config {
                 .url
                 .parse()
                 .map_err(|e| format!("[delivery.postgres] url: {e}"))?;
+            if url.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+                && postgres.ca.is_none()
+            {
+                return Err(
+                    "[delivery.postgres] url asks for sslmode=require: name the CA that signed the server's certificate in ca".into(),
+                );
+            }
             if url.get_password().is_some() {
                 return Err(
                     "[delivery.postgres] url: holds a password; put it in password_file instead (the config file is not a place for secrets)".into(),
@@ -1168,8 +1190,13 @@ keys = ["smart.pem"]
             password_file: Some(file),
             ..postgres.clone()
         };
-        let connection = settings.connection().unwrap();
+        let (connection, _) = settings.connection().unwrap();
         assert_eq!(connection.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(
+            connection.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable,
+            "plain TCP without a ca"
+        );
         assert_eq!(connection.get_ports(), [5433]);
         for (postgres, reason) in [
             (
@@ -1179,6 +1206,10 @@ keys = ["smart.pem"]
             (
                 "url = \"postgresql://db.internal:notaport/ecmo\"",
                 "[delivery.postgres] url",
+            ),
+            (
+                "url = \"postgresql://gateway@db.internal/ecmo?sslmode=require\"",
+                "name the CA",
             ),
         ] {
             let error = load(&with(postgres)).unwrap_err().to_string();

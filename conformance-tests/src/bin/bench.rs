@@ -26,6 +26,7 @@ use conformance_tests::harness::{GETINGE, GatewayProcess, TestPki, durable_confi
 use gateway::BoxError;
 use gateway::config::{FhirFormat, WriteMode};
 use gateway::delivery::request_builder::RequestBuilder;
+use gateway::outbox::throwaway_postgres::ThrowawayCluster;
 use http::Method;
 use http_body_util::BodyExt;
 use mappings::{DeviceContext, Mappings, Reading, ReadingFlags, ReadingValue};
@@ -79,6 +80,10 @@ struct Args {
     /// A memory soak at the sustained rate for this long (0 skips it).
     #[arg(long, default_value_t = 0)]
     soak_seconds: u64,
+    /// Skip the PostgreSQL outbox's rows (they start a throwaway server from Debian's
+    /// postgresql).
+    #[arg(long)]
+    no_postgres: bool,
 }
 
 #[derive(Subcommand)]
@@ -704,12 +709,23 @@ fn start_gateway(
     outbox: &std::path::Path,
     tune: &str,
 ) -> Result<GatewayProcess, BoxError> {
+    start_gateway_with(pki, ehr_url, outbox, tune, "")
+}
+
+/// [`start_gateway`] with `extra` (TOML) at the end of its config.
+fn start_gateway_with(
+    pki: &TestPki,
+    ehr_url: &str,
+    outbox: &std::path::Path,
+    tune: &str,
+    extra: &str,
+) -> Result<GatewayProcess, BoxError> {
     let config = durable_config(pki, ehr_url, outbox)
     // The harness's test settings (fast retries, one attempt) would not be a fair figure.
     .replace(
         "max_attempts = 1\nlinger = \"5ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"300ms\"\nretry_backoff_max = \"2s\"\n",
         tune,
-    ) + "\n[hl7v2]\nlisten = \"127.0.0.1:0\"\n\n[hl7v2.patient_identifier_systems]\nHOSP = \"urn:oid:1.2.36.146.595.217.0.1\"\n";
+    ) + "\n[hl7v2]\nlisten = \"127.0.0.1:0\"\n\n[hl7v2.patient_identifier_systems]\nHOSP = \"urn:oid:1.2.36.146.595.217.0.1\"\n" + extra;
     GatewayProcess::start(&config)
 }
 
@@ -856,6 +872,13 @@ async fn main() -> Result<(), BoxError> {
     }
     for failure in &failures {
         println!("\nfirst failure: {failure}");
+    }
+    if !args.no_postgres {
+        let sqlite_rows: Vec<(Workload, Row)> = [Workload::Batches, Workload::Single]
+            .into_iter()
+            .map(|w| (w, Row::of(&results[&(gateway_index, w)])))
+            .collect();
+        postgres_phases(&args, &pki, &ehr, &accepted, &sqlite_rows).await?;
     }
 
     // HL7 v2 in: the same readings as ORU^R01 over MLLP with mutual TLS, compared with HTTPS.
@@ -1147,6 +1170,148 @@ async fn soak(args: &Args, pki: &TestPki, gateway: &GatewayProcess, accepted: &A
 
 /// The clients' lists taken round-robin (each console's requests keep their order), at most
 /// `count`.
+/// The outbox on PostgreSQL, for the same workloads as the SQLite gateway's rows: one gateway,
+/// then two replicas sharing the queue (the clients split between them); each a ratio of the
+/// SQLite row of the same workload. The server is a throwaway cluster on this machine (it
+/// shares the cores too), with PostgreSQL's defaults (`synchronous_commit = on`).
+async fn postgres_phases(
+    args: &Args,
+    pki: &TestPki,
+    ehr: &RunningEhr,
+    accepted: &Accepted,
+    sqlite_rows: &[(Workload, Row)],
+) -> Result<(), BoxError> {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let cluster = ThrowawayCluster::start()?;
+        cluster.database()?;
+        Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
+    })
+    .await??;
+    let outbox_dir = tempfile::tempdir()?;
+    let replica = |name: &str| {
+        format!(
+            "\n[delivery.postgres]\nurl = \"{}\"\nreplica = \"{name}\"\n",
+            cluster.url("db0")
+        )
+    };
+    let unused = outbox_dir.path().join("unused.sqlite");
+    let first = start_gateway_with(pki, &ehr.base_url, &unused, "", &replica("bench-a"))?;
+    let mut rows: Vec<(String, Workload, Row)> = Vec::new();
+    for replicas in [1, 2] {
+        let second = (replicas == 2)
+            .then(|| start_gateway_with(pki, &ehr.base_url, &unused, "", &replica("bench-b")))
+            .transpose()?;
+        let gateways: Vec<&GatewayProcess> =
+            std::iter::once(&first).chain(second.as_ref()).collect();
+        let targets: Vec<Arc<Target>> = gateways
+            .iter()
+            .map(|g| {
+                Arc::new(Target {
+                    base_url: g.base_url.clone(),
+                    pid: Some(g.pid()),
+                    clients: mtls_clients(pki, GETINGE, args.clients / gateways.len()),
+                })
+            })
+            .collect();
+        for workload in [Workload::Batches, Workload::Single] {
+            let mut runs = Vec::new();
+            for run in 0..args.repeat {
+                let jobs = jobs_for(
+                    workload,
+                    args,
+                    &format!("PG{replicas}{run}{}", workload as u8),
+                    budget(workload, args),
+                );
+                // Each replica gets its share of the clients and their requests.
+                let mut shares: Vec<Vec<Vec<Job>>> = vec![Vec::new(); targets.len()];
+                for (n, client_jobs) in jobs.into_iter().enumerate() {
+                    shares[n % targets.len()].push(client_jobs);
+                }
+                let load = async {
+                    let mut loads = tokio::task::JoinSet::new();
+                    for (target, jobs) in targets.iter().cloned().zip(shares) {
+                        let (accepted, seconds) = (accepted.clone(), args.seconds);
+                        loads.spawn(async move {
+                            closed_loop(&target, &jobs, seconds, false, &accepted).await
+                        });
+                    }
+                    let mut parts = Vec::new();
+                    while let Some(Ok(measured)) = loads.join_next().await {
+                        parts.push(measured);
+                    }
+                    combined(parts)
+                };
+                let (measured, _) = with_delivery(
+                    &ehr.ehr,
+                    accepted,
+                    Duration::from_secs(args.seconds * 12),
+                    load,
+                )
+                .await;
+                runs.push(measured);
+            }
+            let label = match replicas {
+                1 => "PostgreSQL, one gateway".to_owned(),
+                n => format!("PostgreSQL, {n} replicas sharing the queue"),
+            };
+            rows.push((label, workload, Row::of(&runs)));
+        }
+    }
+    println!(
+        "\n## The outbox on PostgreSQL (medians of {} run(s); the server shares the cores)\n",
+        args.repeat
+    );
+    println!(
+        "| store | workload | req/s | readings/s | p50 ms | p99 ms | failed | gateways' CPU | x the SQLite gateway (readings/s) | x the SQLite gateway (p99) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (label, workload, row) in &rows {
+        let sqlite = sqlite_rows
+            .iter()
+            .find(|(w, _)| w == workload)
+            .map(|(_, row)| row);
+        println!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {}% | {} | {} |",
+            workload.label(args),
+            with_thousands(row.req_s),
+            with_thousands(row.readings_s),
+            fmt(row.p50, 2),
+            fmt(row.p99, 2),
+            row.failures,
+            fmt(row.cpu, 0),
+            sqlite.map_or(String::new(), |s| format!(
+                "{:.2}",
+                row.readings_s / s.readings_s
+            )),
+            sqlite.map_or(String::new(), |s| format!("{:.2}", row.p99 / s.p99)),
+        );
+        if let Some(why) = &row.first_failure {
+            println!("\nfirst failure ({label}): {why}");
+        }
+    }
+    Ok(())
+}
+
+/// The phases of several servers measured at once, as one: their requests together, over the
+/// longest of their times, their CPU summed.
+fn combined(parts: Vec<Measured>) -> Measured {
+    let mut all = Measured::default();
+    for m in parts {
+        all.requests += m.requests;
+        all.readings += m.readings;
+        all.failures += m.failures;
+        all.latencies.extend(m.latencies);
+        all.elapsed = all.elapsed.max(m.elapsed);
+        all.cpu = match (all.cpu, m.cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        all.first_failure = all.first_failure.or(m.first_failure);
+    }
+    all.latencies.sort_unstable();
+    all
+}
+
 fn interleave(jobs: Vec<Vec<Job>>, count: usize) -> Vec<Job> {
     let longest = jobs.iter().map(Vec::len).max().unwrap_or(0);
     (0..longest)

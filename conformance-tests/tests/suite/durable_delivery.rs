@@ -1440,9 +1440,17 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         .unwrap();
     let example = std::fs::read_to_string(workspace.join("gateway/gateway.example.toml")).unwrap();
     let place = |p: &std::path::Path| p.display().to_string();
-    // Its outbox on PostgreSQL (the SQLite file is the default every other test runs on).
-    let postgres = tokio::task::spawn_blocking(|| {
-        let cluster = gateway::outbox::throwaway_postgres::ThrowawayCluster::start()?;
+    // Its outbox on PostgreSQL (the SQLite file is the default every other test runs on),
+    // over TLS only, with the test PKI's server certificate.
+    let (server_cert, server_key) = (
+        std::fs::read_to_string(pki.path("server.pem")).unwrap(),
+        std::fs::read_to_string(pki.path("server.key")).unwrap(),
+    );
+    let postgres = tokio::task::spawn_blocking(move || {
+        let cluster = gateway::outbox::throwaway_postgres::ThrowawayCluster::start_with_tls(
+            &server_cert,
+            &server_key,
+        )?;
         cluster.database()?;
         Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
     })
@@ -1509,6 +1517,10 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
         .replace(
             "# password_file = \"/etc/ecmo-gateway/postgres-password\"",
             &format!("password_file = \"{}\"", place(&password_file)),
+        )
+        .replace(
+            "# ca = \"/etc/ecmo-gateway/postgres-ca.pem\"",
+            &format!("ca = \"{}\"", place(&pki.path("ca.pem"))),
         )
         .replace("# replica = \"gateway-1\"", "replica = \"gateway-1\"")
         .replace("# claim_lease = \"30s\"", "claim_lease = \"30s\"");

@@ -4,3 +4,5 @@
 -- message clears its claim.
 ALTER TABLE messages ADD COLUMN claimed_by TEXT;
 ALTER TABLE messages ADD COLUMN claimed_until_ms BIGINT;
+-- A replica extends its own claims every few seconds without reading the whole queue.
+CREATE INDEX messages_claimed ON messages (claimed_by) WHERE claimed_by IS NOT NULL;

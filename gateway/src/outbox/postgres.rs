@@ -70,6 +70,34 @@ const CENSUS_EVERY: Duration = Duration::from_secs(1);
 /// one that died within this time.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 
+/// How the gateway connects to PostgreSQL: TLS (rustls) with the configured CA, or, without
+/// one, plain TCP (the connection's `ssl_mode` is `disable` then, so this is not used).
+pub type PostgresTls = tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The TLS to connect with: trusting the certificates in `ca` (PEM), or nothing.
+pub fn tls(ca: Option<&std::path::Path>) -> Result<PostgresTls, String> {
+    use rustls_pki_types::pem::PemObject;
+    crate::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no certificate", ca.display()));
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 impl From<postgres::Error> for OutboxError {
     fn from(e: postgres::Error) -> Self {
         Self::Storage(format!("postgres: {e}"))
@@ -103,6 +131,7 @@ impl PostgresOutbox {
     /// takes over the messages of one that died.
     pub async fn open(
         mut config: tokio_postgres::Config,
+        tls: PostgresTls,
         replica: &str,
         claim_lease: Duration,
     ) -> Result<Arc<Self>, OutboxError> {
@@ -110,7 +139,7 @@ impl PostgresOutbox {
         config.application_name("ecmo-gateway");
         let manager = deadpool_postgres::Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -130,7 +159,7 @@ impl PostgresOutbox {
         let (queue, commands) = mpsc::channel(WRITER_QUEUE);
         let commits = Arc::new(AtomicU64::new(0));
         let counter = commits.clone();
-        let connect = Connector::new(config);
+        let connect = Connector::new(config, tls);
         std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || write_loop(connect, commands, &counter))
@@ -246,6 +275,7 @@ async fn renew_claims_loop(outbox: Weak<PostgresOutbox>) {
 /// [`RECONNECT_EVERY`].
 struct Connector {
     config: postgres::Config,
+    tls: PostgresTls,
     client: Option<postgres::Client>,
     /// Prepared on `client`, by SQL text.
     statements: HashMap<&'static str, postgres::Statement>,
@@ -253,9 +283,10 @@ struct Connector {
 }
 
 impl Connector {
-    fn new(config: tokio_postgres::Config) -> Self {
+    fn new(config: tokio_postgres::Config, tls: PostgresTls) -> Self {
         Self {
             config: config.into(),
+            tls,
             client: None,
             statements: HashMap::new(),
             next_attempt: Instant::now(),
@@ -289,7 +320,7 @@ impl Connector {
                 ));
             }
             self.statements.clear();
-            match self.config.connect(postgres::NoTls) {
+            match self.config.connect(self.tls.clone()) {
                 Ok(client) => self.client = Some(client),
                 Err(e) => {
                     self.next_attempt = Instant::now() + RECONNECT_EVERY;
@@ -334,7 +365,12 @@ fn commit_group(connector: &mut Connector, group: &[Command]) -> Vec<Result<Appl
         Ok(tx) => tx,
         Err(e) => return writes::failed(group, &OutboxError::from(e)),
     };
-    let mut tx = PgTx { tx, statements };
+    let mut tx = PgTx {
+        tx,
+        statements,
+        priors: HashMap::new(),
+        unsent_states: HashMap::new(),
+    };
     let results = match writes::apply_group(&mut tx, group) {
         Ok(results) => results,
         Err(e) => return writes::failed(group, &e),
@@ -348,14 +384,104 @@ fn commit_group(connector: &mut Connector, group: &[Command]) -> Vec<Result<Appl
 }
 
 /// A transaction of the writer's, with its connection's prepared statements.
+///
+/// Within one command it saves round trips to the server: the locks and states of an enqueue's
+/// resources are taken and read in two statements ([`WriteTx::will_enqueue`]), and the states
+/// it writes are sent together when the command ends (or before anything reads them).
 struct PgTx<'a> {
     tx: postgres::Transaction<'a>,
     statements: &'a mut HashMap<&'static str, postgres::Statement>,
+    /// What each destination was last given, as this command read or wrote it.
+    priors: HashMap<OwnedKey, Option<Prior>>,
+    /// States this command wrote, not yet sent: content hash, revision, message id.
+    unsent_states: HashMap<OwnedKey, (Vec<u8>, Option<i64>, i64)>,
+}
+
+/// A [`StateKey`] that owns its parts.
+type OwnedKey = (String, String, String, String);
+
+fn owned(key: StateKey<'_>) -> OwnedKey {
+    (
+        key.resource_type.to_owned(),
+        key.time_key.to_owned(),
+        key.logical_id.to_owned(),
+        key.destination.to_owned(),
+    )
+}
+
+/// The advisory lock of a resource at a destination: replicas storing messages about it at
+/// once take turns, so the later one sees the earlier one's message as its predecessor.
+fn lock_of(key: StateKey<'_>) -> i64 {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [key.resource_type, key.logical_id, key.destination] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+fn prior_of(row: &postgres::Row, at: usize) -> Prior {
+    Prior {
+        content_hash: row.get(at),
+        revision: row.get(at + 1),
+        message_id: row.get(at + 2),
+        state: row.get(at + 3),
+    }
 }
 
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
 impl PgTx<'_> {
+    /// Sends the states this command wrote (one statement), so that what follows reads them.
+    fn send_states(&mut self) -> Result<(), OutboxError> {
+        if self.unsent_states.is_empty() {
+            return Ok(());
+        }
+        let states = std::mem::take(&mut self.unsent_states);
+        let mut keys: [Vec<String>; 4] = Default::default();
+        let mut hashes = Vec::with_capacity(states.len());
+        let mut revisions = Vec::with_capacity(states.len());
+        let mut message_ids = Vec::with_capacity(states.len());
+        for (key, (hash, revision, message_id)) in states {
+            let (resource_type, time_key, logical_id, destination) = key;
+            for (column, part) in
+                keys.iter_mut()
+                    .zip([resource_type, time_key, logical_id, destination])
+            {
+                column.push(part);
+            }
+            hashes.push(hash);
+            revisions.push(revision);
+            message_ids.push(message_id);
+        }
+        self.execute(
+            "INSERT INTO resource_state (resource_type, time_key, logical_id, destination, content_hash, revision, message_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bigint[], $7::bigint[])
+             ON CONFLICT (resource_type, time_key, logical_id, destination) DO UPDATE SET
+                 content_hash = excluded.content_hash,
+                 revision = COALESCE(excluded.revision, resource_state.revision),
+                 message_id = excluded.message_id",
+            &[
+                &keys[0],
+                &keys[1],
+                &keys[2],
+                &keys[3],
+                &hashes,
+                &revisions,
+                &message_ids,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets what this command read and holds back: a new command, or one undone.
+    fn forget_command(&mut self) {
+        self.priors.clear();
+        self.unsent_states.clear();
+    }
+
     fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, OutboxError> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
@@ -401,6 +527,7 @@ fn settled_of(row: &postgres::Row) -> Settled {
 
 impl WriteTx for PgTx<'_> {
     fn savepoint(&mut self) -> Result<(), OutboxError> {
+        self.forget_command();
         Ok(self.tx.batch_execute("SAVEPOINT command")?)
     }
 
@@ -409,7 +536,49 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), OutboxError> {
+        self.forget_command();
         Ok(self.tx.batch_execute("ROLLBACK TO SAVEPOINT command")?)
+    }
+
+    fn finish_command(&mut self) -> Result<(), OutboxError> {
+        self.send_states()
+    }
+
+    fn will_enqueue(&mut self, keys: &[StateKey<'_>]) -> Result<(), OutboxError> {
+        self.send_states()?;
+        // In one order (sorted), so that two replicas' commands never wait for each other.
+        let mut locks: Vec<i64> = keys.iter().map(|k| lock_of(*k)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        self.query(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k",
+            &[&locks],
+        )?;
+        // Read after the locks, by a statement of its own: its snapshot then holds what the
+        // replica that held a lock committed.
+        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+        for key in keys {
+            columns.0.push(key.resource_type);
+            columns.1.push(key.time_key);
+            columns.2.push(key.logical_id);
+            columns.3.push(key.destination);
+            self.priors.insert(owned(*key), None);
+        }
+        let rows = self.query(
+            "SELECT s.resource_type, s.time_key, s.logical_id, s.destination,
+                    s.content_hash, s.revision, s.message_id, m.state
+             FROM resource_state s LEFT JOIN messages m ON m.id = s.message_id
+             WHERE (s.resource_type, s.time_key, s.logical_id, s.destination) IN
+                   (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+            &[&columns.0, &columns.1, &columns.2, &columns.3],
+        )?;
+        for row in rows {
+            self.priors.insert(
+                (row.get(0), row.get(1), row.get(2), row.get(3)),
+                Some(prior_of(&row, 4)),
+            );
+        }
+        Ok(())
     }
 
     fn record_batch(
@@ -428,18 +597,18 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn prior(&mut self, key: StateKey<'_>) -> Result<Option<Prior>, OutboxError> {
-        // Locked first, until the commit: replicas storing messages about the same resource at
-        // once (a resend that went to another replica) take turns, so the later one sees the
-        // earlier one's message as its predecessor.
+        let owned = owned(key);
+        if let Some(prior) = self.priors.get(&owned) {
+            return Ok(prior.clone());
+        }
+        self.send_states()?;
+        // Locked first, by a statement of its own (see `will_enqueue`).
+        self.query("SELECT pg_advisory_xact_lock($1)", &[&lock_of(key)])?;
         let row = self.query_opt(
-            "WITH turn AS (
-                 SELECT pg_advisory_xact_lock(hashtextextended($1 || '|' || $3 || '|' || $4, 0))
-             )
-             SELECT s.content_hash, s.revision, s.message_id, m.state
-             FROM turn LEFT JOIN resource_state s
-               ON s.resource_type = $1 AND s.time_key = $2 AND s.logical_id = $3
-              AND s.destination = $4
-             LEFT JOIN messages m ON m.id = s.message_id",
+            "SELECT s.content_hash, s.revision, s.message_id, m.state
+             FROM resource_state s LEFT JOIN messages m ON m.id = s.message_id
+             WHERE s.resource_type = $1 AND s.time_key = $2 AND s.logical_id = $3
+               AND s.destination = $4",
             &[
                 &key.resource_type,
                 &key.time_key,
@@ -447,16 +616,9 @@ impl WriteTx for PgTx<'_> {
                 &key.destination,
             ],
         )?;
-        // The lock's row comes back without a state when the destination was never given the
-        // resource.
-        Ok(row.and_then(|row| {
-            Some(Prior {
-                content_hash: row.get::<_, Option<Vec<u8>>>(0)?,
-                revision: row.get(1),
-                message_id: row.get::<_, Option<i64>>(2)?,
-                state: row.get(3),
-            })
-        }))
+        let prior = row.map(|row| prior_of(&row, 0));
+        self.priors.insert(owned, prior.clone());
+        Ok(prior)
     }
 
     fn is_rewritable(&mut self, message_id: i64) -> Result<bool, OutboxError> {
@@ -496,23 +658,28 @@ impl WriteTx for PgTx<'_> {
         revision: Option<i64>,
         message_id: i64,
     ) -> Result<(), OutboxError> {
-        self.execute(
-            "INSERT INTO resource_state (resource_type, time_key, logical_id, destination, content_hash, revision, message_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (resource_type, time_key, logical_id, destination) DO UPDATE SET
-                 content_hash = excluded.content_hash,
-                 revision = COALESCE(excluded.revision, resource_state.revision),
-                 message_id = excluded.message_id",
-            &[
-                &key.resource_type,
-                &key.time_key,
-                &key.logical_id,
-                &key.destination,
-                &content_hash,
-                &revision,
-                &message_id,
-            ],
-        )?;
+        let owned = owned(key);
+        // As the statement would leave it: a revision of `None` keeps the one recorded.
+        let revision = revision.or_else(|| {
+            self.unsent_states
+                .get(&owned)
+                .and_then(|(_, revision, _)| *revision)
+        });
+        let known_revision = self
+            .priors
+            .get(&owned)
+            .and_then(|p| p.as_ref().and_then(|p| p.revision));
+        self.priors.insert(
+            owned.clone(),
+            Some(Prior {
+                content_hash: content_hash.to_vec(),
+                revision: revision.or(known_revision),
+                message_id,
+                state: Some("pending".into()),
+            }),
+        );
+        self.unsent_states
+            .insert(owned, (content_hash.to_vec(), revision, message_id));
         Ok(())
     }
 
@@ -522,6 +689,8 @@ impl WriteTx for PgTx<'_> {
         message_id: i64,
         content_hash: Option<&[u8]>,
     ) -> Result<(), OutboxError> {
+        self.send_states()?;
+        self.priors.remove(&owned(key));
         self.execute(
             "UPDATE resource_state SET message_id = $5, content_hash = COALESCE($6, content_hash)
              WHERE resource_type = $1 AND time_key = $2 AND logical_id = $3 AND destination = $4",
@@ -538,6 +707,7 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn state_body(&mut self, key: StateKey<'_>) -> Result<Option<Vec<u8>>, OutboxError> {
+        self.send_states()?;
         let row = self.query_opt(
             "SELECT b.body FROM resource_state s JOIN message_bodies b ON b.message_id = s.message_id
              WHERE s.resource_type = $1 AND s.time_key = $2 AND s.logical_id = $3
@@ -553,10 +723,15 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn insert_message(&mut self, row: &MessageRow<'_>, now: i64) -> Result<i64, OutboxError> {
+        // The message and its body in one statement.
         let id: i64 = self
             .query_opt(
-                "INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition, body_version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+                "WITH m AS (
+                     INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition, body_version)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id
+                 )
+                 INSERT INTO message_bodies (message_id, body) SELECT id, $13 FROM m
+                 RETURNING message_id",
                 &[
                     &row.batch_id,
                     &row.destination,
@@ -570,14 +745,11 @@ impl WriteTx for PgTx<'_> {
                     &row.predecessor,
                     &row.disposition.as_str(),
                     &row.body_version(),
+                    &row.body,
                 ],
             )?
             .map(|r| r.get(0))
             .ok_or_else(|| OutboxError::Storage("postgres: INSERT returned no id".into()))?;
-        self.execute(
-            "INSERT INTO message_bodies (message_id, body) VALUES ($1, $2)",
-            &[&id, &row.body],
-        )?;
         Ok(id)
     }
 
@@ -587,6 +759,7 @@ impl WriteTx for PgTx<'_> {
         time_key: &str,
         logical_id: &str,
     ) -> Result<Vec<Holder>, OutboxError> {
+        self.send_states()?;
         let rows = self.query(
             "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value,
                     b.body, m.disposition
@@ -765,6 +938,8 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn forget_state(&mut self, key: StateKey<'_>, message_id: i64) -> Result<(), OutboxError> {
+        self.send_states()?;
+        self.priors.remove(&owned(key));
         self.execute(
             "DELETE FROM resource_state WHERE resource_type = $1 AND time_key = $2
                  AND logical_id = $3 AND destination = $4 AND message_id = $5",
@@ -1229,7 +1404,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::outbox::behaviour::{delivered, due_at, engine_tests, message};
+    use crate::outbox::behaviour::{delivered, due_at, engine_tests, message, reading};
     use crate::outbox::throwaway_postgres::{ThrowawayCluster, shared_cluster};
 
     /// A new database on the tests' server.
@@ -1241,9 +1416,10 @@ mod tests {
     }
 
     async fn fresh() -> (Arc<dyn Outbox>, ()) {
-        let outbox: Arc<dyn Outbox> = PostgresOutbox::open(database().await, "test", CLAIM_LEASE)
-            .await
-            .unwrap();
+        let outbox: Arc<dyn Outbox> =
+            PostgresOutbox::open(database().await, tls(None).unwrap(), "test", CLAIM_LEASE)
+                .await
+                .unwrap();
         (outbox, ())
     }
 
@@ -1255,9 +1431,10 @@ mod tests {
     async fn accepted_messages_are_there_for_the_next_process() {
         let config = database().await;
         {
-            let outbox = PostgresOutbox::open(config.clone(), "test", CLAIM_LEASE)
-                .await
-                .unwrap();
+            let outbox =
+                PostgresOutbox::open(config.clone(), tls(None).unwrap(), "test", CLAIM_LEASE)
+                    .await
+                    .unwrap();
             outbox
                 .enqueue(
                     "b1".into(),
@@ -1272,7 +1449,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let outbox = PostgresOutbox::open(config.clone(), "test", CLAIM_LEASE)
+        let outbox = PostgresOutbox::open(config.clone(), tls(None).unwrap(), "test", CLAIM_LEASE)
             .await
             .unwrap();
         let pending = due_at(&*outbox, now_ms(), &[]).await;
@@ -1298,8 +1475,8 @@ mod tests {
     async fn replicas_starting_together_migrate_once() {
         let config = database().await;
         let opened = futures_join(
-            PostgresOutbox::open(config.clone(), "a", CLAIM_LEASE),
-            PostgresOutbox::open(config.clone(), "b", CLAIM_LEASE),
+            PostgresOutbox::open(config.clone(), tls(None).unwrap(), "a", CLAIM_LEASE),
+            PostgresOutbox::open(config.clone(), tls(None).unwrap(), "b", CLAIM_LEASE),
         )
         .await;
         let (a, b) = (opened.0.unwrap(), opened.1.unwrap());
@@ -1316,10 +1493,10 @@ mod tests {
     async fn replicas_share_the_queue_and_take_over_a_dead_ones_messages() {
         let config = database().await;
         let lease = Duration::from_millis(600);
-        let a = PostgresOutbox::open(config.clone(), "a", lease)
+        let a = PostgresOutbox::open(config.clone(), tls(None).unwrap(), "a", lease)
             .await
             .unwrap();
-        let b = PostgresOutbox::open(config.clone(), "b", lease)
+        let b = PostgresOutbox::open(config.clone(), tls(None).unwrap(), "b", lease)
             .await
             .unwrap();
         a.enqueue(
@@ -1393,6 +1570,122 @@ mod tests {
         assert_eq!((stats[0].delivered, stats[0].pending), (4, 0));
     }
 
+    /// A correction that reaches another replica while the reading it corrects is still being
+    /// sent by the first waits for it: per resource the EHR gets them in acceptance order,
+    /// whichever replica took each; and two replicas storing the same reading at once store it
+    /// once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_resource_order_holds_across_replicas() {
+        let config = database().await;
+        let a = PostgresOutbox::open(config.clone(), tls(None).unwrap(), "a", CLAIM_LEASE)
+            .await
+            .unwrap();
+        let b = PostgresOutbox::open(config.clone(), tls(None).unwrap(), "b", CLAIM_LEASE)
+            .await
+            .unwrap();
+        let original =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":1}}"#;
+        let corrected =
+            r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":2}}"#;
+        let first = a
+            .enqueue("b1".into(), vec![reading("ehr", 7, original)], None)
+            .await
+            .unwrap();
+        let in_flight = std::collections::HashSet::new();
+        let sending = a
+            .due("ehr", now_ms(), 10, &in_flight, 0)
+            .await
+            .unwrap()
+            .messages;
+        assert_eq!(sending.len(), 1);
+        let second = b
+            .enqueue("b2".into(), vec![reading("ehr", 7, corrected)], None)
+            .await
+            .unwrap();
+        assert_eq!(second[0].disposition, Disposition::Amended);
+        assert!(
+            b.due("ehr", now_ms(), 10, &in_flight, 0)
+                .await
+                .unwrap()
+                .messages
+                .is_empty(),
+            "the correction waits while replica a sends the original"
+        );
+        a.settle(vec![(first[0].message_id, delivered())])
+            .await
+            .unwrap();
+        let next = b
+            .due("ehr", now_ms(), 10, &in_flight, 0)
+            .await
+            .unwrap()
+            .messages;
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].id, second[0].message_id);
+        assert!(String::from_utf8_lossy(&next[0].body).contains("amended"));
+        // The same new reading to both at once: one message, the other a resend.
+        let (x, y) = tokio::join!(
+            a.enqueue("b3".into(), vec![reading("ehr", 8, original)], None),
+            b.enqueue("b4".into(), vec![reading("ehr", 8, original)], None),
+        );
+        let mut dispositions = [x.unwrap()[0].disposition, y.unwrap()[0].disposition];
+        dispositions.sort_by_key(|d| d.as_str());
+        assert_eq!(dispositions, [Disposition::Created, Disposition::Unchanged]);
+    }
+
+    /// With a `ca`, the connection is TLS and the server's certificate is checked: a server
+    /// that takes TLS only is reached; one whose certificate another CA signed is not; and
+    /// plain TCP is refused by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_ca_the_connection_is_tls_and_the_server_is_checked() {
+        use crate::certs::{LeafSpec, TestCa};
+        let ca = TestCa::new("PostgreSQL test CA").unwrap();
+        let server = ca.issue(&LeafSpec::localhost_server()).unwrap();
+        let cluster = tokio::task::spawn_blocking(move || {
+            let cluster = ThrowawayCluster::start_with_tls(&server.cert_pem, &server.key_pem)?;
+            cluster.database()?;
+            Ok::<_, crate::outbox::throwaway_postgres::ClusterError>(cluster)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let other_ca_file = dir.path().join("other-ca.pem");
+        std::fs::write(&other_ca_file, TestCa::new("another CA").unwrap().cert_pem).unwrap();
+        let settings = |ca: Option<&std::path::Path>| crate::config::PostgresSettings {
+            url: cluster.url("db0"),
+            password_file: None,
+            ca: ca.map(std::path::Path::to_path_buf),
+            replica: None,
+            claim_lease: CLAIM_LEASE,
+        };
+        let open = |ca: Option<&std::path::Path>| {
+            let (config, tls) = settings(ca).connection().unwrap();
+            PostgresOutbox::open(config, tls, "tls", CLAIM_LEASE)
+        };
+        let outbox = open(Some(&ca_file)).await.unwrap();
+        outbox
+            .enqueue("b1".into(), vec![message("ehr", 1)], None)
+            .await
+            .unwrap();
+        assert_eq!(outbox.stats().await.unwrap()[0].pending, 1);
+        for (ca, why) in [
+            (
+                Some(other_ca_file.as_path()),
+                "a server certificate no configured CA signed",
+            ),
+            (None, "plain TCP to a server that takes TLS only"),
+        ] {
+            let refused = open(ca).await;
+            assert!(
+                matches!(refused, Err(OutboxError::Storage(_))),
+                "{why}: {:?}",
+                refused.map(|_| ())
+            );
+        }
+    }
+
     async fn futures_join<A: std::future::Future, B: std::future::Future>(
         a: A,
         b: B,
@@ -1416,7 +1709,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        let outbox = PostgresOutbox::open(config, "test", CLAIM_LEASE)
+        let outbox = PostgresOutbox::open(config, tls(None).unwrap(), "test", CLAIM_LEASE)
             .await
             .unwrap();
         outbox

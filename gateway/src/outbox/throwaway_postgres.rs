@@ -46,11 +46,23 @@ pub struct ThrowawayCluster {
     supervisor: Child,
     databases: AtomicU32,
     run_as_postgres: bool,
+    /// Server settings beyond the port and socket (TLS), as `-c name=value` pairs.
+    settings: Vec<String>,
 }
 
 impl ThrowawayCluster {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub fn start() -> Result<Self, ClusterError> {
+        Self::start_with(None)
+    }
+
+    /// [`Self::start`], taking connections over TCP only with TLS, as the server
+    /// `cert_pem` with `key_pem` (for 127.0.0.1).
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Self, ClusterError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Self, ClusterError> {
         let bin = bindir().ok_or(ClusterError::NotInstalled)?;
         let run_as_postgres = std::fs::metadata("/proc/self")?.uid() == 0;
         let dir = std::env::temp_dir().join(format!(
@@ -77,6 +89,30 @@ impl ThrowawayCluster {
             "--no-sync",
         ]);
         run(&mut initdb)?;
+        let mut settings = vec![
+            "listen_addresses=127.0.0.1".to_owned(),
+            "max_connections=200".to_owned(),
+        ];
+        if let Some((cert_pem, key_pem)) = tls {
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert, cert_pem)?;
+            std::fs::write(&key, key_pem)?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if run_as_postgres {
+                run(Command::new("chown").arg("postgres:").arg(&cert).arg(&key))?;
+            }
+            // Loopback TCP with TLS only: a plain connection is refused.
+            let hba = data.join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )?;
+            settings.extend([
+                "ssl=on".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                format!("ssl_key_file={}", key.display()),
+            ]);
+        }
         let port = free_port()?;
         let mut supervisor = command(run_as_postgres, Path::new("sh"));
         supervisor
@@ -97,8 +133,7 @@ impl ThrowawayCluster {
             .arg(port.to_string())
             .arg("-k")
             .arg(&dir)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "max_connections=200"])
+            .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("server.log"))?);
@@ -112,6 +147,7 @@ impl ThrowawayCluster {
             supervisor,
             databases: AtomicU32::new(0),
             run_as_postgres,
+            settings,
         };
         cluster.wait_ready()?;
         Ok(cluster)
@@ -126,7 +162,9 @@ impl ThrowawayCluster {
         let name = format!("db{}", self.databases.fetch_add(1, Ordering::Relaxed));
         let mut createdb = command(false, &self.bin.join("createdb"));
         createdb
-            .args(["-h", "127.0.0.1", "-U", USER, "-p"])
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-U", USER, "-p"])
             .arg(self.port.to_string())
             .arg(&name);
         run(&mut createdb)?;
@@ -171,9 +209,14 @@ impl ThrowawayCluster {
             .arg(self.dir.join("server-restarted.log"))
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                "-p {} -k {} {}",
                 self.port,
-                self.dir.display()
+                self.dir.display(),
+                self.settings
+                    .iter()
+                    .map(|s| format!("-c {s}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ));
         run(&mut start)?;
         self.wait_ready()

@@ -77,6 +77,7 @@ pub(super) struct StateKey<'a> {
 }
 
 /// What the destination was last given for a resource, with that message's state.
+#[derive(Debug, Clone)]
 pub(super) struct Prior {
     pub content_hash: Vec<u8>,
     pub revision: Option<i64>,
@@ -159,6 +160,16 @@ pub(super) trait WriteTx {
     fn release(&mut self) -> Result<(), OutboxError>;
     /// Undoes what the command wrote.
     fn rollback_to_savepoint(&mut self) -> Result<(), OutboxError>;
+    /// Writes what the command has left to write (an engine may hold writes back to send
+    /// them together); a failure fails the command.
+    fn finish_command(&mut self) -> Result<(), OutboxError> {
+        Ok(())
+    }
+    /// The resources the messages of one enqueue are about, before any is looked up: an
+    /// engine may take their locks and read their states at once.
+    fn will_enqueue(&mut self, _keys: &[StateKey<'_>]) -> Result<(), OutboxError> {
+        Ok(())
+    }
 
     /// Records what request `batch_id` was about (for the message browser).
     fn record_batch(
@@ -286,7 +297,10 @@ pub(super) fn apply_group<T: WriteTx>(
     let mut results = Vec::with_capacity(group.len());
     for command in group {
         tx.savepoint()?;
-        let result = apply(tx, command);
+        let result = apply(tx, command).and_then(|applied| {
+            tx.finish_command()?;
+            Ok(applied)
+        });
         if result.is_ok() {
             tx.release()?;
         } else {
@@ -347,6 +361,16 @@ fn apply<T: WriteTx>(tx: &mut T, command: &Command) -> Result<Applied, OutboxErr
             _,
         ) => {
             tx.record_batch(batch_id, facts, now)?;
+            let keys: Vec<StateKey<'_>> = messages
+                .iter()
+                .map(|m| StateKey {
+                    resource_type: &m.resource_type,
+                    time_key: time_key(&m.resource_type, &m.identifier_value),
+                    logical_id: &m.logical_id,
+                    destination: &m.destination,
+                })
+                .collect();
+            tx.will_enqueue(&keys)?;
             let mut enqueued = Vec::with_capacity(messages.len());
             let mut refused = Vec::new();
             for (index, message) in messages.iter().enumerate() {

@@ -700,6 +700,7 @@ mod tests {
         // The outbox makes the schema, run events included.
         let _outbox = crate::outbox::postgres::PostgresOutbox::open(
             config.clone(),
+            crate::outbox::postgres::tls(None).unwrap(),
             "a",
             crate::outbox::postgres::CLAIM_LEASE,
         )
@@ -707,7 +708,11 @@ mod tests {
         .unwrap();
         tokio::task::spawn_blocking(move || {
             let open = || {
-                let store = store::PostgresRunStore::connect(config.clone()).unwrap();
+                let store = store::PostgresRunStore::connect(
+                    config.clone(),
+                    crate::outbox::postgres::tls(None).unwrap(),
+                )
+                .unwrap();
                 RunRegistry::with_store(
                     Box::new(store),
                     Arc::new(mappings::Mappings::embedded().unwrap()),

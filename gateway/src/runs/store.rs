@@ -120,6 +120,7 @@ impl From<postgres::Error> for RunError {
 /// outbox's migrations).
 pub struct PostgresRunStore {
     config: postgres::Config,
+    tls: crate::outbox::postgres::PostgresTls,
     client: Option<postgres::Client>,
     /// The newest event this store has seen (its `seq`).
     seen: i64,
@@ -127,11 +128,15 @@ pub struct PostgresRunStore {
 
 impl PostgresRunStore {
     /// Connects. Blocking: called off the async workers.
-    pub fn connect(config: tokio_postgres::Config) -> Result<Self, RunError> {
+    pub fn connect(
+        config: tokio_postgres::Config,
+        tls: crate::outbox::postgres::PostgresTls,
+    ) -> Result<Self, RunError> {
         let config: postgres::Config = config.into();
-        let client = config.connect(postgres::NoTls)?;
+        let client = config.connect(tls.clone())?;
         Ok(Self {
             config,
+            tls,
             client: Some(client),
             seen: 0,
         })
@@ -140,7 +145,7 @@ impl PostgresRunStore {
     /// The connection, made again if the server went away since.
     fn client(&mut self) -> Result<&mut postgres::Client, RunError> {
         if self.client.as_ref().is_none_or(postgres::Client::is_closed) {
-            self.client = Some(self.config.connect(postgres::NoTls)?);
+            self.client = Some(self.config.connect(self.tls.clone())?);
         }
         self.client
             .as_mut()
