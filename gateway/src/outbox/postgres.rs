@@ -564,12 +564,19 @@ impl WriteTx for PgTx<'_> {
             columns.3.push(key.destination);
             self.priors.insert(owned(*key), None);
         }
+        // One primary-key lookup per resource (a join over the array would let the planner
+        // scan the whole table for a single reading).
         let rows = self.query(
-            "SELECT s.resource_type, s.time_key, s.logical_id, s.destination,
-                    s.content_hash, s.revision, s.message_id, m.state
-             FROM resource_state s LEFT JOIN messages m ON m.id = s.message_id
-             WHERE (s.resource_type, s.time_key, s.logical_id, s.destination) IN
-                   (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+            "SELECT k.resource_type, k.time_key, k.logical_id, k.destination,
+                    s.content_hash, s.revision, s.message_id, s.state
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                  AS k(resource_type, time_key, logical_id, destination)
+             CROSS JOIN LATERAL (
+                 SELECT s.content_hash, s.revision, s.message_id, m.state
+                 FROM resource_state s LEFT JOIN messages m ON m.id = s.message_id
+                 WHERE s.resource_type = k.resource_type AND s.time_key = k.time_key
+                   AND s.logical_id = k.logical_id AND s.destination = k.destination
+             ) s",
             &[&columns.0, &columns.1, &columns.2, &columns.3],
         )?;
         for row in rows {
