@@ -84,6 +84,10 @@ struct Args {
     /// postgresql).
     #[arg(long)]
     no_postgres: bool,
+    /// Only the PostgreSQL outbox's rows (no ratios to the SQLite gateway then), with the
+    /// server's own account of its statements.
+    #[arg(long)]
+    postgres_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -782,6 +786,9 @@ async fn main() -> Result<(), BoxError> {
     ));
 
     let accepted: Accepted = Arc::default();
+    if args.postgres_only {
+        return postgres_phases(&args, &pki, &ehr, &accepted, &[]).await;
+    }
     let mut results: BTreeMap<(usize, Workload), Vec<Measured>> = BTreeMap::new();
     let mut deliveries: Vec<Delivery> = Vec::new();
     // After each of the gateway's phases of the first run: RSS then, and the peak so far.
@@ -1182,8 +1189,9 @@ async fn postgres_phases(
     sqlite_rows: &[(Workload, Row)],
 ) -> Result<(), BoxError> {
     let cluster = tokio::task::spawn_blocking(|| {
-        let cluster = ThrowawayCluster::start()?;
+        let cluster = ThrowawayCluster::start_profiled()?;
         cluster.database()?;
+        cluster.psql("db0", "CREATE EXTENSION pg_stat_statements")?;
         Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
     })
     .await??;
@@ -1289,6 +1297,15 @@ async fn postgres_phases(
             println!("\nfirst failure ({label}): {why}");
         }
     }
+    let top = cluster.psql(
+        "db0",
+        "SELECT calls, round(total_exec_time) AS total_ms, round(mean_exec_time::numeric, 3) AS mean_ms,
+                left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS statement
+         FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 10",
+    )?;
+    println!(
+        "\nThe server's busiest statements (pg_stat_statements, all phases):\n\n```\n{top}```"
+    );
     Ok(())
 }
 

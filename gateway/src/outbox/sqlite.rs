@@ -1183,6 +1183,17 @@ mod tests {
 
     engine_tests!(fresh());
 
+    /// The scan cursor is SQLite's own: its one writer takes ids in commit order (the
+    /// PostgreSQL outbox always scans from the oldest pending message).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn due_resumes_after_what_is_in_flight_and_from_what_it_passed_over() {
+        let (outbox, _dir) = fresh().await;
+        crate::outbox::behaviour::due_resumes_after_what_is_in_flight_and_from_what_it_passed_over(
+            outbox,
+        )
+        .await;
+    }
+
     /// SQLite plans a cached statement again on every use when its plan depends on a bound
     /// value (rusqlite clears the bindings of a statement going back to its cache, and SQLite
     /// then expires it): a LEFT JOIN on bound constants did, and re-parsing that statement per

@@ -53,16 +53,22 @@ pub struct ThrowawayCluster {
 impl ThrowawayCluster {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub fn start() -> Result<Self, ClusterError> {
-        Self::start_with(None)
+        Self::start_with(None, &[])
+    }
+
+    /// [`Self::start`] with `pg_stat_statements` loaded (from the server package's contrib
+    /// modules), for the benchmark to say where the server's time went.
+    pub fn start_profiled() -> Result<Self, ClusterError> {
+        Self::start_with(None, &["shared_preload_libraries=pg_stat_statements"])
     }
 
     /// [`Self::start`], taking connections over TCP only with TLS, as the server
     /// `cert_pem` with `key_pem` (for 127.0.0.1).
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<Self, ClusterError> {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), &[])
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Result<Self, ClusterError> {
+    fn start_with(tls: Option<(&str, &str)>, extra: &[&str]) -> Result<Self, ClusterError> {
         let bin = bindir().ok_or(ClusterError::NotInstalled)?;
         let run_as_postgres = std::fs::metadata("/proc/self")?.uid() == 0;
         let dir = std::env::temp_dir().join(format!(
@@ -93,6 +99,7 @@ impl ThrowawayCluster {
             "listen_addresses=127.0.0.1".to_owned(),
             "max_connections=200".to_owned(),
         ];
+        settings.extend(extra.iter().map(|s| (*s).to_owned()));
         if let Some((cert_pem, key_pem)) = tls {
             let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
             std::fs::write(&cert, cert_pem)?;
@@ -185,6 +192,26 @@ impl ThrowawayCluster {
     /// A `postgresql://` URL for database `name`, as the gateway's config takes it.
     pub fn url(&self, name: &str) -> String {
         format!("postgresql://{USER}@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs `sql` in database `name` with `psql` (over the socket); what it printed.
+    pub fn psql(&self, name: &str, sql: &str) -> Result<String, ClusterError> {
+        let output = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.dir)
+            .args(["-U", USER, "-p"])
+            .arg(self.port.to_string())
+            .args(["-d", name, "-X", "-q", "-c", sql])
+            .stdin(Stdio::null())
+            .output()?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(ClusterError::Command(
+                "psql".into(),
+                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ))
+        }
     }
 
     /// Stops the server at once, as a crash or a power cut would (`pg_ctl stop -m immediate`).

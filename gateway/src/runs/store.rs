@@ -132,6 +132,8 @@ impl PostgresRunStore {
         config: tokio_postgres::Config,
         tls: crate::outbox::postgres::PostgresTls,
     ) -> Result<Self, RunError> {
+        let mut config = config;
+        crate::outbox::postgres::with_custom_plans(&mut config);
         let config: postgres::Config = config.into();
         let client = config.connect(tls.clone())?;
         Ok(Self {
