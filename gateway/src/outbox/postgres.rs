@@ -383,6 +383,8 @@ fn commit_group(connector: &mut Connector, group: &[Command]) -> Vec<Result<Appl
         statements,
         priors: HashMap::new(),
         unsent_states: HashMap::new(),
+        unsent_messages: Vec::new(),
+        ids: std::collections::VecDeque::new(),
     };
     let results = match writes::apply_group(&mut tx, group) {
         Ok(results) => results,
@@ -399,8 +401,10 @@ fn commit_group(connector: &mut Connector, group: &[Command]) -> Vec<Result<Appl
 /// A transaction of the writer's, with its connection's prepared statements.
 ///
 /// Within one command it saves round trips to the server: the locks and states of an enqueue's
-/// resources are taken and read in two statements ([`WriteTx::will_enqueue`]), and the states
-/// it writes are sent together when the command ends (or before anything reads them).
+/// resources are taken and read in two statements ([`WriteTx::will_enqueue`]), its messages
+/// get ids taken from the sequence beforehand, and the messages and states it writes are sent
+/// in two statements when the command ends, or before any other statement (which may read
+/// them).
 struct PgTx<'a> {
     tx: postgres::Transaction<'a>,
     statements: &'a mut HashMap<&'static str, postgres::Statement>,
@@ -408,6 +412,28 @@ struct PgTx<'a> {
     priors: HashMap<OwnedKey, Option<Prior>>,
     /// States this command wrote, not yet sent: content hash, revision, message id.
     unsent_states: HashMap<OwnedKey, (Vec<u8>, Option<i64>, i64)>,
+    /// Messages this command stored, not yet sent.
+    unsent_messages: Vec<HeldMessage>,
+    /// Message ids taken from the sequence for this command, not yet used.
+    ids: std::collections::VecDeque<i64>,
+}
+
+/// A message held back until its command sends them all in one statement.
+struct HeldMessage {
+    id: i64,
+    batch_id: String,
+    destination: String,
+    resource_type: String,
+    logical_id: String,
+    identifier_system: String,
+    identifier_value: String,
+    upsert: bool,
+    next_attempt_ms: i64,
+    created_ms: i64,
+    predecessor: Option<i64>,
+    disposition: &'static str,
+    body_version: Option<i64>,
+    body: Vec<u8>,
 }
 
 /// A [`StateKey`] that owns its parts.
@@ -447,7 +473,88 @@ fn prior_of(row: &postgres::Row, at: usize) -> Prior {
 type Params<'p> = [&'p (dyn ToSql + Sync)];
 
 impl PgTx<'_> {
-    /// Sends the states this command wrote (one statement), so that what follows reads them.
+    /// Sends what this command wrote and held back (a statement for its messages and their
+    /// bodies, one for its states), so that what follows reads them.
+    fn send_held(&mut self) -> Result<(), OutboxError> {
+        self.send_messages()?;
+        self.send_states()
+    }
+
+    fn send_messages(&mut self) -> Result<(), OutboxError> {
+        if self.unsent_messages.is_empty() {
+            return Ok(());
+        }
+        let held = std::mem::take(&mut self.unsent_messages);
+        let n = held.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut texts: [Vec<String>; 6] = Default::default();
+        let mut upserts = Vec::with_capacity(n);
+        let mut due = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        let mut predecessors = Vec::with_capacity(n);
+        let mut dispositions = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut bodies = Vec::with_capacity(n);
+        for m in held {
+            ids.push(m.id);
+            for (column, text) in texts.iter_mut().zip([
+                m.batch_id,
+                m.destination,
+                m.resource_type,
+                m.logical_id,
+                m.identifier_system,
+                m.identifier_value,
+            ]) {
+                column.push(text);
+            }
+            upserts.push(m.upsert);
+            due.push(m.next_attempt_ms);
+            created.push(m.created_ms);
+            predecessors.push(m.predecessor);
+            dispositions.push(m.disposition);
+            versions.push(m.body_version);
+            bodies.push(m.body);
+        }
+        let statement = self.statement(
+            "WITH m AS (
+                 INSERT INTO messages (id, batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition, body_version)
+                 OVERRIDING SYSTEM VALUE
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[], $13::bigint[])
+             )
+             INSERT INTO message_bodies (message_id, body) SELECT * FROM unnest($1::bigint[], $14::bytea[])",
+        )?;
+        self.tx.execute(
+            &statement,
+            &[
+                &ids,
+                &texts[0],
+                &texts[1],
+                &texts[2],
+                &texts[3],
+                &texts[4],
+                &texts[5],
+                &upserts,
+                &due,
+                &created,
+                &predecessors,
+                &dispositions,
+                &versions,
+                &bodies,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Takes `n` message ids from the sequence ahead of their messages.
+    fn take_ids(&mut self, n: usize) -> Result<(), OutboxError> {
+        let statement = self.statement(
+            "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, $1)",
+        )?;
+        let rows = self.tx.query(&statement, &[&(n as i32)])?;
+        self.ids.extend(rows.iter().map(|row| row.get::<_, i64>(0)));
+        Ok(())
+    }
+
     fn send_states(&mut self) -> Result<(), OutboxError> {
         if self.unsent_states.is_empty() {
             return Ok(());
@@ -469,13 +576,16 @@ impl PgTx<'_> {
             revisions.push(revision);
             message_ids.push(message_id);
         }
-        self.execute(
+        let statement = self.statement(
             "INSERT INTO resource_state (resource_type, time_key, logical_id, destination, content_hash, revision, message_id)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bigint[], $7::bigint[])
              ON CONFLICT (resource_type, time_key, logical_id, destination) DO UPDATE SET
                  content_hash = excluded.content_hash,
                  revision = COALESCE(excluded.revision, resource_state.revision),
                  message_id = excluded.message_id",
+        )?;
+        self.tx.execute(
+            &statement,
             &[
                 &keys[0],
                 &keys[1],
@@ -493,6 +603,8 @@ impl PgTx<'_> {
     fn forget_command(&mut self) {
         self.priors.clear();
         self.unsent_states.clear();
+        self.unsent_messages.clear();
+        self.ids.clear();
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, OutboxError> {
@@ -504,7 +616,9 @@ impl PgTx<'_> {
         Ok(statement)
     }
 
+    /// Runs `sql` after sending what the command holds back (which it may read).
     fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, OutboxError> {
+        self.send_held()?;
         let statement = self.statement(sql)?;
         Ok(self.tx.execute(&statement, params)?)
     }
@@ -514,6 +628,7 @@ impl PgTx<'_> {
         sql: &'static str,
         params: &Params<'_>,
     ) -> Result<Option<postgres::Row>, OutboxError> {
+        self.send_held()?;
         let statement = self.statement(sql)?;
         Ok(self.tx.query_opt(&statement, params)?)
     }
@@ -523,6 +638,7 @@ impl PgTx<'_> {
         sql: &'static str,
         params: &Params<'_>,
     ) -> Result<Vec<postgres::Row>, OutboxError> {
+        self.send_held()?;
         let statement = self.statement(sql)?;
         Ok(self.tx.query(&statement, params)?)
     }
@@ -554,11 +670,11 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn finish_command(&mut self) -> Result<(), OutboxError> {
-        self.send_states()
+        self.send_held()
     }
 
     fn will_enqueue(&mut self, keys: &[StateKey<'_>]) -> Result<(), OutboxError> {
-        self.send_states()?;
+        self.send_held()?;
         // In one order (sorted), so that two replicas' commands never wait for each other.
         let mut locks: Vec<i64> = keys.iter().map(|k| lock_of(*k)).collect();
         locks.sort_unstable();
@@ -598,7 +714,8 @@ impl WriteTx for PgTx<'_> {
                 Some(prior_of(&row, 4)),
             );
         }
-        Ok(())
+        // The ids of its messages (and of a few Provenances), in one statement.
+        self.take_ids(keys.len() + 4)
     }
 
     fn record_batch(
@@ -621,7 +738,7 @@ impl WriteTx for PgTx<'_> {
         if let Some(prior) = self.priors.get(&owned) {
             return Ok(prior.clone());
         }
-        self.send_states()?;
+        self.send_held()?;
         // Locked first, by a statement of its own (see `will_enqueue`).
         self.query("SELECT pg_advisory_xact_lock($1)", &[&lock_of(key)])?;
         let row = self.query_opt(
@@ -709,7 +826,7 @@ impl WriteTx for PgTx<'_> {
         message_id: i64,
         content_hash: Option<&[u8]>,
     ) -> Result<(), OutboxError> {
-        self.send_states()?;
+        self.send_held()?;
         self.priors.remove(&owned(key));
         self.execute(
             "UPDATE resource_state SET message_id = $5, content_hash = COALESCE($6, content_hash)
@@ -727,7 +844,7 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn state_body(&mut self, key: StateKey<'_>) -> Result<Option<Vec<u8>>, OutboxError> {
-        self.send_states()?;
+        self.send_held()?;
         let row = self.query_opt(
             "SELECT b.body FROM resource_state s JOIN message_bodies b ON b.message_id = s.message_id
              WHERE s.resource_type = $1 AND s.time_key = $2 AND s.logical_id = $3
@@ -743,33 +860,29 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn insert_message(&mut self, row: &MessageRow<'_>, now: i64) -> Result<i64, OutboxError> {
-        // The message and its body in one statement.
-        let id: i64 = self
-            .query_opt(
-                "WITH m AS (
-                     INSERT INTO messages (batch_id, destination, resource_type, logical_id, identifier_system, identifier_value, upsert, next_attempt_ms, created_ms, predecessor, disposition, body_version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id
-                 )
-                 INSERT INTO message_bodies (message_id, body) SELECT id, $13 FROM m
-                 RETURNING message_id",
-                &[
-                    &row.batch_id,
-                    &row.destination,
-                    &row.resource_type,
-                    &row.logical_id,
-                    &row.identifier_system,
-                    &row.identifier_value,
-                    &row.upsert,
-                    &row.due_ms(now),
-                    &now,
-                    &row.predecessor,
-                    &row.disposition.as_str(),
-                    &row.body_version(),
-                    &row.body,
-                ],
-            )?
-            .map(|r| r.get(0))
-            .ok_or_else(|| OutboxError::Storage("postgres: INSERT returned no id".into()))?;
+        if self.ids.is_empty() {
+            self.take_ids(8)?;
+        }
+        let id = self
+            .ids
+            .pop_front()
+            .ok_or_else(|| OutboxError::Storage("postgres: no message id taken".into()))?;
+        self.unsent_messages.push(HeldMessage {
+            id,
+            batch_id: row.batch_id.to_owned(),
+            destination: row.destination.to_owned(),
+            resource_type: row.resource_type.to_owned(),
+            logical_id: row.logical_id.to_owned(),
+            identifier_system: row.identifier_system.to_owned(),
+            identifier_value: row.identifier_value.to_owned(),
+            upsert: row.upsert,
+            next_attempt_ms: row.due_ms(now),
+            created_ms: now,
+            predecessor: row.predecessor,
+            disposition: row.disposition.as_str(),
+            body_version: row.body_version(),
+            body: row.body.to_vec(),
+        });
         Ok(id)
     }
 
@@ -779,7 +892,7 @@ impl WriteTx for PgTx<'_> {
         time_key: &str,
         logical_id: &str,
     ) -> Result<Vec<Holder>, OutboxError> {
-        self.send_states()?;
+        self.send_held()?;
         let rows = self.query(
             "SELECT s.destination, s.message_id, m.identifier_system, m.identifier_value,
                     b.body, m.disposition
@@ -958,7 +1071,7 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn forget_state(&mut self, key: StateKey<'_>, message_id: i64) -> Result<(), OutboxError> {
-        self.send_states()?;
+        self.send_held()?;
         self.priors.remove(&owned(key));
         self.execute(
             "DELETE FROM resource_state WHERE resource_type = $1 AND time_key = $2
