@@ -119,6 +119,13 @@ impl Gateway {
         check_all(self.destination_clients()).await
     }
 
+    /// With the PostgreSQL store: whether its server answers, over what, with which schema;
+    /// `None` with the SQLite file.
+    pub async fn check_store(&self) -> Option<Result<String, String>> {
+        let settings = self.config.delivery.postgres.as_ref()?;
+        Some(crate::outbox::postgres::probe(settings).await)
+    }
+
     fn destination_clients(&self) -> DestinationClients {
         self.destinations
             .iter()

@@ -341,6 +341,11 @@ fn main() -> ExitCode {
                     None => {}
                 }
             }
+            match runtime.block_on(gateway.check_store()) {
+                Some(Ok(report)) => println!("postgres: {report}"),
+                Some(Err(reason)) => println!("postgres: not checked: {reason}"),
+                None => {}
+            }
             if gaps > 0 {
                 eprintln!("error: {gaps} configured feature(s) the destinations cannot do (above)");
                 return ExitCode::from(EX_CONFIG);

@@ -1541,6 +1541,22 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     );
     assert!(!config.contains("../"), "every place is the test's");
 
+    // check-config reaches the store over TLS, before the schema is made.
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), &config).unwrap();
+    let checked = std::process::Command::new(conformance_tests::harness::gateway_binary().unwrap())
+        .args(["check-config", "--config"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        said.contains("postgres: reachable over TLS, PostgreSQL ")
+            && said.contains("outbox schema not made yet"),
+        "{said}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
     let gateway = GatewayProcess::start(&config).unwrap();
     // From 20 minutes ago: the registry charts per quarter hour, so its interval is over.
     let batch = SimulatedCardiohelp::new("CH-0042", 5)
@@ -1580,7 +1596,8 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
             )
     );
     assert_eq!(hospital.ehr.count("Provenance"), 1);
-    assert_eq!(hospital.ehr.smart(|s| s.issued), 1);
+    // One token for check-config's look at the hospital's capabilities, one for delivery.
+    assert_eq!(hospital.ehr.smart(|s| s.issued), 2);
     // The console's operator signs in with a password, no certificate.
     let anonymous = MtlsClient::new(&pki.path("ca.pem"), None).unwrap();
     let session = anonymous

@@ -110,6 +110,36 @@ pub fn with_custom_plans(config: &mut tokio_postgres::Config) {
     config.options(options);
 }
 
+/// One connection to the configured server, as `gateway check-config` makes it: over what it
+/// connected, the server's version and the outbox schema it holds.
+pub async fn probe(settings: &crate::config::PostgresSettings) -> Result<String, String> {
+    let (mut config, tls) = settings.connection()?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let over = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Require => "TLS",
+        _ => "plain TCP",
+    };
+    let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    let schema: Option<i32> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .ok()
+        .and_then(|row| row.get(0));
+    Ok(format!(
+        "reachable over {over}, PostgreSQL {version}, outbox schema {}",
+        schema.map_or_else(
+            || "not made yet (made at start)".to_owned(),
+            |v| format!("{v} of {}", MIGRATIONS.len())
+        )
+    ))
+}
+
 impl From<postgres::Error> for OutboxError {
     fn from(e: postgres::Error) -> Self {
         Self::Storage(format!("postgres: {e}"))
