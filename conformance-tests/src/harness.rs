@@ -321,6 +321,26 @@ pub async fn wait_until_settled(
     }
 }
 
+/// Every identifier in `accepted` is held by the EHR as exactly one Observation, and no
+/// Observation's identifier is held twice: once the gateway said 2xx, exactly once.
+pub fn assert_each_held_once<'a>(
+    ehr: &crate::ehr::ReferenceEhr,
+    accepted: impl IntoIterator<Item = &'a String>,
+) {
+    let counts = ehr.identifier_counts("Observation");
+    for identifier in accepted {
+        assert_eq!(
+            counts.get(identifier),
+            Some(&1),
+            "{identifier} must be at the EHR exactly once"
+        );
+    }
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "no reading is ever duplicated"
+    );
+}
+
 /// A reference EHR over mutual TLS that trusts the test CA's client certificates.
 pub async fn mtls_ehr(pki: &TestPki) -> crate::ehr::RunningEhr {
     crate::ehr::ReferenceEhr::new()

@@ -13,8 +13,8 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, device_metrics_of,
-    durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, assert_each_held_once,
+    device_metrics_of, durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -117,18 +117,7 @@ async fn accepted_readings_reach_the_ehr_exactly_once_across_kill_9() {
     assert_eq!(ehr_stats["dead"], 0, "{queues}");
     assert_eq!(ehr_stats["accepted"], ehr_stats["delivered"], "{queues}");
 
-    let counts = ehr.ehr.identifier_counts("Observation");
-    for identifier in &accepted {
-        assert_eq!(
-            counts.get(identifier),
-            Some(&1),
-            "{identifier} must be at the EHR exactly once"
-        );
-    }
-    assert!(
-        counts.values().all(|&n| n == 1),
-        "no reading is ever duplicated"
-    );
+    assert_each_held_once(&ehr.ehr, &accepted);
 }
 
 #[tokio::test(flavor = "multi_thread")]

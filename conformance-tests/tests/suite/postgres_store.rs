@@ -13,15 +13,50 @@ use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::RunningEhr;
 use conformance_tests::harness::{
-    ADMIN, GETINGE, GatewayProcess, TestPki, durable_config, mtls_ehr, wait_until_settled,
+    ADMIN, GETINGE, GatewayProcess, TestPki, assert_each_held_once, durable_config, mtls_ehr,
+    wait_until_settled,
 };
 use gateway::outbox::throwaway_postgres::ThrowawayCluster;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-/// `config` with its outbox on the database `url`.
-fn on_postgres(config: &str, url: &str) -> String {
-    format!("{config}\n[delivery.postgres]\nurl = \"{url}\"\n")
+/// A throwaway PostgreSQL server with one database, a test PKI, a reference EHR, and the
+/// gateway's config with its outbox on that database (keys of `[delivery.postgres]` may be
+/// appended to it).
+struct OnPostgres {
+    cluster: Arc<ThrowawayCluster>,
+    pki: TestPki,
+    ehr: RunningEhr,
+    dir: tempfile::TempDir,
+    config: String,
+}
+
+impl OnPostgres {
+    async fn start() -> Self {
+        let cluster = tokio::task::spawn_blocking(|| {
+            let cluster = ThrowawayCluster::start()?;
+            cluster.database()?;
+            Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
+        })
+        .await
+        .unwrap()
+        .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)");
+        let pki = TestPki::generate().unwrap();
+        let ehr = mtls_ehr(&pki).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "{}\n[delivery.postgres]\nurl = \"{}\"\n",
+            durable_config(&pki, &ehr.base_url, &dir.path().join("unused.sqlite")),
+            cluster.url("db0")
+        );
+        Self {
+            cluster: Arc::new(cluster),
+            pki,
+            ehr,
+            dir,
+            config,
+        }
+    }
 }
 
 /// What the vendors' consoles got: identifiers accepted (202), and how many requests were
@@ -111,26 +146,13 @@ async fn stream(
 #[tokio::test(flavor = "multi_thread")]
 async fn on_postgres_accepted_readings_reach_the_ehr_exactly_once_across_kill_9_and_a_database_crash()
  {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(ThrowawayCluster::start)
-            .await
-            .unwrap()
-            .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)"),
-    );
-    {
-        let cluster = cluster.clone();
-        tokio::task::spawn_blocking(move || cluster.database())
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    let pki = TestPki::generate().unwrap();
-    let ehr = mtls_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = on_postgres(
-        &durable_config(&pki, &ehr.base_url, &dir.path().join("unused.sqlite")),
-        &cluster.url("db0"),
-    );
+    let OnPostgres {
+        cluster,
+        pki,
+        ehr,
+        dir,
+        config,
+    } = OnPostgres::start().await;
     let mut accepted: HashSet<String> = HashSet::new();
     let clock = OffsetDateTime::now_utc() - time::Duration::hours(6);
 
@@ -214,21 +236,14 @@ async fn on_postgres_accepted_readings_reach_the_ehr_exactly_once_across_kill_9_
 /// run out (`claim_lease`), and the EHR ends with every accepted reading exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_share_one_queue_and_a_killed_one_loses_and_duplicates_nothing() {
-    let cluster = tokio::task::spawn_blocking(|| {
-        let cluster = ThrowawayCluster::start()?;
-        cluster.database()?;
-        Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
-    })
-    .await
-    .unwrap()
-    .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)");
-    let pki = TestPki::generate().unwrap();
-    let ehr = mtls_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let shared = on_postgres(
-        &durable_config(&pki, &ehr.base_url, &dir.path().join("unused.sqlite")),
-        &cluster.url("db0"),
-    );
+    // Every part bound: the server and the directory live as long as the test.
+    let OnPostgres {
+        cluster: _cluster,
+        pki,
+        ehr,
+        dir: _dir,
+        config: shared,
+    } = OnPostgres::start().await;
     // Slow EHR answers keep bundles in flight (claimed) when a replica dies.
     ehr.ehr.fail_fraction(
         conformance_tests::ehr::Fault::delay(Duration::from_millis(50)),
@@ -284,18 +299,7 @@ async fn assert_every_one_delivered_once(
     let ehr_stats = &queues["destinations"][0];
     assert_eq!(ehr_stats["dead"], 0, "{queues}");
     assert_eq!(ehr_stats["accepted"], ehr_stats["delivered"], "{queues}");
-    let counts = ehr.ehr.identifier_counts("Observation");
-    for identifier in accepted {
-        assert_eq!(
-            counts.get(identifier),
-            Some(&1),
-            "{identifier} must be at the EHR exactly once"
-        );
-    }
-    assert!(
-        counts.values().all(|&n| n == 1),
-        "no reading is ever duplicated"
-    );
+    assert_each_held_once(&ehr.ehr, accepted);
 }
 
 /// One run whose events and readings go to two replicas on one PostgreSQL database: started
@@ -306,21 +310,13 @@ async fn assert_every_one_delivered_once(
 async fn a_run_whose_events_reach_two_replicas_is_one_run() {
     const MRN: &str = "urn:oid:1.2.36.146.595.217.0.1";
     const RUNS: &str = "https://fhir.ecmo-gateway.org/sid/ecmo-run";
-    let cluster = tokio::task::spawn_blocking(|| {
-        let cluster = ThrowawayCluster::start()?;
-        cluster.database()?;
-        Ok::<_, gateway::outbox::throwaway_postgres::ClusterError>(cluster)
-    })
-    .await
-    .unwrap()
-    .expect("a throwaway PostgreSQL server (bash .ci/run installs Debian's postgresql)");
-    let pki = TestPki::generate().unwrap();
-    let ehr = mtls_ehr(&pki).await;
-    let dir = tempfile::tempdir().unwrap();
-    let shared = on_postgres(
-        &durable_config(&pki, &ehr.base_url, &dir.path().join("unused.sqlite")),
-        &cluster.url("db0"),
-    );
+    let OnPostgres {
+        cluster: _cluster,
+        pki,
+        ehr,
+        dir,
+        config: shared,
+    } = OnPostgres::start().await;
     // Each replica's own (unused) local run store: the runs are in PostgreSQL.
     let replica = |name: &str| {
         shared.replace(
