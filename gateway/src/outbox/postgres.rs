@@ -1633,12 +1633,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_starting_together_migrate_once() {
         let config = database().await;
-        let opened = futures_join(
+        let (a, b) = tokio::join!(
             PostgresOutbox::open(config.clone(), tls(None).unwrap(), "a", CLAIM_LEASE),
             PostgresOutbox::open(config.clone(), tls(None).unwrap(), "b", CLAIM_LEASE),
-        )
-        .await;
-        let (a, b) = (opened.0.unwrap(), opened.1.unwrap());
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
         a.enqueue("b1".into(), vec![message("ehr", 1)], None)
             .await
             .unwrap();
@@ -1843,13 +1842,6 @@ mod tests {
                 refused.map(|_| ())
             );
         }
-    }
-
-    async fn futures_join<A: std::future::Future, B: std::future::Future>(
-        a: A,
-        b: B,
-    ) -> (A::Output, B::Output) {
-        tokio::join!(a, b)
     }
 
     /// While the server is down a write fails at once with a storage error (the vendor gets

@@ -129,10 +129,9 @@ pub struct PostgresRunStore {
 impl PostgresRunStore {
     /// Connects. Blocking: called off the async workers.
     pub fn connect(
-        config: tokio_postgres::Config,
+        mut config: tokio_postgres::Config,
         tls: crate::outbox::postgres::PostgresTls,
     ) -> Result<Self, RunError> {
-        let mut config = config;
         crate::outbox::postgres::with_custom_plans(&mut config);
         let config: postgres::Config = config.into();
         let client = config.connect(tls.clone())?;
