@@ -39,13 +39,20 @@ pub struct ReceivedResult {
     pub control_id: String,
     /// PID-3 as sent.
     pub patient: String,
-    /// OBX-3, OBX-5, OBX-6, OBX-11, OBX-14 and OBX-18 of its OBX.
+    /// OBX-2, OBX-3, OBX-5, OBX-6, OBX-11, OBX-14, OBX-17 and OBX-18 of its first OBX.
+    pub value_type: String,
     pub code: String,
     pub value: String,
     pub unit: String,
     pub status: String,
     pub time: String,
+    pub method: String,
     pub device: String,
+    /// OBR-7 and OBR-8: the interval a statistic covers (OBR-8 empty for a point in time).
+    pub observed_from: String,
+    pub observed_until: String,
+    /// A waveform's sample period (the value and unit of its MDC_ATTR_TIME_PD_SAMP OBX).
+    pub sample_period: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -189,6 +196,19 @@ impl ReferenceReceiver {
         if state.seen.insert(header.control_id.clone()) {
             let obx = message.first("OBX");
             let field = |n: usize| obx.map(|s| s.field(n)).unwrap_or_default().to_owned();
+            let obr = |n: usize| {
+                message
+                    .first("OBR")
+                    .map(|s| s.field(n))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let sample_period = message
+                .segments()
+                .iter()
+                .filter(|s| s.id == "OBX")
+                .find(|s| s.field(3).starts_with("67980^"))
+                .map(|s| (s.field(5).to_owned(), s.field(6).to_owned()));
             state.kept.push(ReceivedResult {
                 control_id: header.control_id.clone(),
                 patient: message
@@ -196,12 +216,17 @@ impl ReferenceReceiver {
                     .map(|p| p.field(3))
                     .unwrap_or_default()
                     .to_owned(),
+                value_type: field(2),
                 code: field(3),
                 value: field(5),
                 unit: field(6),
                 status: field(11),
                 time: field(14),
+                method: field(17),
                 device: field(18),
+                observed_from: obr(7),
+                observed_until: obr(8),
+                sample_period,
             });
         } else {
             state.duplicates += 1;

@@ -1040,11 +1040,9 @@ impl Config {
                     d.name
                 ));
             }
-            if d.waveforms
-                && (self.delivery.mode != DeliveryMode::Outbox || d.kind != DestinationKind::Fhir)
-            {
+            if d.waveforms && self.delivery.mode != DeliveryMode::Outbox {
                 return Err(format!(
-                    "destination '{}': waveforms = true needs [delivery] mode = \"outbox\" and a FHIR destination (ORU^R01 out has no waveforms)",
+                    "destination '{}': waveforms = true needs [delivery] mode = \"outbox\"",
                     d.name
                 ));
             }
@@ -1065,9 +1063,10 @@ impl Config {
                         "needs [delivery] mode = \"outbox\" (an interval is sent when it ends)",
                     );
                 }
-                if d.kind != DestinationKind::Fhir || d.write == WriteMode::Create {
+                // An HL7 v2 receiver gets an update as a correction (OBX-11 C).
+                if d.kind == DestinationKind::Fhir && d.write == WriteMode::Create {
                     return fail(
-                        "updates an interval's Observation when a later reading comes: it needs a FHIR destination whose write is not \"create\"",
+                        "updates an interval's Observation when a later reading comes: its write must not be \"create\"",
                     );
                 }
             }
@@ -1167,6 +1166,22 @@ keys = ["smart.pem"]
         assert!(smart.keys[0].is_absolute(), "key paths resolved");
         assert_eq!(smart.renew_before, Duration::from_secs(60));
         assert!(c.destinations[0].client_cert.is_none());
+    }
+
+    #[test]
+    fn an_hl7v2_destination_may_chart_intervals_and_take_waveforms() {
+        let text = format!(
+            "{MINIMAL}[destination.charting]\ninterval = \"15m\"\nsummary = \"mean\"\n"
+        )
+        .replace(
+            "[[destination]]",
+            "[delivery]\nmode = \"outbox\"\n\n[[destination]]\nkind = \"hl7v2\"\nwaveforms = true",
+        )
+        .replace("https://127.0.0.1:9443/fhir", "mllps://127.0.0.1:2575");
+        let c = load(&text).unwrap();
+        assert_eq!(c.destinations[0].kind, DestinationKind::Hl7v2);
+        assert!(c.destinations[0].waveforms);
+        assert!(c.destinations[0].charting.is_some());
     }
 
     #[test]

@@ -1886,7 +1886,8 @@ async fn a_charting_destination_gets_the_mean_of_each_interval_through_late_read
     wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
     let (stored, history) = stored_with_history(&reader, &minute0).await;
     assert!((flow_value(&stored) - 4.2).abs() < 1e-9, "{stored}");
-    assert_eq!(stored["status"], "final");
+    // Changed after the EHR had it as final: amended.
+    assert_eq!(stored["status"], "amended");
     assert_eq!(history.len(), 3);
     let (_, history) = stored_with_history(&reader, &minute1).await;
     assert_eq!(history.len(), 1);

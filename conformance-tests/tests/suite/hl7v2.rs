@@ -344,8 +344,24 @@ async fn sample_messages_get_the_acks_their_shapes_call_for() {
     assert_eq!(setting["subject"]["identifier"]["value"], "MRN-4711");
 }
 
-/// The gateway with a FHIR EHR and an HL7 v2 receiver as destinations.
-async fn start_with_receiver() -> (
+/// `batch` posted by the Cardiohelp's vendor, which the gateway must accept (202).
+async fn accepted(
+    pki: &TestPki,
+    gateway: &GatewayProcess,
+    batch: Value,
+) -> conformance_tests::client::Answer {
+    pki.client(GETINGE)
+        .post_json(&gateway.url("/v1/observations"), &batch)
+        .await
+        .unwrap()
+        .expect_status(202)
+}
+
+/// The gateway with a FHIR EHR and an HL7 v2 receiver as destinations; `v2_settings` are
+/// more keys of the receiver's `[[destination]]`.
+async fn start_with_receiver(
+    v2_settings: &str,
+) -> (
     TestPki,
     conformance_tests::ehr::RunningEhr,
     RunningReceiver,
@@ -372,7 +388,7 @@ timeout = "2s"
 linger = "5ms"
 breaker_failures = 100
 retry_backoff_max = "500ms"
-
+{v2_settings}
 [destination.hl7v2]
 receiving_application = "EHR_V2_IN"
 receiving_facility = "HOSP"
@@ -382,13 +398,13 @@ receiving_facility = "HOSP"
             cert = pki.path("gateway-client.pem").display(),
             key = pki.path("gateway-client.key").display(),
         );
-    let gateway = GatewayProcess::start(&config).unwrap();
+    let gateway = GatewayProcess::start(&(config + &hl7v2_section(""))).unwrap();
     (pki, ehr, receiver, dir, gateway)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corrections() {
-    let (pki, ehr, receiver, _dir, gateway) = start_with_receiver().await;
+    let (pki, ehr, receiver, _dir, gateway) = start_with_receiver("").await;
     let v2 = &receiver.receiver;
     // The receiver is busy once, loses one ACK after keeping the message, and drops one
     // connection: every reading still arrives, once.
@@ -408,17 +424,7 @@ async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corre
             "readings": readings
         })
     };
-    let post = |body: Value| {
-        let client = pki.client(GETINGE);
-        let url = gateway.url("/v1/observations");
-        async move {
-            client
-                .post_json(&url, &body)
-                .await
-                .unwrap()
-                .expect_status(202)
-        }
-    };
+    let post = |body: Value| accepted(&pki, &gateway, body);
     post(batch(serde_json::json!([
         {"parameter": "Flow", "value": 4.35, "unit": "L/min", "time": rfc3339(taken)},
         {"parameter": "RPM", "value": 3480, "unit": "rpm", "time": rfc3339(taken)},
@@ -534,6 +540,141 @@ async fn oru_out_reaches_a_v2_receiver_once_through_refusals_lost_acks_and_corre
         to_v2["attempts"], 1,
         "no retry for a connection closed while idle: {second}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v2_receiver_gets_charted_means_with_their_interval_corrections_and_waveforms() {
+    let (pki, ehr, receiver, _dir, gateway) = start_with_receiver(
+        "waveforms = true\ncharting = { interval = \"1m\", summary = \"mean\", settle = \"1s\" }\n",
+    )
+    .await;
+    let v2 = &receiver.receiver;
+    // A whole minute a few minutes ago: its interval is over, so due at once.
+    let now = OffsetDateTime::now_utc();
+    let minute = now.replace_nanosecond(0).unwrap()
+        - time::Duration::minutes(5)
+        - time::Duration::seconds(now.second().into());
+    let at = |s: i64| {
+        (minute + time::Duration::seconds(s))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let post = |readings: Value| {
+        accepted(
+            &pki,
+            &gateway,
+            serde_json::json!({
+                "device": {"serial": "CH-V2-C", "model": "CARDIOHELP-i"},
+                "patient": {"system": MRN_SYSTEM, "value": "MRN-V2-C"},
+                "readings": readings
+            }),
+        )
+    };
+    post(serde_json::json!([
+        {"parameter": "Flow", "value": 4.0, "unit": "L/min", "time": at(10)},
+        {"parameter": "Flow", "value": 4.4, "unit": "L/min", "time": at(50)}
+    ]))
+    .await;
+    settled(&gateway, &pki).await;
+    // One message for the minute: the mean of its readings over the whole minute, final.
+    let results = v2.results();
+    assert_eq!(results.len(), 1, "{results:?}");
+    let mean = &results[0];
+    assert!(mean.code.contains("pump-blood-flow"), "{mean:?}");
+    assert_eq!(
+        (
+            mean.value.as_str(),
+            mean.unit.as_str(),
+            mean.status.as_str()
+        ),
+        ("4.2", "L/min^L/min^UCUM", "F")
+    );
+    assert_eq!(
+        mean.method,
+        "AMEAS^auto-measurement^MDC~average^Average^99STAT"
+    );
+    let hl7_minute = |m: i64| {
+        gateway::hl7v2::er7::dtm(
+            (minute + time::Duration::minutes(m)).to_offset(time::UtcOffset::UTC),
+        )
+    };
+    assert_eq!(
+        (mean.observed_from.as_str(), mean.observed_until.as_str()),
+        (hl7_minute(0).as_str(), hl7_minute(1).as_str())
+    );
+    assert_eq!(mean.time, hl7_minute(0));
+    // The FHIR destination charts every reading as it is.
+    assert_eq!(ehr.ehr.count("Observation"), 2);
+
+    // A reading that comes after the minute was sent changes its mean: a correction (C).
+    post(serde_json::json!([
+        {"parameter": "Flow", "value": 5.0, "unit": "L/min", "time": at(30)}
+    ]))
+    .await;
+    settled(&gateway, &pki).await;
+    let results = v2.results();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(
+        (results[1].value.as_str(), results[1].status.as_str()),
+        ("4.47", "C")
+    );
+    assert_eq!(results[1].observed_from, hl7_minute(0));
+
+    // A waveform passes the charting by, as an NA value with its sample period.
+    post(serde_json::json!([
+        {"parameter": "PVen", "unit": "mmHg", "time": at(20),
+         "samples": {"period": 8, "data": [-32, -31, null, -30]}}
+    ]))
+    .await;
+    settled(&gateway, &pki).await;
+    let results = v2.results();
+    assert_eq!(results.len(), 3, "{results:?}");
+    let waveform = &results[2];
+    assert_eq!(waveform.value_type, "NA");
+    assert_eq!(waveform.value, "-32^-31^^-30");
+    assert_eq!(waveform.unit, "mm[Hg]^mm[Hg]^UCUM");
+    assert_eq!(
+        waveform.sample_period,
+        Some((
+            "8".to_owned(),
+            gateway::delivery::oru::MILLISECONDS_UNIT.to_owned()
+        ))
+    );
+    assert_eq!(waveform.status, "F");
+    // The FHIR destination takes no waveforms: it has not got this one.
+    assert_eq!(ehr.ehr.count("Observation"), 3);
+
+    // A waveform in over HL7 v2 (an NA value and its sample period after it, as the IHE PCD
+    // Waveform Content Module writes it) goes out the same way.
+    let mut sender = tls_sender(&gateway, &pki, GETINGE).await.unwrap();
+    let sent_at = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let message = format!(
+        "{}PID|||MRN-V2-C^^^HOSP^MR\r\
+         OBX|1|NA|PVen^Drainage pressure^99CH|1.1.1.1|-40^^-41|266016^MDC_DIM_MMHG^MDC|||||F|||{}||||CH-V2-C^CARDIOHELP-i\r\
+         OBX|2|NM|67980^MDC_ATTR_TIME_PD_SAMP^MDC|1.1.1.1.1|4|264338^MDC_DIM_MILLI_SEC^MDC|||||F\r",
+        msh("W-1", sent_at),
+        dtm(sent_at - time::Duration::minutes(2))
+    );
+    let ack = Ack::parse(&sender.send(&message).await.unwrap());
+    assert_eq!(ack.code, "AA", "{ack:?}\n{}", gateway.log_text());
+    settled(&gateway, &pki).await;
+    let results = v2.results();
+    assert_eq!(results.len(), 4, "{results:?}");
+    let from_v2 = &results[3];
+    assert_eq!(
+        (from_v2.value_type.as_str(), from_v2.value.as_str()),
+        ("NA", "-40^^-41")
+    );
+    assert_eq!(
+        from_v2
+            .sample_period
+            .as_ref()
+            .map(|(value, _)| value.as_str()),
+        Some("4")
+    );
+    assert_eq!(from_v2.patient, results[0].patient);
+    assert_eq!(ehr.ehr.count("Observation"), 3);
+    assert_eq!(v2.duplicates(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -311,10 +311,16 @@ pub fn encode(
         er7::escape_into(&mut out, text, d);
         out
     };
-    let effective = observation["effectiveDateTime"]
-        .as_str()
-        .ok_or("the Observation has no effectiveDateTime")?;
-    let when = dtm_of(effective)?;
+    // A charted interval's statistic covers a period: OBR-7 and OBR-8 say it, OBX-14 its start.
+    let (when, until) = match (
+        observation["effectiveDateTime"].as_str(),
+        observation["effectivePeriod"]["start"].as_str(),
+        observation["effectivePeriod"]["end"].as_str(),
+    ) {
+        (Some(at), _, _) => (dtm_of(at)?, String::new()),
+        (None, Some(start), Some(end)) => (dtm_of(start)?, dtm_of(end)?),
+        _ => return Err("the Observation has no effectiveDateTime or effectivePeriod".into()),
+    };
     let mut text = format!(
         "MSH|^~\\&|{}|{}|{}|{}|{}||ORU^R01^ORU_R01|{}|P|2.6|||AL|NE||UNICODE UTF-8|||IHE_PCD_001^IHE PCD^1.3.6.1.4.1.19376.1.6.1.1.1^ISO\r",
         esc(&header.sending_application),
@@ -336,7 +342,7 @@ pub fn encode(
         _ => text.push_str("PID|||\r"),
     }
     text.push_str(&format!(
-        "OBR|1||{}|182777000^monitoring of patient^SCT|||{when}\r",
+        "OBR|1||{}|182777000^monitoring of patient^SCT|||{when}|{until}\r",
         esc(control_id)
     ));
     let codings: Vec<(&str, &str, &str)> = observation["code"]["coding"]
@@ -396,6 +402,10 @@ pub fn encode(
         }
         let ucum = quantity["code"].as_str().unwrap_or_default();
         (value, format!("{}^{}^UCUM", esc(ucum), esc(ucum)), status)
+    } else if let Some(waveform) = observation.get("valueSampledData") {
+        value_type = "NA";
+        let (samples, unit) = waveform_of(waveform)?;
+        (samples, format!("{}^{}^UCUM", esc(unit), esc(unit)), status)
     } else if let Some(flag) = observation["valueBoolean"].as_bool() {
         value_type = "CWE";
         let yes_no = if flag {
@@ -415,11 +425,75 @@ pub fn encode(
             .as_str()
             .unwrap_or_default(),
     );
+    // OBX-17: measured by the device; a charted statistic says which one after it.
+    let mut method = "AMEAS^auto-measurement^MDC".to_owned();
+    if let Some(statistic) = observation["method"]["coding"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["system"] == mappings::OBSERVATION_STATISTICS)
+    {
+        method.push_str(&format!(
+            "~{}^{}^99STAT",
+            esc(statistic["code"].as_str().unwrap_or_default()),
+            esc(statistic["display"].as_str().unwrap_or_default())
+        ));
+    }
     text.push_str(&format!(
-        "OBX|1|{value_type}|{identifier}|1.1.1.1|{value}|{unit}|||||{status}|||{when}|||AMEAS^auto-measurement^MDC|{}\r",
+        "OBX|1|{value_type}|{identifier}|1.1.1.1|{value}|{unit}|||||{status}|||{when}|||{method}|{}\r",
         esc(device)
     ));
+    // A waveform's sample period follows it, as the IHE PCD Waveform Content Module places it:
+    // MDC_ATTR_TIME_PD_SAMP under the waveform's sub-id, in milliseconds.
+    if let Some(period) = observation["valueSampledData"].get("period") {
+        text.push_str(&format!(
+            "OBX|2|NM|{SAMPLE_PERIOD_CODE}|1.1.1.1.1|{period}|{MILLISECONDS_UNIT}|||||{status}|||{when}\r"
+        ));
+    }
     Ok(text)
+}
+
+/// MDC_ATTR_TIME_PD_SAMP: the sample period of a waveform (IHE PCD WCM).
+pub const SAMPLE_PERIOD_CODE: &str = "67980^MDC_ATTR_TIME_PD_SAMP^MDC";
+
+/// MDC_DIM_MILLI_SEC, with its UCUM code.
+pub const MILLISECONDS_UNIT: &str = "264338^MDC_DIM_MILLI_SEC^MDC^ms^ms^UCUM";
+
+/// A SampledData's samples as an HL7 NA value (components, an invalid sample empty) and its
+/// UCUM unit. Only what the gateway writes is taken: origin 0, no factor, one dimension.
+fn waveform_of(waveform: &Value) -> Result<(String, &str), String> {
+    let origin = &waveform["origin"];
+    let unit = origin["code"]
+        .as_str()
+        .ok_or("the waveform's origin has no unit")?;
+    if origin["value"].as_f64() != Some(0.0)
+        || waveform.get("factor").is_some()
+        || waveform["dimensions"].as_u64() != Some(1)
+    {
+        return Err("a waveform with an origin other than 0, a factor or several dimensions has no HL7 NA form here".into());
+    }
+    let data = waveform["data"]
+        .as_str()
+        .ok_or("the waveform has no data")?;
+    let mut samples = String::with_capacity(data.len());
+    for (i, sample) in data.split(' ').enumerate() {
+        if i > 0 {
+            samples.push('^');
+        }
+        match sample {
+            "E" => {}
+            number
+                if !number.is_empty()
+                    && number
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') =>
+            {
+                samples.push_str(number)
+            }
+            other => return Err(format!("waveform sample '{other}' is not an HL7 NM number")),
+        }
+    }
+    Ok((samples, unit))
 }
 
 /// RFC 3339 (as FHIR writes it) -> HL7 DTM with offset.
@@ -519,6 +593,102 @@ mod tests {
                 .unwrap()
                 .contains("|||||C|||")
         );
+    }
+
+    /// `observation` as the message text a receiver reads (control id X).
+    fn read_back(observation: &Value) -> String {
+        let text = encode(
+            observation,
+            "X",
+            &OruSettings::default(),
+            time::macros::datetime!(2026-12-06 10:20:00 UTC),
+        )
+        .unwrap();
+        er7::decode(text.as_bytes()).unwrap().0.into_owned()
+    }
+
+    #[test]
+    fn a_charted_interval_says_its_period_and_statistic() {
+        let mut mean = observation();
+        let o = mean.as_object_mut().unwrap();
+        o.remove("effectiveDateTime");
+        o.insert(
+            "effectivePeriod".into(),
+            json!({"start": "2026-12-06T10:00:00Z", "end": "2026-12-06T10:15:00Z"}),
+        );
+        o.insert(
+            "method".into(),
+            json!({"coding": [{"system": mappings::OBSERVATION_STATISTICS, "code": "average", "display": "Average"}]}),
+        );
+        o.insert("status".into(), json!("amended"));
+        let text = read_back(&mean);
+        let message = Message::parse(&text, Delimiters::default()).unwrap();
+        let obr = message.first("OBR").unwrap();
+        assert_eq!(obr.field(7), "20261206100000+0000");
+        assert_eq!(obr.field(8), "20261206101500+0000");
+        let obx = message.first("OBX").unwrap();
+        assert_eq!(obx.field(14), "20261206100000+0000");
+        assert_eq!(
+            obx.field(17),
+            "AMEAS^auto-measurement^MDC~average^Average^99STAT"
+        );
+        // Changed after it was sent as final: a correction.
+        assert_eq!(obx.field(11), "C");
+        // A point in time leaves OBR-8 empty.
+        let single = read_back(&observation());
+        let single = Message::parse(&single, Delimiters::default()).unwrap();
+        assert_eq!(single.first("OBR").unwrap().field(8), "");
+        assert_eq!(
+            single.first("OBX").unwrap().field(17),
+            "AMEAS^auto-measurement^MDC"
+        );
+    }
+
+    #[test]
+    fn a_waveform_is_an_na_value_followed_by_its_sample_period() {
+        let mut waveform = observation();
+        let o = waveform.as_object_mut().unwrap();
+        o.remove("valueQuantity");
+        o.insert(
+            "valueSampledData".into(),
+            json!({"origin": {"value": 0, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
+                   "period": 8, "dimensions": 1, "data": "-32.5 -31 E -30.25"}),
+        );
+        let text = read_back(&waveform);
+        let message = Message::parse(&text, Delimiters::default()).unwrap();
+        let obx: Vec<_> = message
+            .segments()
+            .iter()
+            .filter(|s| s.id == "OBX")
+            .collect();
+        assert_eq!(obx.len(), 2);
+        assert_eq!(obx[0].field(2), "NA");
+        assert_eq!(obx[0].field(5), "-32.5^-31^^-30.25");
+        assert_eq!(obx[0].field(6), "mm[Hg]^mm[Hg]^UCUM");
+        assert_eq!(obx[0].field(4), "1.1.1.1");
+        assert_eq!(obx[1].field(3), SAMPLE_PERIOD_CODE);
+        assert_eq!(obx[1].field(4), "1.1.1.1.1");
+        assert_eq!(obx[1].field(5), "8");
+        assert_eq!(obx[1].field(6), MILLISECONDS_UNIT);
+        // What the gateway never writes is refused rather than sent wrong.
+        for (key, value) in [
+            ("factor", json!(2)),
+            ("dimensions", json!(2)),
+            ("data", json!("1 L 2")),
+        ] {
+            let mut odd = waveform.clone();
+            odd["valueSampledData"][key] = value;
+            assert!(
+                encode(
+                    &odd,
+                    "X",
+                    &OruSettings::default(),
+                    time::OffsetDateTime::UNIX_EPOCH
+                )
+                .is_err(),
+                "{key}"
+            );
+        }
     }
 
     #[test]

@@ -25,8 +25,11 @@
 //! - OBX-11: F, R, C and P are results; X with no value is skipped with a warning in the ACK,
 //!   X with a value is recorded as invalid (dataAbsentReason); D and W (deletions) are refused:
 //!   retractions go to `/v1/observations/entered-in-error`.
+//! - OBX-2 `NA`: a waveform, its samples the components of OBX-5 (an empty one an invalid
+//!   sample), its sample period the OBX right after it (MDC_ATTR_TIME_PD_SAMP in ms, as the
+//!   IHE PCD Waveform Content Module places it).
 //! - OBX without a type and value (MDS, VMD and channel descriptions) carry device identity
-//!   only. Other value types (ST, CWE, NA waveforms) are refused, never dropped.
+//!   only. Other value types are refused, never dropped.
 
 use std::collections::HashMap;
 
@@ -190,13 +193,30 @@ pub fn convert(
     let mut readings = Vec::new();
     let mut observation_time: Option<&Segment<'_>> = None;
     let mut first_obx = None;
-    for segment in message.segments() {
+    let segments = message.segments();
+    let mut attribute_of_previous = false;
+    for (i, segment) in segments.iter().enumerate() {
+        // A waveform's sample period OBX belongs to the waveform before it.
+        if std::mem::take(&mut attribute_of_previous) {
+            continue;
+        }
         match segment.id {
             "OBR" => observation_time = Some(segment),
             "OBX" => {
                 first_obx.get_or_insert_with(|| segment.location(0));
                 let index = readings.len();
-                match reading_of(segment, observation_time, d, family, mappings) {
+                let sample_period = segments
+                    .get(i + 1)
+                    .filter(|next| segment.field(2) == "NA" && is_sample_period(next, d));
+                attribute_of_previous = sample_period.is_some();
+                match reading_of(
+                    segment,
+                    sample_period,
+                    observation_time,
+                    d,
+                    family,
+                    mappings,
+                ) {
                     Ok(Some((reading, fields))) => {
                         let at = format!("/readings/{index}");
                         places.put(at.clone(), Location::segment("OBX", segment.sequence));
@@ -466,9 +486,75 @@ enum Skipped {
 
 type ReadingFields = Vec<(&'static str, Location)>;
 
+/// MDC_ATTR_TIME_PD_SAMP: the OBX after a waveform (NA) that gives its sample period, as the
+/// IHE PCD Waveform Content Module places it.
+const SAMPLE_PERIOD: (&str, &str) = ("67980", "MDC_ATTR_TIME_PD_SAMP");
+
+fn is_sample_period(obx: &Segment<'_>, d: Delimiters) -> bool {
+    let code = obx.field(3);
+    obx.id == "OBX"
+        && (component(code, 1, d) == SAMPLE_PERIOD.0 || component(code, 2, d) == SAMPLE_PERIOD.1)
+}
+
+/// A waveform's samples (OBX-5 of an NA result, an empty component an invalid sample) every
+/// period milliseconds (the MDC_ATTR_TIME_PD_SAMP OBX after it, in `ms`).
+fn waveform_samples(
+    obx: &Segment<'_>,
+    value_raw: &str,
+    period: Option<&Segment<'_>>,
+    d: Delimiters,
+) -> Result<Value, Skipped> {
+    let problem = |code, location: Location, text: String| {
+        Skipped::Problem(Er7Error::new(code, Some(location), text))
+    };
+    let Some(period) = period else {
+        return Err(problem(
+            ErrorCode::RequiredFieldMissing,
+            obx.location(2),
+            "a waveform (NA) needs its sample period in the OBX right after it: 67980^MDC_ATTR_TIME_PD_SAMP^MDC in ms (264338^MDC_DIM_MILLI_SEC^MDC)".into(),
+        ));
+    };
+    let unit = period.field(6);
+    let milliseconds = [1, 2, 4, 5]
+        .iter()
+        .any(|&n| matches!(component(unit, n, d), "264338" | "MDC_DIM_MILLI_SEC" | "ms"));
+    if !milliseconds {
+        return Err(problem(
+            ErrorCode::DataType,
+            period.location(6),
+            format!(
+                "the sample period's unit '{unit}' is not milliseconds (264338^MDC_DIM_MILLI_SEC^MDC or ms)"
+            ),
+        ));
+    }
+    let every = nm_number(period.field(5)).ok_or_else(|| {
+        problem(
+            ErrorCode::DataType,
+            period.location(5),
+            "the sample period is not an NM number".into(),
+        )
+    })?;
+    let mut data = Vec::new();
+    for (k, sample) in value_raw.split(d.component).enumerate() {
+        if sample.trim().is_empty() {
+            data.push(Value::Null);
+            continue;
+        }
+        data.push(Value::Number(nm_number(sample).ok_or_else(|| {
+            problem(
+                ErrorCode::DataType,
+                obx.location(5).component(k + 1),
+                format!("sample {} is not an NM number", k + 1),
+            )
+        })?));
+    }
+    Ok(json!({"period": every, "data": data}))
+}
+
 /// One OBX -> one reading of the batch (None for device descriptions without a value).
 fn reading_of(
     obx: &Segment<'_>,
+    sample_period: Option<&Segment<'_>>,
     obr: Option<&Segment<'_>>,
     d: Delimiters,
     family: Option<&DeviceFamily>,
@@ -484,12 +570,13 @@ fn reading_of(
         Skipped::Problem(Er7Error::new(code, Some(location), text))
     };
     let coded = matches!(value_type, "CWE" | "CE" | "CNE" | "ST");
-    if value_type != "NM" && !coded {
+    let waveform = value_type == "NA";
+    if value_type != "NM" && !coded && !waveform {
         return Err(problem(
             ErrorCode::DataType,
             obx.location(2),
             format!(
-                "value type '{value_type}' is not taken: the gateway maps numeric results (NM) and yes/no states (CWE, CE, CNE or ST with Y or N); waveforms (NA) and other types are refused rather than dropped"
+                "value type '{value_type}' is not taken: the gateway maps numeric results (NM), waveforms (NA) and yes/no states (CWE, CE, CNE or ST with Y or N); other types are refused rather than dropped"
             ),
         ));
     }
@@ -528,7 +615,16 @@ fn reading_of(
             "OBX-5 has no value".into(),
         ));
     }
-    let value = if coded {
+    let value = if waveform {
+        if obx.field(5).contains(d.repetition) {
+            return Err(problem(
+                ErrorCode::DataType,
+                obx.location(5),
+                "a waveform is one NA value, its samples the components: OBX-5 repeats".into(),
+            ));
+        }
+        waveform_samples(obx, value_raw, sample_period, d)?
+    } else if coded {
         // HL7 table 0136 (yes/no indicator), as a boolean the mapping table checks.
         match component(value_raw, 1, d).trim() {
             "Y" => Value::Bool(true),
@@ -555,12 +651,17 @@ fn reading_of(
     let parameter = parameter_of(obx, d, family).map_err(Skipped::Problem)?;
     let mut reading = Map::new();
     reading.insert("parameter".into(), Value::String(parameter));
-    reading.insert("value".into(), value);
-    let mut fields = vec![
-        ("parameter", obx.location(3)),
-        ("value", obx.location(5)),
-        ("flags", obx.location(11)),
-    ];
+    let mut fields = vec![("parameter", obx.location(3)), ("flags", obx.location(11))];
+    if waveform {
+        reading.insert("samples".into(), value);
+        fields.push(("samples", obx.location(5)));
+        if let Some(period) = sample_period {
+            fields.push(("samples/period", period.location(5)));
+        }
+    } else {
+        reading.insert("value".into(), value);
+        fields.push(("value", obx.location(5)));
+    }
     let unit = unit_of(obx.field(6), d, mappings)
         .map_err(|e| problem(ErrorCode::DataType, obx.location(6).component(1), e))?;
     if let Some(unit) = unit {
@@ -828,6 +929,59 @@ mod tests {
         assert_eq!(at("/readings/1"), "OBX[3]");
         assert_eq!(at("/device/model"), "OBX-18.2");
         assert_eq!(at("/patient/value"), "PID-3.1");
+    }
+
+    #[test]
+    fn a_waveform_is_an_na_value_and_the_sample_period_after_it() {
+        let converted = run(&message(
+            "OBX|1||ECMO^ECMO console^99ECMO|1.0.0.0|||||||X|||||||CH-1001^CARDIOHELP-i^^L\r\
+             OBX|2|NA|PVen^^99CH|1.1.1.1|-32.5^-31^^+0.50|266016^MDC_DIM_MMHG^MDC|||||F|||20261206101455.250+0100\r\
+             OBX|3|NM|67980^MDC_ATTR_TIME_PD_SAMP^MDC|1.1.1.1.1|8|264338^MDC_DIM_MILLI_SEC^MDC|||||F\r\
+             OBX|4|NM|Flow^^99CH|1.1.1.2|4.2|L/min^^UCUM|||||F|||20261206101455+0100\r",
+        ))
+        .unwrap();
+        let expected: Value = serde_json::from_str(
+            r#"[
+                {"parameter": "PVen", "samples": {"period": 8, "data": [-32.5, -31, null, 0.50]}, "unit": "mm[Hg]", "time": "2026-12-06T10:14:55.250+01:00"},
+                {"parameter": "Flow", "value": 4.2, "unit": "L/min", "time": "2026-12-06T10:14:55+01:00"}
+            ]"#,
+        )
+        .unwrap();
+        assert_eq!(converted.batch["readings"], expected);
+        let at = |p: &str| converted.places.find(p).unwrap().describe();
+        assert_eq!(at("/readings/0/samples/data/3"), "OBX[2]-5");
+        assert_eq!(at("/readings/0/samples/period"), "OBX[3]-5");
+        assert_eq!(at("/readings/1/value"), "OBX[4]-5");
+
+        // Without its period, with another unit or a sample that is no number: refused, named.
+        for (period, location) in [
+            ("", "OBX-2"),
+            (
+                "OBX|3|NM|67980^MDC_ATTR_TIME_PD_SAMP^MDC|1.1.1.1.1|8|264320^MDC_DIM_SEC^MDC|||||F\r",
+                "OBX[2]-6",
+            ),
+            (
+                "OBX|3|NM|67980^MDC_ATTR_TIME_PD_SAMP^MDC|1.1.1.1.1|fast|ms^^UCUM|||||F\r",
+                "OBX[2]-5",
+            ),
+        ] {
+            let (refusal, errors) = run(&message(&format!(
+                "OBX|1|NA|PVen^^99CH|1.1.1.1|-32.5^-31|mm[Hg]^^UCUM|||||F|||20261206101455+0100||||CH-1^CARDIOHELP-i\r{period}"
+            )))
+            .unwrap_err();
+            assert_eq!(refusal, Refusal::Error);
+            assert_eq!(
+                errors[0].location.as_ref().unwrap().describe(),
+                location,
+                "{period}"
+            );
+        }
+        let (_, errors) = run(&message(
+            "OBX|1|NA|PVen^^99CH|1.1.1.1|-32.5^x^1|mm[Hg]^^UCUM|||||F|||20261206101455+0100||||CH-1^CARDIOHELP-i\r\
+             OBX|2|NM|67980^MDC_ATTR_TIME_PD_SAMP^MDC|1.1.1.1.1|8|ms|||||F\r",
+        ))
+        .unwrap_err();
+        assert_eq!(errors[0].location.as_ref().unwrap().describe(), "OBX-5.2");
     }
 
     #[test]

@@ -1006,8 +1006,9 @@ pub(super) async fn an_interval_charted_as_a_mean_follows_every_value_correction
         .await
         .unwrap();
     assert_eq!(dispositions(&invalid), ["updated"]);
+    // (amended, not entered-in-error: the destination had the interval before)
     let sent = deliver_one(&*outbox).await;
-    assert_eq!(sent["status"], "final");
+    assert_eq!(sent["status"], "amended");
     assert!(sent.get("valueQuantity").is_none());
     // ... then a value.
     let again = outbox
@@ -1016,7 +1017,7 @@ pub(super) async fn an_interval_charted_as_a_mean_follows_every_value_correction
         .unwrap();
     assert_eq!(dispositions(&again), ["updated"]);
     let sent = deliver_one(&*outbox).await;
-    assert_eq!(sent["status"], "final");
+    assert_eq!(sent["status"], "amended");
     assert_eq!(sent["valueQuantity"]["value"].to_string(), "3.9");
 }
 

@@ -47,7 +47,7 @@ impl From<&crate::config::DestinationSettings> for Route {
             corrections: settings.corrections,
             provenance: settings.provenance && !oru,
             charting: settings.charting,
-            waveforms: settings.waveforms && !oru,
+            waveforms: settings.waveforms,
         }
     }
 }

@@ -643,7 +643,10 @@ pub(super) fn enqueue_one<T: WriteTx>(
                 disposition: Disposition::Updated,
             }));
         }
+        // An interval the destination may already have as final changes after the fact:
+        // amended, as FHIR says of a result changed after release (HL7 v2 out: OBX-11 C).
         Some(_) if m.upsert => Write {
+            status: m.chart_due_ms.is_some().then_some("amended"),
             disposition: Disposition::Updated,
             ..first
         },
