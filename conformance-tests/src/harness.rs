@@ -802,14 +802,14 @@ impl Scenario {
     }
 }
 
-/// How many DeviceMetrics describe one device of `model` (one per parameter code of its
-/// family's table): what the device's first readings batch adds to the outbox, ahead of its
-/// Observations.
-pub fn device_metrics_of(model: &str) -> u64 {
+/// How many resources describe one device of `model` (its modules and their channels, and a
+/// DeviceMetric per parameter code of its family's table): what the device's first readings
+/// batch adds to the outbox, ahead of its Observations.
+pub fn description_of(model: &str) -> u64 {
     let tables = mappings::Mappings::embedded().expect("the embedded tables");
     let family = tables.family_for_model(model).expect("a mapped model");
-    mappings::device_metrics(family, "any")
-        .expect("metrics")
+    mappings::device_description(family, "any")
+        .expect("description")
         .len() as u64
 }
 

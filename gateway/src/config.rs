@@ -1040,6 +1040,15 @@ impl Config {
                     d.name
                 ));
             }
+            if d.references == crate::delivery::references::ReferenceStyle::Literal
+                && takes("DeviceMetric")
+                && !takes("Device")
+            {
+                return Err(format!(
+                    "destination '{}': each DeviceMetric hangs under its module's channel Device, which with references = \"literal\" must be at the EHR: add \"Device\" to [destination.only] resource_types",
+                    d.name
+                ));
+            }
             if d.waveforms && self.delivery.mode != DeliveryMode::Outbox {
                 return Err(format!(
                     "destination '{}': waveforms = true needs [delivery] mode = \"outbox\"",
@@ -1356,6 +1365,11 @@ keys = ["smart.pem"]
                 format!("{MINIMAL}[destination.only]\nresource_types = [\"Observation\"]\n")
                     .replace("[[destination]]", "[[destination]]\nreferences = \"literal\""),
                 "add \"DeviceMetric\" to [destination.only]",
+            ),
+            (
+                format!("{MINIMAL}[destination.only]\nresource_types = [\"Observation\", \"DeviceMetric\"]\n")
+                    .replace("[[destination]]", "[[destination]]\nreferences = \"literal\""),
+                "add \"Device\" to [destination.only]",
             ),
             (
                 MINIMAL.replace("[[vendor]]", "[hl7v2]\nlisten = \"127.0.0.1:2575\"\nplain_vendor = \"getinge\"\n\n[[vendor]]"),

@@ -10,6 +10,8 @@ pub struct CodeSystemCodes {
     displays: HashMap<String, String>,
     /// A circuit parameter's `metric-category` property, where the code fixes it.
     categories: HashMap<String, MetricCategory>,
+    /// A circuit parameter's `module` property: the part of the device it belongs to.
+    modules: HashMap<String, String>,
 }
 
 impl CodeSystemCodes {
@@ -41,6 +43,7 @@ impl CodeSystemCodes {
         let mut codes = Self {
             displays: HashMap::new(),
             categories: HashMap::new(),
+            modules: HashMap::new(),
         };
         codes.collect(&value["concept"]).map_err(err)?;
         Ok(codes)
@@ -54,12 +57,18 @@ impl CodeSystemCodes {
             if let Some(display) = concept["display"].as_str() {
                 self.displays.insert(code.to_owned(), display.to_owned());
             }
-            let category = concept["property"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|p| p["code"] == "metric-category")
-                .map(|p| p["valueCode"].as_str().unwrap_or_default());
+            let property = |name: &str| {
+                concept["property"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["code"] == name)
+                    .map(|p| p["valueCode"].as_str().unwrap_or_default())
+            };
+            if let Some(module) = property("module") {
+                self.modules.insert(code.to_owned(), module.to_owned());
+            }
+            let category = property("metric-category");
             if let Some(category) = category {
                 let category = MetricCategory::from_code(category).ok_or_else(|| {
                     format!("{code}: metric-category '{category}' is not measurement, setting or calculation")
@@ -73,6 +82,12 @@ impl CodeSystemCodes {
 
     pub fn display(&self, code: &str) -> Option<&str> {
         self.displays.get(code).map(String::as_str)
+    }
+
+    /// The module (a `device-module` code) and its display that parameter `code` belongs to.
+    pub fn module(&self, code: &str) -> Option<(&str, &str)> {
+        let module = self.modules.get(code)?;
+        Some((module.as_str(), self.display(module)?))
     }
 
     /// The DeviceMetric category `code` fixes (a setting code is always a setting), or `None`

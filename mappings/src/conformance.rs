@@ -33,6 +33,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
         include_str!("../../profiles/fhir/StructureDefinition-ecmo-console-device.json"),
     ),
     (
+        "StructureDefinition-ecmo-device-component.json",
+        include_str!("../../profiles/fhir/StructureDefinition-ecmo-device-component.json"),
+    ),
+    (
         "StructureDefinition-ecmo-device-metric.json",
         include_str!("../../profiles/fhir/StructureDefinition-ecmo-device-metric.json"),
     ),
@@ -63,6 +67,10 @@ pub const CONFORMANCE_RESOURCES: &[(&str, &str)] = &[
     (
         "ValueSet-ecmo-circuit-parameters.json",
         include_str!("../../profiles/fhir/ValueSet-ecmo-circuit-parameters.json"),
+    ),
+    (
+        "ValueSet-ecmo-device-modules.json",
+        include_str!("../../profiles/fhir/ValueSet-ecmo-device-modules.json"),
     ),
     (
         "ValueSet-ecmo-device-types.json",
@@ -107,6 +115,8 @@ pub const RUN_ACTIVITY_PROFILE: &str =
     "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-run-activity-procedure";
 pub const DEVICE_PROFILE: &str =
     "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-console-device";
+pub const DEVICE_COMPONENT_PROFILE: &str =
+    "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-device-component";
 pub const DEVICE_METRIC_PROFILE: &str =
     "https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-device-metric";
 

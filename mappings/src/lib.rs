@@ -31,12 +31,13 @@ pub use charting::{
 };
 pub use codesystem::CodeSystemCodes;
 pub use conformance::{
-    CONFORMANCE_RESOURCES, DEVICE_METRIC_PROFILE, DEVICE_PROFILE, OBSERVATION_PROFILE,
-    RUN_ACTIVITY_PROFILE, RUN_PROFILE, profiles,
+    CONFORMANCE_RESOURCES, DEVICE_COMPONENT_PROFILE, DEVICE_METRIC_PROFILE, DEVICE_PROFILE,
+    OBSERVATION_PROFILE, RUN_ACTIVITY_PROFILE, RUN_PROFILE, profiles,
 };
 pub use datetime::{DeviceTime, TimeError, TimeWindow};
 pub use device_metric::{
-    DEVICE_METRIC_SYSTEM_PREFIX, MetricCategory, device_metrics, metric_identifier,
+    DEVICE_COMPONENT_SYSTEM_PREFIX, DEVICE_METRIC_SYSTEM_PREFIX, MetricCategory,
+    channel_identifier, device_components, device_description, device_metrics, metric_identifier,
     parse_metric_identifier, serial_of_metric,
 };
 pub use fhir_check::{CHECKED_TYPES, check_resource_json, check_resource_value};

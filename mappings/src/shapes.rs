@@ -224,10 +224,14 @@ impl Mappings {
                     });
                 }
             }
-            // The DeviceMetrics its Observations point at: only the serial varies.
-            for resource in crate::device_metrics(family, "SHAPE-0001")? {
+            // The modules, channels and DeviceMetrics its Observations point at: only the
+            // serial varies.
+            for resource in crate::device_description(family, "SHAPE-0001")? {
                 samples.push(ShapeSample {
-                    shape: format!("{}/{} device metric", family.id, resource.identifier_value),
+                    shape: format!(
+                        "{}/{} {}",
+                        family.id, resource.identifier_value, resource.resource_type
+                    ),
                     resource,
                 });
             }

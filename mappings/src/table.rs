@@ -194,6 +194,11 @@ pub struct Parameter {
     pub kind: ParameterKind,
     /// Whether the device measures, sets or calculates the value (its DeviceMetric's category).
     pub category: crate::device_metric::MetricCategory,
+    /// The part of the device (PoCD VMD) the value comes from, code and display, from the
+    /// CodeSystem's `module` property: its DeviceMetric hangs under that part's channel. Every
+    /// circuit parameter has one; a code without one (not a circuit parameter) is refused by
+    /// the load-time profile proof, which names what it breaks.
+    pub module: Option<(String, String)>,
     /// Standard codings (SNOMED CT, LOINC, MDC) whose meaning matches: (system, code, display).
     pub codings: Vec<(String, String, String)>,
     /// The Observation's `code` built from the above, rendered once at load.
@@ -214,6 +219,8 @@ pub struct DeviceFamily {
     pub serial_system: String,
     /// Identifier system of its devices' DeviceMetrics (`serial:code`).
     pub metric_system: String,
+    /// Identifier system of its devices' modules and channels (`serial:module`, `.../1`).
+    pub component_system: String,
     /// What exactly maps this family: `sha256:` and the first 12 hex digits of the family file
     /// and the unit table it converts with. Named in every Provenance, so an EHR can tell which
     /// table made a resource after a site changed one.
@@ -520,6 +527,9 @@ fn load_family(
             })?
             .to_owned();
         let category = parameter_category(codes, &p.code, p.category.as_deref()).map_err(err)?;
+        let module = codes
+            .module(&p.code)
+            .map(|(code, display)| (code.to_owned(), display.to_owned()));
         let kind = match p.kind.as_deref() {
             None | Some("quantity") => {
                 let unit = p
@@ -594,6 +604,7 @@ fn load_family(
             display,
             kind,
             category,
+            module,
             codings,
         });
     }
@@ -606,6 +617,11 @@ fn load_family(
         metric_system: format!(
             "{}{}",
             crate::DEVICE_METRIC_SYSTEM_PREFIX,
+            manufacturer_slug
+        ),
+        component_system: format!(
+            "{}{}",
+            crate::DEVICE_COMPONENT_SYSTEM_PREFIX,
             manufacturer_slug
         ),
         version: String::new(),

@@ -27,6 +27,7 @@ valuesets = {
     "ecmo-run-activities": ("run-activity", "ECMO run activities", "Parts of a run recorded as child Procedures."),
     "ecmo-discontinuation-reasons": ("discontinuation-reason", "ECMO discontinuation reasons", "Why an ECMO run ended."),
     "ecmo-device-types": ("device-type", "ECMO circuit device types", "The kinds of device on an ECMO circuit the gateway writes a Device for."),
+    "ecmo-device-modules": ("device-module", "ECMO device modules", "The parts of a circuit device (HL7 PoCD VMD and channel) its metrics hang under."),
 }
 for vs_id, (group, title, description) in valuesets.items():
     codes = [{"code": c["code"], "display": c["display"]} for c in groups[group]["concept"]]
@@ -164,8 +165,20 @@ structure("ecmo-console-device", "ECMO circuit device", "Device",
     element("Device.modelNumber", min=1),
     element("Device.type", min=1, binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-device-types"}),
 ])
+structure("ecmo-device-component", "ECMO device module or channel", "Device",
+    "A part of a circuit device between the device and its metrics, as the HL7 Point-of-Care Device IG draws the containment tree: a module (VMD) whose parent is the device (MDS), and its channel whose parent is the module. The patient is the device's, never the part's.", [
+    element("Device"),
+    element("Device.identifier", min=1, max="1"),
+    element("Device.identifier.system", min=1, short=f"{BASE}/sid/device-component/<manufacturer>"),
+    element("Device.identifier.value", min=1, short="<serial>:<module> for the module, <serial>:<module>/1 for its channel"),
+    element("Device.type", min=1, binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-device-modules"}),
+    element("Device.patient", max="0"),
+    element("Device.parent", min=1, type=[{"code": "Reference", "targetProfile": [
+        f"{BASE}/StructureDefinition/ecmo-console-device", f"{BASE}/StructureDefinition/ecmo-device-component"]}],
+        short="The module's device (MDS), or the channel's module (VMD)"),
+])
 structure("ecmo-device-metric", "ECMO device metric", "DeviceMetric",
-    "One parameter of one circuit device, as the HL7 Point-of-Care Device IG draws it: whether the device measures, sets or calculates the value (category), its unit and the device (source). Observations point at it.", [
+    "One parameter of one circuit device, as the HL7 Point-of-Care Device IG draws it: whether the device measures, sets or calculates the value (category), its unit, the device (source) and the channel of the device's module it belongs to (parent). Observations point at it.", [
     element("DeviceMetric"),
     element("DeviceMetric.identifier", min=1, max="1"),
     element("DeviceMetric.identifier.system", min=1, short=f"{BASE}/sid/device-metric/<manufacturer>"),
@@ -173,6 +186,8 @@ structure("ecmo-device-metric", "ECMO device metric", "DeviceMetric",
     element("DeviceMetric.type", binding={"strength": "required", "valueSet": f"{BASE}/ValueSet/ecmo-circuit-parameters"},
             short="Our circuit-parameter code first; SNOMED CT / LOINC / MDC codings where they match"),
     element("DeviceMetric.source", min=1, type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-console-device"]}]),
+    element("DeviceMetric.parent", min=1, type=[{"code": "Reference", "targetProfile": [f"{BASE}/StructureDefinition/ecmo-device-component"]}],
+            short="The channel of the module that measures or sets the parameter (the CodeSystem's module property)"),
     element("DeviceMetric.category", short="measurement, setting or calculation, as the CodeSystem's metric-category property or the device's table says"),
 ])
 print("written to", OUT)

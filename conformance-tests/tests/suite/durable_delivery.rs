@@ -14,7 +14,7 @@ use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
     ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, assert_each_held_once,
-    device_metrics_of, durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
+    description_of, durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -179,10 +179,10 @@ async fn errors_dropped_connections_and_an_outage_are_ridden_out() {
             stats["delivered"].as_u64(),
             stats["dead"].as_u64()
         ),
-        // 60 readings, the console's DeviceMetrics and one Provenance per request.
+        // 60 readings, the console's description and one Provenance per request.
         (
-            Some(65 + device_metrics_of("CARDIOHELP-i")),
-            Some(65 + device_metrics_of("CARDIOHELP-i")),
+            Some(65 + description_of("CARDIOHELP-i")),
+            Some(65 + description_of("CARDIOHELP-i")),
             Some(0)
         ),
         "{queues}"
@@ -234,10 +234,10 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
 
     let admin = pki.client(ADMIN);
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(30)).await;
-    // 11 readings, the console's DeviceMetrics and the request's Provenance.
+    // 11 readings, the console's description and the request's Provenance.
     assert_eq!(
         queues["destinations"][0]["delivered"],
-        12 + device_metrics_of("CARDIOHELP-i"),
+        12 + description_of("CARDIOHELP-i"),
         "{queues}"
     );
     assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
@@ -314,7 +314,7 @@ async fn a_refused_resource_is_dead_lettered_the_rest_flow_and_replay_delivers_i
             queues["destinations"][0]["delivered"].as_u64(),
             queues["destinations"][0]["dead"].as_u64()
         ),
-        (Some(13 + device_metrics_of("CARDIOHELP-i")), Some(0))
+        (Some(13 + description_of("CARDIOHELP-i")), Some(0))
     );
     assert_eq!(ehr.ehr.count("Observation"), 12);
     assert_eq!(ehr.ehr.count("Provenance"), 1);
@@ -464,8 +464,8 @@ async fn a_dead_destination_does_not_hold_up_the_others_and_routing_applies() {
         .find(|d| d["destination"] == "registry")
         .unwrap()
         .clone();
-    // 12 readings, the console's DeviceMetrics and the Provenance.
-    let expected = 13 + device_metrics_of("CARDIOHELP-i");
+    // 12 readings, the console's description and the Provenance.
+    let expected = 13 + description_of("CARDIOHELP-i");
     assert_eq!(registry["accepted"], expected);
     assert_eq!(registry["pending"], expected);
     assert!(registry["oldestPendingSeconds"].as_f64().is_some());
@@ -984,7 +984,7 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
     assert_eq!(created.len(), 1, "{created:?}");
     let p = &created[0];
     assert_eq!(p["activity"]["coding"][0]["code"], "CREATE");
-    // It traces the readings, and the console's DeviceMetrics written with them.
+    // It traces the readings, and the console's description written with them.
     let (mut targets, metrics): (Vec<String>, Vec<String>) = target_values(p)
         .into_iter()
         .partition(|t| t.starts_with("getinge-cardiohelp:"));
@@ -992,7 +992,7 @@ async fn every_write_is_traced_to_its_device_sender_table_and_build_exactly_once
     let mut expected = vec![identifier(0), identifier(1)];
     expected.sort();
     assert_eq!(targets, expected);
-    assert_eq!(metrics.len() as u64, device_metrics_of("CARDIOHELP-i"));
+    assert_eq!(metrics.len() as u64, description_of("CARDIOHELP-i"));
     assert!(
         metrics.iter().all(|m| m.starts_with("CH-P1:")),
         "{metrics:?}"
@@ -1141,10 +1141,10 @@ async fn a_destination_without_provenance_gets_none() {
         .await
         .expect_status(202);
     let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(30)).await;
-    // The reading and its console's DeviceMetrics.
+    // The reading and its console's description.
     assert_eq!(
         queues["destinations"][0]["delivered"],
-        1 + device_metrics_of("CARDIOHELP-i"),
+        1 + description_of("CARDIOHELP-i"),
         "{queues}"
     );
     assert_eq!(ehr.ehr.count("Observation"), 1);
@@ -1235,7 +1235,7 @@ async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes(
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
     assert_eq!(
         queues["destinations"][0]["delivered"],
-        51 + device_metrics_of("CARDIOHELP-i"),
+        51 + description_of("CARDIOHELP-i"),
         "{queues}"
     );
     assert_eq!(queues["destinations"][0]["dead"], 1, "{queues}");
@@ -1254,7 +1254,7 @@ async fn an_ehr_that_refuses_big_transactions_gets_halves_then_bundles_it_takes(
     let queues = wait_until_settled(&admin, &gateway, Duration::from_secs(60)).await;
     assert_eq!(
         queues["destinations"][0]["delivered"],
-        51 + 61 + device_metrics_of("CARDIOHELP-i"),
+        51 + 61 + description_of("CARDIOHELP-i"),
         "{queues}"
     );
     assert_eq!(ehr.ehr.count("Observation"), 110);

@@ -178,6 +178,19 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
         );
         let console = target(&stored, &metric["source"]["reference"]);
         let serial = console["identifier"][0]["value"].as_str().unwrap();
+        // The PoCD containment tree, literal all the way: metric -> channel -> module ->
+        // the console itself.
+        let channel = target(&stored, &metric["parent"]["reference"]);
+        let module = target(&stored, &channel["parent"]["reference"]);
+        assert_eq!(
+            target(&stored, &module["parent"]["reference"])["id"],
+            console["id"],
+            "{metric}"
+        );
+        assert_eq!(
+            channel["identifier"][0]["value"],
+            format!("{}/1", module["identifier"][0]["value"].as_str().unwrap())
+        );
         assert_eq!(
             o["device"]["identifier"]["value"],
             format!(
@@ -201,24 +214,24 @@ async fn a_run_and_its_readings_reach_an_ehr_that_takes_only_literal_references(
             assert!(o.get("partOf").is_none());
         }
     }
-    // One Device per console (the run's, and the one written for CH-L2's readings) and one
-    // for the gateway, which the Provenance names as its assembler.
+    // One Device per console (the run's, and the one written for CH-L2's readings), one for
+    // the gateway, which the Provenance names as its assembler, and each console's modules
+    // and channels.
+    let tables = mappings::Mappings::embedded().unwrap();
+    let cardiohelp = tables.family_for_model("CARDIOHELP-i").unwrap();
+    let components = mappings::device_components(cardiohelp, "x").unwrap().len();
     let devices: Vec<String> = ehr
         .ehr
         .all_resources("Device")
         .iter()
         .map(|d| d["identifier"][0]["value"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(devices.len(), 3, "{devices:?}");
+    assert_eq!(devices.len(), 3 + 2 * components, "{devices:?}");
     for serial in ["CH-L1", "CH-L2"] {
         assert!(devices.iter().any(|d| d == serial), "{devices:?}");
     }
     // Each console's parameters, described once each.
-    let tables = mappings::Mappings::embedded().unwrap();
-    let per_console =
-        mappings::device_metrics(tables.family_for_model("CARDIOHELP-i").unwrap(), "x")
-            .unwrap()
-            .len();
+    let per_console = mappings::device_metrics(cardiohelp, "x").unwrap().len();
     assert_eq!(ehr.ehr.count("DeviceMetric"), 2 * per_console);
     // Provenance points to what it traces.
     for (_, provenance) in stored.iter().filter(|(t, _)| t == "Provenance") {

@@ -277,8 +277,8 @@ async fn metrics_count_what_happened_and_name_no_patient() {
         value(r#"ecmo_ingest_resources_total{vendor="getinge",resource_type="Observation"}"#),
         1.0
     );
-    // The Observation, the console's DeviceMetrics and the Provenance.
-    let messages = 2.0 + conformance_tests::harness::device_metrics_of("CARDIOHELP-i") as f64;
+    // The Observation, the console's description and the Provenance.
+    let messages = 2.0 + conformance_tests::harness::description_of("CARDIOHELP-i") as f64;
     assert_eq!(
         value(r#"ecmo_deliveries_total{destination="ehr",outcome="retry"}"#),
         messages,

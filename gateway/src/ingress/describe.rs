@@ -1,6 +1,7 @@
-//! Device descriptions: the DeviceMetrics of a device's parameters (the HL7 PoCD shape), which
-//! its Observations point at, go into the outbox ahead of the device's readings, in the same
-//! durable write, so that an EHR never holds an Observation whose DeviceMetric is missing.
+//! Device descriptions: the modules and channels of a device and the DeviceMetrics of its
+//! parameters (the HL7 PoCD containment tree), which its Observations point at, go into the
+//! outbox ahead of the device's readings, parents first, in the same durable write, so that an
+//! EHR never holds an Observation whose DeviceMetric (or a metric whose channel) is missing.
 //!
 //! Once per device and table version per path: the outbox would find them unchanged anyway,
 //! but finding that out costs a stored-state lookup per metric and destination, on every
@@ -49,8 +50,8 @@ pub struct DeviceDescriptions {
 }
 
 impl DeviceDescriptions {
-    /// Adds to `batch` the DeviceMetrics of device `serial`, unless this path has handed them
-    /// off already.
+    /// Adds to `batch` the description of device `serial` (modules, channels, metrics), unless
+    /// this path has handed it off already.
     pub fn attach(
         &self,
         batch: &mut OutboundBatch,
@@ -61,7 +62,7 @@ impl DeviceDescriptions {
         if batch.described.contains(&device) || self.lock().contains(&device) {
             return Ok(());
         }
-        let metrics = mappings::device_metrics(family, serial).map_err(|error| {
+        let described = mappings::device_description(family, serial).map_err(|error| {
             tracing::error!(family = %family.id, %error, "device metrics could not be built");
             ApiError::one(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,7 +72,7 @@ impl DeviceDescriptions {
                 ),
             )
         })?;
-        batch.descriptions.extend(metrics);
+        batch.descriptions.extend(described);
         batch.described.push(device);
         Ok(())
     }
@@ -190,14 +191,13 @@ mod tests {
         descriptions.attach(&mut first, family, "CH-1").unwrap();
         assert_eq!(
             first.descriptions.len(),
-            mappings::device_metrics(family, "CH-1").unwrap().len()
+            mappings::device_description(family, "CH-1").unwrap().len()
         );
-        assert!(
-            first
-                .descriptions
-                .iter()
-                .all(|d| d.resource_type == "DeviceMetric")
-        );
+        // Parents first: the modules and channels, then the metrics that hang under them.
+        let types: Vec<&str> = first.descriptions.iter().map(|d| d.resource_type).collect();
+        let metrics_from = types.iter().position(|t| *t == "DeviceMetric").unwrap();
+        assert!(types[..metrics_from].iter().all(|t| *t == "Device"));
+        assert!(types[metrics_from..].iter().all(|t| *t == "DeviceMetric"));
         // Refused: nothing was stored, so the next request describes the device again.
         answering(StatusCode::SERVICE_UNAVAILABLE)
             .oneshot(Request::new(first))

@@ -39,8 +39,8 @@ pub fn capability_statement() -> Value {
             "resource": [
                 {"type": "Observation", "supportedProfile": profiles("Observation"), "documentation": "One per device reading."},
                 {"type": "Procedure", "supportedProfile": profiles("Procedure"), "documentation": "One per ECMO run, and one per mode segment, circuit change and weaning trial."},
-                {"type": "Device", "supportedProfile": profiles("Device"), "documentation": "One per device of an ECMO circuit (console, monitor, analyser)."},
-                {"type": "DeviceMetric", "supportedProfile": profiles("DeviceMetric"), "documentation": "One per parameter of a device (HL7 PoCD): whether the device measures, sets or calculates it. Observations point at it."}
+                {"type": "Device", "supportedProfile": profiles("Device"), "documentation": "One per device of an ECMO circuit (console, monitor, analyser), and per module of a device with its channel (HL7 PoCD VMD and channel, ecmo-device-component), between the device and its metrics."},
+                {"type": "DeviceMetric", "supportedProfile": profiles("DeviceMetric"), "documentation": "One per parameter of a device (HL7 PoCD): whether the device measures, sets or calculates it; its parent is the channel of the module it comes from. Observations point at it."}
             ]
         }]
     })
