@@ -17,6 +17,8 @@ mod fhir_check;
 mod identity;
 mod observation;
 mod observation_json;
+#[cfg(test)]
+mod pocd;
 mod provenance;
 mod reading;
 mod run;
