@@ -341,10 +341,15 @@ fn main() -> ExitCode {
                     None => {}
                 }
             }
-            match runtime.block_on(gateway.check_store()) {
-                Some(Ok(report)) => println!("postgres: {report}"),
-                Some(Err(reason)) => println!("postgres: not checked: {reason}"),
-                None => {}
+            if let Some(result) = runtime.block_on(gateway.check_store()) {
+                match result {
+                    Ok(report) => println!("postgres: {report}"),
+                    Err(reason) => println!("postgres: not checked: {reason}"),
+                }
+                // The SQLite files' settings still parse, but nothing reads them then.
+                println!(
+                    "postgres: holds the outbox, delivery records and run registry; [delivery] outbox and [runs] store are not used"
+                );
             }
             if gaps > 0 {
                 eprintln!("error: {gaps} configured feature(s) the destinations cannot do (above)");

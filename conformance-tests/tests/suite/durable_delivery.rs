@@ -1541,7 +1541,8 @@ async fn the_documented_example_with_every_setting_starts_and_delivers() {
     let said = String::from_utf8_lossy(&checked.stdout);
     assert!(
         said.contains("postgres: reachable over TLS, PostgreSQL ")
-            && said.contains("outbox schema not made yet"),
+            && said.contains("outbox schema not made yet")
+            && said.contains("[delivery] outbox and [runs] store are not used"),
         "{said}{}",
         String::from_utf8_lossy(&checked.stderr)
     );
