@@ -111,12 +111,13 @@ pub fn device_components(
         }
     }
     let mut components = Vec::with_capacity(modules.len() * 2);
-    for (code, display) in modules {
+    for kind in modules {
+        let (code, display) = kind;
         let module = channel_identifier(serial, code, false);
         components.push(component(
             family,
             &module,
-            code,
+            kind,
             display,
             device_reference(family, serial),
         )?);
@@ -126,7 +127,7 @@ pub fn device_components(
         components.push(component(
             family,
             &channel,
-            code,
+            kind,
             &channel_display,
             module_parent,
         )?);
@@ -162,14 +163,16 @@ fn component_reference(family: &DeviceFamily, value: &str, display: &str) -> Ref
     }
 }
 
+/// A module or channel Device: `kind` is the module's code and display in our CodeSystem
+/// (the parameter's, as its table took it at load), `text` what this Device is.
 fn component(
     family: &DeviceFamily,
     value: &str,
-    module: &str,
-    display: &str,
+    kind: &(String, String),
+    text: &str,
     parent: Reference,
 ) -> Result<MappedResource, String> {
-    let codes = crate::CodeSystemCodes::embedded();
+    let (module, module_display) = kind;
     let device = Device {
         meta: Some(Box::new(Meta {
             profile: vec![crate::DEVICE_COMPONENT_PROFILE.into()],
@@ -183,11 +186,11 @@ fn component(
         r#type: Some(Box::new(CodeableConcept {
             coding: vec![Coding {
                 system: Some(crate::ECMO_CODE_SYSTEM.into()),
-                code: Some(module.into()),
-                display: codes.display(module).map(Into::into),
+                code: Some(module.as_str().into()),
+                display: Some(module_display.as_str().into()),
                 ..Default::default()
             }],
-            text: Some(display.into()),
+            text: Some(text.into()),
             ..Default::default()
         })),
         parent: Some(Box::new(parent)),

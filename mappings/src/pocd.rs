@@ -110,7 +110,7 @@ impl PocdProfile {
         }
     }
 
-    /// The fixed `system` that selects the members of slice `slice` of element `id_prefix`.
+    /// The fixed `system` that selects the members of the slice whose element id is `sliced`.
     fn slice_system(&self, sliced: &str) -> Option<&str> {
         let system_id = format!("{sliced}.system");
         self.elements
