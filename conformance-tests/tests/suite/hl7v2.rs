@@ -635,10 +635,7 @@ async fn a_v2_receiver_gets_charted_means_with_their_interval_corrections_and_wa
     assert_eq!(waveform.unit, "mm[Hg]^mm[Hg]^UCUM");
     assert_eq!(
         waveform.sample_period,
-        Some((
-            "8".to_owned(),
-            gateway::delivery::oru::MILLISECONDS_UNIT.to_owned()
-        ))
+        Some(("8".to_owned(), gateway::delivery::oru::milliseconds_unit()))
     );
     assert_eq!(waveform.status, "F");
     // The FHIR destination takes no waveforms: it has not got this one.

@@ -447,17 +447,25 @@ pub fn encode(
     // MDC_ATTR_TIME_PD_SAMP under the waveform's sub-id, in milliseconds.
     if let Some(period) = observation["valueSampledData"].get("period") {
         text.push_str(&format!(
-            "OBX|2|NM|{SAMPLE_PERIOD_CODE}|1.1.1.1.1|{period}|{MILLISECONDS_UNIT}|||||{status}|||{when}\r"
+            "OBX|2|NM|{}|1.1.1.1.1|{period}|{}|||||{status}|||{when}\r",
+            sample_period_code(),
+            milliseconds_unit()
         ));
     }
     Ok(text)
 }
 
-/// MDC_ATTR_TIME_PD_SAMP: the sample period of a waveform (IHE PCD WCM).
-pub const SAMPLE_PERIOD_CODE: &str = "67980^MDC_ATTR_TIME_PD_SAMP^MDC";
+/// OBX-3 of a waveform's sample period (MDC_ATTR_TIME_PD_SAMP, as PCD-01 in reads it).
+pub fn sample_period_code() -> String {
+    let (code, name) = crate::hl7v2::pcd01::SAMPLE_PERIOD;
+    format!("{code}^{name}^MDC")
+}
 
-/// MDC_DIM_MILLI_SEC, with its UCUM code.
-pub const MILLISECONDS_UNIT: &str = "264338^MDC_DIM_MILLI_SEC^MDC^ms^ms^UCUM";
+/// OBX-6 of a sample period: MDC_DIM_MILLI_SEC, with its UCUM code as the alternate.
+pub fn milliseconds_unit() -> String {
+    let (code, name) = crate::hl7v2::pcd01::MILLISECONDS;
+    format!("{code}^{name}^MDC^ms^ms^UCUM")
+}
 
 /// A SampledData's samples as an HL7 NA value (components, an invalid sample empty) and its
 /// UCUM unit. Only what the gateway writes is taken: origin 0, no factor, one dimension.
@@ -666,10 +674,10 @@ mod tests {
         assert_eq!(obx[0].field(5), "-32.5^-31^^-30.25");
         assert_eq!(obx[0].field(6), "mm[Hg]^mm[Hg]^UCUM");
         assert_eq!(obx[0].field(4), "1.1.1.1");
-        assert_eq!(obx[1].field(3), SAMPLE_PERIOD_CODE);
+        assert_eq!(obx[1].field(3), sample_period_code());
         assert_eq!(obx[1].field(4), "1.1.1.1.1");
         assert_eq!(obx[1].field(5), "8");
-        assert_eq!(obx[1].field(6), MILLISECONDS_UNIT);
+        assert_eq!(obx[1].field(6), milliseconds_unit());
         // What the gateway never writes is refused rather than sent wrong.
         for (key, value) in [
             ("factor", json!(2)),

@@ -488,7 +488,10 @@ type ReadingFields = Vec<(&'static str, Location)>;
 
 /// MDC_ATTR_TIME_PD_SAMP: the OBX after a waveform (NA) that gives its sample period, as the
 /// IHE PCD Waveform Content Module places it.
-const SAMPLE_PERIOD: (&str, &str) = ("67980", "MDC_ATTR_TIME_PD_SAMP");
+pub const SAMPLE_PERIOD: (&str, &str) = ("67980", "MDC_ATTR_TIME_PD_SAMP");
+
+/// MDC_DIM_MILLI_SEC: the unit of a sample period.
+pub const MILLISECONDS: (&str, &str) = ("264338", "MDC_DIM_MILLI_SEC");
 
 fn is_sample_period(obx: &Segment<'_>, d: Delimiters) -> bool {
     let code = obx.field(3);
@@ -515,9 +518,10 @@ fn waveform_samples(
         ));
     };
     let unit = period.field(6);
-    let milliseconds = [1, 2, 4, 5]
-        .iter()
-        .any(|&n| matches!(component(unit, n, d), "264338" | "MDC_DIM_MILLI_SEC" | "ms"));
+    let milliseconds = [1, 2, 4, 5].iter().any(|&n| {
+        let code = component(unit, n, d);
+        code == MILLISECONDS.0 || code == MILLISECONDS.1 || code == "ms"
+    });
     if !milliseconds {
         return Err(problem(
             ErrorCode::DataType,
