@@ -1690,22 +1690,14 @@ mod tests {
         .unwrap();
         tokio::time::sleep(lease * 2).await;
         assert!(
-            b.due("ehr", now_ms(), 10, &in_flight, 0)
-                .await
-                .unwrap()
-                .messages
-                .is_empty(),
+            due_at(&*b, now_ms(), &[]).await.is_empty(),
             "a living replica keeps what it holds"
         );
         // A dies: once its claims run out, b takes its messages and delivers them.
         drop(a);
         let deadline = Instant::now() + Duration::from_secs(10);
         let taken_over = loop {
-            let due = b
-                .due("ehr", now_ms(), 10, &in_flight, 0)
-                .await
-                .unwrap()
-                .messages;
+            let due = due_at(&*b, now_ms(), &[]).await;
             if !due.is_empty() {
                 break due;
             }
@@ -1749,12 +1741,7 @@ mod tests {
             .enqueue("b1".into(), vec![reading("ehr", 7, original)], None)
             .await
             .unwrap();
-        let in_flight = std::collections::HashSet::new();
-        let sending = a
-            .due("ehr", now_ms(), 10, &in_flight, 0)
-            .await
-            .unwrap()
-            .messages;
+        let sending = due_at(&*a, now_ms(), &[]).await;
         assert_eq!(sending.len(), 1);
         let second = b
             .enqueue("b2".into(), vec![reading("ehr", 7, corrected)], None)
@@ -1762,21 +1749,13 @@ mod tests {
             .unwrap();
         assert_eq!(second[0].disposition, Disposition::Amended);
         assert!(
-            b.due("ehr", now_ms(), 10, &in_flight, 0)
-                .await
-                .unwrap()
-                .messages
-                .is_empty(),
+            due_at(&*b, now_ms(), &[]).await.is_empty(),
             "the correction waits while replica a sends the original"
         );
         a.settle(vec![(first[0].message_id, delivered())])
             .await
             .unwrap();
-        let next = b
-            .due("ehr", now_ms(), 10, &in_flight, 0)
-            .await
-            .unwrap()
-            .messages;
+        let next = due_at(&*b, now_ms(), &[]).await;
         assert_eq!(next.len(), 1);
         assert_eq!(next[0].id, second[0].message_id);
         assert!(String::from_utf8_lossy(&next[0].body).contains("amended"));
