@@ -540,6 +540,10 @@ impl ReferenceEhr {
                 return Err(Dropped.into());
             }
             if let Some(status) = fault.status {
+                // Read the request first, as a server does that answers after reading it: one
+                // that answers a large body early makes the client's connection fail mid-send,
+                // and the client resends what it thinks never arrived.
+                let _ = request.into_body().collect().await;
                 lock(&self.writes).push(WriteRecord {
                     arrived,
                     status,
