@@ -13,8 +13,9 @@ use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::smart::RegisteredClient;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
 use conformance_tests::harness::{
-    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, assert_each_held_once,
-    description_of, durable_config, durable_gateway, mtls_ehr, now_rfc3339, wait_until_settled,
+    ADMIN, EhrReader, GETINGE, GatewayProcess, SPECTRUM, TestPki, WriteStyle,
+    assert_each_held_once, description_of, durable_config, durable_gateway, gateway_config,
+    mtls_ehr, now_rfc3339, wait_until_settled, with_outbox,
 };
 use gateway::delivery::smart::keys::SigningKeys;
 use jsonwebtoken::jwk::JwkSet;
@@ -207,6 +208,54 @@ async fn errors_dropped_connections_and_an_outage_are_ridden_out() {
             );
         }
     }
+}
+
+/// One write at a time (`bundle = "single"`): a 503 with `Retry-After` stops the rest of the
+/// batch, which waits the pause out with the message that met it instead of being sent after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_write_destination_waits_out_retry_after_with_the_whole_batch() {
+    let pki = TestPki::generate().unwrap();
+    let ehr = start_ehr(&pki).await;
+    let store = ehr.ehr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_outbox(
+        &gateway_config(
+            &pki,
+            &ehr.base_url,
+            WriteStyle::SINGLE_CONDITIONAL,
+            "gateway-client",
+        ),
+        &dir.path().join("outbox.sqlite"),
+    );
+    store.fail_next(Fault::status(503).retry_after(1), 1);
+    let gateway = GatewayProcess::start(&config).unwrap();
+    let mut console = SimulatedCardiohelp::new("CH-0043", 11);
+    pki.client(GETINGE)
+        .post_json(
+            &gateway.url("/v1/observations"),
+            &console.next_batch(OffsetDateTime::now_utc() - time::Duration::minutes(5)),
+        )
+        .await
+        .unwrap()
+        .expect_status(202);
+
+    let queues = wait_until_settled(&pki.client(ADMIN), &gateway, Duration::from_secs(60)).await;
+    let stats = &queues["destinations"][0];
+    assert_eq!(stats["dead"], 0, "{queues}");
+    assert_eq!(stats["accepted"], stats["delivered"], "{queues}");
+    assert_eq!(store.count("Observation"), 12);
+    let writes = store.writes();
+    assert_eq!(
+        writes[0].retry_after,
+        Some(1),
+        "the first write met the fault"
+    );
+    let gap = writes[1].arrived - writes[0].arrived;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "the next write came {gap:?} after a 503 asking for 1 s ({} writes)",
+        writes.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -64,6 +64,13 @@ enum Health {
     Misconfigured,
 }
 
+impl Health {
+    /// Down or refusing the connection: the rest of the batch waits (`leave_unsent`).
+    fn halts_batch(&self) -> bool {
+        !matches!(self, Health::Up)
+    }
+}
+
 /// What one batch's send task hands back: the health it saw, whether its outcomes were
 /// recorded, and the lowest of its messages still pending (to be sent again).
 type Sent = (Health, Result<(), crate::outbox::OutboxError>, Option<i64>);
@@ -337,6 +344,10 @@ impl Shared {
             if part.is_empty() {
                 continue;
             }
+            if health.halts_batch() {
+                leave_unsent(part, &mut outcomes);
+                continue;
+            }
             // Bigger than what the EHR has since been found to take: left pending, unsettled,
             // so the worker sends it again as bundles of the right size, several at once.
             if transactions && part.len() > self.batch_limit() {
@@ -399,7 +410,11 @@ impl Shared {
                 }
                 continue;
             }
-            for one in part {
+            for (n, one) in part.iter().enumerate() {
+                if health.halts_batch() {
+                    leave_unsent(&part[n..], &mut outcomes);
+                    break;
+                }
                 let rewritten;
                 let (id, attempts, resource) = if self.destination.literal_references() {
                     rewritten = self
@@ -444,11 +459,10 @@ impl Shared {
         mut outcomes: Vec<(i64, Settle)>,
     ) -> (Vec<(i64, Settle)>, Health) {
         let mut health = Health::Up;
-        let mut down: Option<DeliveryError> = None;
-        for (id, attempts, resource) in &resources {
-            if let Some(error) = &down {
-                outcomes.push((*id, self.reschedule(*attempts, error)));
-                continue;
+        for (n, (id, attempts, resource)) in resources.iter().enumerate() {
+            if health.halts_batch() {
+                leave_unsent(&resources[n..], &mut outcomes);
+                break;
             }
             let settle = match oru.send(resource).await {
                 Ok(entry) => Settle::Delivered {
@@ -456,12 +470,10 @@ impl Shared {
                     location: None,
                 },
                 Err(error) => {
-                    let settle = self.reschedule(*attempts, &error);
                     if !matches!(error, DeliveryError::Rejected { .. }) {
                         health = self.health_of(&error);
-                        down = Some(error);
                     }
-                    settle
+                    self.reschedule(*attempts, &error)
                 }
             };
             outcomes.push((*id, settle));
@@ -629,6 +641,31 @@ impl Shared {
         }
     }
 }
+
+/// What is left of a batch once its destination is down or refuses the connection: not sent
+/// now (sending it would ignore the EHR's `Retry-After` and the breaker), due again as soon
+/// as the breaker lets the worker send, without spending an attempt. Parts of a refused
+/// transaction may hold messages already settled; those keep their outcome.
+fn leave_unsent(part: &[(i64, u32, MappedResource)], outcomes: &mut Vec<(i64, Settle)>) {
+    let settled: HashSet<i64> = outcomes.iter().map(|(id, _)| *id).collect();
+    let at_ms = now_ms();
+    outcomes.extend(
+        part.iter()
+            .filter(|(id, _, _)| !settled.contains(id))
+            .map(|(id, _, _)| {
+                (
+                    *id,
+                    Settle::Postpone {
+                        at_ms,
+                        error: UNSENT.to_owned(),
+                    },
+                )
+            }),
+    );
+}
+
+/// The reason a message left unsent carries until it is sent.
+const UNSENT: &str = "not sent yet: the destination failed earlier in the same batch";
 
 /// Counts settled messages by outcome (`crate::metrics`).
 fn count_outcomes(destination: &str, outcomes: &[(i64, Settle)]) {
