@@ -19,6 +19,9 @@
 //! | `ecmo_certificate_expiry_days` (at scrape) | `role`, `subject` |
 //! | `ecmo_config_reloads_total` | `outcome` (`ok`, `failed`) |
 //! | `ecmo_hl7v2_messages_total` (MLLP messages answered) | `ack` (`AA`, `AE`, `AR`) |
+//! | `ecmo_outbox_commit_duration_seconds` (SQLite: one group commit, fsync included) | |
+//! | `ecmo_outbox_checkpoint_duration_seconds` (SQLite: WAL copied back to the file) | `mode` (`passive`, `restart`) |
+//! | `ecmo_outbox_writer_held_seconds` (SQLite: the writer waiting out a restart checkpoint) | |
 
 use std::sync::LazyLock;
 
@@ -69,6 +72,11 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckpointMode {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AckLabel {
     pub ack: &'static str,
 }
@@ -104,6 +112,11 @@ pub struct Metrics {
     pub certificate_days: Family<CertificateLabel, Gauge>,
     pub reloads: Family<Outcome, Counter>,
     pub hl7_messages: Family<AckLabel, Counter>,
+    /// Disk latency as the requests waiting for a commit see it.
+    pub outbox_commit_seconds: Histogram,
+    pub outbox_checkpoint_seconds: Histograms<CheckpointMode>,
+    /// Only observed when the writer did wait: each is a stall of every request in flight.
+    pub outbox_writer_held_seconds: Histogram,
 }
 
 impl Metrics {
@@ -125,6 +138,9 @@ impl Metrics {
             certificate_days: Family::default(),
             reloads: Family::default(),
             hl7_messages: Family::default(),
+            outbox_commit_seconds: latency(),
+            outbox_checkpoint_seconds: Family::new_with_constructor(latency),
+            outbox_writer_held_seconds: latency(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +218,21 @@ impl Metrics {
             "Configuration reloads (certificates, CAs, vendors), by outcome",
             m.reloads.clone(),
         );
+        registry.register(
+            "ecmo_outbox_commit_duration_seconds",
+            "One group commit of the SQLite outbox, fsync included",
+            m.outbox_commit_seconds.clone(),
+        );
+        registry.register(
+            "ecmo_outbox_checkpoint_duration_seconds",
+            "One checkpoint of the SQLite outbox's WAL, by mode",
+            m.outbox_checkpoint_seconds.clone(),
+        );
+        registry.register(
+            "ecmo_outbox_writer_held_seconds",
+            "Time the SQLite outbox's writer waited for a restart checkpoint, when it waited",
+            m.outbox_writer_held_seconds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -252,7 +283,16 @@ mod tests {
             })
             .inc_by(3);
         m.handoff_seconds.observe(0.002);
+        m.outbox_checkpoint_seconds
+            .get_or_create(&CheckpointMode { mode: "restart" })
+            .observe(0.3);
         let text = m.render();
+        assert!(
+            text.contains(
+                r#"ecmo_outbox_checkpoint_duration_seconds_bucket{le="0.512",mode="restart"} 1"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(r#"ecmo_ingest_requests_total{route="/v1/observations",status="202"} 1"#),
             "{text}"

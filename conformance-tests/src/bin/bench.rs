@@ -22,7 +22,7 @@ use conformance_tests::ceiling::{self, CeilingKind};
 use conformance_tests::client::MtlsClient;
 use conformance_tests::console::SimulatedCardiohelp;
 use conformance_tests::ehr::{Fault, ReferenceEhr, RunningEhr};
-use conformance_tests::harness::{GETINGE, GatewayProcess, TestPki, durable_config};
+use conformance_tests::harness::{ADMIN, GETINGE, GatewayProcess, TestPki, durable_config};
 use gateway::BoxError;
 use gateway::config::{FhirFormat, WriteMode};
 use gateway::delivery::request_builder::RequestBuilder;
@@ -168,6 +168,87 @@ fn outbox_files_mib(outbox: &std::path::Path) -> String {
         fmt(mib(""), 1),
         fmt(mib("-wal"), 1)
     )
+}
+
+/// The outbox's disk as the gateway's metrics count it (totals since its start).
+#[derive(Clone, Copy, Default)]
+struct DiskStats {
+    commits: u64,
+    commit_seconds: f64,
+    /// Commits longer than [`DiskStats::SLOW`].
+    commits_slow: u64,
+    restarts: u64,
+    held: u64,
+    held_seconds: f64,
+    held_slow: u64,
+}
+
+impl DiskStats {
+    /// A stall this long (a bucket bound of the gateway's latency histograms) fills a vendor's
+    /// share of requests at 2,000 requests/s, in seconds.
+    const SLOW: f64 = 0.064;
+
+    async fn scrape(admin: &MtlsClient, gateway: &GatewayProcess) -> Option<Self> {
+        let answer = admin.get(&gateway.admin_url("/metrics")).await.ok()?;
+        let text = String::from_utf8(answer.body.to_vec()).ok()?;
+        // `name{labels} value` lines; a series is picked by its name and a label it has.
+        let series = |name: &str, label: &str| -> Vec<(String, f64)> {
+            text.lines()
+                .filter_map(|line| {
+                    let (series, value) = line.rsplit_once(' ')?;
+                    let (series_name, labels) = series.split_once('{').unwrap_or((series, "}"));
+                    (series_name == name && labels.contains(label))
+                        .then(|| Some((labels.to_owned(), value.parse::<f64>().ok()?)))
+                        .flatten()
+                })
+                .collect()
+        };
+        let value =
+            |name: &str, label: &str| -> f64 { series(name, label).iter().map(|(_, v)| v).sum() };
+        // Observations up to SLOW: the bucket whose bound is SLOW.
+        let within = |name: &str| -> f64 {
+            series(name, "le=\"")
+                .iter()
+                .filter(|(labels, _)| {
+                    labels
+                        .split("le=\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .and_then(|bound| bound.parse::<f64>().ok())
+                        .is_some_and(|bound| (bound - Self::SLOW).abs() < 1e-9)
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let commit = "ecmo_outbox_commit_duration_seconds";
+        let held = "ecmo_outbox_writer_held_seconds";
+        let commits = value(&format!("{commit}_count"), "");
+        let held_count = value(&format!("{held}_count"), "");
+        Some(Self {
+            commits: commits as u64,
+            commit_seconds: value(&format!("{commit}_sum"), ""),
+            commits_slow: (commits - within(&format!("{commit}_bucket"))) as u64,
+            restarts: value(
+                "ecmo_outbox_checkpoint_duration_seconds_count",
+                "mode=\"restart\"",
+            ) as u64,
+            held: held_count as u64,
+            held_seconds: value(&format!("{held}_sum"), ""),
+            held_slow: (held_count - within(&format!("{held}_bucket"))) as u64,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            commits: self.commits - before.commits,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+            commits_slow: self.commits_slow - before.commits_slow,
+            restarts: self.restarts - before.restarts,
+            held: self.held - before.held,
+            held_seconds: self.held_seconds - before.held_seconds,
+            held_slow: self.held_slow - before.held_slow,
+        }
+    }
 }
 
 /// Resident memory of `pid` now (`VmRSS`), in MiB.
@@ -793,6 +874,9 @@ async fn main() -> Result<(), BoxError> {
     let mut deliveries: Vec<Delivery> = Vec::new();
     // After each of the gateway's phases of the first run: RSS then, and the peak so far.
     let mut memory: Vec<(String, Option<f64>, Option<u64>, String)> = Vec::new();
+    // What each of the gateway's phases of the first run cost the outbox's disk.
+    let admin = pki.client(ADMIN);
+    let mut disk: Vec<(String, DiskStats)> = Vec::new();
     for run in 0..args.repeat {
         for workload in Workload::ALL {
             // One set of requests per workload and run: the ceilings get the same bodies as the
@@ -806,6 +890,11 @@ async fn main() -> Result<(), BoxError> {
             for (index, (_, target, cycle)) in servers.iter().enumerate() {
                 let is_gateway = !cycle;
                 let load = run_workload(target, workload, jobs.clone(), &args, *cycle, &accepted);
+                let disk_before = if is_gateway && run == 0 {
+                    DiskStats::scrape(&admin, &gateway).await
+                } else {
+                    None
+                };
                 let measured = if is_gateway {
                     // Every phase waits for delivery, so the next one starts on an empty queue.
                     let (measured, delivery) = with_delivery(
@@ -822,6 +911,11 @@ async fn main() -> Result<(), BoxError> {
                 } else {
                     load.await
                 };
+                if let (Some(before), Some(after)) =
+                    (disk_before, DiskStats::scrape(&admin, &gateway).await)
+                {
+                    disk.push((workload.label(&args), after.since(&before)));
+                }
                 if is_gateway && run == 0 {
                     memory.push((
                         workload.label(&args),
@@ -1058,6 +1152,27 @@ async fn main() -> Result<(), BoxError> {
         })
         .collect();
     println!("After each phase: {}.", phases.join("; "));
+    if !disk.is_empty() {
+        println!(
+            "\n## The outbox's disk in each gateway phase (SQLite; from the gateway's /metrics)\n"
+        );
+        println!(
+            "| phase | group commits | mean commit ms | commits over 64 ms | restart checkpoints | writer held: times, total ms, over 64 ms |"
+        );
+        println!("|---|---:|---:|---:|---:|---|");
+        for (phase, d) in &disk {
+            println!(
+                "| {phase} | {} | {} | {} | {} | {}, {}, {} |",
+                d.commits,
+                fmt(d.commit_seconds * 1000.0 / d.commits.max(1) as f64, 2),
+                d.commits_slow,
+                d.restarts,
+                d.held,
+                fmt(d.held_seconds * 1000.0, 1),
+                d.held_slow,
+            );
+        }
+    }
     if args.soak_seconds > 0 {
         soak(&args, &pki, &gateway, &accepted).await;
     }

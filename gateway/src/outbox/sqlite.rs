@@ -326,23 +326,75 @@ fn ensure_incremental_vacuum(conn: &Connection) -> Result<(), OutboxError> {
 /// measured slower (more 503s, a higher p99).
 fn checkpoint_loop(conn: Connection, wake: std::sync::mpsc::Receiver<()>, gate: &RestartGate) {
     while wake.recv().is_ok() {
-        if checkpoint(&conn, "PASSIVE").is_some_and(|frames| frames >= 2 * CHECKPOINT_PAGES) {
+        if checkpoint(&conn, Checkpoint::Passive)
+            .is_some_and(|frames| frames >= 2 * CHECKPOINT_PAGES)
+        {
             gate.hold();
-            checkpoint(&conn, "RESTART");
+            checkpoint(&conn, Checkpoint::Restart);
             gate.release();
         }
     }
 }
 
+#[derive(Clone, Copy)]
+enum Checkpoint {
+    /// Copies beside the writer what no reader still needs.
+    Passive,
+    /// Copies everything and starts the WAL again; holds the writer back.
+    Restart,
+}
+
+impl Checkpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Checkpoint::Passive => "passive",
+            Checkpoint::Restart => "restart",
+        }
+    }
+}
+
 /// Runs one checkpoint; the WAL's length in frames then.
-fn checkpoint(conn: &Connection, mode: &str) -> Option<std::ffi::c_int> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
-        row.get(1)
-    })
-    .inspect_err(
-        |e| tracing::warn!(error = %e, "outbox checkpoint failed; the next one will retry"),
-    )
-    .ok()
+fn checkpoint(conn: &Connection, mode: Checkpoint) -> Option<std::ffi::c_int> {
+    let started = std::time::Instant::now();
+    let sql = match mode {
+        Checkpoint::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+        Checkpoint::Restart => "PRAGMA wal_checkpoint(RESTART)",
+    };
+    let frames = conn
+        .query_row(sql, [], |row| row.get(1))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "outbox checkpoint failed; the next one will retry"),
+        )
+        .ok();
+    record_disk_time(
+        &crate::metrics::metrics()
+            .outbox_checkpoint_seconds
+            .get_or_create(&crate::metrics::CheckpointMode { mode: mode.label() }),
+        mode.label(),
+        started,
+    );
+    frames
+}
+
+/// A commit or checkpoint slower than this is logged: requests wait for the former.
+const SLOW_DISK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Observes how long a commit or checkpoint (`what`) took; one slower than [`SLOW_DISK`] is
+/// also logged, as every request waiting for a commit waited that long.
+fn record_disk_time(
+    histogram: &prometheus_client::metrics::histogram::Histogram,
+    what: &'static str,
+    started: std::time::Instant,
+) {
+    let took = started.elapsed();
+    histogram.observe(took.as_secs_f64());
+    if took > SLOW_DISK {
+        tracing::warn!(
+            what,
+            millis = took.as_millis() as u64,
+            "the outbox's disk was slow: a slow or contended disk delays every accepted request"
+        );
+    }
 }
 
 /// Lets a restart checkpoint take the write lock between two group commits: the writer takes
@@ -367,9 +419,16 @@ impl RestartGate {
     /// stuck checkpoint cannot stop the writes).
     fn pass(&self) {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if !*held {
+            return;
+        }
+        let started = std::time::Instant::now();
         let _ = self
             .released
             .wait_timeout_while(held, std::time::Duration::from_secs(1), |held| *held);
+        crate::metrics::metrics()
+            .outbox_writer_held_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -486,7 +545,13 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = commit_group(&mut conn, &group);
+        record_disk_time(
+            &crate::metrics::metrics().outbox_commit_seconds,
+            "commit",
+            started,
+        );
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if group.iter().any(|c| matches!(c, Command::Vacuum(_))) {
             // The file shrinks when a checkpoint has copied the vacuum back, which the WAL's
@@ -1366,6 +1431,16 @@ mod tests {
     /// that grows by everything written makes every commit write to new file pages).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_write_ahead_log_starts_again_under_writes_that_never_pause() {
+        // The disk's latency as the metrics show it (process-wide: other tests add to it).
+        let observed = |series: &str| -> u64 {
+            let text = crate::metrics::metrics().render();
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let commits = "ecmo_outbox_commit_duration_seconds_count ";
+        let passive = "ecmo_outbox_checkpoint_duration_seconds_count{mode=\"passive\"} ";
+        let (commits_before, passive_before) = (observed(commits), observed(passive));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.sqlite");
         let outbox = SqliteOutbox::open(&path).unwrap();
@@ -1406,6 +1481,8 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
             .unwrap();
         assert_eq!(pending as usize, writers * batches * per_batch);
+        assert!(observed(commits) > commits_before);
+        assert!(observed(passive) > passive_before);
     }
 
     /// At the limit of undelivered messages a new request is refused, nothing of it stored;
