@@ -4,7 +4,6 @@
 //! profiles/fhir). One failure refuses the whole request with an OperationOutcome naming the
 //! rule and the path; nothing of it is queued, and the failure is counted.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +39,7 @@ impl ConformanceRules {
     /// bytes that passed before (see [`Passed`]).
     pub fn issues_in(&self, resource_type: &str, json: &[u8]) -> Vec<Issue> {
         let key = Passed::key(resource_type, json);
-        if self.passed().hashes.contains(&key) {
+        if self.passed().contains(&key) {
             return Vec::new();
         }
         let issues = match serde_json::from_slice(json) {
@@ -142,11 +141,18 @@ const PASSED_KEPT: usize = 4096;
 /// again with every event, most of them unchanged (a run with 40 weaning trials has 40 child
 /// Procedures), and a reload of the tables proves the shapes of the unchanged families again;
 /// the check is a function of the bytes alone, so each distinct resource is checked once.
-/// Bounded; the oldest are forgotten first.
-#[derive(Default)]
+/// Bounded; the least recently used are forgotten first, so a long run's unchanged
+/// Procedures stay while one-off resources pass through.
 struct Passed {
-    hashes: HashSet<[u8; 32]>,
-    order: VecDeque<[u8; 32]>,
+    hashes: hashlink::LruCache<[u8; 32], ()>,
+}
+
+impl Default for Passed {
+    fn default() -> Self {
+        Self {
+            hashes: hashlink::LruCache::new(PASSED_KEPT),
+        }
+    }
 }
 
 impl Passed {
@@ -159,15 +165,13 @@ impl Passed {
         hasher.finalize().into()
     }
 
+    /// Whether `key` passed (and is now the most recently used).
+    fn contains(&mut self, key: &[u8; 32]) -> bool {
+        self.hashes.get(key).is_some()
+    }
+
     fn insert(&mut self, key: [u8; 32]) {
-        if self.hashes.insert(key) {
-            self.order.push_back(key);
-            if self.order.len() > PASSED_KEPT
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.hashes.remove(&oldest);
-            }
-        }
+        self.hashes.insert(key, ());
     }
 }
 
@@ -290,18 +294,23 @@ mod tests {
         request.body_mut().resources = vec![samples[0].resource.clone()].into();
         check.check(request).unwrap();
         let key = Passed::key(samples[0].resource.resource_type, &valid);
-        assert!(check.rules.passed().hashes.contains(&key));
+        assert!(check.rules.passed().contains(&key));
         let broken = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#;
         for _ in 0..2 {
             assert!(check.check(batch(broken)).is_err());
         }
         assert_eq!(check.rules.passed().hashes.len(), 1);
+        // Bounded, forgetting the least recently used: "0", looked up before the last insert,
+        // stays; "1" goes.
         let mut passed = Passed::default();
-        for n in 0..=PASSED_KEPT {
+        for n in 0..PASSED_KEPT {
             passed.insert(Passed::key("Observation", n.to_string().as_bytes()));
         }
+        assert!(passed.contains(&Passed::key("Observation", b"0")));
+        passed.insert(Passed::key("Observation", b"one more"));
         assert_eq!(passed.hashes.len(), PASSED_KEPT);
-        assert!(!passed.hashes.contains(&Passed::key("Observation", b"0")));
+        assert!(passed.contains(&Passed::key("Observation", b"0")));
+        assert!(!passed.contains(&Passed::key("Observation", b"1")));
     }
 
     #[test]
