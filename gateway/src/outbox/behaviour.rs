@@ -32,6 +32,15 @@ pub(super) fn reading(destination: &str, n: usize, body: &str) -> NewMessage {
     }
 }
 
+/// `len` characters that compress no better than about 3 to 4 (the outbox compresses bodies):
+/// for tests about how many bytes the outbox writes.
+pub(super) fn incompressible(len: usize) -> String {
+    let mut rng = fastrand::Rng::with_seed(len as u64);
+    std::iter::repeat_with(|| rng.alphanumeric())
+        .take(len)
+        .collect()
+}
+
 pub(super) fn procedure(revision: i64, status: &str) -> NewMessage {
     let body = format!(r#"{{"resourceType":"Procedure","status":"{status}"}}"#);
     NewMessage {

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{BatchFacts, Disposition, OutboxError};
+use super::{BatchFacts, Disposition, OutboxError, stored_body};
 
 /// What to look for; every given field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -336,6 +336,7 @@ pub(super) fn detail(
     MessageDetail {
         summary,
         resource: body
+            .and_then(|b| stored_body::read(b).ok())
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null),
         outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
@@ -419,7 +420,8 @@ pub(super) fn latest_readings(
         if !seen.insert(identifier) || disposition == Disposition::Retracted.as_str() {
             continue;
         }
-        if let Some(reading) = reading_of(&body) {
+        let body = stored_body::read(body).ok();
+        if let Some(reading) = body.as_deref().and_then(reading_of) {
             readings.push(reading);
         }
     }

@@ -19,6 +19,7 @@ pub mod retention;
 mod behaviour;
 pub mod postgres;
 pub mod sqlite;
+pub mod stored_body;
 pub mod throwaway_postgres;
 mod writes;
 

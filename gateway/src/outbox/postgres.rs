@@ -20,6 +20,7 @@ use postgres::types::ToSql;
 use tokio::sync::{Notify, mpsc};
 
 use super::browse::{self, Dialect, MessageDetail, MessageQuery, MessageSummary, RunReading};
+use super::stored_body;
 use super::writes::{
     self, Applied, Command, Holder, MAX_GROUP, MessageRow, Prior, Settled, SettledState, StateKey,
     WRITER_QUEUE, WriteTx, Writer,
@@ -809,7 +810,7 @@ impl WriteTx for PgTx<'_> {
     fn rewrite_body(&mut self, message_id: i64, body: &[u8]) -> Result<(), OutboxError> {
         self.execute(
             "UPDATE message_bodies SET body = $2 WHERE message_id = $1",
-            &[&message_id, &body],
+            &[&message_id, &stored_body::stored(body)],
         )?;
         self.execute(
             "UPDATE messages SET body_version = body_version + 1 WHERE id = $1",
@@ -886,7 +887,7 @@ impl WriteTx for PgTx<'_> {
                 &key.destination,
             ],
         )?;
-        Ok(row.map(|row| row.get(0)))
+        stored_body::read_optional(row.map(|row| row.get(0)))
     }
 
     fn insert_message(&mut self, row: &MessageRow<'_>, now: i64) -> Result<i64, OutboxError> {
@@ -911,7 +912,7 @@ impl WriteTx for PgTx<'_> {
             predecessor: row.predecessor,
             disposition: row.disposition.as_str(),
             body_version: row.body_version(),
-            body: row.body.to_vec(),
+            body: stored_body::stored(row.body),
         });
         Ok(id)
     }
@@ -932,17 +933,18 @@ impl WriteTx for PgTx<'_> {
              ORDER BY s.destination",
             &[&resource_type, &time_key, &logical_id],
         )?;
-        Ok(rows
-            .iter()
-            .map(|row| Holder {
-                destination: row.get(0),
-                message_id: row.get(1),
-                identifier_system: row.get(2),
-                identifier_value: row.get(3),
-                body: row.get(4),
-                disposition: Disposition::parse(row.get(5)),
+        rows.iter()
+            .map(|row| {
+                Ok(Holder {
+                    destination: row.get(0),
+                    message_id: row.get(1),
+                    identifier_system: row.get(2),
+                    identifier_value: row.get(3),
+                    body: stored_body::read(row.get(4))?,
+                    disposition: Disposition::parse(row.get(5)),
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn restating(
@@ -956,7 +958,11 @@ impl WriteTx for PgTx<'_> {
                 &[&message_id],
             )?
             .ok_or_else(|| OutboxError::Storage(format!("message {message_id} is gone")))?;
-        Ok((row.get(0), row.get(1), Disposition::parse(row.get(2))))
+        Ok((
+            row.get(0),
+            stored_body::read(row.get(1))?,
+            Disposition::parse(row.get(2)),
+        ))
     }
 
     fn keep_chart_value(
@@ -1291,9 +1297,10 @@ impl Outbox for PostgresOutbox {
                     .map(|row| (row.get(0), row.get(1)))
                     .collect();
                 for message in &mut messages {
-                    message.body = found.remove(&message.id).ok_or_else(|| {
-                        OutboxError::Storage(format!("message {} has no body", message.id))
-                    })?;
+                    message.body =
+                        stored_body::read(found.remove(&message.id).ok_or_else(|| {
+                            OutboxError::Storage(format!("message {} has no body", message.id))
+                        })?)?;
                 }
             }
             writer.hand_out(versions);

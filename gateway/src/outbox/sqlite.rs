@@ -23,6 +23,7 @@ use super::{
 };
 use crate::delivery::BoxFuture;
 use crate::outbox::browse;
+use crate::outbox::stored_body;
 
 /// Free pages one vacuum command gives back (8 MiB).
 const VACUUM_PAGES: u64 = 2048;
@@ -654,7 +655,7 @@ impl WriteTx for rusqlite::Transaction<'_> {
 
     fn rewrite_body(&mut self, message_id: i64, body: &[u8]) -> Result<(), OutboxError> {
         self.prepare_cached("UPDATE message_bodies SET body = ?2 WHERE message_id = ?1")?
-            .execute(params![message_id, body])?;
+            .execute(params![message_id, stored_body::stored(body)])?;
         self.prepare_cached("UPDATE messages SET body_version = body_version + 1 WHERE id = ?1")?
             .execute(params![message_id])?;
         Ok(())
@@ -701,7 +702,7 @@ impl WriteTx for rusqlite::Transaction<'_> {
     }
 
     fn state_body(&mut self, key: StateKey<'_>) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self
+        let stored = self
             .prepare_cached(
                 "SELECT (SELECT body FROM message_bodies WHERE message_id = s.message_id)
                  FROM resource_state s
@@ -712,7 +713,8 @@ impl WriteTx for rusqlite::Transaction<'_> {
                 |row| row.get::<_, Option<Vec<u8>>>(0),
             )
             .optional()?
-            .flatten())
+            .flatten();
+        stored_body::read_optional(stored)
     }
 
     fn insert_message(&mut self, row: &MessageRow<'_>, now: i64) -> Result<i64, OutboxError> {
@@ -732,7 +734,7 @@ impl WriteTx for rusqlite::Transaction<'_> {
         ])?;
         let id = self.last_insert_rowid();
         self.prepare_cached(INSERT_BODY)?
-            .execute(params![id, row.body])?;
+            .execute(params![id, stored_body::stored(row.body)])?;
         Ok(id)
     }
 
@@ -760,8 +762,16 @@ impl WriteTx for rusqlite::Transaction<'_> {
                     disposition: Disposition::parse(&row.get::<_, String>(5)?),
                 })
             })?
-            .collect::<Result<_, _>>()?;
-        Ok(holders)
+            .collect::<Result<Vec<Holder>, _>>()?;
+        holders
+            .into_iter()
+            .map(|h| {
+                Ok(Holder {
+                    body: stored_body::read(h.body)?,
+                    ..h
+                })
+            })
+            .collect()
     }
 
     fn restating(
@@ -776,7 +786,11 @@ impl WriteTx for rusqlite::Transaction<'_> {
             .query_row(params![message_id], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?))
             })?;
-        Ok((system, body, Disposition::parse(&disposition)))
+        Ok((
+            system,
+            stored_body::read(body)?,
+            Disposition::parse(&disposition),
+        ))
     }
 
     fn keep_chart_value(
@@ -1063,7 +1077,7 @@ impl Outbox for SqliteOutbox {
             let mut body =
                 conn.prepare_cached("SELECT body FROM message_bodies WHERE message_id = ?1")?;
             for message in &mut messages {
-                message.body = body.query_row([message.id], |row| row.get(0))?;
+                message.body = stored_body::read(body.query_row([message.id], |row| row.get(0))?)?;
             }
             writer.hand_out(versions);
             Ok(Due {
@@ -1237,7 +1251,7 @@ mod tests {
 
     use super::*;
     use crate::outbox::behaviour::{
-        dispositions, due_at, engine_tests, ids, message, reading, retention,
+        dispositions, due_at, engine_tests, ids, incompressible, message, reading, retention,
     };
 
     async fn fresh() -> (Arc<dyn Outbox>, tempfile::TempDir) {
@@ -1445,7 +1459,7 @@ mod tests {
         let path = dir.path().join("outbox.sqlite");
         let outbox = SqliteOutbox::open(&path).unwrap();
         let wal = dir.path().join("outbox.sqlite-wal");
-        let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+        let body = format!(r#"{{"pad":"{}"}}"#, incompressible(5000));
         let written_bytes = 5 * CHECKPOINT_PAGES as usize * 4096;
         let (writers, batches, per_batch) = (16, 20, written_bytes / (16 * 20 * body.len()) + 1);
         let largest = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -1640,6 +1654,51 @@ mod tests {
         );
     }
 
+    /// A reading's Observation is kept compressed (a fraction of its bytes on disk) and
+    /// handed to delivery, and to a correction's restatement, as it was given.
+    #[tokio::test]
+    async fn bodies_are_kept_compressed_and_read_back_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let body = r#"{"resourceType":"Observation","id":"0193a3f0-7c1e-7d42-9b1a-5f0e2c8d4a11","meta":{"profile":["https://fhir.ecmo-gateway.org/StructureDefinition/ecmo-observation"]},"identifier":[{"system":"https://fhir.ecmo-gateway.org/sid/observation","value":"getinge-cardiohelp:CH-0042:pump-blood-flow:20261121T081500.250Z"}],"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"procedure"}]}],"effectiveDateTime":"2026-11-21T08:15:00.250Z","valueQuantity":{"value":4.21,"unit":"L/min","system":"http://unitsofmeasure.org","code":"L/min"}}"#;
+        outbox
+            .enqueue("b1".into(), vec![reading("ehr", 1, body)], None)
+            .await
+            .unwrap();
+        let on_disk: Vec<u8> = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT body FROM message_bodies", [], |row| row.get(0))
+            .unwrap();
+        assert!(
+            on_disk.len() * 3 < body.len(),
+            "{} bytes kept for {}",
+            on_disk.len(),
+            body.len()
+        );
+        let due = due_at(&*outbox, now_ms(), &[]).await;
+        assert_eq!(due[0].body, body.as_bytes());
+        let changed = body.replace("4.21", "4.3");
+        let corrected = outbox
+            .enqueue(
+                "b2".into(),
+                vec![NewMessage {
+                    body: changed.clone().into_bytes(),
+                    content_hash: super::super::content_hash(changed.as_bytes()),
+                    ..reading("ehr", 1, body)
+                }],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dispositions(&corrected), ["amended"]);
+        let message = outbox.message(due[0].id).await.unwrap().unwrap();
+        assert_eq!(
+            message.resource["valueQuantity"]["value"].to_string(),
+            "4.21"
+        );
+    }
+
     /// Retention gives the space back: after the purge and a checkpoint the file is smaller.
     #[tokio::test]
     async fn purge_shrinks_the_file() {
@@ -1648,7 +1707,7 @@ mod tests {
         let outbox = SqliteOutbox::open(&path).unwrap();
         let body = format!(
             r#"{{"resourceType":"Observation","status":"final","note":"{}"}}"#,
-            "x".repeat(2000)
+            incompressible(3000)
         );
         let mut all = Vec::new();
         for batch in 0..20 {
