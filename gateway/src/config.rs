@@ -641,7 +641,7 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         1024 * 1024
     }
-    /// About 4 GiB of outbox at about 2 KiB per message.
+    /// About 1.4 GiB of outbox at about 0.7 KiB per message (bodies compressed).
     pub fn max_pending() -> u64 {
         2_000_000
     }
