@@ -54,21 +54,24 @@ pub fn stored(body: &[u8]) -> Vec<u8> {
     COMPRESSOR
         .with_borrow_mut(|compressor| {
             if compressor.is_none() {
-                let mut made = Compressor::with_prepared_dictionary(&ENCODER_V1).ok()?;
-                // A frame read with another dictionary than it was written with fails its
-                // checksum instead of passing for a resource.
-                made.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-                    .ok()?;
-                *compressor = Some(made);
+                *compressor = Some(new_compressor().ok()?);
             }
             let compressor = compressor.as_mut()?;
-            let mut out = Vec::with_capacity(FORMAT_V1.len() + body.len() / 4 + 64);
-            out.extend_from_slice(&FORMAT_V1);
             let frame = compressor.compress(body).ok()?;
+            let mut out = Vec::with_capacity(FORMAT_V1.len() + frame.len());
+            out.extend_from_slice(&FORMAT_V1);
             out.extend_from_slice(&frame);
             Some(out)
         })
         .unwrap_or_else(|| body.to_vec())
+}
+
+fn new_compressor() -> std::io::Result<Compressor<'static>> {
+    let mut compressor = Compressor::with_prepared_dictionary(&ENCODER_V1)?;
+    // A frame read with another dictionary than it was written with fails its checksum
+    // instead of passing for a resource.
+    compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    Ok(compressor)
 }
 
 /// A body as it was given to [`stored`], from what the outbox holds.
@@ -90,8 +93,9 @@ pub fn read(stored: Vec<u8>) -> Result<Vec<u8>, OutboxError> {
                     .map_err(|e| corrupt(&e.to_string()))?,
             );
         }
-        let decompressor = decompressor.as_mut().expect("made above");
         decompressor
+            .as_mut()
+            .ok_or_else(|| OutboxError::Storage("zstd: no decompression context".into()))?
             .decompress(frame, size)
             .map_err(|e| corrupt(&e.to_string()))
     })
