@@ -641,7 +641,7 @@ mod defaults {
     pub fn max_body_bytes() -> usize {
         1024 * 1024
     }
-    /// About 1.4 GiB of outbox at about 0.7 KiB per message (bodies compressed).
+    /// About 1.3 GiB of outbox at about 0.65 KiB per message (bodies compressed).
     pub fn max_pending() -> u64 {
         2_000_000
     }
