@@ -32,8 +32,8 @@ pub(super) fn reading(destination: &str, n: usize, body: &str) -> NewMessage {
     }
 }
 
-/// `len` characters that compress no better than about 3 to 4 (the outbox compresses bodies):
-/// for tests about how many bytes the outbox writes.
+/// `len` characters that compress to no less than about three quarters (the outbox compresses
+/// bodies): for tests about how many bytes the outbox writes.
 pub(super) fn incompressible(len: usize) -> String {
     let mut rng = fastrand::Rng::with_seed(len as u64);
     std::iter::repeat_with(|| rng.alphanumeric())
