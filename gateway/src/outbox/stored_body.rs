@@ -71,8 +71,8 @@ pub fn stored(body: &[u8]) -> Vec<u8> {
 
 fn new_compressor() -> std::io::Result<Compressor<'static>> {
     let mut compressor = Compressor::with_prepared_dictionary(&ENCODER_V1)?;
-    // A frame read with another dictionary than it was written with fails its checksum
-    // instead of passing for a resource.
+    // A damaged frame fails its checksum instead of passing for a resource (one read with
+    // another dictionary is refused anyway: every frame names its dictionary's id).
     compressor.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
     Ok(compressor)
 }
