@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc, whose frees, consolidations and arena locks were about a
-/// tenth of the gateway's CPU in the profile of a batch load.
+/// tenth of the gateway's CPU in the profile of a batch load. With the workspace's `override`
+/// feature, C code's malloc (SQLite, zstd, aws-lc) is mimalloc's too.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
