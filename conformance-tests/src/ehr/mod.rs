@@ -9,6 +9,7 @@
 pub mod references;
 pub mod smart;
 pub mod store;
+mod transaction_in;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -1022,17 +1023,19 @@ impl ReferenceEhr {
     /// A transaction is all or nothing: every entry is checked first, then all are applied
     /// under one lock.
     fn transaction(&self, body: &[u8]) -> Response<BoxBody> {
-        let mut bundle: Value = match serde_json::from_slice(body) {
+        let bundle: transaction_in::TransactionIn<'_> = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => {
                 return outcome(
                     StatusCode::BAD_REQUEST,
                     "structure",
-                    &format!("not JSON: {e}"),
+                    &format!("not a JSON transaction Bundle: {e}"),
                 );
             }
         };
-        if bundle["resourceType"] != "Bundle" || bundle["type"] != "transaction" {
+        if bundle.resource_type.as_deref() != Some("Bundle")
+            || bundle.kind.as_deref() != Some("transaction")
+        {
             return outcome(
                 StatusCode::BAD_REQUEST,
                 "invalid",
@@ -1042,7 +1045,7 @@ impl ReferenceEhr {
         let limit = self
             .max_transaction_entries
             .load(std::sync::atomic::Ordering::SeqCst);
-        let entries = bundle["entry"].as_array().map_or(0, Vec::len);
+        let entries = bundle.entry.len();
         if limit > 0 && entries > limit {
             return outcome(
                 StatusCode::BAD_REQUEST,
@@ -1050,6 +1053,15 @@ impl ReferenceEhr {
                 &format!("a transaction may hold at most {limit} entries; this one has {entries}"),
             );
         }
+        // An EHR that keeps no bodies and checks neither structure nor references reads of
+        // each resource only its head: there is nothing else it would look at.
+        let head_only = lock(&self.store).forget_bodies
+            && self
+                .skip_structure_check
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && !self
+                .literal_references
+                .load(std::sync::atomic::Ordering::SeqCst);
         enum Op {
             Create(String, Value, Option<String>),
             Update(String, String, Value),
@@ -1062,28 +1074,20 @@ impl ReferenceEhr {
                 }
             }
         }
-        let mut ops = Vec::new();
-        let mut full_urls: Vec<Option<String>> = Vec::new();
+        let mut ops = Vec::with_capacity(entries);
+        let mut full_urls: Vec<Option<String>> = Vec::with_capacity(entries);
         // What each entry is about (its conditional identity or id): a transaction that names
         // one resource twice is refused, as HAPI and other servers do.
         let mut identities: std::collections::HashMap<String, usize> =
-            std::collections::HashMap::new();
-        for (index, entry) in bundle["entry"]
-            .as_array_mut()
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            full_urls.push(entry["fullUrl"].as_str().map(str::to_owned));
-            let method = entry["request"]["method"].as_str().unwrap_or("").to_owned();
-            let method = method.as_str();
-            let url = entry["request"]["url"].as_str().unwrap_or("").to_owned();
-            let url = url.as_str();
-            let resource_type = entry["resource"]["resourceType"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
-            let resource = match self.accept_value(&resource_type, entry["resource"].take()) {
+            std::collections::HashMap::with_capacity(entries);
+        for (index, entry) in bundle.entry.into_iter().enumerate() {
+            full_urls.push(entry.full_url.map(std::borrow::Cow::into_owned));
+            let method = entry.request.method.as_ref();
+            let url = entry.request.url.as_ref();
+            let if_none_exist = entry.request.if_none_exist.as_deref();
+            let resource = transaction_in::resource_value(entry.resource, head_only);
+            let resource_type = resource["resourceType"].as_str().unwrap_or("").to_owned();
+            let resource = match self.accept_value(&resource_type, resource) {
                 Ok(r) => r,
                 Err(mut refusal) => {
                     refusal.details = format!("entry {index}: {}", refusal.details);
@@ -1092,7 +1096,7 @@ impl ReferenceEhr {
             };
             // A conditional URL's query holds an identifier system full of '/': split it off first.
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            let identity = match (method, entry["request"]["ifNoneExist"].as_str()) {
+            let identity = match (method, if_none_exist) {
                 ("POST", Some(condition)) => Some(format!("{resource_type}?{condition}")),
                 ("POST", None) => None,
                 _ => Some(url.to_owned()),
@@ -1110,11 +1114,7 @@ impl ReferenceEhr {
             }
             match (method, path.split('/').collect::<Vec<_>>().as_slice()) {
                 ("POST", [t]) if *t == resource_type => {
-                    let token = match entry["request"]["ifNoneExist"]
-                        .as_str()
-                        .map(identifier_condition)
-                        .transpose()
-                    {
+                    let token = match if_none_exist.map(identifier_condition).transpose() {
                         Ok(token) => token,
                         Err(refusal) => return refusal.response(),
                     };
@@ -1143,7 +1143,8 @@ impl ReferenceEhr {
         // found before anything is written (all or nothing).
         let urn = |reference: &str| reference.starts_with("urn:");
         let mut order: Vec<usize> = Vec::with_capacity(ops.len());
-        if full_urls.iter().flatten().any(|u| urn(u)) {
+        // Without bodies there are no references to rewrite, so no order to find.
+        if !head_only && full_urls.iter().flatten().any(|u| urn(u)) {
             let referenced: Vec<Vec<String>> = ops
                 .iter_mut()
                 .map(|op| references::literal(op.resource()))
@@ -1233,7 +1234,7 @@ impl ReferenceEhr {
                 }
             };
             let location = written.location(&resource_type);
-            if let Some(full_url) = &full_urls[i] {
+            if let Some(full_url) = full_urls[i].as_ref().filter(|_| !head_only) {
                 let current = location.split("/_history").next().unwrap_or_default();
                 written_at.insert(full_url.clone(), current.to_owned());
             }
