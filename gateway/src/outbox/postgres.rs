@@ -417,8 +417,11 @@ fn commit_group(connector: &mut Connector, group: &[Command]) -> Vec<Result<Appl
         unsent_messages: Vec::new(),
         ids: std::collections::VecDeque::new(),
     };
-    let results = match writes::apply_group(&mut tx, group) {
-        Ok(results) => results,
+    // Savepoints are statements of the server's (pipelined with the command's), not page
+    // copies of this process: every command in its own.
+    let results = match writes::apply_group(&mut tx, group, writes::Isolation::PerCommand) {
+        Ok(Some(results)) => results,
+        Ok(None) => unreachable!("a group applied per command answers every command"),
         Err(e) => return writes::failed(group, &e),
     };
     if let Err(e) = tx.tx.commit() {

@@ -564,21 +564,39 @@ fn write_loop(
     }
 }
 
+/// Commits a group, first whole ([`writes::Isolation::Optimistic`]); a group in which a
+/// command fails is rolled back and applied again with a savepoint per command, so that the
+/// others are still committed and the failing one answered on its own.
 fn commit_group(conn: &mut Connection, group: &[Command]) -> Vec<Result<Applied, OutboxError>> {
+    match try_commit_group(conn, group, writes::Isolation::Optimistic) {
+        Some(results) => results,
+        None => try_commit_group(conn, group, writes::Isolation::PerCommand)
+            .unwrap_or_else(|| unreachable!("a group applied per command answers every command")),
+    }
+}
+
+/// One attempt at a group; `None` when a command failed under the optimistic isolation (the
+/// transaction is then rolled back).
+fn try_commit_group(
+    conn: &mut Connection,
+    group: &[Command],
+    isolation: writes::Isolation,
+) -> Option<Vec<Result<Applied, OutboxError>>> {
     // Immediate: the write lock is taken (waiting out a restart checkpoint) before anything is
     // read, as a read transaction cannot wait to become a write one.
     let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return writes::failed(group, &e),
+        Err(e) => return Some(writes::failed(group, &e)),
     };
-    let results = match writes::apply_group(&mut tx, group) {
-        Ok(results) => results,
-        Err(e) => return writes::failed(group, &e),
+    // Dropped without a commit, the transaction rolls back.
+    let results = match writes::apply_group(&mut tx, group, isolation) {
+        Ok(results) => results?,
+        Err(e) => return Some(writes::failed(group, &e)),
     };
     if let Err(e) = tx.commit() {
-        return writes::failed(group, &e);
+        return Some(writes::failed(group, &e));
     }
-    results
+    Some(results)
 }
 
 /// A statement without parameters or rows, parsed once per connection.
@@ -1652,6 +1670,56 @@ mod tests {
             stats[0].accepted, refused as u64,
             "the refused one is not stored"
         );
+    }
+
+    /// A group commit is tried whole, without a savepoint per command; a command of it that
+    /// fails (a correction its destination refuses) is answered alone, nothing of it stored,
+    /// and the commands around it in the same group are committed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_command_fails_alone_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.sqlite");
+        let outbox = SqliteOutbox::open(&path).unwrap();
+        let strict = |n, body| NewMessage {
+            corrections: crate::config::Corrections::Reject,
+            ..reading("strict", n, body)
+        };
+        outbox
+            .enqueue("b0".into(), vec![strict(1, r#"{"v":1}"#)], None)
+            .await
+            .unwrap();
+        // Held back by another connection's write lock, the writer cannot commit until all
+        // four are queued (an enqueue is queued when it is called): the refused one shares a
+        // group with at least one of the others, whichever way the writer groups them.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let before = outbox.commits();
+        let first = tokio::spawn(outbox.enqueue("b1".into(), vec![message("ehr", 1)], None));
+        let good = tokio::spawn(outbox.enqueue("b2".into(), vec![message("ehr", 2)], None));
+        let refused = tokio::spawn(outbox.enqueue(
+            "b3".into(),
+            vec![message("ehr", 3), strict(1, r#"{"v":9}"#)],
+            None,
+        ));
+        let after = tokio::spawn(outbox.enqueue("b4".into(), vec![message("ehr", 4)], None));
+        blocker.execute_batch("COMMIT").unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(dispositions(&good.await.unwrap().unwrap()), ["created"]);
+        assert_eq!(dispositions(&after.await.unwrap().unwrap()), ["created"]);
+        match refused.await.unwrap() {
+            Err(OutboxError::CorrectionsRefused(which)) => {
+                assert_eq!(which, [(1, "strict".to_owned())])
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(
+            outbox.commits() - before <= 2,
+            "the first command alone or with the others, then the others in one group"
+        );
+        assert!(outbox.batch_status("b3").await.unwrap().is_empty());
+        for batch in ["b2", "b4"] {
+            assert_eq!(outbox.batch_status(batch).await.unwrap().len(), 1);
+        }
     }
 
     /// A reading's Observation is kept compressed (a fraction of its bytes on disk) and

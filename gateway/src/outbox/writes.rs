@@ -288,14 +288,37 @@ pub(super) struct Applied {
     pub purged: Purged,
 }
 
-/// Applies each command of a group inside its own savepoint; `Err` when the transaction
-/// itself failed (nothing of the group may be committed).
+/// How [`apply_group`] keeps one command's failure from the others of its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isolation {
+    /// Each command inside its own savepoint: a failing one is rolled back alone.
+    PerCommand,
+    /// No savepoints: the first failing command fails the whole attempt
+    /// ([`apply_group`] answers `None`), which the caller rolls back and applies again
+    /// [`Isolation::PerCommand`]. SQLite copies every page a savepoint's command first changes
+    /// into the savepoint's journal; most groups apply whole and need none of it.
+    Optimistic,
+}
+
+/// Applies each command of a group; `Err` when the transaction itself failed (nothing of the
+/// group may be committed), `None` when a command failed under [`Isolation::Optimistic`].
 pub(super) fn apply_group<T: WriteTx>(
     tx: &mut T,
     group: &[Command],
-) -> Result<Vec<Result<Applied, OutboxError>>, OutboxError> {
+    isolation: Isolation,
+) -> Result<Option<Vec<Result<Applied, OutboxError>>>, OutboxError> {
     let mut results = Vec::with_capacity(group.len());
     for command in group {
+        if isolation == Isolation::Optimistic {
+            match apply(tx, command).and_then(|applied| {
+                tx.finish_command()?;
+                Ok(applied)
+            }) {
+                Ok(applied) => results.push(Ok(applied)),
+                Err(_) => return Ok(None),
+            }
+            continue;
+        }
         tx.savepoint()?;
         let result = apply(tx, command).and_then(|applied| {
             tx.finish_command()?;
@@ -309,7 +332,7 @@ pub(super) fn apply_group<T: WriteTx>(
         }
         results.push(result);
     }
-    Ok(results)
+    Ok(Some(results))
 }
 
 /// Answers each command of a committed (or failed) group.
