@@ -829,9 +829,7 @@ async fn main() -> Result<(), BoxError> {
     let ehr = ReferenceEhr::new();
     ehr.skip_structure_check();
     ehr.forget_bodies();
-    let ehr = ehr
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse()?)
-        .await?;
+    let ehr = start_ehr(ehr, &pki).await?;
     let outbox_dir = tempfile::tempdir()?;
     let outbox = outbox_dir.path().join("outbox.sqlite");
     let gateway = start_gateway(&pki, &ehr.base_url, &outbox, "")?;
@@ -1211,6 +1209,29 @@ async fn sustained_phase(
     .await
 }
 
+/// The reference EHR's own runtime (worker threads named `ehr`), apart from the load tool's.
+/// On one runtime an EHR handler holding the store's lock (a synchronous mutex) across a
+/// rehash of its maps, millions of entries by the later phases, blocked every worker of the
+/// bench for that long, the open-loop sender among them, which then sent its backlog at once.
+fn ehr_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ehr")
+            .enable_all()
+            .build()
+            .expect("the reference EHR's runtime")
+    })
+}
+
+/// Starts `ehr` on [`ehr_runtime`], over the test PKI's EHR certificate.
+async fn start_ehr(ehr: ReferenceEhr, pki: &TestPki) -> Result<RunningEhr, BoxError> {
+    let tls = pki.ehr_tls("ca.pem");
+    let addr = "127.0.0.1:0".parse()?;
+    Ok(ehr_runtime().spawn(ehr.start(tls, addr)).await??)
+}
+
 /// Outbox delivery to a far, strict EHR: every write delayed, transactions limited in size.
 async fn far_ehr_phase(args: &Args, pki: &TestPki) -> Result<(Measured, Delivery), BoxError> {
     let ehr = ReferenceEhr::new();
@@ -1221,9 +1242,7 @@ async fn far_ehr_phase(args: &Args, pki: &TestPki) -> Result<(Measured, Delivery
         1.0,
     );
     ehr.limit_transaction_entries(args.far_ehr_max_entries);
-    let ehr = ehr
-        .start(pki.ehr_tls("ca.pem"), "127.0.0.1:0".parse()?)
-        .await?;
+    let ehr = start_ehr(ehr, pki).await?;
     let outbox_dir = tempfile::tempdir()?;
     let gateway = start_gateway(
         pki,
