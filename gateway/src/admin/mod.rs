@@ -363,9 +363,23 @@ struct Context<'a> {
 async fn metrics_response(context: &Context<'_>) -> Response<BoxBody> {
     let metrics = crate::metrics::metrics();
     if let Some(outbox) = &context.outbox
-        && let Ok(stats) = outbox.stats().await
+        && let Ok(depths) = outbox.queue_depths().await
     {
-        for destination in stats {
+        // A configured destination with nothing pending or dead has no row: it reads 0 (and
+        // a gauge set at an earlier scrape does not stay at its old value).
+        let quiet = context
+            .config
+            .destinations
+            .iter()
+            .filter(|d| !depths.iter().any(|q| q.destination == d.name))
+            .map(|d| crate::outbox::QueueDepth {
+                destination: d.name.clone(),
+                pending: 0,
+                dead: 0,
+                oldest_pending_seconds: None,
+            })
+            .collect::<Vec<_>>();
+        for destination in depths.into_iter().chain(quiet) {
             let label = crate::metrics::DestinationLabel {
                 destination: destination.destination.clone(),
             };
@@ -533,7 +547,7 @@ async fn route(
         ));
     };
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["readyz"]) => Ok(match outbox.stats().await {
+        (&Method::GET, ["readyz"]) => Ok(match outbox.queue_depths().await {
             Ok(_) => json_response(StatusCode::OK, &json!({"status": "ready"})),
             Err(e) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -144,6 +144,58 @@ pub(super) async fn purge_forgets_only_messages_past_keeping(outbox: Arc<dyn Out
     );
 }
 
+/// The queue depths a metrics scrape reads agree with the full count: per destination what
+/// is pending (and since when) and what died, nothing of what was delivered.
+pub(super) async fn queue_depths_agree_with_the_full_count(outbox: Arc<dyn Outbox>) {
+    let ids = ids(outbox
+        .enqueue(
+            "b".into(),
+            (0..3).map(|n| message("ehr", n)).collect(),
+            None,
+        )
+        .await
+        .unwrap());
+    outbox
+        .enqueue("c".into(), vec![message("other", 7)], None)
+        .await
+        .unwrap();
+    let dead = || Settle::Dead {
+        error: "422".into(),
+        outcome: None,
+    };
+    outbox
+        .settle(vec![(ids[0], delivered()), (ids[1], dead())])
+        .await
+        .unwrap();
+    let depths = outbox.queue_depths().await.unwrap();
+    let summary: Vec<(&str, u64, u64, bool)> = depths
+        .iter()
+        .map(|d| {
+            (
+                d.destination.as_str(),
+                d.pending,
+                d.dead,
+                d.oldest_pending_seconds
+                    .is_some_and(|s| (0.0..60.0).contains(&s)),
+            )
+        })
+        .collect();
+    assert_eq!(summary, [("ehr", 1, 1, true), ("other", 1, 0, true)]);
+    let stats = outbox.stats().await.unwrap();
+    for (depth, full) in depths.iter().zip(&stats) {
+        assert_eq!(
+            (&depth.destination, depth.pending, depth.dead),
+            (&full.destination, full.pending, full.dead)
+        );
+    }
+    // Nothing pending and one dead letter: the dead letter alone, no age.
+    outbox.settle(vec![(ids[2], dead())]).await.unwrap();
+    let depths = outbox.queue_depths().await.unwrap();
+    assert_eq!(depths[0].destination, "ehr");
+    assert_eq!((depths[0].pending, depths[0].dead), (0, 2));
+    assert_eq!(depths[0].oldest_pending_seconds, None);
+}
+
 /// The message browser finds a request by what it was about, shows one message with its
 /// FHIR and the EHR's answer, charts a run's readings, and forgets a request with its
 /// last message.
@@ -1064,7 +1116,7 @@ pub(super) async fn retention_forgets_the_values_of_old_intervals(outbox: Arc<dy
 /// expression of `(Arc<dyn Outbox>, guard)`; the guard keeps its store alive).
 macro_rules! engine_tests {
     ($open:expr) => {
-        engine_tests!(@each $open; a_destination_named_with_a_quote_gets_its_messages, purge_forgets_only_messages_past_keeping, messages_are_found_by_device_patient_and_run, purge_forgets_what_was_given_with_readings_and_dead_letters, retry_waits_until_due, messages_in_flight_are_skipped_and_hold_back_their_successors, concurrent_enqueues_share_commits, a_resend_is_a_no_op_and_a_correction_an_amendment_that_waits_its_turn, a_destination_that_rejects_corrections_refuses_the_whole_enqueue, an_older_run_state_never_follows_a_newer_one, a_dead_letter_that_was_moved_on_from_is_not_replayed, a_retraction_follows_what_is_pending_and_a_resend_does_not_undo_it, an_interval_is_sent_once_when_it_ends_with_its_latest_reading, an_interval_rewritten_while_delivery_holds_it_is_sent_again, a_retracted_reading_takes_its_interval_back_only_while_it_is_charted, an_interval_charted_as_a_mean_follows_every_value_correction_and_retraction, retention_forgets_the_values_of_old_intervals);
+        engine_tests!(@each $open; a_destination_named_with_a_quote_gets_its_messages, queue_depths_agree_with_the_full_count, purge_forgets_only_messages_past_keeping, messages_are_found_by_device_patient_and_run, purge_forgets_what_was_given_with_readings_and_dead_letters, retry_waits_until_due, messages_in_flight_are_skipped_and_hold_back_their_successors, concurrent_enqueues_share_commits, a_resend_is_a_no_op_and_a_correction_an_amendment_that_waits_its_turn, a_destination_that_rejects_corrections_refuses_the_whole_enqueue, an_older_run_state_never_follows_a_newer_one, a_dead_letter_that_was_moved_on_from_is_not_replayed, a_retraction_follows_what_is_pending_and_a_resend_does_not_undo_it, an_interval_is_sent_once_when_it_ends_with_its_latest_reading, an_interval_rewritten_while_delivery_holds_it_is_sent_again, a_retracted_reading_takes_its_interval_back_only_while_it_is_charted, an_interval_charted_as_a_mean_follows_every_value_correction_and_retraction, retention_forgets_the_values_of_old_intervals);
     };
     (@each $open:expr; $($name:ident),*) => {
         $(

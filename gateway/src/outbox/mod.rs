@@ -354,6 +354,59 @@ pub struct DestinationStats {
     pub oldest_pending_seconds: Option<f64>,
 }
 
+/// What one destination's queue holds now ([`Outbox::queue_depths`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueDepth {
+    pub destination: String,
+    pub pending: u64,
+    pub dead: u64,
+    /// Age of the oldest pending message, in seconds.
+    pub oldest_pending_seconds: Option<f64>,
+}
+
+/// The statement of [`Outbox::queue_depths`]'s pending side, for both engines: the partial
+/// index of pending messages counted per destination, and the creation time of the first
+/// (ids follow acceptance) read from its row alone. `{indexed_by}` pins SQLite's index.
+const PENDING_DEPTHS_SQL: &str =
+    "SELECT p.destination, p.n, m.created_ms FROM (SELECT destination, COUNT(*) AS n, MIN(id) AS oldest
+       FROM messages {indexed_by} WHERE state = 'pending' GROUP BY destination) p
+     JOIN messages m ON m.id = p.oldest ORDER BY p.destination";
+
+/// The per-destination dead letters of [`Outbox::queue_depths`].
+const DEAD_DEPTHS_SQL: &str = "SELECT destination, COUNT(*) FROM messages {indexed_by} WHERE state = 'dead' GROUP BY destination";
+
+/// [`QueueDepth`]s from the rows of the two statements above.
+fn queue_depths_of(
+    pending: Vec<(String, i64, i64)>,
+    dead: Vec<(String, i64)>,
+    now: i64,
+) -> Vec<QueueDepth> {
+    let mut depths: std::collections::BTreeMap<String, QueueDepth> = pending
+        .into_iter()
+        .map(|(destination, count, oldest_ms)| {
+            let depth = QueueDepth {
+                destination: destination.clone(),
+                pending: count as u64,
+                dead: 0,
+                oldest_pending_seconds: Some((now - oldest_ms).max(0) as f64 / 1000.0),
+            };
+            (destination, depth)
+        })
+        .collect();
+    for (destination, count) in dead {
+        depths
+            .entry(destination.clone())
+            .or_insert_with(|| QueueDepth {
+                destination,
+                pending: 0,
+                dead: 0,
+                oldest_pending_seconds: None,
+            })
+            .dead = count as u64;
+    }
+    depths.into_values().collect()
+}
+
 /// A dead-lettered message with why.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -420,7 +473,13 @@ pub trait Outbox: Send + Sync + 'static {
     /// Records outcomes, durably, in one commit.
     fn settle(&self, outcomes: Vec<(i64, Settle)>) -> BoxFuture<Result<(), OutboxError>>;
     fn batch_status(&self, batch_id: &str) -> BoxFuture<Result<Vec<MessageStatus>, OutboxError>>;
+    /// Every message kept, counted per destination and state: a walk of the whole table,
+    /// for an operator's look at the queues.
     fn stats(&self) -> BoxFuture<Result<Vec<DestinationStats>, OutboxError>>;
+    /// Pending and dead messages of each destination that has any, read from their partial
+    /// indexes alone: what every metrics scrape asks, at a cost that does not grow with the
+    /// delivered messages retention keeps.
+    fn queue_depths(&self) -> BoxFuture<Result<Vec<QueueDepth>, OutboxError>>;
     fn dead_letters(
         &self,
         destination: Option<&str>,

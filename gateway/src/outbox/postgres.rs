@@ -1410,6 +1410,33 @@ impl Outbox for PostgresOutbox {
         })
     }
 
+    fn queue_depths(&self) -> BoxFuture<Result<Vec<super::QueueDepth>, OutboxError>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let now = now_ms();
+            let client = pool.get().await?;
+            let pending = client
+                .prepare_cached(&super::PENDING_DEPTHS_SQL.replace("{indexed_by}", ""))
+                .await?;
+            let pending = client
+                .query(&pending, &[])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2)))
+                .collect();
+            let dead = client
+                .prepare_cached(&super::DEAD_DEPTHS_SQL.replace("{indexed_by}", ""))
+                .await?;
+            let dead = client
+                .query(&dead, &[])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            Ok(super::queue_depths_of(pending, dead, now))
+        })
+    }
+
     fn dead_letters(
         &self,
         destination: Option<&str>,

@@ -1183,6 +1183,26 @@ impl Outbox for SqliteOutbox {
         })
     }
 
+    fn queue_depths(&self) -> BoxFuture<Result<Vec<super::QueueDepth>, OutboxError>> {
+        self.read(|conn| {
+            let now = now_ms();
+            let pending = conn
+                .prepare_cached(
+                    &super::PENDING_DEPTHS_SQL
+                        .replace("{indexed_by}", "INDEXED BY messages_pending"),
+                )?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let dead = conn
+                .prepare_cached(
+                    &super::DEAD_DEPTHS_SQL.replace("{indexed_by}", "INDEXED BY messages_dead"),
+                )?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(super::queue_depths_of(pending, dead, now))
+        })
+    }
+
     fn dead_letters(
         &self,
         destination: Option<&str>,
