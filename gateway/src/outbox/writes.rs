@@ -308,27 +308,23 @@ pub(super) fn apply_group<T: WriteTx>(
     isolation: Isolation,
 ) -> Result<Option<Vec<Result<Applied, OutboxError>>>, OutboxError> {
     let mut results = Vec::with_capacity(group.len());
+    let per_command = isolation == Isolation::PerCommand;
     for command in group {
-        if isolation == Isolation::Optimistic {
-            match apply(tx, command).and_then(|applied| {
-                tx.finish_command()?;
-                Ok(applied)
-            }) {
-                Ok(applied) => results.push(Ok(applied)),
-                Err(_) => return Ok(None),
-            }
-            continue;
+        if per_command {
+            tx.savepoint()?;
         }
-        tx.savepoint()?;
         let result = apply(tx, command).and_then(|applied| {
             tx.finish_command()?;
             Ok(applied)
         });
-        if result.is_ok() {
-            tx.release()?;
-        } else {
-            tx.rollback_to_savepoint()?;
-            tx.release()?;
+        match (&result, per_command) {
+            (Err(_), false) => return Ok(None),
+            (Err(_), true) => {
+                tx.rollback_to_savepoint()?;
+                tx.release()?;
+            }
+            (Ok(_), true) => tx.release()?,
+            (Ok(_), false) => {}
         }
         results.push(result);
     }
