@@ -5,6 +5,7 @@
 //! [`hl7v2`] is the second way in: IHE PCD-01 messages over MLLP, read into the same batches.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod cert_expiry;
 pub mod certs;

@@ -184,6 +184,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    gateway::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
