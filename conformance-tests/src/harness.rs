@@ -480,6 +480,23 @@ impl GatewayProcess {
 
     /// [`Self::start`] with extra environment variables (`GATEWAY_LOG_FORMAT=json`, ...).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Self, BoxError> {
+        Self::spawn(config, env, None)
+    }
+
+    /// [`Self::start`], but once the gateway listens its log (stderr) is no longer read until
+    /// `resume` receives or is dropped: the pipe fills, as behind a stalled log shipper.
+    pub fn start_with_log_held(
+        config: &str,
+        resume: std::sync::mpsc::Receiver<()>,
+    ) -> Result<Self, BoxError> {
+        Self::spawn(config, &[], Some(resume))
+    }
+
+    fn spawn(
+        config: &str,
+        env: &[(&str, &str)],
+        hold_log: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> Result<Self, BoxError> {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile()?;
         std::io::Write::write_all(&mut file, config.as_bytes())?;
         let mut child = Command::new(gateway_binary()?)
@@ -503,7 +520,8 @@ impl GatewayProcess {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = listen_address(&line) {
+                let listening = listen_address(&line);
+                if let Some(addr) = listening {
                     let _ = tx.send(addr);
                 }
                 if let Some(addr) = admin_address(&line) {
@@ -516,6 +534,9 @@ impl GatewayProcess {
                     let _ = mllp_tx.send(addr);
                 }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                if let (Some(_), Some(resume)) = (listening, &hold_log) {
+                    let _ = resume.recv();
+                }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -621,6 +642,24 @@ impl GatewayProcess {
 
     /// Waits up to 5 s for a log line containing `needle`: the log is read by another thread,
     /// so a line written just before an answer may not have been read yet.
+    /// Waits up to 30 s for `count` log lines containing `needle`.
+    pub fn wait_for_log_lines(&self, needle: &str, count: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = self
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|line| line.contains(needle))
+                .count();
+            if seen >= count || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_for_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

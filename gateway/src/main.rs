@@ -186,11 +186,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 fn main() -> ExitCode {
     gateway::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
+    // Log lines go through a bounded queue (128,000 lines) to a thread that writes them to
+    // stderr: a request's log line costs the worker a copy, not a write(2) that a slow reader
+    // of the pipe can hold, and lines logged together leave in one write. Not lossy: when the
+    // queue is full, loggers wait, as they would on stderr itself. The guard writes out what
+    // is queued when `main` returns.
+    let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(log_writer);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs

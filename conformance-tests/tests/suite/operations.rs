@@ -101,6 +101,53 @@ async fn json_logs_carry_ids_as_fields_and_never_a_patient_identifier_or_value()
     assert_eq!(batch["span"]["route"], "/v1/observations", "{batch}");
 }
 
+/// A log shipper that stops reading (a full pipe on the gateway's stderr) must not stop the
+/// gateway: every request is still answered, and no line is lost once it reads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_log_reader_holds_no_request_and_loses_no_line() {
+    const REQUESTS: usize = 1500;
+    const LINE: &str = "batch accepted into the outbox";
+    let pki = TestPki::generate().unwrap();
+    let ehr = mtls_ehr(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(&pki, &ehr.base_url, &dir.path().join("outbox.sqlite"));
+    let (resume, held) = std::sync::mpsc::channel();
+    let gateway = GatewayProcess::start_with_log_held(&config, held).unwrap();
+    let vendor = pki.client(GETINGE);
+    let start = OffsetDateTime::now_utc() - time::Duration::minutes(30);
+    // About 250 bytes of log per request: several times the 64 KiB a pipe holds.
+    let clients: Vec<_> = (0..8).map(|client| {
+        let vendor = vendor.clone();
+        let url = gateway.url("/v1/observations");
+        tokio::spawn(async move {
+            for n in (client..REQUESTS).step_by(8) {
+                let t = (start + time::Duration::milliseconds(n as i64))
+                    .format(&Rfc3339)
+                    .unwrap();
+                let batch = json!({
+                    "device": {"serial": "CH-LOG", "model": "CARDIOHELP-i"},
+                    "patient": {"system": MRN, "value": "MRN-LOG"},
+                    "readings": [{"parameter": "Flow", "value": 4.1, "unit": "L/min", "time": t}]
+                });
+                vendor
+                    .post_json(&url, &batch)
+                    .await
+                    .unwrap()
+                    .expect_status(202);
+            }
+        })
+    }).collect();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for client in clients {
+            client.await.unwrap();
+        }
+    })
+    .await
+    .expect("requests held while nobody read the gateway's log");
+    drop(resume);
+    assert_eq!(gateway.wait_for_log_lines(LINE, REQUESTS), REQUESTS);
+}
+
 /// `GET path` over plain HTTP/1.1: (status, body).
 async fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
