@@ -73,6 +73,25 @@ pub(super) fn delivered() -> Settle {
     }
 }
 
+pub(super) fn dead() -> Settle {
+    Settle::Dead {
+        error: "422".into(),
+        outcome: None,
+    }
+}
+
+/// Three messages for `ehr` (readings 0, 1 and 2) accepted as request `batch_id`: their ids.
+pub(super) async fn three_for_ehr(outbox: &dyn Outbox, batch_id: &str) -> Vec<i64> {
+    ids(outbox
+        .enqueue(
+            batch_id.into(),
+            (0..3).map(|n| message("ehr", n)).collect(),
+            None,
+        )
+        .await
+        .unwrap())
+}
+
 /// Delivery's reads name the destination as a literal: a quote in its name is escaped.
 pub(super) async fn a_destination_named_with_a_quote_gets_its_messages(outbox: Arc<dyn Outbox>) {
     let name = "st. mary's ehr";
@@ -96,31 +115,9 @@ pub(super) fn retention(delivered_before_ms: i64, dead_before_ms: i64) -> Retent
 }
 
 pub(super) async fn purge_forgets_only_messages_past_keeping(outbox: Arc<dyn Outbox>) {
-    let ids = ids(outbox
-        .enqueue(
-            "b".into(),
-            (0..3).map(|n| message("ehr", n)).collect(),
-            None,
-        )
-        .await
-        .unwrap());
+    let ids = three_for_ehr(&*outbox, "b").await;
     outbox
-        .settle(vec![
-            (
-                ids[0],
-                Settle::Delivered {
-                    status: "201".into(),
-                    location: None,
-                },
-            ),
-            (
-                ids[1],
-                Settle::Dead {
-                    error: "422".into(),
-                    outcome: None,
-                },
-            ),
-        ])
+        .settle(vec![(ids[0], delivered()), (ids[1], dead())])
         .await
         .unwrap();
     let past = now_ms() - 60_000;
@@ -147,22 +144,11 @@ pub(super) async fn purge_forgets_only_messages_past_keeping(outbox: Arc<dyn Out
 /// The queue depths a metrics scrape reads agree with the full count: per destination what
 /// is pending (and since when) and what died, nothing of what was delivered.
 pub(super) async fn queue_depths_agree_with_the_full_count(outbox: Arc<dyn Outbox>) {
-    let ids = ids(outbox
-        .enqueue(
-            "b".into(),
-            (0..3).map(|n| message("ehr", n)).collect(),
-            None,
-        )
-        .await
-        .unwrap());
+    let ids = three_for_ehr(&*outbox, "b").await;
     outbox
         .enqueue("c".into(), vec![message("other", 7)], None)
         .await
         .unwrap();
-    let dead = || Settle::Dead {
-        error: "422".into(),
-        outcome: None,
-    };
     outbox
         .settle(vec![(ids[0], delivered()), (ids[1], dead())])
         .await
@@ -465,14 +451,7 @@ pub(super) async fn due_resumes_after_what_is_in_flight_and_from_what_it_passed_
 pub(super) async fn messages_in_flight_are_skipped_and_hold_back_their_successors(
     outbox: Arc<dyn Outbox>,
 ) {
-    let first = ids(outbox
-        .enqueue(
-            "b1".into(),
-            (0..3).map(|n| message("ehr", n)).collect(),
-            None,
-        )
-        .await
-        .unwrap());
+    let first = three_for_ehr(&*outbox, "b1").await;
     // A correction of message 0 while 0 is being sent.
     let corrected =
         r#"{"resourceType":"Observation","status":"final","valueQuantity":{"value":2}}"#;

@@ -1290,6 +1290,7 @@ mod tests {
     use super::*;
     use crate::outbox::behaviour::{
         dispositions, due_at, engine_tests, ids, incompressible, message, reading, retention,
+        three_for_ehr,
     };
 
     async fn fresh() -> (Arc<dyn Outbox>, tempfile::TempDir) {
@@ -1594,14 +1595,7 @@ mod tests {
         let path = dir.path().join("outbox.sqlite");
         {
             let outbox = SqliteOutbox::open(&path).unwrap();
-            let ids = ids(outbox
-                .enqueue(
-                    "b1".into(),
-                    (0..3).map(|n| message("ehr", n)).collect(),
-                    None,
-                )
-                .await
-                .unwrap());
+            let ids = three_for_ehr(&*outbox, "b1").await;
             assert_eq!(ids.len(), 3);
             outbox
                 .settle(vec![
