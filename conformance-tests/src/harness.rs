@@ -640,9 +640,7 @@ impl GatewayProcess {
         without_timestamps(&self.log_text())
     }
 
-    /// Waits up to 5 s for a log line containing `needle`: the log is read by another thread,
-    /// so a line written just before an answer may not have been read yet.
-    /// Waits up to 30 s for `count` log lines containing `needle`.
+    /// Waits up to 30 s for `count` log lines containing `needle`; answers how many it saw.
     pub fn wait_for_log_lines(&self, needle: &str, count: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -660,6 +658,8 @@ impl GatewayProcess {
         }
     }
 
+    /// Waits up to 5 s for a log line containing `needle`: the log is read by another thread,
+    /// so a line written just before an answer may not have been read yet.
     pub fn wait_for_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

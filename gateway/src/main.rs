@@ -192,6 +192,7 @@ fn main() -> ExitCode {
     // queue is full, loggers wait, as they would on stderr itself. The guard writes out what
     // is queued when `main` returns.
     let (log_writer, _log_flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(128_000)
         .lossy(false)
         .thread_name("log-writer")
         .finish(std::io::BufWriter::new(std::io::stderr()));
